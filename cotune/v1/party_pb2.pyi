@@ -1,0 +1,143 @@
+from cotune.v1 import common_pb2 as _common_pb2
+from cotune.v1 import operations_pb2 as _operations_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class DescribeRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class PartyInfo(_message.Message):
+    __slots__ = ("party_id", "role", "model_name", "tokenizer_hash", "vocab_size", "public_set_hash", "public_set_size", "private_set_size", "eval_set_size", "device", "trainable_params", "tokenizer_bundle", "public_set", "lora_hash", "ready")
+    PARTY_ID_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    TOKENIZER_HASH_FIELD_NUMBER: _ClassVar[int]
+    VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PUBLIC_SET_HASH_FIELD_NUMBER: _ClassVar[int]
+    PUBLIC_SET_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PRIVATE_SET_SIZE_FIELD_NUMBER: _ClassVar[int]
+    EVAL_SET_SIZE_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    TRAINABLE_PARAMS_FIELD_NUMBER: _ClassVar[int]
+    TOKENIZER_BUNDLE_FIELD_NUMBER: _ClassVar[int]
+    PUBLIC_SET_FIELD_NUMBER: _ClassVar[int]
+    LORA_HASH_FIELD_NUMBER: _ClassVar[int]
+    READY_FIELD_NUMBER: _ClassVar[int]
+    party_id: str
+    role: str
+    model_name: str
+    tokenizer_hash: str
+    vocab_size: int
+    public_set_hash: str
+    public_set_size: int
+    private_set_size: int
+    eval_set_size: int
+    device: str
+    trainable_params: int
+    tokenizer_bundle: _common_pb2.BlobRef
+    public_set: _common_pb2.BlobRef
+    lora_hash: str
+    ready: bool
+    def __init__(self, party_id: _Optional[str] = ..., role: _Optional[str] = ..., model_name: _Optional[str] = ..., tokenizer_hash: _Optional[str] = ..., vocab_size: _Optional[int] = ..., public_set_hash: _Optional[str] = ..., public_set_size: _Optional[int] = ..., private_set_size: _Optional[int] = ..., eval_set_size: _Optional[int] = ..., device: _Optional[str] = ..., trainable_params: _Optional[int] = ..., tokenizer_bundle: _Optional[_Union[_common_pb2.BlobRef, _Mapping]] = ..., public_set: _Optional[_Union[_common_pb2.BlobRef, _Mapping]] = ..., lora_hash: _Optional[str] = ..., ready: _Optional[bool] = ...) -> None: ...
+
+class RunContext(_message.Message):
+    __slots__ = ("run_id", "round", "task_key")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    TASK_KEY_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    round: int
+    task_key: str
+    def __init__(self, run_id: _Optional[str] = ..., round: _Optional[int] = ..., task_key: _Optional[str] = ...) -> None: ...
+
+class TrainLocalTask(_message.Message):
+    __slots__ = ("epochs", "lr", "batch_size", "max_samples")
+    EPOCHS_FIELD_NUMBER: _ClassVar[int]
+    LR_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    MAX_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    epochs: int
+    lr: float
+    batch_size: int
+    max_samples: int
+    def __init__(self, epochs: _Optional[int] = ..., lr: _Optional[float] = ..., batch_size: _Optional[int] = ..., max_samples: _Optional[int] = ...) -> None: ...
+
+class PublicLogitsTask(_message.Message):
+    __slots__ = ("top_k", "max_samples", "bits")
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    MAX_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    BITS_FIELD_NUMBER: _ClassVar[int]
+    top_k: int
+    max_samples: int
+    bits: int
+    def __init__(self, top_k: _Optional[int] = ..., max_samples: _Optional[int] = ..., bits: _Optional[int] = ...) -> None: ...
+
+class TeacherShard(_message.Message):
+    __slots__ = ("sender_id", "shard", "vocab_map", "sequence_alignment")
+    SENDER_ID_FIELD_NUMBER: _ClassVar[int]
+    SHARD_FIELD_NUMBER: _ClassVar[int]
+    VOCAB_MAP_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCE_ALIGNMENT_FIELD_NUMBER: _ClassVar[int]
+    sender_id: str
+    shard: _common_pb2.BlobRef
+    vocab_map: _common_pb2.BlobRef
+    sequence_alignment: _common_pb2.BlobRef
+    def __init__(self, sender_id: _Optional[str] = ..., shard: _Optional[_Union[_common_pb2.BlobRef, _Mapping]] = ..., vocab_map: _Optional[_Union[_common_pb2.BlobRef, _Mapping]] = ..., sequence_alignment: _Optional[_Union[_common_pb2.BlobRef, _Mapping]] = ...) -> None: ...
+
+class DistillTask(_message.Message):
+    __slots__ = ("teachers", "lam", "epochs", "selection", "max_samples", "lr", "batch_size")
+    TEACHERS_FIELD_NUMBER: _ClassVar[int]
+    LAM_FIELD_NUMBER: _ClassVar[int]
+    EPOCHS_FIELD_NUMBER: _ClassVar[int]
+    SELECTION_FIELD_NUMBER: _ClassVar[int]
+    MAX_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    LR_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    teachers: _containers.RepeatedCompositeFieldContainer[TeacherShard]
+    lam: float
+    epochs: int
+    selection: str
+    max_samples: int
+    lr: float
+    batch_size: int
+    def __init__(self, teachers: _Optional[_Iterable[_Union[TeacherShard, _Mapping]]] = ..., lam: _Optional[float] = ..., epochs: _Optional[int] = ..., selection: _Optional[str] = ..., max_samples: _Optional[int] = ..., lr: _Optional[float] = ..., batch_size: _Optional[int] = ...) -> None: ...
+
+class EvaluateTask(_message.Message):
+    __slots__ = ("max_samples",)
+    MAX_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    max_samples: int
+    def __init__(self, max_samples: _Optional[int] = ...) -> None: ...
+
+class SetLoraTask(_message.Message):
+    __slots__ = ("adapter",)
+    ADAPTER_FIELD_NUMBER: _ClassVar[int]
+    adapter: _common_pb2.BlobRef
+    def __init__(self, adapter: _Optional[_Union[_common_pb2.BlobRef, _Mapping]] = ...) -> None: ...
+
+class GetLoraTask(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class TaskRequest(_message.Message):
+    __slots__ = ("ctx", "train_local", "public_logits", "distill", "evaluate", "set_lora", "get_lora")
+    CTX_FIELD_NUMBER: _ClassVar[int]
+    TRAIN_LOCAL_FIELD_NUMBER: _ClassVar[int]
+    PUBLIC_LOGITS_FIELD_NUMBER: _ClassVar[int]
+    DISTILL_FIELD_NUMBER: _ClassVar[int]
+    EVALUATE_FIELD_NUMBER: _ClassVar[int]
+    SET_LORA_FIELD_NUMBER: _ClassVar[int]
+    GET_LORA_FIELD_NUMBER: _ClassVar[int]
+    ctx: RunContext
+    train_local: TrainLocalTask
+    public_logits: PublicLogitsTask
+    distill: DistillTask
+    evaluate: EvaluateTask
+    set_lora: SetLoraTask
+    get_lora: GetLoraTask
+    def __init__(self, ctx: _Optional[_Union[RunContext, _Mapping]] = ..., train_local: _Optional[_Union[TrainLocalTask, _Mapping]] = ..., public_logits: _Optional[_Union[PublicLogitsTask, _Mapping]] = ..., distill: _Optional[_Union[DistillTask, _Mapping]] = ..., evaluate: _Optional[_Union[EvaluateTask, _Mapping]] = ..., set_lora: _Optional[_Union[SetLoraTask, _Mapping]] = ..., get_lora: _Optional[_Union[GetLoraTask, _Mapping]] = ...) -> None: ...

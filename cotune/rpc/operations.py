@@ -1,0 +1,189 @@
+"""Long-running operations: a service starts work, returns an Operation at once, and callers poll or wait.
+
+Work functions receive an `OperationContext` to report progress and notice cancellation. Starting the same
+`key` twice returns the first operation (idempotent retries). One manager runs its work on a bounded pool;
+the model services use a single worker so model state is touched by one task at a time.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import grpc
+
+from cotune.rpc.errors import NotFound, rpc_method, status_for
+from cotune.v1 import operations_pb2 as ops_pb2
+from cotune.v1 import operations_pb2_grpc as ops_grpc
+
+log = logging.getLogger(__name__)
+State = ops_pb2.OperationState
+TERMINAL = (State.OPERATION_SUCCEEDED, State.OPERATION_FAILED, State.OPERATION_CANCELLED)
+
+
+class Cancelled(Exception):
+    """Raised inside work when its operation was cancelled."""
+
+
+@dataclass
+class OpResult:
+    metrics: dict[str, float] = field(default_factory=dict)
+    blobs: dict = field(default_factory=dict)  # name -> cotune.wire.blobs.Blob
+    info: dict[str, str] = field(default_factory=dict)
+
+
+class OperationContext:
+    def __init__(self, manager: "OperationManager", op_id: str):
+        self._manager = manager
+        self.op_id = op_id
+
+    def progress(self, done: int, total: int, stage: str = "", message: str = "") -> None:
+        self._manager._update(self.op_id, lambda op: op.progress.CopyFrom(
+            ops_pb2.Progress(done=int(done), total=int(total), stage=stage or op.progress.stage, message=message)))
+
+    def cancelled(self) -> bool:
+        return self._manager._is_cancelled(self.op_id)
+
+    def check_cancelled(self) -> None:
+        if self.cancelled():
+            raise Cancelled()
+
+
+class OperationManager:
+    def __init__(self, *, workers: int = 1, keep: int = 2000):
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="op")
+        self._ops: OrderedDict[str, ops_pb2.Operation] = OrderedDict()
+        self._by_key: dict[str, str] = {}
+        self._cancel: set[str] = set()
+        self._cond = threading.Condition()
+        self._keep = keep
+
+    def start(self, kind: str, work: Callable[[OperationContext], OpResult], *, key: str = "") -> ops_pb2.Operation:
+        with self._cond:
+            if key and key in self._by_key and self._by_key[key] in self._ops:
+                existing = self._ops[self._by_key[key]]
+                if existing.state not in (State.OPERATION_FAILED, State.OPERATION_CANCELLED):
+                    return ops_pb2.Operation.FromString(existing.SerializeToString())
+            op_id = uuid.uuid4().hex
+            op = ops_pb2.Operation(id=op_id, kind=kind, state=State.OPERATION_PENDING)
+            self._ops[op_id] = op
+            if key:
+                self._by_key[key] = op_id
+            self._trim()
+            snapshot = ops_pb2.Operation.FromString(op.SerializeToString())
+        self._pool.submit(self._run, op_id, work)
+        return snapshot
+
+    def _trim(self) -> None:
+        while len(self._ops) > self._keep:
+            old_id, old = next(iter(self._ops.items()))
+            if old.state not in TERMINAL:
+                break
+            del self._ops[old_id]
+
+    def _run(self, op_id: str, work) -> None:
+        self._update(op_id, lambda op: (setattr(op, "state", State.OPERATION_RUNNING), setattr(op, "started_at", time.time())))
+        ctx = OperationContext(self, op_id)
+        try:
+            if ctx.cancelled():
+                raise Cancelled()
+            result = work(ctx)
+        except Cancelled:
+            self._finish(op_id, State.OPERATION_CANCELLED, code=grpc.StatusCode.CANCELLED, message="cancelled")
+            return
+        except Exception as exc:  # noqa: BLE001 - reported through the operation
+            code, message = status_for(exc)
+            if code == grpc.StatusCode.INTERNAL:
+                log.exception("operation %s failed", op_id)
+            else:
+                log.warning("operation %s rejected: %s", op_id, message)
+            self._finish(op_id, State.OPERATION_FAILED, code=code, message=message)
+            return
+
+        def fill(op):
+            for name, value in result.metrics.items():
+                op.metrics[name] = float(value)
+            for name, blob in result.blobs.items():
+                op.blobs[name].CopyFrom(blob.ref())
+            for name, value in result.info.items():
+                op.info[name] = str(value)
+
+        self._update(op_id, fill)
+        self._finish(op_id, State.OPERATION_SUCCEEDED)
+
+    def _finish(self, op_id: str, state, *, code=None, message: str = "") -> None:
+        def done(op):
+            op.state = state
+            op.finished_at = time.time()
+            if code is not None and state != State.OPERATION_SUCCEEDED:
+                op.error_code = code.value[0]
+                op.error_message = message
+
+        self._update(op_id, done)
+
+    def _update(self, op_id: str, fn) -> None:
+        with self._cond:
+            fn(self._ops[op_id])
+            self._cond.notify_all()
+
+    def _is_cancelled(self, op_id: str) -> bool:
+        with self._cond:
+            return op_id in self._cancel
+
+    def get(self, op_id: str) -> ops_pb2.Operation:
+        with self._cond:
+            if op_id not in self._ops:
+                raise NotFound(f"unknown operation id {op_id!r:.80}")
+            return ops_pb2.Operation.FromString(self._ops[op_id].SerializeToString())
+
+    def wait(self, op_id: str, timeout_s: float) -> ops_pb2.Operation:
+        deadline = time.monotonic() + max(0.0, min(timeout_s, 300.0))
+        with self._cond:
+            if op_id not in self._ops:
+                raise NotFound(f"unknown operation id {op_id!r:.80}")
+            while self._ops[op_id].state not in TERMINAL:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._cond.wait(remaining)
+        return self.get(op_id)
+
+    def cancel(self, op_id: str) -> ops_pb2.Operation:
+        with self._cond:
+            if op_id not in self._ops:
+                raise NotFound(f"unknown operation id {op_id!r:.80}")
+            if self._ops[op_id].state not in TERMINAL:
+                self._cancel.add(op_id)
+        return self.get(op_id)
+
+    def shutdown(self) -> None:
+        with self._cond:
+            self._cancel.update(self._ops)
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+class OperationsServicer(ops_grpc.OperationsServicer):
+    def __init__(self, manager: OperationManager):
+        self.manager = manager
+
+    @rpc_method
+    def GetOperation(self, request, context):
+        return self.manager.get(request.id)
+
+    @rpc_method
+    def WaitOperation(self, request, context):
+        timeout = request.timeout_s if request.timeout_s > 0 else 30.0
+        remaining = context.time_remaining()
+        if remaining is not None:
+            timeout = min(timeout, max(remaining - 0.5, 0.0))
+        return self.manager.wait(request.id, timeout)
+
+    @rpc_method
+    def CancelOperation(self, request, context):
+        return self.manager.cancel(request.id)

@@ -47,6 +47,10 @@ class _TokenAuthInterceptor(grpc.ServerInterceptor):
         return grpc.unary_unary_rpc_method_handler(self._deny)
 
 
+def tls_files(cfg) -> TlsFiles:
+    return TlsFiles(cfg.ca, cfg.cert, cfg.key)
+
+
 class ServiceHost:
     """One gRPC server process: register servicers, start NOT_SERVING, flip to SERVING when ready."""
 
@@ -69,6 +73,16 @@ class ServiceHost:
         """Register `servicer` with its generated `add_XServicer_to_server` function."""
         add_fn(servicer, self.server)
         self._service_names.append(descriptor_module.DESCRIPTOR.services_by_name[service_name].full_name)
+
+    def add_blobs_and_operations(self, store, operations) -> None:
+        """Every service serves its blob store and its long-running operations."""
+        from cotune.rpc.operations import OperationsServicer
+        from cotune.v1 import common_pb2, common_pb2_grpc, operations_pb2, operations_pb2_grpc
+        from cotune.wire.blobs import BlobStoreServicer
+
+        self.add(common_pb2_grpc.add_BlobStoreServicer_to_server, BlobStoreServicer(store), common_pb2, "BlobStore")
+        if operations is not None:
+            self.add(operations_pb2_grpc.add_OperationsServicer_to_server, OperationsServicer(operations), operations_pb2, "Operations")
 
     def start(self) -> int:
         reflection.enable_server_reflection(self._service_names, self.server)

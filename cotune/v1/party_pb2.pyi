@@ -47,14 +47,16 @@ class PartyInfo(_message.Message):
     def __init__(self, party_id: _Optional[str] = ..., role: _Optional[str] = ..., model_name: _Optional[str] = ..., tokenizer_hash: _Optional[str] = ..., vocab_size: _Optional[int] = ..., public_set_hash: _Optional[str] = ..., public_set_size: _Optional[int] = ..., private_set_size: _Optional[int] = ..., eval_set_size: _Optional[int] = ..., device: _Optional[str] = ..., trainable_params: _Optional[int] = ..., tokenizer_bundle: _Optional[_Union[_common_pb2.BlobRef, _Mapping]] = ..., public_set: _Optional[_Union[_common_pb2.BlobRef, _Mapping]] = ..., lora_hash: _Optional[str] = ..., ready: _Optional[bool] = ...) -> None: ...
 
 class RunContext(_message.Message):
-    __slots__ = ("run_id", "round", "task_key")
+    __slots__ = ("run_id", "round", "task_key", "public_set_hash")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     TASK_KEY_FIELD_NUMBER: _ClassVar[int]
+    PUBLIC_SET_HASH_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     round: int
     task_key: str
-    def __init__(self, run_id: _Optional[str] = ..., round: _Optional[int] = ..., task_key: _Optional[str] = ...) -> None: ...
+    public_set_hash: str
+    def __init__(self, run_id: _Optional[str] = ..., round: _Optional[int] = ..., task_key: _Optional[str] = ..., public_set_hash: _Optional[str] = ...) -> None: ...
 
 class TrainLocalTask(_message.Message):
     __slots__ = ("epochs", "lr", "batch_size", "max_samples")

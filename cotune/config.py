@@ -1,0 +1,196 @@
+"""Service and cluster configuration: YAML files mapped onto dataclasses, with strict validation.
+
+Unknown keys and wrong types are errors naming the offending key, so a typo never silently falls back
+to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class TlsConfig:
+    ca: str = ""
+    cert: str = ""
+    key: str = ""
+
+
+@dataclass
+class AuthConfig:
+    tokens: dict[str, str] = field(default_factory=dict)  # bearer token -> caller identity; empty = no auth
+    token: str = ""                                       # the token this service presents when it dials others
+
+
+@dataclass
+class ModelConfig:
+    path: str = ""            # HF model directory or .gguf file
+    name: str = ""            # display name; defaults to the path's name
+    device: str = "auto"      # auto | cpu | cuda | cuda:N
+    dtype: str = "auto"       # auto | fp32 | bf16 | fp16
+    cache_dir: str = ""       # where GGUF models are cached as HF directories
+
+
+@dataclass
+class LoraConfig:
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    seed: int = 0
+
+
+@dataclass
+class TrainingConfig:
+    lr: float = 2e-4
+    batch_size: int = 8
+    max_length: int = 256
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    public: str = ""          # JSONL of Example rows (cotune.data)
+    private: str = ""         # this party's private training data (SLM clients)
+    eval: str = ""            # held-out evaluation set
+
+
+@dataclass
+class PartyConfig:
+    party_id: str = ""
+    listen: str = "127.0.0.1:0"
+    workdir: str = ""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    tls: TlsConfig = field(default_factory=TlsConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+
+    def validate(self, role: str) -> None:
+        if not self.party_id:
+            raise ConfigError("party_id is required")
+        if not self.workdir:
+            raise ConfigError("workdir is required (blob store and caches live there)")
+        if not self.model.path:
+            raise ConfigError("model.path is required (an HF model directory or a .gguf file)")
+        if not self.data.public:
+            raise ConfigError("data.public is required (every party holds the public set)")
+        if role == "slm" and not self.data.private:
+            raise ConfigError("data.private is required for an SLM client")
+        for name in ("public", "private", "eval"):
+            value = getattr(self.data, name)
+            if value and not Path(value).exists():
+                raise ConfigError(f"data.{name}: file not found: {value}")
+        if not Path(self.model.path).exists():
+            raise ConfigError(f"model.path: not found: {self.model.path}")
+
+
+@dataclass
+class AlignmentConfig:
+    listen: str = "127.0.0.1:0"
+    workdir: str = ""
+    workers: int = 1          # concurrent builds; each build uses every core
+    tls: TlsConfig = field(default_factory=TlsConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+
+    def validate(self) -> None:
+        if not self.workdir:
+            raise ConfigError("workdir is required (the map cache lives there)")
+
+
+@dataclass
+class ClientEntry:
+    client_id: str = ""
+    address: str = ""
+
+
+@dataclass
+class CoordinatorConfig:
+    listen: str = "127.0.0.1:0"
+    workdir: str = ""
+    llm: str = ""             # address of the LLM server
+    alignment: str = ""       # address of the alignment service
+    clients: list[ClientEntry] = field(default_factory=list)  # clients known at start (more can RegisterClient)
+    tls: TlsConfig = field(default_factory=TlsConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+
+    def validate(self) -> None:
+        if not self.workdir:
+            raise ConfigError("workdir is required (state database and artifact store live there)")
+        if not self.llm:
+            raise ConfigError("llm is required: the address of the LLM server")
+        for i, entry in enumerate(self.clients):
+            if not entry.client_id or not entry.address:
+                raise ConfigError(f"clients[{i}]: client_id and address are both required")
+
+
+def from_dict(cls, data, where: str = ""):
+    """Build dataclass `cls` from plain data, rejecting unknown keys and mistyped values."""
+    if data is None:
+        return cls()
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"{where or 'config'}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    kwargs = {}
+    for name, value in data.items():
+        kwargs[name] = _coerce(hints[name], value, f"{where}.{name}" if where else name)
+    return cls(**kwargs)
+
+
+def _coerce(tp, value, where):
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, where)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list")
+        (item,) = typing.get_args(tp)
+        return [_coerce(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping")
+        return {str(k): str(v) for k, v in value.items()}
+    if origin in (typing.Union, types.UnionType):
+        return value
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if tp is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        return str(value)
+    if tp is bool and isinstance(value, bool):
+        return value
+    raise ConfigError(f"{where}: expected {getattr(tp, '__name__', tp)}, got {value!r:.60}")
+
+
+def load_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    return data or {}
+
+
+def load_config(cls, path: str | Path):
+    return from_dict(cls, load_yaml(path))
+
+
+def to_dict(obj) -> dict:
+    return dataclasses.asdict(obj)

@@ -1,0 +1,147 @@
+"""Typed clients for the services. Strategies and the CLI talk to services only through these."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import grpc
+
+from cotune.rpc.channel import TlsFiles, call, make_channel
+from cotune.rpc.errors import RpcError
+from cotune.v1 import (
+    alignment_pb2,
+    alignment_pb2_grpc,
+    common_pb2_grpc,
+    coordinator_pb2,
+    coordinator_pb2_grpc,
+    operations_pb2,
+    operations_pb2_grpc,
+    party_pb2,
+    party_pb2_grpc,
+)
+from cotune.wire.blobs import BlobStore, pull_blob, push_blob
+
+State = operations_pb2.OperationState
+
+
+class TaskFailed(RpcError):
+    """A remote operation ended FAILED or CANCELLED; carries the remote status code."""
+
+    def __init__(self, op: operations_pb2.Operation, where: str):
+        self.op = op
+        try:
+            self.code = grpc.StatusCode[[c.name for c in grpc.StatusCode if c.value[0] == op.error_code][0]]
+        except IndexError:
+            self.code = grpc.StatusCode.UNKNOWN
+        super().__init__(f"{where}: {op.kind} {State.Name(op.state)}: {op.error_message}")
+
+
+class _ServiceClient:
+    def __init__(self, address: str, *, tls: TlsFiles | None = None, token: str = ""):
+        self.address = address
+        self.channel = make_channel(address, tls=tls, token=token)
+        self.blobs = common_pb2_grpc.BlobStoreStub(self.channel)
+        self.ops = operations_pb2_grpc.OperationsStub(self.channel)
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def push(self, store: BlobStore, sha: str) -> int:
+        return push_blob(self.blobs, store, sha)
+
+    def pull(self, store: BlobStore, sha: str) -> int:
+        return pull_blob(self.blobs, store, sha)
+
+    def wait(self, op: operations_pb2.Operation, *, timeout_s: float,
+             on_progress: Callable[[operations_pb2.Operation], None] | None = None,
+             should_stop: Callable[[], bool] | None = None) -> operations_pb2.Operation:
+        """Wait for an operation to finish, reporting progress; raise TaskFailed unless it succeeded."""
+        deadline = time.monotonic() + timeout_s
+        while op.state not in (State.OPERATION_SUCCEEDED, State.OPERATION_FAILED, State.OPERATION_CANCELLED):
+            if should_stop and should_stop():
+                call(self.ops.CancelOperation, operations_pb2.OperationId(id=op.id))
+                raise TaskFailed(op, self.address + " (cancelled by caller)")
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                call(self.ops.CancelOperation, operations_pb2.OperationId(id=op.id))
+                op.error_message = f"deadline of {timeout_s:.0f}s exceeded"
+                op.error_code = grpc.StatusCode.DEADLINE_EXCEEDED.value[0]
+                op.state = State.OPERATION_FAILED
+                break
+            op = call(self.ops.WaitOperation, operations_pb2.WaitOperationRequest(id=op.id, timeout_s=min(2.0, remaining)),
+                      timeout=min(2.0, remaining) + 10)
+            if on_progress:
+                on_progress(op)
+        if op.state != State.OPERATION_SUCCEEDED:
+            raise TaskFailed(op, self.address)
+        return op
+
+
+class PartyClient(_ServiceClient):
+    """An LLM server or SLM client; both expose the same steps."""
+
+    def __init__(self, address: str, *, role: str, tls: TlsFiles | None = None, token: str = ""):
+        super().__init__(address, tls=tls, token=token)
+        self.role = role
+        stub_cls = party_pb2_grpc.LLMServerStub if role == "llm" else party_pb2_grpc.SLMClientStub
+        self.stub = stub_cls(self.channel)
+
+    def describe(self, timeout: float = 30.0) -> party_pb2.PartyInfo:
+        return call(self.stub.Describe, party_pb2.DescribeRequest(), timeout=timeout)
+
+    def start(self, request: party_pb2.TaskRequest) -> operations_pb2.Operation:
+        return call(self.stub.StartTask, request, timeout=120.0)
+
+    def run_task(self, request: party_pb2.TaskRequest, *, timeout_s: float, on_progress=None, should_stop=None):
+        return self.wait(self.start(request), timeout_s=timeout_s, on_progress=on_progress, should_stop=should_stop)
+
+
+class AlignmentClient(_ServiceClient):
+    def __init__(self, address: str, *, tls: TlsFiles | None = None, token: str = ""):
+        super().__init__(address, tls=tls, token=token)
+        self.stub = alignment_pb2_grpc.AlignmentStub(self.channel)
+
+    def register_tokenizer(self, bundle_ref) -> alignment_pb2.TokenizerInfo:
+        return call(self.stub.RegisterTokenizer, alignment_pb2.RegisterTokenizerRequest(bundle=bundle_ref), timeout=120)
+
+    def build_vocab_map(self, src_hash: str, dst_hash: str) -> operations_pb2.Operation:
+        return call(self.stub.BuildVocabMap, alignment_pb2.VocabMapRequest(src_hash=src_hash, dst_hash=dst_hash))
+
+    def build_sequence_alignment(self, src_hash: str, dst_hash: str, public_set_hash: str, *, method: str = "offsets",
+                                 max_length: int = 0) -> operations_pb2.Operation:
+        req = alignment_pb2.SequenceAlignmentRequest(src_hash=src_hash, dst_hash=dst_hash, public_set_hash=public_set_hash,
+                                                     method=method, max_length=max_length)
+        return call(self.stub.BuildSequenceAlignment, req)
+
+
+class CoordinatorClient:
+    def __init__(self, address: str, *, tls: TlsFiles | None = None, token: str = ""):
+        self.address = address
+        self.channel = make_channel(address, tls=tls, token=token)
+        self.stub = coordinator_pb2_grpc.CoordinatorStub(self.channel)
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def register_client(self, client_id: str, address: str, labels: dict | None = None):
+        desc = coordinator_pb2.ClientDescriptor(client_id=client_id, address=address, labels=labels or {})
+        return call(self.stub.RegisterClient, coordinator_pb2.RegisterClientRequest(client=desc), timeout=60)
+
+    def list_clients(self):
+        return call(self.stub.ListClients, coordinator_pb2.ListClientsRequest()).clients
+
+    def start_run(self, spec: coordinator_pb2.RunSpec) -> coordinator_pb2.Run:
+        return call(self.stub.StartRun, coordinator_pb2.StartRunRequest(spec=spec), timeout=60)
+
+    def get_run(self, run_id: str) -> coordinator_pb2.Run:
+        return call(self.stub.GetRun, coordinator_pb2.GetRunRequest(run_id=run_id))
+
+    def cancel_run(self, run_id: str) -> coordinator_pb2.Run:
+        return call(self.stub.CancelRun, coordinator_pb2.CancelRunRequest(run_id=run_id))
+
+    def list_runs(self, limit: int = 50):
+        return call(self.stub.ListRuns, coordinator_pb2.ListRunsRequest(limit=limit)).runs
+
+    def watch_run(self, run_id: str, after_seq: int = 0, timeout: float | None = None):
+        return self.stub.WatchRun(coordinator_pb2.WatchRunRequest(run_id=run_id, after_seq=after_seq), timeout=timeout)

@@ -15,6 +15,7 @@ from .tasks import (
     get_task,
     load_task,
     read_jsonl,
+    read_jsonl_bytes,
     resolve_source,
     write_jsonl,
 )
@@ -34,6 +35,7 @@ __all__ = [
     "datasets_root",
     "write_jsonl",
     "read_jsonl",
+    "read_jsonl_bytes",
     "dataset_hash",
     "canonical_jsonl_bytes",
     "FederatedSplit",

@@ -54,6 +54,7 @@ __all__ = [
     "datasets_root",
     "write_jsonl",
     "read_jsonl",
+    "read_jsonl_bytes",
     "canonical_jsonl_bytes",
     "dataset_hash",
 ]
@@ -560,6 +561,35 @@ def write_jsonl(path: Path | str, examples: Iterable[Example]) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def _parse_example_lines(lines: Iterable[str], where: str) -> list[Example]:
+    out: list[Example] = []
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise MalformedDataError(f"{where}:{lineno}: invalid JSON: {e.msg} (column {e.colno})") from None
+        if not isinstance(obj, dict):
+            raise MalformedDataError(f"{where}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+        try:
+            for key in ("prompt", "response"):
+                if not isinstance(obj.get(key), str):
+                    raise ValueError(f"field {key!r} must be a string")
+            choices = obj.get("choices", [])
+            if not isinstance(choices, list) or not all(isinstance(c, str) for c in choices):
+                raise ValueError("field 'choices' must be a list of strings")
+            label = obj.get("label", -1)
+            if isinstance(label, bool) or not isinstance(label, int):
+                raise ValueError(f"field 'label' must be an integer, got {label!r}")
+            if label != -1 and not 0 <= label < len(choices):
+                raise ValueError(f"label {label} out of range for {len(choices)} choices")
+            out.append(Example.from_json(obj))
+        except (ValueError, TypeError, KeyError) as e:
+            raise MalformedDataError(f"{where}:{lineno}: {e}") from None
+    return out
+
+
 def read_jsonl(path: Path | str) -> list[Example]:
     """Read a JSONL file of ``Example.to_json`` objects (blank lines are skipped).
 
@@ -567,30 +597,17 @@ def read_jsonl(path: Path | str) -> list[Example]:
     label outside ``choices``.
     """
     path = Path(path)
-    out: list[Example] = []
     with path.open("r", encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise MalformedDataError(f"{path}:{lineno}: invalid JSON: {e.msg} (column {e.colno})") from None
-            if not isinstance(obj, dict):
-                raise MalformedDataError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
-            try:
-                for key in ("prompt", "response"):
-                    if not isinstance(obj.get(key), str):
-                        raise ValueError(f"field {key!r} must be a string")
-                choices = obj.get("choices", [])
-                if not isinstance(choices, list) or not all(isinstance(c, str) for c in choices):
-                    raise ValueError("field 'choices' must be a list of strings")
-                label = obj.get("label", -1)
-                if isinstance(label, bool) or not isinstance(label, int):
-                    raise ValueError(f"field 'label' must be an integer, got {label!r}")
-                if label != -1 and not 0 <= label < len(choices):
-                    raise ValueError(f"label {label} out of range for {len(choices)} choices")
-                out.append(Example.from_json(obj))
-            except (ValueError, TypeError, KeyError) as e:
-                raise MalformedDataError(f"{path}:{lineno}: {e}") from None
-    return out
+        return _parse_example_lines(f, str(path))
+
+
+def read_jsonl_bytes(data: bytes, *, name: str = "<jsonl bytes>") -> list[Example]:
+    """Like :func:`read_jsonl` for JSONL held in memory (e.g. a public set received as a blob).
+
+    ``read_jsonl_bytes(canonical_jsonl_bytes(xs)) == xs``. Errors name ``name`` and the line.
+    """
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise MalformedDataError(f"{name}: not UTF-8 at byte {e.start}") from None
+    return _parse_example_lines(text.split("\n"), name)

@@ -23,6 +23,7 @@ from cotune.data import (
     federated_split,
     load_task,
     read_jsonl,
+    read_jsonl_bytes,
     require_shared_data,
     seeded_permutation,
     shared_data_dir,
@@ -409,6 +410,9 @@ def test_jsonl_round_trip_and_hash(tmp_path):
     assert "heißt".encode() in raw and "日本語".encode() in raw  # UTF-8, not \u escapes
     assert h == dataset_hash(exs) == hashlib.sha256(raw).hexdigest()
     assert read_jsonl(path) == exs
+    assert read_jsonl_bytes(raw) == exs
+    with pytest.raises(MalformedDataError, match=r"blob:2: invalid JSON"):
+        read_jsonl_bytes(raw[:-5] + b"\n", name="blob")
     assert raw.split(b"\n")[0] == (
         b'{"choices":[" Paris"," Lyon"],"label":0,"prompt":"Frage: Wie hei\xc3\x9ft die Hauptstadt?\\nAnswer:",'
         b'"response":" Paris"}'

@@ -2,13 +2,28 @@
 
 Every party and the alignment service must tokenize a public sample identically, so `encode_pair` is the
 single place that turns (prompt, response) into token ids with character end offsets.
+
+`load_tokenizer` reads every format the project meets and always returns a `PreTrainedTokenizerFast` whose
+backend is a plain `tokenizers.Tokenizer` (so `tokenizer_bundle_bytes` can describe it completely):
+
+| input | how it is read |
+|---|---|
+| `tokenizer.json` / `tokenizer.json.gz` | `tokenizers.Tokenizer.from_str`; roles and `add_bos_token` from a sibling `tokenizer_config.json` |
+| SentencePiece `tokenizer.model` (Llama-2, Mistral `tokenizer.model.v1`, ...) | parsed from the protobuf; BPE merges rebuilt from piece ranks; Metaspace pre-tokenizer, byte fallback |
+| tiktoken `tokenizer.model` (Llama-3) | base64 ranks -> byte-level BPE (GPT-2 byte alphabet); Llama-3 split regex and its 256 special tokens |
+| GPT-2 `*.vocab` / `vocab.json` + merges | byte-level BPE with `<|endoftext|>` as a special token |
+| `.gguf` | the GGUF metadata (`tokenizer.ggml.*`) via transformers' GGUF tokenizer builder, roles and `add_bos_token` from the file |
+| HF directory | the first of tokenizer.json(.gz), tokenizer.model, vocab.json+merges.txt, a single .gguf, else `AutoTokenizer` |
 """
 
 from __future__ import annotations
 
+import base64
+import bisect
 import gzip
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,51 +31,43 @@ from transformers import PreTrainedTokenizerFast
 
 SPECIAL_ROLES = ("bos", "eos", "pad", "unk")
 
+LLAMA3_SPLIT_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+# Llama-3 (meta-llama/llama-models, models/llama3/tokenizer.py): 128,000 ranks, then 256 special tokens.
+_LLAMA3_SPECIALS = [
+    "<|begin_of_text|>",
+    "<|end_of_text|>",
+    "<|reserved_special_token_0|>",
+    "<|reserved_special_token_1|>",
+    "<|finetune_right_pad_id|>",
+    "<|step_id|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eom_id|>",
+    "<|eot_id|>",
+    "<|python_tag|>",
+    "<|image|>",
+]
+_LLAMA3_SPECIALS += [f"<|reserved_special_token_{2 + i}|>" for i in range(256 - len(_LLAMA3_SPECIALS))]
+
+# Spellings tried (among *special* added tokens only) when no config names a role.
+_ROLE_GUESSES = {
+    "bos": ["<s>", "<bos>", "<|begin_of_text|>", "<|startoftext|>", "<|endoftext|>"],
+    "eos": ["</s>", "<eos>", "<|end_of_text|>", "<|endoftext|>", "<|im_end|>"],
+    "pad": ["<pad>", "<|pad|>", "[PAD]", "<|padding|>", "<|finetune_right_pad_id|>"],
+    "unk": ["<unk>", "[UNK]", "<|unk|>"],
+}
+
 
 class TokenizerLoadError(ValueError):
     """A tokenizer file could not be read; the message names the file and what was expected."""
 
 
-def _from_tokenizer_json_text(text: str, config: dict | None = None) -> PreTrainedTokenizerFast:
-    from tokenizers import Tokenizer
-
-    try:
-        backend = Tokenizer.from_str(text)
-    except Exception as exc:  # tokenizers raises a bare Exception subclass
-        raise TokenizerLoadError(f"not a valid tokenizer.json: {exc}") from exc
-    tok = PreTrainedTokenizerFast(tokenizer_object=backend)
-    _assign_special_roles(tok, config or {})
-    return tok
-
-
-def _token_content(value) -> str | None:
-    if isinstance(value, dict):
-        return value.get("content")
-    return value
-
-
-def _assign_special_roles(tok: PreTrainedTokenizerFast, config: dict) -> None:
-    """Set bos/eos/pad/unk from a tokenizer_config.json when given, else from well-known spellings."""
-    vocab = tok.get_vocab()
-    guesses = {
-        "bos": ["<s>", "<bos>", "<|begin_of_text|>", "<|endoftext|>", "<|im_start|>"],
-        "eos": ["</s>", "<eos>", "<|end_of_text|>", "<|endoftext|>", "<|im_end|>"],
-        "pad": ["<pad>", "<|pad|>", "[PAD]", "<|finetune_right_pad_id|>"],
-        "unk": ["<unk>", "[UNK]", "<|unk|>"],
-    }
-    for role in SPECIAL_ROLES:
-        content = _token_content(config.get(f"{role}_token"))
-        if content is None or content not in vocab:
-            content = next((g for g in guesses[role] if g in vocab), None)
-        if content is not None:
-            setattr(tok, f"{role}_token", content)
-
-
-def _read_text(path: Path) -> str:
-    data = path.read_bytes()
-    if path.suffix == ".gz":
-        data = gzip.decompress(data)
-    return data.decode("utf-8")
+# ---------------------------------------------------------------------------------------------------------------
+# Loading
 
 
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
@@ -72,58 +79,355 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
     try:
         if path.is_dir():
             return _load_dir(path)
-        name = path.name
-        if name.endswith(".json") or name.endswith(".json.gz"):
-            cfg_path = path.parent / "tokenizer_config.json"
-            config = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
-            return _from_tokenizer_json_text(_read_text(path), config)
-        if name.endswith(".gguf"):
-            from transformers import AutoTokenizer
-
-            return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=name)
-        if ".model" in name:
-            return _load_sentencepiece(path)
-        if name.endswith(".vocab") or name == "vocab.json":
-            return _load_vocab_merges(path)
+        return _load_file(path)
     except TokenizerLoadError:
         raise
     except Exception as exc:
-        raise TokenizerLoadError(f"could not load tokenizer from {path}: {exc}") from exc
-    raise TokenizerLoadError(
-        f"unrecognised tokenizer file {path}: expected an HF directory, tokenizer.json(.gz), "
-        "tokenizer.model, a GPT-2 vocab file, or a .gguf file"
-    )
+        raise TokenizerLoadError(f"could not load tokenizer from {path}: {type(exc).__name__}: {exc}") from exc
 
 
 def _load_dir(path: Path) -> PreTrainedTokenizerFast:
-    for candidate in ("tokenizer.json", "tokenizer.json.gz"):
+    for candidate in ("tokenizer.json", "tokenizer.json.gz", "tokenizer.model", "vocab.json"):
         if (path / candidate).exists():
-            return load_tokenizer(path / candidate)
+            return _load_file(path / candidate)
+    ggufs = sorted(path.glob("*.gguf"))
+    if len(ggufs) == 1:
+        return _load_file(ggufs[0])
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(path))
-
-
-def _load_sentencepiece(path: Path) -> PreTrainedTokenizerFast:
-    from transformers import LlamaTokenizerFast
-
-    tok = LlamaTokenizerFast(vocab_file=str(path), legacy=False, add_prefix_space=None)
-    _assign_special_roles(tok, {})
+    tok = AutoTokenizer.from_pretrained(str(path))
+    if not isinstance(tok, PreTrainedTokenizerFast):
+        raise TokenizerLoadError(f"{path}: AutoTokenizer gave a slow tokenizer ({type(tok).__name__}); need a fast one")
     return tok
+
+
+def _load_file(path: Path) -> PreTrainedTokenizerFast:
+    raw = path.read_bytes()
+    if not raw:
+        raise TokenizerLoadError(f"{path}: file is empty")
+    if raw[:2] == b"\x1f\x8b":
+        try:
+            raw = gzip.decompress(raw)
+        except Exception as exc:
+            raise TokenizerLoadError(f"{path}: corrupt gzip data: {exc}") from exc
+    if raw[:4] == b"GGUF":
+        return _load_gguf(path)
+    head = raw[:64].lstrip()
+    if head[:1] == b"{":
+        try:
+            obj = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise TokenizerLoadError(f"{path}: looks like JSON but does not parse: {exc}") from exc
+        if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
+            return _from_tokenizer_json_text(raw.decode("utf-8"), _sibling_config(path), where=str(path))
+        if isinstance(obj, dict) and obj and all(isinstance(v, int) for v in obj.values()):
+            return _load_vocab_merges(path)
+        raise TokenizerLoadError(
+            f"{path}: JSON that is neither a tokenizer.json (no 'model' object) nor a GPT-2 vocab (token -> id)"
+        )
+    if _looks_like_tiktoken(raw):
+        return _load_tiktoken(raw, where=str(path))
+    if path.name.endswith(".model") or ".model." in path.name or path.suffix in (".spm", ".v1", ".v2", ".v3"):
+        return _load_sentencepiece(raw, where=str(path))
+    try:
+        return _load_sentencepiece(raw, where=str(path))
+    except TokenizerLoadError:
+        pass
+    raise TokenizerLoadError(
+        f"unrecognised tokenizer file {path}: expected an HF directory, tokenizer.json(.gz), "
+        "a SentencePiece or tiktoken tokenizer.model, a GPT-2 vocab file, or a .gguf file"
+    )
+
+
+def _sibling_config(path: Path) -> dict:
+    cfg_path = path.parent / "tokenizer_config.json"
+    if not cfg_path.exists():
+        return {}
+    try:
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise TokenizerLoadError(f"{cfg_path}: not valid JSON: {exc}") from exc
+    return cfg if isinstance(cfg, dict) else {}
+
+
+def _wrap(backend, roles: dict[str, str | None], add_bos: bool | None) -> PreTrainedTokenizerFast:
+    """Wrap a `tokenizers.Tokenizer` and set special roles (role -> token content; None = explicitly absent)."""
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend)
+    vocab = tok.get_vocab()
+    specials = {a.content for a in backend.get_added_tokens_decoder().values() if a.special}
+    for role in SPECIAL_ROLES:
+        if role in roles:
+            content = roles[role]
+            if content is None or content not in vocab:
+                continue
+        else:
+            content = next((g for g in _ROLE_GUESSES[role] if g in specials), None)
+            if content is None:
+                continue
+        setattr(tok, f"{role}_token", content)
+    _set_add_bos(tok, add_bos)
+    return tok
+
+
+def _set_add_bos(tok: PreTrainedTokenizerFast, explicit: bool | None) -> None:
+    """Make the backend's post-processor add bos iff this tokenizer's model expects it, so the decision
+    travels inside the tokenizer JSON (and so inside the bundle and its hash)."""
+    from tokenizers import processors
+
+    bos, bos_id = tok.bos_token, tok.bos_token_id
+    probe = _post_processor_adds_bos(tok)
+    if explicit is None:
+        want = probe or (bos_id is not None and bos_id != tok.eos_token_id)
+    else:
+        want = bool(explicit) and bos_id is not None
+    if want == probe:
+        return
+    backend = tok.backend_tokenizer
+    if want:
+        template = processors.TemplateProcessing(
+            single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1", special_tokens=[(bos, bos_id)]
+        )
+        old = backend.post_processor
+        if old is not None and type(old).__name__ == "ByteLevel":
+            backend.post_processor = processors.Sequence([old, template])
+        else:
+            backend.post_processor = template
+    else:
+        backend.post_processor = processors.TemplateProcessing(single="$A:0", pair="$A:0 $B:1", special_tokens=[])
+
+
+def _post_processor_adds_bos(tok: PreTrainedTokenizerFast) -> bool:
+    bos_id = tok.bos_token_id
+    if bos_id is None:
+        return False
+    ids = tok.backend_tokenizer.encode("a", add_special_tokens=True).ids
+    return bool(ids) and ids[0] == bos_id
+
+
+def _token_content(value) -> str | None:
+    if isinstance(value, dict):
+        return value.get("content")
+    return value
+
+
+def _roles_from_config(config: dict) -> dict[str, str | None]:
+    roles: dict[str, str | None] = {}
+    for role in SPECIAL_ROLES:
+        key = f"{role}_token"
+        if key in config:
+            roles[role] = _token_content(config[key])
+    return roles
+
+
+def _from_tokenizer_json_text(text: str, config: dict | None = None, where: str = "tokenizer.json"):
+    from tokenizers import Tokenizer
+
+    try:
+        backend = Tokenizer.from_str(text)
+    except Exception as exc:  # tokenizers raises a bare Exception subclass
+        raise TokenizerLoadError(f"{where}: not a valid tokenizer.json: {exc}") from exc
+    config = config or {}
+    add_bos = config.get("add_bos_token")
+    return _wrap(backend, _roles_from_config(config), add_bos if isinstance(add_bos, bool) else None)
+
+
+# --- GPT-2 vocab + merges ---------------------------------------------------------------------------------------
 
 
 def _load_vocab_merges(path: Path) -> PreTrainedTokenizerFast:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
 
-    merges = next((p for p in (path.with_suffix(".merges.txt"), path.parent / "merges.txt") if p.exists()), None)
+    candidates = [path.with_suffix(".merges.txt"), path.parent / "merges.txt", path.with_name(path.stem + ".bpe")]
+    merges = next((p for p in candidates if p.exists()), None)
     if merges is None:
-        raise TokenizerLoadError(f"no merges file found beside {path}")
+        raise TokenizerLoadError(f"no merges file found beside {path} (looked for {[c.name for c in candidates]})")
     backend = Tokenizer(models.BPE.from_file(str(path), str(merges)))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
-    tok = PreTrainedTokenizerFast(tokenizer_object=backend)
-    _assign_special_roles(tok, {})
-    return tok
+    backend.post_processor = processors.ByteLevel(trim_offsets=False)
+    if backend.token_to_id("<|endoftext|>") is not None:
+        backend.add_special_tokens([AddedToken("<|endoftext|>", special=True, normalized=False)])
+    return _wrap(backend, {}, None)
+
+
+# --- SentencePiece ----------------------------------------------------------------------------------------------
+
+
+def _load_sentencepiece(raw: bytes, where: str) -> PreTrainedTokenizerFast:
+    from sentencepiece import sentencepiece_model_pb2 as pb
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
+
+    m = pb.ModelProto()
+    try:
+        m.ParseFromString(raw)
+    except Exception as exc:
+        raise TokenizerLoadError(f"{where}: not a SentencePiece model (protobuf parse failed: {exc})") from exc
+    if len(m.pieces) == 0:
+        raise TokenizerLoadError(f"{where}: not a SentencePiece model (no pieces)")
+    ts, ns = m.trainer_spec, m.normalizer_spec
+    pieces = [(p.piece, p.score, p.type) for p in m.pieces]
+    # piece types: 1 normal, 2 unknown, 3 control, 4 user defined, 5 unused, 6 byte
+    if not 0 <= ts.unk_id < len(pieces):
+        raise TokenizerLoadError(f"{where}: SentencePiece unk_id {ts.unk_id} out of range")
+    unk_piece = pieces[ts.unk_id][0]
+    if ts.model_type == 2:  # BPE
+        vocab = {piece: i for i, (piece, _, _) in enumerate(pieces)}
+        skip = {piece for piece, _, kind in pieces if kind in (2, 3, 6)}
+        merges = _merges_from_ranked_vocab(vocab, skip)
+        model = models.BPE(
+            vocab=vocab, merges=merges, unk_token=unk_piece, fuse_unk=True, byte_fallback=ts.byte_fallback
+        )
+    elif ts.model_type == 1:  # UNIGRAM
+        model = models.Unigram([(p, s) for p, s, _ in pieces], unk_id=ts.unk_id, byte_fallback=ts.byte_fallback)
+    else:
+        raise TokenizerLoadError(f"{where}: SentencePiece model_type {ts.model_type} (WORD/CHAR) is not supported")
+    backend = Tokenizer(model)
+    norms = []
+    if ns.precompiled_charsmap and ns.name not in ("identity", ""):
+        norms.append(normalizers.Precompiled(ns.precompiled_charsmap))
+    if ns.remove_extra_whitespaces:
+        norms += [normalizers.Strip(left=True, right=True), normalizers.Replace(Regex(" {2,}"), " ")]
+    if norms:
+        backend.normalizer = normalizers.Sequence(norms)
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(
+        replacement="▁", prepend_scheme="first" if ns.add_dummy_prefix else "never", split=False
+    )
+    dec = [decoders.Replace("▁", " ")]
+    if ts.byte_fallback:
+        dec += [decoders.ByteFallback()]
+    dec += [decoders.Fuse()]
+    if ns.add_dummy_prefix:
+        dec += [decoders.Strip(content=" ", left=1, right=0)]
+    backend.decoder = decoders.Sequence(dec)
+    backend.add_special_tokens(
+        [AddedToken(p, special=True, normalized=False) for p, _, kind in pieces if kind in (2, 3)]
+    )
+    user = [AddedToken(p, special=False, normalized=False) for p, _, kind in pieces if kind == 4]
+    if user:
+        backend.add_tokens(user)
+    roles: dict[str, str | None] = {}
+    for role, idx in (("bos", ts.bos_id), ("eos", ts.eos_id), ("pad", ts.pad_id), ("unk", ts.unk_id)):
+        roles[role] = pieces[idx][0] if 0 <= idx < len(pieces) else None
+    return _wrap(backend, roles, roles["bos"] is not None)
+
+
+def _merges_from_ranked_vocab(vocab: dict[str, int], skip: set[str]) -> list[tuple[str, str]]:
+    """BPE merges implied by a rank-ordered vocabulary (SentencePiece BPE / tiktoken): every split of a
+    token into two vocabulary tokens, ordered by the merged token's rank, then by the parts' ranks."""
+    merges = []
+    for token, rank in vocab.items():
+        if token in skip or len(token) < 2:
+            continue
+        local = []
+        for i in range(1, len(token)):
+            left, right = token[:i], token[i:]
+            lr, rr = vocab.get(left), vocab.get(right)
+            if lr is not None and rr is not None and left not in skip and right not in skip:
+                local.append((rank, lr, rr, left, right))
+        merges.extend(local)
+    merges.sort()
+    return [(left, right) for _, _, _, left, right in merges]
+
+
+# --- tiktoken ---------------------------------------------------------------------------------------------------
+
+_TIKTOKEN_LINE = re.compile(rb"^[A-Za-z0-9+/]+=*\s+\d+\s*$")
+
+
+def _looks_like_tiktoken(raw: bytes) -> bool:
+    lines = raw[:4096].splitlines()[:8]
+    return bool(lines) and all(_TIKTOKEN_LINE.match(line) for line in lines if line.strip())
+
+
+def gpt2_byte_to_unicode() -> dict[int, str]:
+    """The GPT-2 reversible byte -> printable unicode character table used by byte-level BPE vocabularies."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, (chr(c) for c in cs)))
+
+
+def _load_tiktoken(raw: bytes, where: str) -> PreTrainedTokenizerFast:
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+
+    ranks: dict[bytes, int] = {}
+    for lineno, line in enumerate(raw.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            token_b64, rank = line.split()
+            ranks[base64.b64decode(token_b64, validate=True)] = int(rank)
+        except Exception as exc:
+            raise TokenizerLoadError(f"{where}: bad tiktoken line {lineno}: {exc}") from exc
+    if sorted(ranks.values()) != list(range(len(ranks))):
+        raise TokenizerLoadError(f"{where}: tiktoken ranks are not a permutation of 0..{len(ranks) - 1}")
+    table = gpt2_byte_to_unicode()
+    spell = {b: "".join(table[x] for x in b) for b in ranks}
+    vocab = {spell[b]: r for b, r in ranks.items()}
+    merges = []
+    for token, rank in ranks.items():
+        if len(token) < 2:
+            continue
+        local = []
+        for i in range(1, len(token)):
+            lr, rr = ranks.get(token[:i]), ranks.get(token[i:])
+            if lr is not None and rr is not None:
+                local.append((rank, lr, rr, i))
+        for _, _, _, i in sorted(local):
+            merges.append((rank, spell[token[:i]], spell[token[i:]]))
+    merges.sort(key=lambda m: m[0])
+    model = models.BPE(vocab=vocab, merges=[(a, b) for _, a, b in merges], fuse_unk=False, ignore_merges=True)
+    backend = Tokenizer(model)
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(LLAMA3_SPLIT_REGEX), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    backend.decoder = decoders.ByteLevel()
+    backend.post_processor = processors.ByteLevel(trim_offsets=False)
+    roles: dict[str, str | None] = {}
+    if len(ranks) == 128000:  # Llama-3: its special tokens follow the ranks
+        backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in _LLAMA3_SPECIALS])
+        roles = {"bos": "<|begin_of_text|>", "eos": "<|end_of_text|>", "pad": "<|finetune_right_pad_id|>", "unk": None}
+    return _wrap(backend, roles, True if roles else None)
+
+
+# --- GGUF -------------------------------------------------------------------------------------------------------
+
+
+def _load_gguf(path: Path) -> PreTrainedTokenizerFast:
+    from tokenizers import pre_tokenizers
+
+    try:
+        from transformers.integrations.gguf.gguf_tokenizer_mapping import convert_gguf_tokenizer, get_gguf_tokenizer
+    except ImportError:  # older/newer transformers layout: slow but general path
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    try:
+        architecture, tokenizer_dict, config = get_gguf_tokenizer(str(path))
+    except Exception as exc:
+        raise TokenizerLoadError(f"{path}: cannot read the GGUF tokenizer metadata: {exc}") from exc
+    if "tokens" not in tokenizer_dict:
+        raise TokenizerLoadError(f"{path}: GGUF file has no tokenizer.ggml.tokens (no embedded tokenizer)")
+    backend, _ = convert_gguf_tokenizer(architecture, tokenizer_dict)
+    if tokenizer_dict.get("pre_tokenizer_type") == "smollm":
+        # llama.cpp's "smollm" pre-tokenizer: single digits first, then the GPT-2 regex (as SmolLM2's tokenizer.json).
+        backend.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Digits(individual_digits=True),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True),
+            ]
+        )
+    roles = {role: config.get(f"{role}_token") for role in SPECIAL_ROLES}
+    add_bos = config.get("add_bos_token")
+    return _wrap(backend, roles, add_bos if isinstance(add_bos, bool) else None)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -153,12 +457,24 @@ def tokenizer_from_bundle(data: bytes) -> PreTrainedTokenizerFast:
         raise TokenizerLoadError(f"tokenizer bundle is not valid JSON: {exc}") from exc
     if not isinstance(bundle, dict) or bundle.get("format") != "cotune.tokenizer/1":
         raise TokenizerLoadError("tokenizer bundle has no 'format: cotune.tokenizer/1' header")
-    tok = _from_tokenizer_json_text(json.dumps(bundle["tokenizer"]))
-    id_to_token = {i: t for t, i in tok.get_vocab().items()}
-    for role, token_id in bundle.get("special", {}).items():
-        if role in SPECIAL_ROLES and token_id in id_to_token:
-            setattr(tok, f"{role}_token", id_to_token[token_id])
-    return tok
+    from tokenizers import Tokenizer
+
+    try:
+        backend = Tokenizer.from_str(json.dumps(bundle["tokenizer"]))
+    except Exception as exc:
+        raise TokenizerLoadError(f"tokenizer bundle holds no valid tokenizer: {exc}") from exc
+    special = bundle.get("special", {})
+    if not isinstance(special, dict):
+        raise TokenizerLoadError("tokenizer bundle 'special' must map role -> id")
+    roles: dict[str, str | None] = {}
+    for role in SPECIAL_ROLES:
+        token_id = special.get(role)
+        roles[role] = backend.id_to_token(token_id) if isinstance(token_id, int) else None
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend)
+    for role, content in roles.items():
+        if content is not None:
+            setattr(tok, f"{role}_token", content)
+    return tok  # the post-processor inside the bundle already says whether bos is added
 
 
 def tokenizer_hash(tok: PreTrainedTokenizerFast) -> str:
@@ -174,7 +490,9 @@ class EncodedPair:
     """One (prompt, response) sample as a party's model sees it.
 
     ids: token ids (bos included when the tokenizer adds one).
-    ends: for each token, the character offset in prompt+response where it ends (0 for bos).
+    ends: for each token, the character offset in prompt+response where it ends (0 for bos). A token that ends
+        inside a character (a byte-fallback or byte-level piece of a multi-byte character) gets the end of that
+        character, so all pieces of one character share its end offset.
     response_start: index of the first token that ends inside the response; tokens from here on are targets.
     response_bytes: UTF-8 byte length of the response (the denominator of bits-per-byte).
     """
@@ -190,13 +508,63 @@ class EncodedPair:
         return range(max(self.response_start - 1, 0), len(self.ids) - 1)
 
 
+def adds_bos(tok: PreTrainedTokenizerFast) -> bool:
+    """Whether this tokenizer's model expects a bos token in front of every text."""
+    cached = getattr(tok, "_cotune_adds_bos", None)
+    if cached is None:
+        cached = _post_processor_adds_bos(tok)
+        try:
+            object.__setattr__(tok, "_cotune_adds_bos", cached)
+        except Exception:
+            pass
+    return cached
+
+
+def _char_ends(tok: PreTrainedTokenizerFast, text: str, enc) -> list[int]:
+    """Character end offset of every token.
+
+    Exact path: the tokens' bytes (from the normalized forms) concatenate to the text's UTF-8 bytes (after
+    dropping a SentencePiece dummy-prefix space); then ends come from cumulative byte counts, rounded up to
+    the end of the character. Otherwise (a normalizer changed the text): the tokenizer's offset mapping.
+    """
+    ids = enc.ids
+    offsets_ends = [int(end) for _, end in enc.offsets]
+    try:
+        from alignment.normalize import normalized_forms_cached
+    except ImportError:  # pragma: no cover - alignment package not importable
+        return offsets_ends
+    forms = normalized_forms_cached(tok)
+    data = text.encode("utf-8")
+    pieces = [forms[i] if 0 <= i < len(forms) else b"" for i in ids]
+    joined = b"".join(pieces)
+    skip = 0
+    if joined != data:
+        if joined[:1] == b" " and joined[1:] == data:
+            skip = 1
+        else:
+            return offsets_ends
+    # byte offset -> char offset, rounding up to the end of a character
+    char_start_bytes = []  # byte offset at which each character starts
+    pos = 0
+    for ch in text:
+        char_start_bytes.append(pos)
+        pos += len(ch.encode("utf-8"))
+    ends = []
+    cum = -skip
+    for piece in pieces:
+        cum += len(piece)
+        b = max(cum, 0)
+        ends.append(bisect.bisect_left(char_start_bytes, b) if b < len(data) else len(text))
+    return ends
+
+
 def encode_pair(tok: PreTrainedTokenizerFast, prompt: str, response: str, max_length: int = 512) -> EncodedPair:
     text = prompt + response
-    enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids = list(enc["input_ids"])
-    ends = [int(end) for _, end in enc["offset_mapping"]]
+    enc = tok.backend_tokenizer.encode(text, add_special_tokens=False)
+    ids = list(enc.ids)
+    ends = _char_ends(tok, text, enc)
     bos = tok.bos_token_id
-    if bos is not None and getattr(tok, "add_bos_token", True) and (not ids or ids[0] != bos):
+    if bos is not None and adds_bos(tok) and (not ids or ids[0] != bos):
         ids.insert(0, bos)
         ends.insert(0, 0)
     prompt_len = len(prompt)

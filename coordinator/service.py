@@ -1,0 +1,265 @@
+"""The coordinator: client registry, run API, and the run executor that drives strategies round by round."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import grpc
+
+from cotune.config import CoordinatorConfig
+from cotune.rpc.channel import TlsFiles
+from cotune.rpc.clients import AlignmentClient, PartyClient
+from cotune.rpc.errors import InvalidInput, NotFound, Precondition, rpc_method, status_for
+from cotune.rpc.server import ServiceHost, tls_files
+from cotune.v1 import coordinator_pb2 as pb
+from cotune.v1 import coordinator_pb2_grpc
+from cotune.wire.blobs import BlobStore
+from coordinator.store import StateStore
+from coordinator.strategies.base import Party, RunCancelled, RunDriver
+from coordinator.strategies.fedmkt import get_strategy
+
+log = logging.getLogger(__name__)
+TERMINAL = (pb.RUN_SUCCEEDED, pb.RUN_FAILED, pb.RUN_CANCELLED)
+MAX_ROUNDS = 10_000
+
+
+class Coordinator:
+    def __init__(self, cfg: CoordinatorConfig):
+        cfg.validate()
+        self.cfg = cfg
+        root = Path(cfg.workdir)
+        self.state = StateStore(root / "state.sqlite3")
+        self.artifacts = BlobStore(root / "artifacts")
+        self.tls: TlsFiles = tls_files(cfg.tls)
+        self._cancel: dict[str, threading.Event] = {}
+        self._threads: dict[str, threading.Thread] = {}
+        self._lock = threading.Lock()
+
+    # -- clients ---------------------------------------------------------------------------------------------
+    def party_client(self, address: str, role: str) -> PartyClient:
+        return PartyClient(address, role=role, tls=self.tls, token=self.cfg.auth.token)
+
+    def register_client(self, desc: pb.ClientDescriptor) -> pb.ClientRecord:
+        if not desc.client_id or not desc.address:
+            raise InvalidInput("client_id and address are both required")
+        if len(desc.client_id) > 128 or not desc.client_id.replace("-", "").replace("_", "").replace(".", "").isalnum():
+            raise InvalidInput(f"client_id must be 1-128 letters, digits, '-', '_' or '.', got {desc.client_id!r:.140}")
+        client = self.party_client(desc.address, "slm")
+        try:
+            info = client.describe(timeout=10)
+        except grpc.RpcError as exc:
+            raise Precondition(f"could not reach SLM client {desc.client_id} at {desc.address}: {exc.details()}") from exc
+        finally:
+            client.close()
+        if info.role != "slm":
+            raise InvalidInput(f"{desc.address} is a {info.role or 'unknown'} service, not an SLM client")
+        return self.state.put_client(desc, info)
+
+    def register_configured_clients(self) -> None:
+        """Register the clients listed in the config, retrying while they start up."""
+        pending = list(self.cfg.clients)
+        deadline = time.monotonic() + 600
+        while pending and time.monotonic() < deadline:
+            for entry in list(pending):
+                try:
+                    self.register_client(pb.ClientDescriptor(client_id=entry.client_id, address=entry.address))
+                    pending.remove(entry)
+                except Precondition:
+                    pass
+            if pending:
+                time.sleep(1.0)
+        for entry in pending:
+            log.warning("configured client %s at %s never became reachable", entry.client_id, entry.address)
+
+    # -- runs ------------------------------------------------------------------------------------------------
+    def get_run(self, run_id: str) -> pb.Run:
+        run = self.state.get_run(run_id) if run_id else None
+        if run is None:
+            raise NotFound(f"unknown run id {run_id!r:.80}; `cotune run list` shows the known runs")
+        return run
+
+    def start_run(self, spec: pb.RunSpec) -> pb.Run:
+        if not spec.algorithm:
+            raise InvalidInput("spec.algorithm is required (e.g. fedmkt)")
+        strategy = get_strategy(spec.algorithm)
+        if not 1 <= spec.rounds <= MAX_ROUNDS:
+            raise InvalidInput(f"spec.rounds must be in 1..{MAX_ROUNDS}, got {spec.rounds}")
+        for name in ("max_public_samples", "eval_max_samples", "local_epochs", "distill_epochs", "min_clients"):
+            if getattr(spec, name) < 0:
+                raise InvalidInput(f"spec.{name} must be >= 0, got {getattr(spec, name)}")
+        if spec.step_timeout_s < 0:
+            raise InvalidInput("spec.step_timeout_s must be >= 0")
+        if spec.alignment_method not in ("", "offsets", "dtw"):
+            raise InvalidInput(f"spec.alignment_method must be offsets or dtw, got {spec.alignment_method!r}")
+        registered = {r.client.client_id: r for r in self.state.clients()}
+        chosen = list(spec.clients) or sorted(registered)
+        unknown = [c for c in chosen if c not in registered]
+        if unknown:
+            raise InvalidInput(f"unknown client id(s) {', '.join(unknown)}; registered: {', '.join(sorted(registered)) or 'none'}")
+        if not chosen:
+            raise Precondition("no SLM clients are registered; register clients before starting a run")
+        if len(set(chosen)) != len(chosen):
+            raise InvalidInput("spec.clients lists a client twice")
+        if spec.min_clients > len(chosen):
+            raise InvalidInput(f"spec.min_clients={spec.min_clients} exceeds the {len(chosen)} selected clients")
+        llm_info = self._describe(self.cfg.llm, "llm", "LLM server")
+        infos = {c: self._describe(registered[c].client.address, "slm", f"client {c}") for c in chosen}
+        public = spec.public_set_hash or llm_info.public_set_hash
+        mismatched = [p for p, i in [("llm", llm_info), *infos.items()] if i.public_set_hash != public]
+        if mismatched:
+            raise Precondition(f"public set {public[:16]}… differs from what {', '.join(mismatched)} hold; "
+                               "every party must hold the same public set (samples are matched by position)")
+        strategy.validate(spec, llm_info, infos)
+        run = pb.Run(run_id=uuid.uuid4().hex[:16], spec=spec, state=pb.RUN_PENDING, created_at=time.time())
+        run.spec.clients[:] = chosen
+        run.spec.public_set_hash = public
+        self.state.put_run(run)
+        self.state.add_event(pb.RunEvent(run_id=run.run_id, kind="state", state=run.state, message="run created"))
+        self._launch(run.run_id)
+        return run
+
+    def _describe(self, address: str, role: str, what: str):
+        client = self.party_client(address, role)
+        try:
+            info = client.describe(timeout=15)
+        except grpc.RpcError as exc:
+            raise Precondition(f"{what} at {address} is unreachable: {exc.details()}") from exc
+        finally:
+            client.close()
+        if not info.ready:
+            raise Precondition(f"{what} at {address} is still loading its model; retry shortly")
+        return info
+
+    def cancel_run(self, run_id: str) -> pb.Run:
+        run = self.get_run(run_id)
+        if run.state in TERMINAL:
+            return run
+        with self._lock:
+            event = self._cancel.get(run_id)
+        if event is None:  # not executing here (e.g. pending after a restart): cancel in place
+            run.state = pb.RUN_CANCELLED
+            self.state.put_run(run)
+        else:
+            event.set()
+        self.state.add_event(pb.RunEvent(run_id=run_id, kind="state", state=run.state, message="cancel requested"))
+        return self.get_run(run_id)
+
+    def resume_unfinished(self) -> None:
+        for run in self.state.runs_in_state(pb.RUN_PENDING, pb.RUN_RUNNING):
+            log.info("resuming run %s at round %d step %s", run.run_id, run.current_round, run.current_step)
+            self.state.add_event(pb.RunEvent(run_id=run.run_id, kind="state", state=run.state, message="coordinator restarted; resuming"))
+            self._launch(run.run_id)
+
+    def _launch(self, run_id: str) -> None:
+        with self._lock:
+            if run_id in self._threads and self._threads[run_id].is_alive():
+                return
+            self._cancel[run_id] = threading.Event()
+            thread = threading.Thread(target=self._execute, args=(run_id,), name=f"run-{run_id}", daemon=True)
+            self._threads[run_id] = thread
+        thread.start()
+
+    def _execute(self, run_id: str) -> None:
+        run = self.get_run(run_id)
+        cancel = self._cancel[run_id]
+        clients = []
+        llm = alignment = None
+        try:
+            registered = {r.client.client_id: r for r in self.state.clients()}
+            llm_client = self.party_client(self.cfg.llm, "llm")
+            llm = Party("llm", "llm", llm_client, llm_client.describe())
+            for cid in run.spec.clients:
+                pc = self.party_client(registered[cid].client.address, "slm")
+                clients.append(Party(cid, "slm", pc, pc.describe()))
+            if self.cfg.alignment:
+                alignment = AlignmentClient(self.cfg.alignment, tls=self.tls, token=self.cfg.auth.token)
+            run.state = pb.RUN_RUNNING
+            driver = RunDriver(run=run, store=self.state, artifacts=self.artifacts, llm=llm, clients=clients,
+                               alignment=alignment, cancel_event=cancel)
+            driver.public_set_hash = run.spec.public_set_hash
+            driver.save()
+            driver.emit("state", message="running")
+            get_strategy(run.spec.algorithm).execute(driver)
+            run.state = pb.RUN_SUCCEEDED
+            run.current_step = "done"
+        except RunCancelled:
+            run.state = pb.RUN_CANCELLED
+        except Exception as exc:  # noqa: BLE001 - recorded on the run
+            code, message = status_for(exc)
+            if code == grpc.StatusCode.INTERNAL:
+                log.exception("run %s failed", run_id)
+            run.state = pb.RUN_FAILED
+            run.error = message
+        finally:
+            self.state.put_run(run)
+            self.state.add_event(pb.RunEvent(run_id=run_id, kind="state", state=run.state, message=run.error or pb.RunState.Name(run.state)))
+            for party in [llm, *clients]:
+                if party is not None:
+                    party.client.close()
+            if alignment is not None:
+                alignment.close()
+
+
+class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
+    def __init__(self, coordinator: Coordinator):
+        self.c = coordinator
+
+    @rpc_method
+    def RegisterClient(self, request, context):
+        return self.c.register_client(request.client)
+
+    @rpc_method
+    def ListClients(self, request, context):
+        return pb.ListClientsResponse(clients=self.c.state.clients())
+
+    @rpc_method
+    def StartRun(self, request, context):
+        return self.c.start_run(request.spec)
+
+    @rpc_method
+    def GetRun(self, request, context):
+        return self.c.get_run(request.run_id)
+
+    @rpc_method
+    def CancelRun(self, request, context):
+        return self.c.cancel_run(request.run_id)
+
+    @rpc_method
+    def ListRuns(self, request, context):
+        limit = request.limit or 50
+        if not 1 <= limit <= 10_000:
+            raise InvalidInput(f"limit must be in 1..10000, got {limit}")
+        return pb.ListRunsResponse(runs=self.c.state.list_runs(limit))
+
+    @rpc_method
+    def WatchRun(self, request, context):
+        run_id = request.run_id
+        self.c.get_run(run_id)  # NOT_FOUND for unknown ids
+        seq = request.after_seq
+        while context.is_active():
+            events = self.c.state.events_after(run_id, seq)
+            for event in events:
+                seq = event.seq
+                yield event
+            if not events:
+                if self.c.get_run(run_id).state in TERMINAL and not self.c.state.events_after(run_id, seq):
+                    return
+                with self.c.state.events_changed:
+                    self.c.state.events_changed.wait(timeout=1.0)
+
+
+def serve(cfg: CoordinatorConfig) -> None:
+    coordinator = Coordinator(cfg)
+    host = ServiceHost("cotune.coordinator", cfg.listen, tls=tls_files(cfg.tls), tokens=cfg.auth.tokens or None)
+    host.add(coordinator_pb2_grpc.add_CoordinatorServicer_to_server, CoordinatorServicer(coordinator), pb, "Coordinator")
+    host.add_blobs_and_operations(coordinator.artifacts, None)
+    port = host.start()
+    print(f"LISTENING {port}", flush=True)
+    threading.Thread(target=coordinator.register_configured_clients, daemon=True).start()
+    coordinator.resume_unfinished()
+    host.set_serving(True)
+    host.wait_for_termination_signal()

@@ -1,0 +1,195 @@
+"""LoRA adapters via peft: per-architecture target modules, canonical state dicts, validated loading, bytes.
+
+Canonical keys are peft's own (``get_peft_model_state_dict`` form: the adapter name is stripped), e.g.
+``base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight``; two models of the same architecture and
+LoRA config have the same key set, so client adapters can be averaged key by key.
+"""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from torch import nn
+
+LORA_FORMAT = "cotune.lora/1"
+_ATTN_PARENT_NAMES = {"attn", "attention", "self_attn", "self_attention", "selfattention"}
+
+
+class LoraMismatchError(ValueError):
+    """A LoRA state dict does not fit the model (keys, shapes, dtypes or non-finite values)."""
+
+
+def _is_linear_like(module: nn.Module) -> bool:
+    if isinstance(module, nn.Linear):
+        return True
+    # transformers' Conv1D (GPT-2 family) is a linear layer with a transposed weight; peft supports it.
+    return type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None
+
+
+def _is_attention(name: str, module: nn.Module) -> bool:
+    cls = type(module).__name__.lower()
+    leaf = name.rsplit(".", 1)[-1].lower()
+    return "attention" in cls or leaf in _ATTN_PARENT_NAMES
+
+
+def _unwrap(model):
+    from peft import PeftModel
+
+    if isinstance(model, PeftModel):
+        return model.get_base_model()
+    return model
+
+
+def lora_target_modules(model) -> list[str]:
+    """The attention projections of this model (q/k/v/o or the fused equivalents), as peft target suffixes.
+
+    Found from the model's actual modules: every linear layer whose parent is an attention block. A leaf name that
+    also names a non-attention linear layer (GPT-2's ``c_proj`` exists in attn and mlp) is qualified with its parent
+    (``attn.c_proj``) so the MLP is not caught by suffix matching.
+    """
+    base = _unwrap(model)
+    modules = dict(base.named_modules())
+    out_emb = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    attn_linears: list[tuple[str, str]] = []  # (parent leaf, leaf)
+    other_leaves: set[str] = set()
+    for name, module in modules.items():
+        if not name or not _is_linear_like(module) or module is out_emb or "lora_" in name:
+            continue
+        parent_name, _, leaf = name.rpartition(".")
+        parent = modules.get(parent_name)
+        if parent is not None and parent_name and _is_attention(parent_name, parent):
+            attn_linears.append((parent_name.rsplit(".", 1)[-1], leaf))
+        else:
+            other_leaves.add(leaf)
+    if not attn_linears:
+        linear_leaves = sorted({n.rsplit(".", 1)[-1] for n, m in modules.items() if n and _is_linear_like(m)})
+        raise ValueError(
+            f"cannot find attention projections in {type(base).__name__}: linear layers are {linear_leaves}; "
+            "pass target_modules explicitly"
+        )
+    targets = set()
+    for parent_leaf, leaf in attn_linears:
+        targets.add(f"{parent_leaf}.{leaf}" if leaf in other_leaves else leaf)
+    return sorted(targets)
+
+
+def attach_lora(model, *, r: int = 8, alpha: int = 16, dropout: float = 0.05, seed: int = 0, target_modules=None):
+    """Wrap model in a peft LoRA PeftModel; only the LoRA parameters are trainable. Deterministic for a seed."""
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    targets = list(target_modules) if target_modules else lora_target_modules(model)
+    fan_in_fan_out = any(
+        type(m).__name__ == "Conv1D" for n, m in model.named_modules() if n.endswith(tuple("." + t for t in targets))
+    )
+    config = LoraConfig(
+        task_type=TaskType.CAUSAL_LM,
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=targets,
+        bias="none",
+        fan_in_fan_out=fan_in_fan_out,
+    )
+    device = next(model.parameters()).device
+    devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        peft_model = get_peft_model(model, config)
+    peft_model.eval()
+    return peft_model
+
+
+def _adapter_name(model) -> str:
+    return getattr(model, "active_adapter", None) or "default"
+
+
+def _lora_params(model) -> dict[str, torch.nn.Parameter]:
+    """Canonical key -> live parameter, for every LoRA parameter of the active adapter."""
+    adapter = _adapter_name(model)
+    if isinstance(adapter, (list, tuple)):
+        adapter = adapter[0]
+    tag = f".{adapter}"
+    out = {}
+    for name, param in model.named_parameters():
+        if "lora_" not in name or tag not in name:
+            continue
+        out[name.replace(tag, "")] = param
+    if not out:
+        raise LoraMismatchError("model has no LoRA parameters (attach_lora first)")
+    return out
+
+
+def lora_state_dict(model) -> dict[str, torch.Tensor]:
+    """LoRA weights under canonical keys, detached CPU contiguous copies."""
+    return {k: p.detach().to("cpu", copy=True).contiguous() for k, p in sorted(_lora_params(model).items())}
+
+
+def lora_shapes(model) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(p.shape) for k, p in sorted(_lora_params(model).items())}
+
+
+def _names(keys, limit: int = 5) -> str:
+    keys = sorted(keys)
+    more = f" (+{len(keys) - limit} more)" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more
+
+
+def validate_lora_state_dict(model, sd) -> None:
+    """Raise LoraMismatchError unless sd has exactly the model's LoRA keys, shapes, float dtypes, finite values."""
+    if not isinstance(sd, dict):
+        raise LoraMismatchError(f"LoRA state must be a dict of tensors, got {type(sd).__name__}")
+    params = _lora_params(model)
+    missing = set(params) - set(sd)
+    unexpected = set(sd) - set(params)
+    problems = []
+    if missing:
+        problems.append(f"missing {len(missing)} key(s): {_names(missing)}")
+    if unexpected:
+        problems.append(f"unexpected {len(unexpected)} key(s): {_names(unexpected)}")
+    for key in sorted(set(params) & set(sd)):
+        value = sd[key]
+        expected = tuple(params[key].shape)
+        if not isinstance(value, torch.Tensor):
+            problems.append(f"{key}: expected a tensor of shape {expected}, got {type(value).__name__}")
+            continue
+        if not value.is_floating_point():
+            problems.append(f"{key}: expected a floating-point tensor, got dtype {value.dtype}")
+            continue
+        if tuple(value.shape) != expected:
+            problems.append(f"{key}: expected shape {expected}, got {tuple(value.shape)}")
+            continue
+        if not bool(torch.isfinite(value).all()):
+            problems.append(f"{key}: contains NaN or Inf values")
+    if problems:
+        raise LoraMismatchError("LoRA state does not fit the model: " + "; ".join(problems[:8]))
+
+
+def load_lora_state_dict(model, sd: dict[str, torch.Tensor]) -> None:
+    """Copy sd into the model's LoRA parameters in place (optimizer references stay valid).
+
+    Everything is validated first; on any error the model is unchanged.
+    """
+    validate_lora_state_dict(model, sd)
+    params = _lora_params(model)
+    with torch.no_grad():
+        for key, param in params.items():
+            param.copy_(sd[key].to(device=param.device, dtype=param.dtype))
+
+
+def lora_to_bytes(sd: dict[str, torch.Tensor]) -> bytes:
+    from safetensors.torch import save
+
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}
+    return save(tensors, metadata={"format": LORA_FORMAT, "keys": json.dumps(len(tensors))})
+
+
+def lora_from_bytes(data: bytes) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load
+
+    if not isinstance(data, (bytes, bytearray, memoryview)) or len(data) < 8:
+        raise ValueError("LoRA blob is empty or not bytes")
+    try:
+        return dict(load(bytes(data)))
+    except Exception as exc:
+        raise ValueError(f"LoRA blob is not a valid safetensors file: {exc}") from exc

@@ -154,13 +154,12 @@ class AlignmentServicer(alignment_pb2_grpc.AlignmentServicer):
         return self.service.build_sequence_alignment(request)
 
 
-def serve(cfg: AlignmentConfig) -> None:
+def serve(cfg: AlignmentConfig, port_file: str | None = None) -> None:
     service = AlignmentService(cfg)
     host = ServiceHost("cotune.alignment", cfg.listen, tls=tls_files(cfg.tls), tokens=cfg.auth.tokens or None)
     host.add(alignment_pb2_grpc.add_AlignmentServicer_to_server, AlignmentServicer(service), alignment_pb2, "Alignment")
     host.add_blobs_and_operations(service.store, service.ops)
-    port = host.start()
-    print(f"LISTENING {port}", flush=True)
+    host.start(port_file)
     host.set_serving(True)
     host.wait_for_termination_signal()
     service.ops.shutdown()

@@ -252,13 +252,12 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
                     self.c.state.events_changed.wait(timeout=1.0)
 
 
-def serve(cfg: CoordinatorConfig) -> None:
+def serve(cfg: CoordinatorConfig, port_file: str | None = None) -> None:
     coordinator = Coordinator(cfg)
     host = ServiceHost("cotune.coordinator", cfg.listen, tls=tls_files(cfg.tls), tokens=cfg.auth.tokens or None)
     host.add(coordinator_pb2_grpc.add_CoordinatorServicer_to_server, CoordinatorServicer(coordinator), pb, "Coordinator")
     host.add_blobs_and_operations(coordinator.artifacts, None)
-    port = host.start()
-    print(f"LISTENING {port}", flush=True)
+    host.start(port_file)
     threading.Thread(target=coordinator.register_configured_clients, daemon=True).start()
     coordinator.resume_unfinished()
     host.set_serving(True)

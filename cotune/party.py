@@ -306,15 +306,14 @@ class PartyServicer:
         return self.party.start_task(request)
 
 
-def serve_party(cfg: PartyConfig, role: str) -> None:
+def serve_party(cfg: PartyConfig, role: str, port_file: str | None = None) -> None:
     """Run a party service until SIGTERM: listen at once (NOT_SERVING), load the model, then SERVING."""
     party = Party(cfg, role)
     host = ServiceHost(f"cotune.{role}", cfg.listen, tls=tls_files(cfg.tls), tokens=cfg.auth.tokens or None)
     add = party_pb2_grpc.add_LLMServerServicer_to_server if role == "llm" else party_pb2_grpc.add_SLMClientServicer_to_server
     host.add(add, PartyServicer(party), party_pb2, "LLMServer" if role == "llm" else "SLMClient")
     host.add_blobs_and_operations(party.store, party.ops)
-    port = host.start()
-    print(f"LISTENING {port}", flush=True)
+    host.start(port_file)
     party.load()
     host.set_serving(True)
     host.wait_for_termination_signal()

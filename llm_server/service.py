@@ -6,5 +6,5 @@ from cotune.config import PartyConfig
 from cotune.party import serve_party
 
 
-def serve(cfg: PartyConfig) -> None:
-    serve_party(cfg, "llm")
+def serve(cfg: PartyConfig, port_file: str | None = None) -> None:
+    serve_party(cfg, "llm", port_file)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 from concurrent import futures
@@ -84,7 +85,8 @@ class ServiceHost:
         if operations is not None:
             self.add(operations_pb2_grpc.add_OperationsServicer_to_server, OperationsServicer(operations), operations_pb2, "Operations")
 
-    def start(self) -> int:
+    def start(self, port_file: str | None = None) -> int:
+        """Bind and start; with `port_file`, write the bound port there (how the cluster launcher finds it)."""
         reflection.enable_server_reflection(self._service_names, self.server)
         if self.tls.enabled:
             ca, cert, key = self.tls.read()
@@ -100,6 +102,11 @@ class ServiceHost:
         if not self.port:
             raise OSError(f"{self.name}: could not bind {self.address}")
         self.server.start()
+        if port_file:
+            tmp = f"{port_file}.tmp"
+            with open(tmp, "w") as f:
+                f.write(str(self.port))
+            os.replace(tmp, port_file)
         log.info("%s listening on %s (port %d)", self.name, self.address, self.port)
         return self.port
 

@@ -1,0 +1,320 @@
+"""The `cotune` command line: serve a service, run a local cluster, drive runs, build alignments, run the demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+DEFAULT_CLUSTER_DIR = "var/cluster"
+
+
+def _setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+# -- serve ------------------------------------------------------------------------------------------------------
+def cmd_serve(args) -> int:
+    from cotune.config import AlignmentConfig, CoordinatorConfig, PartyConfig, load_config
+
+    _setup_logging(args.verbose)
+    if args.service == "coordinator":
+        from coordinator.service import serve
+
+        serve(load_config(CoordinatorConfig, args.config), args.port_file)
+    elif args.service == "alignment":
+        from alignment.service import serve
+
+        serve(load_config(AlignmentConfig, args.config), args.port_file)
+    elif args.service == "llm":
+        from llm_server.service import serve
+
+        serve(load_config(PartyConfig, args.config), args.port_file)
+    else:
+        from slm_client.service import serve
+
+        serve(load_config(PartyConfig, args.config), args.port_file)
+    return 0
+
+
+# -- cluster ----------------------------------------------------------------------------------------------------
+def cmd_cluster_up(args) -> int:
+    import time
+
+    from cotune.cluster import ClusterConfig, LocalCluster
+
+    cluster = LocalCluster(ClusterConfig.load(args.config))
+    addresses = cluster.up()
+    for name, address in addresses.items():
+        print(f"{name:12s} {address}")
+    print(f"state: {cluster.workdir / 'cluster.json'}; logs: {cluster.workdir / 'logs'}")
+    if args.detach:
+        return 0
+    print("cluster running; Ctrl-C stops every service")
+    try:
+        while all(s.process.poll() is None for s in cluster.services.values()):
+            time.sleep(1)
+        print("a service exited; stopping the cluster", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        cluster.down()
+
+
+def cmd_cluster_down(args) -> int:
+    from cotune.cluster import down_detached
+
+    stopped = down_detached(args.workdir)
+    print("stopped: " + (", ".join(stopped) or "nothing was running"))
+    return 0
+
+
+# -- runs -------------------------------------------------------------------------------------------------------
+def _coordinator(args):
+    from cotune.config import TlsConfig
+    from cotune.rpc.clients import CoordinatorClient
+    from cotune.rpc.server import tls_files
+
+    address = args.coordinator or os.environ.get("COTUNE_COORDINATOR", "")
+    if not address:
+        state = Path(args.cluster_dir) / "cluster.json"
+        if state.exists():
+            address = json.loads(state.read_text())["coordinator"]["address"]
+    if not address:
+        raise SystemExit("no coordinator address: pass --coordinator HOST:PORT, set COTUNE_COORDINATOR, "
+                         f"or start a local cluster (`cotune cluster up --detach`) so {args.cluster_dir}/cluster.json exists")
+    tls = tls_files(TlsConfig(args.tls_ca, args.tls_cert, args.tls_key))
+    return CoordinatorClient(address, tls=tls, token=args.token or os.environ.get("COTUNE_TOKEN", ""))
+
+
+def _load_spec(path: str):
+    from google.protobuf import json_format
+
+    from cotune.config import load_yaml
+    from cotune.v1 import coordinator_pb2 as pb
+
+    try:
+        return json_format.ParseDict(load_yaml(path), pb.RunSpec())
+    except json_format.ParseError as exc:
+        raise SystemExit(f"{path}: invalid run spec: {exc}") from exc
+
+
+def cmd_run_start(args) -> int:
+    from cotune.watch import watch_run
+
+    client = _coordinator(args)
+    run = client.start_run(_load_spec(args.spec))
+    print(run.run_id)
+    if args.watch:
+        run = watch_run(client, run.run_id)
+        _print_run(run)
+    return 0
+
+
+def _print_run(run) -> None:
+    from cotune.report import bytes_table, markdown_table
+    from cotune.v1 import coordinator_pb2 as pb
+
+    print(f"run {run.run_id} ({run.spec.algorithm}, {run.spec.setting or 'default'}): {pb.RunState.Name(run.state)}"
+          f", round {run.current_round}/{run.spec.rounds}, step {run.current_step or '-'}")
+    if run.error:
+        print(f"error: {run.error}")
+    if run.rounds:
+        print()
+        print(markdown_table(run))
+        traffic = bytes_table(run)
+        if traffic:
+            print("\nbytes moved by the coordinator (sent / received):\n")
+            print(traffic)
+
+
+def cmd_run_watch(args) -> int:
+    from cotune.watch import watch_run
+
+    run = watch_run(_coordinator(args), args.run_id)
+    _print_run(run)
+    return 0
+
+
+def cmd_run_status(args) -> int:
+    from cotune.report import run_summary
+
+    run = _coordinator(args).get_run(args.run_id)
+    if args.json:
+        print(json.dumps(run_summary(run), indent=2))
+    else:
+        _print_run(run)
+    return 0
+
+
+def cmd_run_list(args) -> int:
+    from cotune.v1 import coordinator_pb2 as pb
+
+    for run in _coordinator(args).list_runs(args.limit):
+        print(f"{run.run_id}  {pb.RunState.Name(run.state):14s} {run.spec.algorithm:9s} round {run.current_round}/{run.spec.rounds}  {run.spec.name}")
+    return 0
+
+
+def cmd_run_cancel(args) -> int:
+    from cotune.v1 import coordinator_pb2 as pb
+
+    run = _coordinator(args).cancel_run(args.run_id)
+    print(f"{run.run_id}: {pb.RunState.Name(run.state)} (cancel requested)")
+    return 0
+
+
+def cmd_clients(args) -> int:
+    client = _coordinator(args)
+    if args.register:
+        client_id, address = args.register
+        client.register_client(client_id, address)
+    for rec in client.list_clients():
+        print(f"{rec.client.client_id:16s} {rec.client.address:22s} {rec.info.model_name} tokenizer {rec.info.tokenizer_hash[:12]}")
+    return 0
+
+
+# -- alignment --------------------------------------------------------------------------------------------------
+def cmd_align_build(args) -> int:
+    from tqdm import tqdm
+
+    from alignment.mined import build_vocab_map
+    from cotune.lm.tokenizers import load_tokenizer, tokenizer_hash
+
+    src, dst = load_tokenizer(args.src), load_tokenizer(args.dst)
+    bar = tqdm(desc="MinED", unit="tok", file=sys.stderr)
+
+    def progress(done, total):
+        bar.total = total
+        bar.n = done
+        bar.refresh()
+
+    vmap = build_vocab_map(src, dst, progress=progress)
+    bar.close()
+    vmap.src_hash, vmap.dst_hash = tokenizer_hash(src), tokenizer_hash(dst)
+    Path(args.out).write_bytes(vmap.to_bytes())
+    exact = int((vmap.distance == 0).sum())
+    print(f"wrote {args.out}: {len(vmap.ids)} source tokens, {exact} exact matches, mean distance {vmap.distance.mean():.3f}")
+    return 0
+
+
+def cmd_align_normalize(args) -> int:
+    from alignment.normalize import normalized_forms
+    from cotune.lm.tokenizers import load_tokenizer
+
+    forms = normalized_forms(load_tokenizer(args.tokenizer))
+    with open(args.out, "w") as f:
+        for i, form in enumerate(forms):
+            f.write(json.dumps({"id": i, "hex": form.hex()}) + "\n")
+    print(f"wrote {len(forms)} normalized forms to {args.out}")
+    return 0
+
+
+# -- demo -------------------------------------------------------------------------------------------------------
+def cmd_demo(args) -> int:
+    from cotune.demo import run_demo
+
+    return run_demo(preset=args.preset, algorithm=args.algorithm, rounds=args.rounds, json_path=args.json,
+                    workdir=args.workdir, setting=args.setting)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cotune", description="Federated co-tuning of a server LLM and client SLMs.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="run one service until SIGTERM")
+    p.add_argument("service", choices=["coordinator", "llm", "slm", "alignment"])
+    p.add_argument("--config", required=True, help="the service's YAML config")
+    p.add_argument("--port-file", help="write the bound port here (used by the cluster launcher)")
+    p.add_argument("-v", "--verbose", action="store_true")
+    p.set_defaults(fn=cmd_serve)
+
+    cluster = sub.add_parser("cluster", help="a local cluster of separate processes on loopback").add_subparsers(dest="action", required=True)
+    p = cluster.add_parser("up", help="start every service of a cluster config and wait for health")
+    p.add_argument("--config", required=True)
+    p.add_argument("--detach", action="store_true", help="leave the services running and return")
+    p.set_defaults(fn=cmd_cluster_up)
+    p = cluster.add_parser("down", help="stop a detached cluster")
+    p.add_argument("--workdir", default=DEFAULT_CLUSTER_DIR, help="the cluster's workdir (holds cluster.json)")
+    p.set_defaults(fn=cmd_cluster_down)
+
+    def coordinator_args(p):
+        p.add_argument("--coordinator", default="", help="HOST:PORT (default: $COTUNE_COORDINATOR or the local cluster's)")
+        p.add_argument("--cluster-dir", default=DEFAULT_CLUSTER_DIR)
+        p.add_argument("--token", default="", help="bearer token (default: $COTUNE_TOKEN)")
+        p.add_argument("--tls-ca", default="")
+        p.add_argument("--tls-cert", default="")
+        p.add_argument("--tls-key", default="")
+
+    run = sub.add_parser("run", help="start and follow runs through the coordinator").add_subparsers(dest="action", required=True)
+    p = run.add_parser("start", help="start a run from a YAML spec (fields of cotune.v1.RunSpec)")
+    p.add_argument("--spec", required=True)
+    p.add_argument("--watch", action="store_true", help="follow progress until the run ends")
+    coordinator_args(p)
+    p.set_defaults(fn=cmd_run_start)
+    for name, fn, helptext in (("watch", cmd_run_watch, "follow a run's progress"), ("status", cmd_run_status, "show a run's state and metrics"),
+                               ("cancel", cmd_run_cancel, "cancel a run")):
+        p = run.add_parser(name, help=helptext)
+        p.add_argument("run_id")
+        if name == "status":
+            p.add_argument("--json", action="store_true")
+        coordinator_args(p)
+        p.set_defaults(fn=fn)
+    p = run.add_parser("list", help="list runs")
+    p.add_argument("--limit", type=int, default=50)
+    coordinator_args(p)
+    p.set_defaults(fn=cmd_run_list)
+
+    p = sub.add_parser("clients", help="list (or register) SLM clients at the coordinator")
+    p.add_argument("--register", nargs=2, metavar=("CLIENT_ID", "ADDRESS"))
+    coordinator_args(p)
+    p.set_defaults(fn=cmd_clients)
+
+    align = sub.add_parser("align", help="token alignment tools").add_subparsers(dest="action", required=True)
+    p = align.add_parser("build", help="build a MinED vocabulary map")
+    p.add_argument("--src", required=True, help="tokenizer.json(.gz), tokenizer.model, HF dir or GGUF")
+    p.add_argument("--dst", required=True)
+    p.add_argument("--out", required=True, help="output .safetensors")
+    p.set_defaults(fn=cmd_align_build)
+    p = align.add_parser("normalize", help="write each token id's normalized bytes as hex JSONL")
+    p.add_argument("tokenizer")
+    p.add_argument("--out", required=True)
+    p.set_defaults(fn=cmd_align_normalize)
+
+    p = sub.add_parser("demo", help="run a complete demo on a local cluster")
+    p.add_argument("--preset", choices=["small", "tiny"], default="small")
+    p.add_argument("--algorithm", default="fedmkt", choices=["fedmkt"])
+    p.add_argument("--setting", default="heterogeneous", choices=["heterogeneous", "homogeneous", "one_to_one", "llm_to_slm"])
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--json", help="also write the per-round results here")
+    p.add_argument("--workdir", help="where data, models and cluster state go (default var/demo)")
+    p.set_defaults(fn=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # noqa: BLE001 - one clear line instead of a traceback for user errors
+        import grpc
+
+        from cotune.config import ConfigError
+
+        if isinstance(exc, grpc.RpcError) and hasattr(exc, "code"):
+            print(f"cotune: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 2
+        if isinstance(exc, (ConfigError, FileNotFoundError)):
+            print(f"cotune: {exc}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

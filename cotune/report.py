@@ -1,0 +1,71 @@
+"""Per-round reports of a run: JSON for machines, a markdown table for people."""
+
+from __future__ import annotations
+
+from cotune.v1 import coordinator_pb2 as pb
+
+# (metric key, column title, format)
+COLUMNS = [
+    ("train_loss_last", "train CE", "{:.3f}"),
+    ("distill_kd_before", "KD before", "{:.3f}"),
+    ("distill_kd_after", "KD after", "{:.3f}"),
+    ("public_loss", "public loss", "{:.3f}"),
+    ("public_bpb", "public bpb", "{:.3f}"),
+    ("eval_accuracy", "eval acc", "{:.3f}"),
+]
+
+
+def run_summary(run: pb.Run) -> dict:
+    rounds = []
+    for rec in sorted(run.rounds, key=lambda r: r.round):
+        rounds.append({
+            "round": rec.round,
+            "parties": {p.party_id: dict(sorted(p.metrics.items())) for p in rec.parties},
+            "bytes_sent": dict(rec.bytes_sent),
+            "bytes_received": dict(rec.bytes_received),
+            "dropped": list(rec.dropped),
+            "notes": list(rec.notes),
+        })
+    return {
+        "run_id": run.run_id,
+        "algorithm": run.spec.algorithm,
+        "setting": run.spec.setting,
+        "state": pb.RunState.Name(run.state),
+        "error": run.error,
+        "clients": list(run.spec.clients),
+        "public_set_hash": run.spec.public_set_hash,
+        "rounds": rounds,
+    }
+
+
+def _party_order(pid: str) -> tuple:
+    return (0 if pid == "llm" else 1, pid)
+
+
+def markdown_table(run: pb.Run) -> str:
+    lines = ["| round | party | " + " | ".join(title for _, title, _ in COLUMNS) + " |",
+             "|---:|---|" + "---:|" * len(COLUMNS)]
+    for rec in sorted(run.rounds, key=lambda r: r.round):
+        for party in sorted(rec.parties, key=lambda p: _party_order(p.party_id)):
+            cells = [fmt.format(party.metrics[key]) if key in party.metrics else "" for key, _, fmt in COLUMNS]
+            lines.append(f"| {rec.round} | {party.party_id} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def bytes_table(run: pb.Run) -> str:
+    kinds = sorted({k for r in run.rounds for k in list(r.bytes_sent) + list(r.bytes_received)})
+    if not kinds:
+        return ""
+    lines = ["| round | " + " | ".join(f"{k} sent / received" for k in kinds) + " |", "|---:|" + "---:|" * len(kinds)]
+    for rec in sorted(run.rounds, key=lambda r: r.round):
+        cells = [f"{_human(rec.bytes_sent.get(k, 0))} / {_human(rec.bytes_received.get(k, 0))}" for k in kinds]
+        lines.append(f"| {rec.round} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)

@@ -1,0 +1,95 @@
+import hashlib
+import os
+from concurrent import futures
+
+import grpc
+import pytest
+
+from cotune.rpc.errors import InvalidInput, Precondition
+from cotune.v1 import common_pb2, common_pb2_grpc
+from cotune.wire.blobs import CHUNK_SIZE, BlobStore, BlobStoreServicer, pull_blob, push_blob
+
+
+def test_put_and_read_is_content_addressed(tmp_path):
+    store = BlobStore(tmp_path)
+    a = store.put_bytes(b"hello", "text/plain")
+    b = store.put_bytes(b"hello")
+    assert a.sha256 == b.sha256 == hashlib.sha256(b"hello").hexdigest()
+    assert store.read_bytes(a.sha256) == b"hello"
+    assert len(list((tmp_path / "objects").rglob("*" + a.sha256))) == 1  # stored once
+
+
+def test_chunked_write_resumes_and_verifies(tmp_path):
+    store = BlobStore(tmp_path)
+    data = os.urandom(CHUNK_SIZE * 2 + 123)
+    sha = hashlib.sha256(data).hexdigest()
+    assert store.write_chunk(sha, 0, data[:CHUNK_SIZE], len(data)) is None
+    assert store.received(sha) == CHUNK_SIZE
+    with pytest.raises(Precondition, match=f"resume from {CHUNK_SIZE}"):
+        store.write_chunk(sha, 0, data[:CHUNK_SIZE], len(data))  # a replayed chunk is refused, not duplicated
+    store.write_chunk(sha, CHUNK_SIZE, data[CHUNK_SIZE : 2 * CHUNK_SIZE], len(data))
+    blob = store.write_chunk(sha, 2 * CHUNK_SIZE, data[2 * CHUNK_SIZE :], len(data))
+    assert blob is not None and store.read_bytes(sha) == data
+
+
+def test_hash_mismatch_stores_nothing(tmp_path):
+    store = BlobStore(tmp_path)
+    wrong = hashlib.sha256(b"other").hexdigest()
+    with pytest.raises(InvalidInput, match="nothing was stored"):
+        store.write_chunk(wrong, 0, b"payload", 7)
+    assert not store.has(wrong) and store.received(wrong) == 0
+
+
+def test_oversized_chunk_and_bad_ids_are_rejected(tmp_path):
+    store = BlobStore(tmp_path)
+    with pytest.raises(InvalidInput):
+        store.write_chunk("0" * 64, 0, b"x" * (CHUNK_SIZE + 1), CHUNK_SIZE + 1)
+    with pytest.raises(InvalidInput, match="sha256"):
+        store.has("../../etc/passwd")
+
+
+@pytest.fixture
+def remote_store(tmp_path):
+    store = BlobStore(tmp_path / "remote")
+    server = grpc.server(futures.ThreadPoolExecutor(4))
+    common_pb2_grpc.add_BlobStoreServicer_to_server(BlobStoreServicer(store), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    yield store, common_pb2_grpc.BlobStoreStub(channel)
+    channel.close()
+    server.stop(0)
+
+
+def test_push_and_pull_over_grpc(tmp_path, remote_store):
+    remote, stub = remote_store
+    local = BlobStore(tmp_path / "local")
+    data = os.urandom(CHUNK_SIZE * 3 + 5)
+    blob = local.put_bytes(data)
+    assert push_blob(stub, local, blob.sha256) == len(data)
+    assert push_blob(stub, local, blob.sha256) == 0  # already there: nothing resent
+    assert remote.read_bytes(blob.sha256) == data
+    other = BlobStore(tmp_path / "other")
+    assert pull_blob(stub, other, blob.sha256) == len(data)
+    assert other.read_bytes(blob.sha256) == data
+
+
+def test_push_resumes_from_confirmed_offset(tmp_path, remote_store):
+    remote, stub = remote_store
+    local = BlobStore(tmp_path / "local")
+    data = os.urandom(CHUNK_SIZE * 3)
+    blob = local.put_bytes(data)
+    remote.write_chunk(blob.sha256, 0, data[:CHUNK_SIZE], len(data))  # an earlier transfer broke after one chunk
+    assert push_blob(stub, local, blob.sha256) == 2 * CHUNK_SIZE
+    assert remote.read_bytes(blob.sha256) == data
+
+
+def test_put_blob_with_wrong_hash_is_invalid_argument(remote_store):
+    remote, stub = remote_store
+    wrong = hashlib.sha256(b"declared").hexdigest()
+    chunk = common_pb2.Chunk(sha256=wrong, offset=0, data=b"actual", total_size=6)
+    with pytest.raises(grpc.RpcError) as err:
+        stub.PutBlob(iter([chunk]), timeout=10)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert not stub.StatBlob(common_pb2.StatBlobRequest(sha256=wrong)).complete
+    assert remote.received(wrong) == 0

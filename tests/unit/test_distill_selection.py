@@ -1,0 +1,58 @@
+import numpy as np
+import pytest
+
+from cotune.distill import TeacherView, build_targets, select_teachers
+from cotune.wire.topk_types import SampleLogits
+
+
+def test_dualmince_picks_best_sender_only_when_it_beats_the_receiver():
+    own = np.array([1.0, 1.0, 1.0, 0.1])
+    teachers = np.array([[0.5, 2.0, 1.5, 0.2],
+                         [0.7, 0.9, 1.0, 0.3]])
+    assert select_teachers(own, teachers).tolist() == [0, 1, -1, -1]  # tie with own loss: no KD
+
+
+def test_fate_self_falls_back_to_self_distillation():
+    own = np.array([1.0, 0.1])
+    teachers = np.array([[0.5, 0.2]])
+    assert select_teachers(own, teachers, selection="fate_self").tolist() == [0, -2]
+
+
+def test_unknown_selection_is_rejected():
+    with pytest.raises(ValueError, match="dualmince"):
+        select_teachers(np.zeros(1), np.zeros((1, 1)), selection="best")
+
+
+def _sample(positions, ids, probs, loss):
+    return SampleLogits(positions=np.array(positions, np.int32), ids=np.array(ids, np.int32),
+                        logprobs=np.log(np.array(probs, np.float32)), loss_bpb=loss)
+
+
+class _Alignment:
+    def __init__(self, pairs):
+        self._pairs = pairs
+
+    def pairs(self, i):
+        src, dst = self._pairs[i]
+        return np.array(src, np.int32), np.array(dst, np.int32)
+
+
+def test_targets_follow_alignment_and_vocab_map():
+    teacher = _sample([3, 4, 5], [[0, 1], [2, 3], [1, 0]], [[0.6, 0.2], [0.5, 0.5], [0.7, 0.1]], loss=0.5)
+    own = _sample([2, 3], [[0, 1], [1, 0]], [[0.5, 0.5], [0.5, 0.5]], loss=1.0)
+    vocab_map = np.array([7, 7, 8, 9], np.int32)  # teacher ids 0 and 1 collapse onto receiver id 7
+    view = TeacherView("llm", [teacher], vocab_map, _Alignment({0: ([3, 5], [2, 3])}))
+    targets, summary = build_targets([own], [view])
+    t = targets[0]
+    assert t.positions.tolist() == [2, 3]
+    assert t.ids[0, 0] == 7 and t.probs[0, 0] == pytest.approx(1.0)  # 0.6 + 0.2 summed, renormalised
+    assert summary["kd_from_llm"] == 1 and summary["kd_targets"] == 1
+
+
+def test_no_kd_when_receiver_is_better_and_public_sets_must_match():
+    teacher = _sample([1], [[0]], [[0.9]], loss=2.0)
+    own = _sample([1], [[0]], [[0.9]], loss=1.0)
+    targets, summary = build_targets([own], [TeacherView("c1", [teacher])])
+    assert targets == [None] and summary["kd_none"] == 1
+    with pytest.raises(ValueError, match="public set"):
+        build_targets([own, own], [TeacherView("c1", [teacher])])

@@ -9,11 +9,14 @@ Presets:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+import yaml
 
 from cotune.cluster import ClusterConfig, LocalCluster
 from cotune.data import federated_split, load_task, require_shared_data, write_jsonl
@@ -122,6 +125,9 @@ def run_demo(*, preset: str = "small", algorithm: str = "fedmkt", rounds: int = 
     data = prepare_data(p, root)
     models = prepare_models(preset, root)
     config = cluster_config(preset, p, root, data, models)
+    config_path = root / "cluster.yaml"
+    config_path.write_text(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
+    print(f"cluster config: {config_path} (start it yourself with `cotune cluster up --config {config_path}`)", file=sys.stderr)
     print("starting local cluster (alignment, llm, 2 clients, coordinator)...", file=sys.stderr, flush=True)
     with LocalCluster(config) as cluster:
         client = CoordinatorClient(cluster.addresses()["coordinator"])

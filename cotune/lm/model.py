@@ -148,6 +148,12 @@ def convert_gguf(gguf: Path, out_dir: Path) -> Path:
         with contextlib.suppress(Exception):
             model.generation_config.save_pretrained(str(tmp))
         tok.save_pretrained(str(tmp))
+        # Record whether the model expects a leading bos (GGUF tokenizer.ggml.add_bos_token): Gemma does and is
+        # useless without it; SmolLM2 does not. load_model_tokenizer applies it.
+        tc_path = tmp / "tokenizer_config.json"
+        tc = json.loads(tc_path.read_text()) if tc_path.exists() else {}
+        tc["add_bos_token"] = bool(getattr(tok, "add_bos_token", False))
+        tc_path.write_text(json.dumps(tc, indent=2, ensure_ascii=False) + "\n")
         (tmp / _DONE_MARKER).write_text(
             json.dumps(
                 {"format": CACHE_FORMAT, "source": gguf.name, "sha256": out_dir.name.removeprefix("gguf-")},
@@ -192,7 +198,7 @@ def load_model_tokenizer(model_dir: Path):
     tok = load_tokenizer(model_dir)
     if not getattr(tok, "is_fast", False):
         raise ValueError(f"tokenizer in {model_dir} is not a fast (tokenizers-backed) tokenizer")
-    cfg = {}
+    cfg: dict = {}
     with contextlib.suppress(Exception):
         cfg = json.loads((Path(model_dir) / "config.json").read_text())
     id_to_tok = None
@@ -212,6 +218,8 @@ def load_model_tokenizer(model_dir: Path):
         tok.pad_token = tok.eos_token
     if tok.bos_token_id is None:
         tok.bos_token = tok.eos_token
+    # Whether bos is prepended is decided by the shared loader (tokenizer_config.json's add_bos_token, which
+    # convert_gguf writes from the GGUF metadata) and carried by the backend's post-processor into bundles.
     return tok
 
 

@@ -1,0 +1,99 @@
+"""Public-set top-k logits and per-sample loss (bits per byte), the payload FedMKT parties exchange."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+
+from cotune.data.example import Example
+from cotune.lm.batching import (
+    chunk_rows,
+    collate,
+    head_logits,
+    hidden_states,
+    model_device,
+    sorted_batches,
+    to_device,
+    vocab_size,
+)
+from cotune.lm.tokenizers import encode_pair
+from cotune.wire.topk_types import SampleLogits
+
+LN2 = math.log(2.0)
+
+
+def _pad_id(tokenizer) -> int:
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return int(pad if pad is not None else 0)
+
+
+def public_topk(
+    model,
+    tokenizer,
+    examples: Sequence[Example],
+    *,
+    k: int,
+    batch_size: int = 8,
+    max_length: int = 512,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[SampleLogits]:
+    """For every example (in order): top-k log-probs (full-vocabulary log_softmax) at EncodedPair.target_positions
+    only, and loss_bpb = Σ response-token CE (nats) / ln 2 / response UTF-8 bytes (inf for an empty response)."""
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    device = model_device(model)
+    pad = _pad_id(tokenizer)
+    vocab = vocab_size(model)
+    k_eff = min(k, vocab)
+    pairs = [encode_pair(tokenizer, ex.prompt, ex.response, max_length) for ex in examples]
+    results: list[SampleLogits | None] = [None] * len(pairs)
+    batches = sorted_batches([len(p.ids) for p in pairs], batch_size)
+    was_training = model.training
+    model.eval()
+    done = 0
+    try:
+        with torch.inference_mode():
+            for idx in batches:
+                bp = [pairs[i] for i in idx]
+                positions = [np.asarray(list(p.target_positions), dtype=np.int32) for p in bp]
+                n_pos = sum(len(x) for x in positions)
+                top_ids = np.zeros((n_pos, k_eff), dtype=np.int32)
+                top_lp = np.zeros((n_pos, k_eff), dtype=np.float32)
+                nll = np.zeros(n_pos, dtype=np.float64)
+                if n_pos:
+                    batch = to_device(collate(bp, pad), device)
+                    hid = hidden_states(model, batch["input_ids"], batch["attention_mask"])
+                    rows = torch.tensor(
+                        np.repeat(np.arange(len(bp)), [len(x) for x in positions]), dtype=torch.long, device=device
+                    )
+                    cols = torch.from_numpy(np.concatenate(positions).astype(np.int64)).to(device)
+                    h = hid[rows, cols]
+                    nxt = batch["input_ids"][rows, cols + 1]
+                    for sl in chunk_rows(n_pos, vocab):
+                        logp = torch.log_softmax(head_logits(model, h[sl]), dim=-1)
+                        vals, ids = torch.topk(logp, k_eff, dim=-1)
+                        top_ids[sl] = ids.to(torch.int32).cpu().numpy()
+                        top_lp[sl] = vals.cpu().numpy()
+                        nll[sl] = (-logp.gather(-1, nxt[sl, None]).squeeze(-1)).double().cpu().numpy()
+                off = 0
+                for j, i in enumerate(idx):
+                    m = len(positions[j])
+                    sl = slice(off, off + m)
+                    off += m
+                    rb = bp[j].response_bytes
+                    bpb = float(nll[sl].sum() / LN2 / rb) if rb > 0 and m > 0 else float("inf")
+                    results[i] = SampleLogits(
+                        positions=positions[j],
+                        ids=top_ids[sl].copy(),
+                        logprobs=top_lp[sl].copy(),
+                        loss_bpb=bpb,
+                    )
+                done += len(idx)
+                if progress is not None:
+                    progress(done, len(pairs))
+    finally:
+        model.train(was_training)
+    return results  # type: ignore[return-value]

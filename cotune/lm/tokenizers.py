@@ -255,7 +255,7 @@ def _load_vocab_merges(path: Path) -> PreTrainedTokenizerFast:
 
 def _load_sentencepiece(raw: bytes, where: str) -> PreTrainedTokenizerFast:
     from sentencepiece import sentencepiece_model_pb2 as pb
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers
 
     m = pb.ModelProto()
     try:
@@ -273,7 +273,7 @@ def _load_sentencepiece(raw: bytes, where: str) -> PreTrainedTokenizerFast:
     if ts.model_type == 2:  # BPE
         vocab = {piece: i for i, (piece, _, _) in enumerate(pieces)}
         skip = {piece for piece, _, kind in pieces if kind in (2, 3, 6)}
-        merges = _merges_from_ranked_vocab(vocab, skip)
+        merges = _merges_from_scored_vocab(vocab, {p: sc for p, sc, _ in pieces}, skip)
         model = models.BPE(
             vocab=vocab, merges=merges, unk_token=unk_piece, fuse_unk=True, byte_fallback=ts.byte_fallback
         )
@@ -282,16 +282,17 @@ def _load_sentencepiece(raw: bytes, where: str) -> PreTrainedTokenizerFast:
     else:
         raise TokenizerLoadError(f"{where}: SentencePiece model_type {ts.model_type} (WORD/CHAR) is not supported")
     backend = Tokenizer(model)
+    # The "legacy" Llama layout (Prepend + Replace normalizer, no pre-tokenizer) reproduces spm exactly; a
+    # Metaspace pre-tokenizer skips the dummy prefix when the text starts with a space, which spm never does.
     norms = []
     if ns.precompiled_charsmap and ns.name not in ("identity", ""):
         norms.append(normalizers.Precompiled(ns.precompiled_charsmap))
     if ns.remove_extra_whitespaces:
         norms += [normalizers.Strip(left=True, right=True), normalizers.Replace(Regex(" {2,}"), " ")]
-    if norms:
-        backend.normalizer = normalizers.Sequence(norms)
-    backend.pre_tokenizer = pre_tokenizers.Metaspace(
-        replacement="▁", prepend_scheme="first" if ns.add_dummy_prefix else "never", split=False
-    )
+    if ns.add_dummy_prefix:
+        norms.append(normalizers.Prepend("▁"))
+    norms.append(normalizers.Replace(" ", "▁"))
+    backend.normalizer = normalizers.Sequence(norms)
     dec = [decoders.Replace("▁", " ")]
     if ts.byte_fallback:
         dec += [decoders.ByteFallback()]
@@ -311,9 +312,12 @@ def _load_sentencepiece(raw: bytes, where: str) -> PreTrainedTokenizerFast:
     return _wrap(backend, roles, roles["bos"] is not None)
 
 
-def _merges_from_ranked_vocab(vocab: dict[str, int], skip: set[str]) -> list[tuple[str, str]]:
-    """BPE merges implied by a rank-ordered vocabulary (SentencePiece BPE / tiktoken): every split of a
-    token into two vocabulary tokens, ordered by the merged token's rank, then by the parts' ranks."""
+def _merges_from_scored_vocab(
+    vocab: dict[str, int], scores: dict[str, float], skip: set[str]
+) -> list[tuple[str, str]]:
+    """BPE merges implied by a SentencePiece BPE vocabulary: every split of a piece into two pieces, the
+    piece with the higher score merging first (as spm does), ties by longer parts, then by ids (the order
+    transformers uses, so the result matches the published tokenizer.json files)."""
     merges = []
     for token, rank in vocab.items():
         if token in skip or len(token) < 2:
@@ -323,10 +327,11 @@ def _merges_from_ranked_vocab(vocab: dict[str, int], skip: set[str]) -> list[tup
             left, right = token[:i], token[i:]
             lr, rr = vocab.get(left), vocab.get(right)
             if lr is not None and rr is not None and left not in skip and right not in skip:
-                local.append((rank, lr, rr, left, right))
-        merges.extend(local)
+                local.append((lr, rr, left, right))
+        local.sort()
+        merges.extend((-scores[token], -len(left), -len(right), rank, lr, rr, left, right) for lr, rr, left, right in local)
     merges.sort()
-    return [(left, right) for _, _, _, left, right in merges]
+    return [(m[-2], m[-1]) for m in merges]
 
 
 # --- tiktoken ---------------------------------------------------------------------------------------------------

@@ -77,8 +77,8 @@ _M = 1 << PROB_BITS
 _RANS_L = 1 << 16
 _MAX_CTX = 8
 _GDIRECT = 16  # level gaps below this are their own symbol; larger gaps: exponent class + mantissa bits
-_LANE_SYMBOLS = 1024  # target symbols per rANS lane
-_MAX_LANES = 8192
+_LANE_SYMBOLS = 512  # target symbols per rANS lane (each lane costs a 4-byte final state)
+_MAX_LANES = 16384
 _CHUNK = 1 << 20  # entries per chunk in the bit packer
 
 
@@ -103,22 +103,50 @@ def _n_gap_symbols(levels: int) -> int:
     return _GDIRECT + (_bitlen_int(levels) - _bitlen_int(_GDIRECT) + 1)
 
 
-def _gap_classes(g: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """gap -> (class, mantissa width, mantissa)."""
-    g = g.astype(np.int64, copy=False)
-    b = _bitlen(g)
-    big = g >= _GDIRECT
-    cls = np.where(big, b + (_GDIRECT - _bitlen_int(_GDIRECT)), g)
-    width = np.where(big, b - 1, 0)
-    mant = np.where(big, g - (np.int64(1) << np.maximum(b - 1, 0)), 0)
-    return cls, width, mant
+class _Layout:
+    """The symbol alphabet of a payload and per-symbol lookup tables.
+
+    Quantized: symbol = gap_class * RB + rank_class. Lossless: symbol = rank_class.
+    rank class c of rank R: c = bitlen(R); R = rbase[c] + (c - 1 mantissa bits).
+    gap class g of a level gap G: G < 16 -> g = G, no mantissa; else g = bitlen(G) + 11, G = gbase[g] + (bitlen - 1) bits.
+    Rank mantissas form one bit stream (every entry), gap mantissas a second one (entries with a gap >= 16 only).
+    """
+
+    def __init__(self, quantized: bool, levels: int, rb_max: int):
+        RB = rb_max + 1
+        rc = np.arange(RB, dtype=np.int64)
+        rw = np.maximum(rc - 1, 0)
+        rbase = np.where(rc >= 1, np.int64(1) << rw, 0)
+        if quantized:
+            GS = _n_gap_symbols(levels)
+            gc = np.arange(GS, dtype=np.int64)
+            direct = gc < _GDIRECT
+            gb = gc - (_GDIRECT - _bitlen_int(_GDIRECT))
+            gw = np.where(direct, 0, gb - 1)
+            gbase = np.where(direct, gc, np.int64(1) << np.maximum(gb - 1, 0))
+            g_of, r_of = np.divmod(np.arange(GS * RB, dtype=np.int64), RB)
+            self.gbase = gbase
+        else:
+            # alphabet >= 2 (the frequency normaliser needs a spare); a symbol past the last class decodes to a rank
+            # that fails validation
+            r_of = np.minimum(np.arange(max(2, RB), dtype=np.int64), RB)
+            rw = np.append(rw, 0)
+            rbase = np.append(rbase, np.int64(1) << 40)
+            g_of = np.zeros_like(r_of)
+            gw = np.zeros(1, np.int64)
+            gbase = np.zeros(1, np.int64)
+        self.RB = RB
+        self.A = r_of.size
+        self.sym_rw = rw[r_of].astype(np.uint8)
+        self.sym_gw = gw[g_of].astype(np.uint8)
+        self.sym_rbase = rbase[r_of].astype(np.int64)
+        self.sym_gbase = gbase[g_of].astype(np.int32)
 
 
-def _rank_classes(r: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    b = _bitlen(r)
-    width = np.maximum(b - 1, 0)
-    mant = np.where(b >= 1, r - (np.int64(1) << width), 0)
-    return b, width, mant
+def _class_of(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """bitlen class and mantissa (value - 2^(class-1)) of non-negative ints."""
+    c = _bitlen(values)
+    return c, np.where(c >= 1, values - (np.int64(1) << np.maximum(c - 1, 0)), 0)
 
 
 def _pos_contexts(k: int, n_ctx: int) -> np.ndarray:
@@ -132,55 +160,69 @@ def _pos_contexts(k: int, n_ctx: int) -> np.ndarray:
 
 
 def _pack_bits(values: np.ndarray, widths: np.ndarray) -> bytes:
-    """Pack values[i] (< 2^widths[i], widths <= 57) back to back. Vectorized, in chunks."""
-    values = values.astype(np.uint64, copy=False)
-    widths = widths.astype(np.int64, copy=False)
+    """Pack values[i] (< 2^widths[i], widths <= 32) back to back, LSB first. Vectorized over 32-bit words, in chunks.
+
+    Bits of different values never overlap, so a word's OR equals the sum of its contributions: per-word sums come
+    from differences of a running (uint64) sum at each word's last contributor, which is much faster than reduceat."""
+    values = values.astype(np.uint32, copy=False)
+    widths = widths.astype(np.uint32, copy=False)
     n = values.size
-    total = int(widths.sum())
-    nwords = (total + 63) // 64
-    words = np.zeros(nwords + 1, dtype=np.uint64)
-    base = 0
+    if n == 0:
+        return b""
+    total = int(widths.sum(dtype=np.int64))
+    nwords = (total + 31) // 32
+    words = np.zeros(nwords + 2, dtype=np.uint32)
+    base = 0  # bit offset of the chunk
     for s in range(0, n, _CHUNK):
         w = widths[s : s + _CHUNK]
         v = values[s : s + _CHUNK]
-        off = np.cumsum(w) - w + base
-        base += int(w.sum())
-        nz = w > 0
-        if not nz.all():
-            off, v = off[nz], v[nz]
-        if off.size == 0:
-            continue
-        idx = off >> 6
-        sh = (off & 63).astype(np.uint64)
+        wb, rem = divmod(base, 32)
+        off = np.cumsum(w, dtype=np.uint32)
+        base += int(off[-1])
+        off -= w
+        off += np.uint32(rem)
+        idx = off >> np.uint32(5)
+        sh = off & np.uint32(31)
         lo = v << sh
-        hi = (v >> np.uint64(1)) >> (np.uint64(63) - sh)
-        starts = np.flatnonzero(np.concatenate(([True], idx[1:] != idx[:-1])))
-        widx = idx[starts]
-        words[widx] |= np.bitwise_or.reduceat(lo, starts)
-        words[widx + 1] |= np.bitwise_or.reduceat(hi, starts)
-    return words[:nwords].astype("<u8").tobytes()[: (total + 7) // 8]
+        hi = (v >> np.uint32(1)) >> (np.uint32(31) - sh)
+        ends = np.flatnonzero(idx[1:] != idx[:-1])
+        ends = np.append(ends, idx.size - 1)
+        widx = idx[ends].astype(np.int64) + wb
+        for part, shift in ((lo, 0), (hi, 1)):
+            g = np.cumsum(part, dtype=np.uint64)[ends]
+            g[1:] -= g[:-1]
+            words[widx + shift] |= g.astype(np.uint32)
+    return words[:nwords].astype("<u4").tobytes()[: (total + 7) // 8]
 
 
 def _unpack_bits(data: bytes | memoryview, widths: np.ndarray) -> np.ndarray:
-    """Inverse of _pack_bits; the caller has checked len(data) == ceil(sum(widths) / 8)."""
-    widths = widths.astype(np.int64, copy=False)
+    """Inverse of _pack_bits (uint32 values); the caller has checked len(data) == ceil(sum(widths) / 8)."""
+    widths = widths.astype(np.uint32, copy=False)
     n = widths.size
+    if n == 0:
+        return np.zeros(0, dtype=np.uint32)
     nbytes = len(data)
-    nwords = (nbytes + 7) // 8
-    buf = np.zeros((nwords + 2) * 8, dtype=np.uint8)
+    nwords = (nbytes + 3) // 4
+    buf = np.zeros((nwords + 2) * 4, dtype=np.uint8)
     buf[:nbytes] = np.frombuffer(data, dtype=np.uint8)
-    words = buf.view("<u8").astype(np.uint64, copy=False)
-    out = np.zeros(n, dtype=np.uint64)
+    words = buf.view("<u4")
+    out = np.empty(n, dtype=np.uint32)
     base = 0
+    one = np.uint32(1)
     for s in range(0, n, _CHUNK):
         w = widths[s : s + _CHUNK]
-        off = np.cumsum(w) - w + base
-        base += int(w.sum())
-        idx = off >> 6
-        sh = (off & 63).astype(np.uint64)
-        v = (words[idx] >> sh) | ((words[idx + 1] << np.uint64(1)) << (np.uint64(63) - sh))
-        mask = (np.uint64(1) << w.astype(np.uint64)) - np.uint64(1)
-        out[s : s + _CHUNK] = v & mask
+        wb, rem = divmod(base, 32)
+        off = np.cumsum(w, dtype=np.uint32)
+        base += int(off[-1])
+        off -= w
+        off += np.uint32(rem)
+        idx = (off >> np.uint32(5)).astype(np.int64)
+        idx += wb
+        sh = off & np.uint32(31)
+        v = words[idx] >> sh
+        v |= (words[idx + 1] << one) << (np.uint32(31) - sh)
+        v &= (one << w) - one
+        out[s : s + _CHUNK] = v
     return out
 
 
@@ -190,18 +232,22 @@ def _unpack_bits(data: bytes | memoryview, widths: np.ndarray) -> np.ndarray:
 
 
 def _normalize_freqs(counts: np.ndarray) -> np.ndarray:
-    """counts [C, A] -> frequencies [C, A] summing to 2^PROB_BITS per context, >= 1 where count > 0."""
+    """counts [C, A] -> frequencies [C, A] summing to 2^PROB_BITS per context, each in [0, 2^PROB_BITS - 1] and
+    >= 1 where count > 0. (No frequency reaches 2^PROB_BITS, so every coder quantity fits in uint32; a context with a
+    single symbol gives 1 to a neighbouring symbol, costing 4e-5 bits per symbol.)"""
     counts = counts.astype(np.int64)
     C, A = counts.shape
     freq = np.zeros((C, A), dtype=np.int64)
     for c in range(C):
         cnt = counts[c]
         tot = int(cnt.sum())
-        if tot == 0:
-            freq[c, 0] = _M
-            continue
         present = cnt > 0
         npres = int(present.sum())
+        if npres <= 1:
+            top = int(np.argmax(cnt)) if tot else 0
+            freq[c, top] = _M - 1
+            freq[c, (top + 1) % A] = 1
+            continue
         f = np.where(present, (cnt * (_M - npres)) // tot + 1, 0)
         f[int(np.argmax(cnt))] += _M - int(f.sum())
         freq[c] = f
@@ -222,42 +268,45 @@ def _rans_lanes(n: int) -> int:
 
 
 def _rans_encode(tab_idx: np.ndarray, freq: np.ndarray) -> tuple[bytes, int]:
-    """Encode symbols given as flat indices into freq [C, A] (ctx * A + sym). Returns (stream, lanes)."""
+    """Encode symbols given as flat indices into freq [C, A] (ctx * A + sym). Returns (stream, lanes).
+
+    Symbol i is coded by lane i % lanes at step i // lanes; lanes run in lockstep (one numpy op per step for all)."""
     n = tab_idx.size
     lanes = _rans_lanes(n)
-    f_flat = freq.ravel().astype(np.uint32)
+    f = freq.ravel().astype(np.uint32)
     cum = (np.cumsum(freq, axis=1) - freq).ravel().astype(np.uint32)
-    f_all = f_flat[tab_idx]
-    c_all = cum[tab_idx]
-    xmax_all = f_all.astype(np.uint64) << np.uint64(32 - PROB_BITS)  # ((L >> PB) << 16) * f
-    fdiv_all = f_all.astype(np.float64)
+    fc_tab = (f << np.uint32(16)) | cum
+    # floor(x / f) as float64 x * (1/f) + eps: exact for x < 2^32, f < 2^15 (error < 2^-20 < eps < 1/f - 2^-20)
+    rcp_tab = 1.0 / np.maximum(f, 1).astype(np.float64)
     x = np.full(lanes, _RANS_L, dtype=np.uint32)
     steps = (n + lanes - 1) // lanes
     emitted: list[np.ndarray] = []
     pb = np.uint32(PROB_BITS)
-    sixteen = np.uint32(16)
+    xshift = np.uint32(32 - PROB_BITS)  # x_max = ((L >> PB) << 16) * f = f << (32 - PB) < 2^32 since f < 2^PB
+    low16 = np.uint32(0xFFFF)
+    eps = 2.0**-18
     for i in range(steps - 1, -1, -1):
         a = i * lanes
         b = min(a + lanes, n)
-        r = b - a
-        xs = x[:r]
-        m = xs >= xmax_all[a:b]
-        if m.any():
-            emitted.append((xs[m] & np.uint32(0xFFFF)).astype(np.uint16))
-            xs >>= m.astype(np.uint32) * sixteen
-        else:
-            emitted.append(np.empty(0, dtype=np.uint16))
-        q = np.floor(xs / fdiv_all[a:b]).astype(np.uint32)
-        xs -= q * f_all[a:b]
-        xs += (q << pb) + c_all[a:b]
+        xs = x[: b - a]
+        ti = tab_idx[a:b]
+        fc = fc_tab[ti]
+        fs = fc >> np.uint32(16)
+        m = xs >= (fs << xshift)
+        words = xs[m]
+        if words.size:
+            emitted.append((words & low16).astype(np.uint16))
+            xs[m] = words >> np.uint32(16)
+        q = (xs * rcp_tab[ti] + eps).astype(np.uint32)
+        xs -= q * fs
+        xs += (q << pb) + (fc & low16)
     emitted.reverse()
     words = np.concatenate(emitted) if emitted else np.empty(0, dtype=np.uint16)
     return x.astype("<u4").tobytes() + words.astype("<u2").tobytes(), lanes
 
 
-def _rans_decode(stream: bytes | memoryview, lanes: int, ctx_of_entry: np.ndarray, freq: np.ndarray) -> np.ndarray:
-    """Decode len(ctx_of_entry) symbols; ctx_of_entry[i] is the (known) context of symbol i."""
-    n = ctx_of_entry.size
+def _rans_decode(stream: bytes | memoryview, lanes: int, ctx_row: np.ndarray, n: int, freq: np.ndarray) -> np.ndarray:
+    """Decode n symbols; symbol i has context ctx_row[i % len(ctx_row)]. Returns int32 symbols."""
     C, A = freq.shape
     if len(stream) < 4 * lanes or (len(stream) - 4 * lanes) % 2:
         raise CodecError("entropy-coded section is truncated or misaligned")
@@ -265,38 +314,45 @@ def _rans_decode(stream: bytes | memoryview, lanes: int, ctx_of_entry: np.ndarra
     words = np.frombuffer(stream, dtype="<u2", offset=4 * lanes).astype(np.uint32)
     if np.any(x < _RANS_L):
         raise CodecError("entropy-coded section is corrupted (bad initial coder state)")
-    f_flat = freq.ravel().astype(np.uint32)
-    cum2 = np.cumsum(freq, axis=1)
-    cum = (cum2 - freq).ravel().astype(np.uint32)
-    # slot -> symbol table per context
-    slot_sym = np.empty((C, _M), dtype=np.int32)
+    # per (context, slot): the symbol, and (freq << 16 | slot - cum) so that x' = freq * (x >> PB) + (slot - cum)
+    cum = np.cumsum(freq, axis=1) - freq
+    sym_tab = np.empty((C, _M), dtype=np.int32)
+    fb_tab = np.empty((C, _M), dtype=np.uint32)
+    slots = np.arange(_M, dtype=np.int64)
     for c in range(C):
-        slot_sym[c] = np.repeat(np.arange(A, dtype=np.int32), freq[c])
-    slot_sym = slot_sym.ravel()
-    ctx_base = ctx_of_entry.astype(np.int64) * _M
-    ctx_a = ctx_of_entry.astype(np.int64) * A
+        s = np.repeat(np.arange(A, dtype=np.int32), freq[c])
+        sym_tab[c] = s
+        fb_tab[c] = (freq[c][s] << 16) | (slots - cum[c][s])
+    sym_tab = sym_tab.ravel()
+    fb_tab = fb_tab.ravel()
+    k = ctx_row.size
+    # context base offset of every symbol, as a repeating pattern (uint32, period k)
+    reps = (n + k - 1) // k
+    cbase = np.tile(ctx_row.astype(np.uint32) * np.uint32(_M), reps)[:n]
     out = np.empty(n, dtype=np.int32)
     steps = (n + lanes - 1) // lanes
     pos = 0
     nwords = words.size
     mask_m = np.uint32(_M - 1)
     pb = np.uint32(PROB_BITS)
+    low16 = np.uint32(0xFFFF)
     for i in range(steps):
         a = i * lanes
         b = min(a + lanes, n)
-        r = b - a
-        xs = x[:r]
-        slot = xs & mask_m
-        s = slot_sym[ctx_base[a:b] + slot]
-        fi = ctx_a[a:b] + s
-        xs[:] = f_flat[fi] * (xs >> pb) + slot - cum[fi]
-        out[a:b] = s
+        xs = x[: b - a]
+        j = cbase[a:b] + (xs & mask_m)
+        out[a:b] = sym_tab[j]
+        fb = fb_tab[j]
+        xs >>= pb
+        xs *= fb >> np.uint32(16)
+        xs += fb & low16
         m = xs < _RANS_L
-        cnt = int(np.count_nonzero(m))
-        if cnt:
+        low = xs[m]
+        if low.size:
+            cnt = low.size
             if pos + cnt > nwords:
                 raise CodecError("entropy-coded section is truncated or corrupted (ran out of words)")
-            xs[m] = (xs[m] << np.uint32(16)) | words[pos : pos + cnt]
+            xs[m] = (low << np.uint32(16)) | words[pos : pos + cnt]
             pos += cnt
     if pos != nwords or np.any(x != _RANS_L):
         raise CodecError("entropy-coded section is corrupted (coder did not end in its initial state)")
@@ -329,25 +385,28 @@ def _parse_tables(sec: bytes | memoryview, expected_alphabet: int, n: int) -> tu
     if len(raw) != want or not d.eof or d.unused_data or d.unconsumed_tail:
         raise CodecError("frequency tables have the wrong size or trailing bytes")
     freq = np.frombuffer(raw, dtype="<u2").astype(np.int64).reshape(C, A)
-    if np.any(freq.sum(axis=1) != _M):
+    if np.any(freq.sum(axis=1) != _M) or np.any(freq >= _M):
         raise CodecError("frequency tables are corrupted (a context does not sum to 2^PROB_BITS)")
     return freq, lanes
 
 
-def _choose_contexts(tab_sym: np.ndarray, k: int, A: int) -> tuple[int, np.ndarray]:
-    """Pick the number of position contexts (1 or the full set) that gives the smaller estimated output."""
-    n = tab_sym.size
+def _choose_contexts(sym: np.ndarray, n: int, k: int, A: int) -> tuple[int, np.ndarray, np.ndarray]:
+    """Pick 1 or the full set of position contexts, whichever gives the smaller estimated output.
+    Returns (C, freq [C, A], flat table index ctx * A + sym per entry)."""
     full = min(_MAX_CTX, _bitlen_int(max(k - 1, 0)) + 1)
+    ctx_full = np.tile(_pos_contexts(k, full).astype(np.int32) * np.int32(A), n)
+    counts_full = np.bincount(ctx_full + sym, minlength=full * A).reshape(full, A)
     best = None
-    for C in sorted({1, full}):
-        ctx_row = _pos_contexts(k, C)
-        counts = np.bincount((np.tile(ctx_row, n // k) * A + tab_sym), minlength=C * A).reshape(C, A)
+    for C, counts in ((1, counts_full.sum(axis=0, keepdims=True)), (full, counts_full)):
         freq = _normalize_freqs(counts)
         est = _entropy_bits(counts) / 8 + len(zlib.compress(freq.astype("<u2").tobytes(), 9))
         if best is None or est < best[0]:
             best = (est, C, freq)
+        if full == 1:
+            break
     assert best is not None
-    return best[1], best[2]
+    C, freq = best[1], best[2]
+    return C, freq, (ctx_full + sym if C == full else sym)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -416,24 +475,32 @@ def encode_topk(ids, logprobs, vocab_size: int, *, bits: int = 8, lossless: bool
     if n == 0:
         return _assemble(codec, bits, 0, k, V, 0, 0, b"", b"", b"", b"", b"")
 
-    logmass = _row_logmass(lp)
+    if lossless:
+        logmass = _row_logmass(lp)
+    else:
+        # descending order by log-probability (stable); the common case is already sorted
+        if k > 1 and not np.all(lp[:, 1:] <= lp[:, :-1]):
+            order = np.argsort(-lp, axis=1, kind="stable")
+            lp = np.take_along_axis(lp, order, axis=1)
+            ids = np.take_along_axis(ids, order, axis=1)
+        # s = sqrt(p / p_max); sum(s^2) gives the row's top-k mass relative to its max
+        s = lp - lp[:, :1]
+        s *= np.float32(0.5)
+        np.exp(s, out=s)
+        logmass = lp[:, 0].astype(np.float64) + np.log(np.einsum("ij,ij->i", s, s, dtype=np.float64))
     if np.any(logmass > np.log1p(SUM_TOL)):
         row = int(np.argmax(logmass))
         raise ValueError(
             f"row {row}: probabilities sum to {np.exp(logmass[row]):.4g} > 1; logprobs must be log-probabilities "
             "(log_softmax over the full vocabulary), not logits"
         )
-
     if not lossless:
-        # descending order by log-probability (stable), the common case is already sorted
-        if k > 1 and not np.all(lp[:, 1:] <= lp[:, :-1]):
-            order = np.argsort(-lp, axis=1, kind="stable")
-            lp = np.take_along_axis(lp, order, axis=1)
-            ids = np.take_along_axis(ids, order, axis=1)
         t = np.maximum(-logmass, 0.0)
         if np.any(t > 65504.0):
             raise ValueError("a row's top-k mass is below exp(-65504); not representable")
         t16 = t.astype(np.float16)
+        s *= np.float32((1 << bits) - 1)
+        np.rint(s, out=s)
     flat_ids = ids.ravel()
 
     # --- ids: payload-frequency ranks, or raw ids, whichever is estimated smaller
@@ -447,54 +514,50 @@ def encode_topk(ids, logprobs, vocab_size: int, *, bits: int = 8, lossless: bool
 
     def _cost(cnts: np.ndarray, b: np.ndarray) -> float:
         hist = np.bincount(b, weights=cnts)
-        tot = hist.sum()
-        p = hist[hist > 0] / tot
+        p = hist[hist > 0] / hist.sum()
         return float(-(hist[hist > 0] * np.log2(p)).sum() + (cnts * np.maximum(b - 1, 0)).sum())
 
     use_dict = _cost(sorted_counts, ranks_b) + n_dict * wv < _cost(counts.astype(np.float64), raw_b)
     if use_dict:
-        rank_of = np.empty(V, dtype=np.int32)
-        rank_of[order] = np.arange(V, dtype=np.int32)
-        R = rank_of[flat_ids]
-        dict_ids = order[:n_dict]
-        dict_sec = _pack_bits(dict_ids.astype(np.uint64), np.full(n_dict, wv, dtype=np.int64))
+        rank_of = np.empty(V, dtype=np.int64)
+        rank_of[order] = np.arange(V, dtype=np.int64)
+        dict_sec = _pack_bits(order[:n_dict].astype(np.uint64), np.full(n_dict, wv, dtype=np.int64))
         rb_max = _bitlen_int(n_dict - 1)
     else:
-        R = flat_ids
+        rank_of = np.arange(V, dtype=np.int64)
         dict_sec = b""
         n_dict = 0
         rb_max = _bitlen_int(V - 1)
-    RB = rb_max + 1
-    rcls, rw, rm = _rank_classes(R)
+    rc_of_id, rm_of_id = _class_of(rank_of)
+    packed = ((rm_of_id << 5) | rc_of_id).astype(np.uint32)[flat_ids]  # one gather: mantissa << 5 | class
+    rcls = (packed & np.uint32(31)).astype(np.int32)
+    rmant = packed >> np.uint32(5)
 
     # --- log-probabilities
     if lossless:
-        A = RB
+        lay = _Layout(False, 0, rb_max)
         sym = rcls
-        widths = rw
-        mant = rm
         vals = lp.astype("<f4").tobytes() + _lossless_missing(lp).astype("<f4").tobytes()
+        gap_sec = b""
     else:
         L = (1 << bits) - 1
-        r = lp - lp[:, :1]
-        q = np.rint(np.exp(0.5 * r) * np.float32(L)).astype(np.int64)
-        q[:, 0] = L
+        lay = _Layout(True, L, rb_max)
+        q = s.astype(np.int32).reshape(n, k)  # s: rint(L * sqrt(p / p_max)), computed above
         gaps = np.empty_like(q)
         gaps[:, 0] = 0
         np.subtract(q[:, :-1], q[:, 1:], out=gaps[:, 1:])
-        gcls, gw, gm = _gap_classes(gaps.ravel())
-        GS = _n_gap_symbols(L)
-        A = GS * RB
-        sym = gcls * RB + rcls
-        widths = gw + rw
-        mant = (gm << rw) | rm
+        gaps = gaps.ravel()
+        g_all = np.arange(L + 1, dtype=np.int64)
+        gc_of_gap = np.where(g_all < _GDIRECT, g_all, _bitlen(g_all) + (_GDIRECT - _bitlen_int(_GDIRECT)))
+        sym = gc_of_gap.astype(np.int32)[gaps] * np.int32(lay.RB) + rcls
+        big = np.flatnonzero(gaps >= _GDIRECT)
+        gap_sec = _pack_bits(gaps[big] - lay.gbase[gc_of_gap[gaps[big]]], lay.sym_gw[sym[big]])
         vals = t16.astype("<f2").tobytes()
 
-    C, freq = _choose_contexts(sym, k, A)
-    ctx = np.tile(_pos_contexts(k, C), n)
-    rans, lanes = _rans_encode(ctx * A + sym, freq)
+    C, freq, tab_idx = _choose_contexts(sym, n, k, lay.A)
+    rans, lanes = _rans_encode(tab_idx, freq)
     tables = _tables_bytes(freq, lanes)
-    mant_sec = _pack_bits(mant, widths)
+    mant_sec = _pack_bits(rmant, lay.sym_rw[sym]) + gap_sec
     return _assemble(codec, bits, n, k, V, n_dict, FLAG_DICT if use_dict else 0, dict_sec, tables, rans, mant_sec, vals)
 
 
@@ -607,42 +670,31 @@ def decode_topk(data: bytes, *, max_rows: int | None = None) -> tuple[np.ndarray
         dict_ids = None
         rb_max = _bitlen_int(V - 1)
         r_limit = V
-    RB = rb_max + 1
-
     if codec == CODEC_QUANTIZED:
         L = (1 << bits) - 1
-        GS = _n_gap_symbols(L)
-        A = GS * RB
+        lay = _Layout(True, L, rb_max)
         if l_vals != 2 * n:
             raise CodecError(f"missing-mass section is {l_vals} bytes, expected {2 * n}")
     else:
-        A = RB
+        lay = _Layout(False, 0, rb_max)
         if l_vals != 4 * nk + 4 * n:
             raise CodecError(f"value section is {l_vals} bytes, expected {4 * nk + 4 * n}")
 
-    freq, lanes = _parse_tables(s_tab, A, nk)
-    C = freq.shape[0]
-    ctx = np.tile(_pos_contexts(k, C), n)
-    sym = _rans_decode(s_rans, lanes, ctx, freq).astype(np.int64)
+    freq, lanes = _parse_tables(s_tab, lay.A, nk)
+    sym = _rans_decode(s_rans, lanes, _pos_contexts(k, freq.shape[0]), nk, freq)
 
-    if codec == CODEC_QUANTIZED:
-        gcls = sym // RB
-        rcls = sym - gcls * RB
-        gb = gcls - (_GDIRECT - _bitlen_int(_GDIRECT))  # bit length for escaped gaps
-        big = gcls >= _GDIRECT
-        gw = np.where(big, gb - 1, 0)
-    else:
-        rcls = sym
-        gw = None
-    rw = np.maximum(rcls - 1, 0)
-    widths = rw if gw is None else gw + rw
-    nbits = int(widths.sum())
-    if l_mant != (nbits + 7) // 8:
-        raise CodecError(f"mantissa section is {l_mant} bytes, the coded symbols need {(nbits + 7) // 8}")
-    _check_zero_padding(s_mant, nbits, "mantissa")
-    mant = _unpack_bits(s_mant, widths).astype(np.int64)
-    rm = mant & ((np.int64(1) << rw) - 1)
-    R = np.where(rcls >= 1, (np.int64(1) << rw) + rm, 0)
+    rw = lay.sym_rw[sym]
+    gw = lay.sym_gw[sym]
+    nbits_r = int(rw.sum(dtype=np.int64))
+    big = np.flatnonzero(gw)
+    gw_big = gw[big]
+    nbits_g = int(gw_big.sum(dtype=np.int64))
+    len_r, len_g = (nbits_r + 7) // 8, (nbits_g + 7) // 8
+    if l_mant != len_r + len_g:
+        raise CodecError(f"mantissa section is {l_mant} bytes, the coded symbols need {len_r + len_g}")
+    _check_zero_padding(s_mant[:len_r], nbits_r, "rank mantissa")
+    _check_zero_padding(s_mant[len_r:], nbits_g, "gap mantissa")
+    R = lay.sym_rbase[sym] + _unpack_bits(s_mant[:len_r], rw)
     if int(R.max()) >= r_limit:
         raise CodecError(f"a coded token rank/id {int(R.max())} is out of range (limit {r_limit})")
     ids = (dict_ids[R] if dict_ids is not None else R).astype(np.int32).reshape(n, k)
@@ -666,13 +718,16 @@ def decode_topk(data: bytes, *, max_rows: int | None = None) -> tuple[np.ndarray
         return ids, lp, mm
 
     # quantized
-    gm = mant >> rw
-    gaps = np.where(big, (np.int64(1) << np.maximum(gb - 1, 0)) + gm, gcls).reshape(n, k)
+    gaps = lay.sym_gbase[sym]
+    if big.size:
+        gaps[big] += _unpack_bits(s_mant[len_r:], gw_big).astype(np.int32)
+    gaps = gaps.reshape(n, k)
     if np.any(gaps[:, 0] != 0):
         raise CodecError("first level gap of a row is not zero")
-    q = L - np.cumsum(gaps, axis=1)
-    if int(q.min()) < 0:
+    q = np.cumsum(gaps, axis=1, dtype=np.int32 if k * L < 2**31 else np.int64)
+    if int(q[:, -1].max()) > L:
         raise CodecError("quantized levels underflow (corrupted gaps)")
+    np.subtract(q.dtype.type(L), q, out=q)
     t = np.frombuffer(s_vals, dtype="<f2", count=n).astype(np.float64)
     if not np.isfinite(t).all() or np.any(t < 0):
         raise CodecError("stored top-k mass is not a finite value <= 1")

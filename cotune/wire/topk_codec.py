@@ -149,6 +149,50 @@ def _class_of(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return c, np.where(c >= 1, values - (np.int64(1) << np.maximum(c - 1, 0)), 0)
 
 
+def _class_ranges(n_dict: int) -> list[tuple[int, int]]:
+    """Rank ranges of the rank classes: class 0 = [0, 1), class c >= 1 = [2^(c-1), 2^c), cut at n_dict."""
+    out = [(0, min(1, n_dict))]
+    c = 1
+    while (1 << (c - 1)) < n_dict:
+        out.append((1 << (c - 1), min(1 << c, n_dict)))
+        c += 1
+    return out
+
+
+def _ef_params(s: int, V: int) -> tuple[int, int, int, int]:
+    """Elias-Fano layout of s sorted values in [0, V): (low bits l, high bit-vector length, low bytes, high bytes)."""
+    low = max(0, _bitlen_int(V // s) - 1)
+    nbits_high = ((V - 1) >> low) + s
+    return low, nbits_high, (s * low + 7) // 8, (nbits_high + 7) // 8
+
+
+def _ef_encode(vals: np.ndarray, V: int) -> bytes:
+    s = vals.size
+    low, nbh, _, _ = _ef_params(s, V)
+    vals = vals.astype(np.int64)
+    lo = _pack_bits(vals & ((1 << low) - 1), np.full(s, low, dtype=np.uint32)) if low else b""
+    bits = np.zeros(nbh, dtype=np.uint8)
+    bits[(vals >> low) + np.arange(s)] = 1
+    return lo + np.packbits(bits, bitorder="little").tobytes()
+
+
+def _ef_decode(buf: memoryview, s: int, V: int) -> np.ndarray:
+    low, nbh, lb, hb = _ef_params(s, V)
+    _check_zero_padding(buf[:lb], s * low, "dictionary")
+    lo = _unpack_bits(buf[:lb], np.full(s, low, dtype=np.uint32)).astype(np.int64) if low else np.zeros(s, np.int64)
+    pos = np.flatnonzero(np.unpackbits(np.frombuffer(buf[lb : lb + hb], dtype=np.uint8), bitorder="little"))
+    if pos.size != s or (s and int(pos[-1]) >= nbh):
+        raise CodecError("dictionary section is corrupted (Elias-Fano bit vector)")
+    vals = ((pos - np.arange(s)) << low) | lo
+    if s and (int(vals[-1]) >= V or np.any(np.diff(vals) <= 0)):
+        raise CodecError("dictionary section is corrupted (ids not increasing within a class, or >= vocab_size)")
+    return vals
+
+
+def _dict_nbytes(n_dict: int, V: int) -> int:
+    return sum(sum(_ef_params(b - a, V)[2:]) for a, b in _class_ranges(n_dict))
+
+
 def _pos_contexts(k: int, n_ctx: int) -> np.ndarray:
     """Context of each position in a row: min(bitlen(j), n_ctx - 1)."""
     return np.minimum(_bitlen(np.arange(k)), n_ctx - 1).astype(np.int64)
@@ -507,7 +551,6 @@ def encode_topk(ids, logprobs, vocab_size: int, *, bits: int = 8, lossless: bool
     counts = np.bincount(flat_ids, minlength=V)
     order = np.argsort(-counts, kind="stable")
     n_dict = int(np.count_nonzero(counts))
-    wv = _bitlen_int(V - 1)
     sorted_counts = counts[order[:n_dict]].astype(np.float64)
     ranks_b = _bitlen(np.arange(n_dict))
     raw_b = _bitlen(np.arange(V))
@@ -517,11 +560,19 @@ def encode_topk(ids, logprobs, vocab_size: int, *, bits: int = 8, lossless: bool
         p = hist[hist > 0] / hist.sum()
         return float(-(hist[hist > 0] * np.log2(p)).sum() + (cnts * np.maximum(b - 1, 0)).sum())
 
-    use_dict = _cost(sorted_counts, ranks_b) + n_dict * wv < _cost(counts.astype(np.float64), raw_b)
+    use_dict = _cost(sorted_counts, ranks_b) + 8 * _dict_nbytes(n_dict, V) < _cost(counts.astype(np.float64), raw_b)
     if use_dict:
-        rank_of = np.empty(V, dtype=np.int64)
-        rank_of[order] = np.arange(V, dtype=np.int64)
-        dict_sec = _pack_bits(order[:n_dict].astype(np.uint64), np.full(n_dict, wv, dtype=np.int64))
+        # Ranks by descending frequency decide each id's rank class; within a class, ranks follow ascending id (the
+        # mantissa is coded uniformly, so this costs nothing) and the class's ids travel as one Elias-Fano list.
+        parts, blocks = [], []
+        for a, b in _class_ranges(n_dict):
+            part = np.sort(order[a:b])
+            parts.append(part)
+            blocks.append(_ef_encode(part, V))
+        dict_ids = np.concatenate(parts)
+        dict_sec = b"".join(blocks)
+        rank_of = np.zeros(V, dtype=np.int64)
+        rank_of[dict_ids] = np.arange(n_dict, dtype=np.int64)
         rb_max = _bitlen_int(n_dict - 1)
     else:
         rank_of = np.arange(V, dtype=np.int64)
@@ -649,16 +700,17 @@ def decode_topk(data: bytes, *, max_rows: int | None = None) -> tuple[np.ndarray
     nk = n * k
 
     # dictionary
-    wv = _bitlen_int(V - 1)
     if flags & FLAG_DICT:
         if not 1 <= n_dict <= min(V, nk):
             raise CodecError(f"dictionary size {n_dict} out of range [1, {min(V, nk)}]")
-        if l_dict != (n_dict * wv + 7) // 8:
-            raise CodecError(f"dictionary section is {l_dict} bytes, expected {(n_dict * wv + 7) // 8}")
-        dict_ids = _unpack_bits(s_dict, np.full(n_dict, wv, dtype=np.int64)).astype(np.int64)
-        _check_zero_padding(s_dict, n_dict * wv, "dictionary")
-        if dict_ids.size and int(dict_ids.max()) >= V:
-            raise CodecError(f"dictionary holds id {int(dict_ids.max())} >= vocab_size {V}")
+        if l_dict != _dict_nbytes(n_dict, V):
+            raise CodecError(f"dictionary section is {l_dict} bytes, expected {_dict_nbytes(n_dict, V)}")
+        parts, off = [], 0
+        for a, b in _class_ranges(n_dict):
+            nbytes = sum(_ef_params(b - a, V)[2:])
+            parts.append(_ef_decode(s_dict[off : off + nbytes], b - a, V))
+            off += nbytes
+        dict_ids = np.concatenate(parts)
         srt = np.sort(dict_ids)
         if np.any(srt[1:] == srt[:-1]):
             raise CodecError("dictionary repeats a token id")

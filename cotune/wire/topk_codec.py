@@ -206,8 +206,9 @@ def _pos_contexts(k: int, n_ctx: int) -> np.ndarray:
 def _pack_bits(values: np.ndarray, widths: np.ndarray) -> bytes:
     """Pack values[i] (< 2^widths[i], widths <= 32) back to back, LSB first. Vectorized over 32-bit words, in chunks.
 
-    Bits of different values never overlap, so a word's OR equals the sum of its contributions: per-word sums come
-    from differences of a running (uint64) sum at each word's last contributor, which is much faster than reduceat."""
+    Bits of different values never overlap, so a word's OR equals the sum of its contributions (< 2^32): per-word
+    sums are differences of a running uint32 sum (mod 2^32, exact) at each word's last contributor, which is several
+    times faster than ufunc.reduceat."""
     values = values.astype(np.uint32, copy=False)
     widths = widths.astype(np.uint32, copy=False)
     n = values.size
@@ -233,9 +234,9 @@ def _pack_bits(values: np.ndarray, widths: np.ndarray) -> bytes:
         ends = np.append(ends, idx.size - 1)
         widx = idx[ends].astype(np.int64) + wb
         for part, shift in ((lo, 0), (hi, 1)):
-            g = np.cumsum(part, dtype=np.uint64)[ends]
+            g = np.cumsum(part, dtype=np.uint32)[ends]  # wraps mod 2^32; the differences are exact word sums
             g[1:] -= g[:-1]
-            words[widx + shift] |= g.astype(np.uint32)
+            words[widx + shift] |= g
     return words[:nwords].astype("<u4").tobytes()[: (total + 7) // 8]
 
 
@@ -319,31 +320,32 @@ def _rans_encode(tab_idx: np.ndarray, freq: np.ndarray) -> tuple[bytes, int]:
     lanes = _rans_lanes(n)
     f = freq.ravel().astype(np.uint32)
     cum = (np.cumsum(freq, axis=1) - freq).ravel().astype(np.uint32)
-    fc_tab = (f << np.uint32(16)) | cum
     # floor(x / f) as float64 x * (1/f) + eps: exact for x < 2^32, f < 2^15 (error < 2^-20 < eps < 1/f - 2^-20)
     rcp_tab = 1.0 / np.maximum(f, 1).astype(np.float64)
     x = np.full(lanes, _RANS_L, dtype=np.uint32)
     steps = (n + lanes - 1) // lanes
     emitted: list[np.ndarray] = []
-    pb = np.uint32(PROB_BITS)
-    xshift = np.uint32(32 - PROB_BITS)  # x_max = ((L >> PB) << 16) * f = f << (32 - PB) < 2^32 since f < 2^PB
-    low16 = np.uint32(0xFFFF)
+    xmax_tab = f << np.uint32(32 - PROB_BITS)  # ((L >> PB) << 16) * f < 2^32 since f < 2^PB
+    mf_tab = np.uint32(_M) - f  # x' = (q << PB) + (x - q f) + c = x + q (M - f) + c
+    tab_idx = tab_idx.astype(np.intp, copy=False)  # intp indices gather ~2x faster than int32 ones
+    s16 = np.uint32(16)
     eps = 2.0**-18
     for i in range(steps - 1, -1, -1):
         a = i * lanes
         b = min(a + lanes, n)
         xs = x[: b - a]
         ti = tab_idx[a:b]
-        fc = fc_tab[ti]
-        fs = fc >> np.uint32(16)
-        m = xs >= (fs << xshift)
+        m = xs >= xmax_tab[ti]
         words = xs[m]
         if words.size:
-            emitted.append((words & low16).astype(np.uint16))
-            xs[m] = words >> np.uint32(16)
-        q = (xs * rcp_tab[ti] + eps).astype(np.uint32)
-        xs -= q * fs
-        xs += (q << pb) + (fc & low16)
+            emitted.append(words.astype(np.uint16))  # the low 16 bits
+            xs[m] = words >> s16
+        q = xs * rcp_tab[ti]
+        q += eps
+        qi = q.astype(np.uint32)
+        qi *= mf_tab[ti]
+        xs += qi
+        xs += cum[ti]
     emitted.reverse()
     words = np.concatenate(emitted) if emitted else np.empty(0, dtype=np.uint16)
     return x.astype("<u4").tobytes() + words.astype("<u2").tobytes(), lanes
@@ -372,7 +374,7 @@ def _rans_decode(stream: bytes | memoryview, lanes: int, ctx_row: np.ndarray, n:
     k = ctx_row.size
     # context base offset of every symbol, as a repeating pattern (uint32, period k)
     reps = (n + k - 1) // k
-    cbase = np.tile(ctx_row.astype(np.uint32) * np.uint32(_M), reps)[:n]
+    cbase = np.tile(ctx_row.astype(np.intp) * _M, reps)[:n]  # intp: fast gathers
     out = np.empty(n, dtype=np.int32)
     steps = (n + lanes - 1) // lanes
     pos = 0

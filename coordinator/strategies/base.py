@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from cotune.rpc.clients import AlignmentClient, PartyClient, TaskFailed
-from cotune.rpc.errors import InvalidInput, Precondition
+from cotune.rpc.clients import AlignmentClient, PartyClient
+from cotune.rpc.errors import Precondition, RpcError
 from cotune.v1 import coordinator_pb2 as pb
 from cotune.v1 import operations_pb2, party_pb2
 from cotune.wire.blobs import BlobStore
@@ -163,7 +163,7 @@ class RunDriver:
                     outcome.ok[pid] = fut.result()
                 except RunCancelled:
                     raise
-                except (TaskFailed, grpc.RpcError, InvalidInput, Precondition, OSError) as exc:
+                except (RpcError, grpc.RpcError, OSError) as exc:  # TaskFailed, validation and transport errors
                     message = exc.details() if isinstance(exc, grpc.RpcError) else str(exc)
                     outcome.failed[pid] = message
                     self.note(round, f"{step}: {pid} dropped from round {round}: {message}", dropped=pid)

@@ -1,0 +1,78 @@
+"""Faults between real processes: a client killed mid-round, the coordinator restarted mid-run."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from cotune.rpc.clients import CoordinatorClient
+from cotune.v1 import coordinator_pb2 as pb
+from cotune.watch import watch_run
+from tests.integration.cluster_fixtures import start_tiny_cluster
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory, shared_data):
+    cluster = start_tiny_cluster(tmp_path_factory.mktemp("faults"))
+    yield cluster
+    cluster.down()
+
+
+def _coordinator(cluster) -> CoordinatorClient:
+    client = CoordinatorClient(cluster.addresses()["coordinator"])
+    deadline = time.monotonic() + 60
+    while len(client.list_clients()) < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return client
+
+
+def _wait_for_step(client, run_id, round_, step, timeout=300):
+    deadline = time.monotonic() + timeout
+    for event in client.watch_run(run_id, timeout=timeout):
+        if event.kind == "step" and event.round == round_ and event.step == step:
+            return
+        if time.monotonic() > deadline:
+            break
+    raise AssertionError(f"run {run_id} never reached round {round_} step {step}")
+
+
+def test_killed_client_is_dropped_and_the_run_goes_on(cluster):
+    client = _coordinator(cluster)
+    run = client.start_run(pb.RunSpec(algorithm="fedmkt", rounds=1, top_k=8, min_clients=1))
+    _wait_for_step(client, run.run_id, 1, "client_logits")
+    cluster.kill("client-2")  # SIGKILL mid-round
+    run = watch_run(client, run.run_id, quiet=True)
+    assert run.state == pb.RUN_SUCCEEDED, run.error
+    round1 = next(r for r in run.rounds if r.round == 1)
+    assert "client-2" in round1.dropped
+    assert any("client-2" in note for note in round1.notes)
+    assert {p.party_id for p in round1.parties} >= {"llm", "client-1"}
+    client.close()
+    cluster.restart("client-2")
+
+
+def test_coordinator_restart_resumes_without_recomputing(cluster):
+    client = _coordinator(cluster)
+    run = client.start_run(pb.RunSpec(algorithm="fedmkt", rounds=2, top_k=8))
+    _wait_for_step(client, run.run_id, 1, "client_distill")
+    before = client.get_run(run.run_id)
+    client.close()
+    cluster.restart("coordinator")  # SIGKILL, then start again from the same state directory
+    client = _coordinator(cluster)
+    resumed = client.get_run(run.run_id)
+    assert resumed.state in (pb.RUN_RUNNING, pb.RUN_SUCCEEDED)
+    final = watch_run(client, run.run_id, quiet=True)
+    assert final.state == pb.RUN_SUCCEEDED, final.error
+    assert sorted(r.round for r in final.rounds) == [0, 1, 2]
+    # every metric delivered before the restart is kept as it was (not recomputed)
+    after = {(r.round, p.party_id): dict(p.metrics) for r in final.rounds for p in r.parties}
+    for rec in before.rounds:
+        for party in rec.parties:
+            for name, value in party.metrics.items():
+                assert after[(rec.round, party.party_id)][name] == value, (rec.round, party.party_id, name)
+    events = [e.message for e in client.watch_run(run.run_id, timeout=30)]
+    assert any("resuming" in m for m in events)
+    client.close()

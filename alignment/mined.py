@@ -26,6 +26,7 @@ spelling, else to the target's eos, else its unk, else by MinED over the text to
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -148,11 +149,22 @@ def nearest_unique(
     *,
     workers: int | None = None,
     progress: Callable[[int, int], None] | None = None,
+    stats: dict | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """For each source, (index into `targets`, distance) of the nearest target, ties to the smallest index.
 
     `targets` must be unique, non-empty and sorted (so the smallest index is the lexicographically smallest).
+    `stats`, when given, receives counts and seconds per stage (for benchmarks).
     """
+    stats = {} if stats is None else stats
+    clock = time.perf_counter()
+
+    def lap(name):
+        nonlocal clock
+        now = time.perf_counter()
+        stats[name + "_s"] = stats.get(name + "_s", 0.0) + now - clock
+        clock = now
+
     n_s, n_t = len(sources), len(targets)
     if n_t == 0:
         raise ValueError("no candidate target tokens")
@@ -173,6 +185,8 @@ def nearest_unique(
             best_u[i], best_d[i] = u, 0
     rest = np.flatnonzero(best_d != 0)
     done = n_s - len(rest)
+    stats.update(sources=n_s, targets=n_t, exact=done)
+    lap("exact")
     report()
     if len(rest) == 0:
         return best_u, best_d.astype(np.int32)
@@ -198,8 +212,10 @@ def nearest_unique(
         best_u[pa_o[first]] = pb_o[first]
         best_d[pa_o[first]] = d_o[first]
     resolved = best_d <= 1
+    stats.update(neighbourhood_pairs=int(len(pa)), within_1=int(len(rest) - (~resolved[rest]).sum()))
     rest = rest[~resolved[rest]]
     done = n_s - len(rest)
+    lap("neighbourhood")
     report()
 
     # 3. length-bounded scan
@@ -228,6 +244,7 @@ def nearest_unique(
                         continue
                     us, strs = by_len[t_l]
                     cutoff = int(min(bd[active].max(), max(length, t_l)))
+                    stats["scan_pairs"] = stats.get("scan_pairs", 0) + len(active) * len(strs)
                     mat = process.cdist(
                         [s_str[i] for i in idx[active]],
                         strs,
@@ -247,6 +264,8 @@ def nearest_unique(
             best_d[idx], best_u[idx] = bd, bu
             done += len(idx)
             report()
+    stats["scanned"] = int(len(rest))
+    lap("scan")
     return best_u, best_d.astype(np.int32)
 
 
@@ -260,6 +279,7 @@ def map_forms(
     dst_roles: dict[str, int] | None = None,
     workers: int | None = None,
     progress: Callable[[int, int], None] | None = None,
+    stats: dict | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The MinED map over normalized forms: (ids int32 [n_src], distance int32 [n_src])."""
     n_src, n_dst = len(src_forms), len(dst_forms)
@@ -311,7 +331,7 @@ def map_forms(
         uniq: dict[bytes, int] = {}
         for i in text_src:
             uniq.setdefault(src_forms[i], len(uniq))
-        u, d = nearest_unique(list(uniq), targets, workers=workers, progress=progress)
+        u, d = nearest_unique(list(uniq), targets, workers=workers, progress=progress, stats=stats)
         slot = np.fromiter((uniq[src_forms[i]] for i in text_src), dtype=np.int64, count=len(text_src))
         rows = np.asarray(text_src, dtype=np.int64)
         ids[rows] = target_ids[u[slot]]
@@ -325,6 +345,7 @@ def build_vocab_map(
     *,
     workers: int | None = None,
     progress: Callable[[int, int], None] | None = None,
+    stats: dict | None = None,
 ) -> VocabMap:
     """The MinED map src vocabulary -> dst vocabulary, keyed by both tokenizers' content hashes."""
     from cotune.lm.tokenizers import tokenizer_hash
@@ -338,6 +359,7 @@ def build_vocab_map(
         dst_roles=special_roles(dst_tok),
         workers=workers,
         progress=progress,
+        stats=stats,
     )
     return VocabMap(ids=ids, distance=dist, src_hash=tokenizer_hash(src_tok), dst_hash=tokenizer_hash(dst_tok))
 

@@ -72,6 +72,7 @@ def encode_shard(
     meta = _check_metadata(metadata)
     n_samples = len(samples)
     ks = set()
+    empty_k = None  # k of samples without positions: used only when no sample has positions
     counts = np.zeros(n_samples, dtype=np.int64)
     losses = np.zeros(n_samples, dtype=np.float64)
     pos_parts, id_parts, lp_parts = [], [], []
@@ -87,6 +88,8 @@ def encode_shard(
         if n == 0:
             if ids.size or lp.size:
                 raise ValueError(f"sample {i}: no positions but {ids.size} ids / {lp.size} logprobs")
+            if empty_k is None and ids.ndim == 2 and ids.shape[1] >= 1:
+                empty_k = int(ids.shape[1])
         else:
             if ids.ndim != 2 or ids.shape[0] != n or lp.shape != ids.shape:
                 raise ValueError(
@@ -110,7 +113,7 @@ def encode_shard(
         losses[i] = loss
     if len(ks) > 1:
         raise ValueError(f"all samples in a shard must share one k, got {sorted(ks)}")
-    k = ks.pop() if ks else 1
+    k = ks.pop() if ks else (empty_k or 1)
     total = int(counts.sum())
     if total:
         all_ids = np.concatenate(id_parts)

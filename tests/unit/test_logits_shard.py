@@ -86,6 +86,7 @@ def test_empty_shard_and_empty_samples():
     empty = SampleLogits(np.zeros(0, np.int32), np.zeros((0, 4), np.int32), np.zeros((0, 4), np.float32), 1.0)
     got, _ = decode_shard(encode_shard([empty, empty], vocab_size=100))
     assert [len(s.positions) for s in got] == [0, 0]
+    assert got[0].ids.shape == (0, 4) and got[0].logprobs.shape == (0, 4)
 
 
 def test_encode_validation():

@@ -133,7 +133,8 @@ def run_demo(*, preset: str = "small", algorithm: str = "fedmkt", rounds: int = 
         client = CoordinatorClient(cluster.addresses()["coordinator"])
         try:
             wait_for_clients(client, NUM_CLIENTS)
-            spec = pb.RunSpec(name=f"demo-{preset}", algorithm=algorithm, rounds=rounds, setting=setting, top_k=p.top_k)
+            spec = pb.RunSpec(name=f"demo-{preset}", algorithm=algorithm, rounds=rounds, setting=setting, top_k=p.top_k,
+                             max_length=p.max_length)
             run = client.start_run(spec)
             run = watch_run(client, run.run_id)
         finally:

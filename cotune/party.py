@@ -162,13 +162,14 @@ class Party:
         if task.bits and not 2 <= task.bits <= 16:
             raise InvalidInput(f"bits must be 0 (lossless) or 2..16, got {task.bits}")
         examples = self._samples(self.public, task.max_samples)
+        self._public_max_length(task)
 
         def work(ctx):
             from cotune.lm.logits import public_topk
             from cotune.wire.logits_shard import encode_shard
 
             samples = public_topk(self.model, self.tokenizer, examples, k=task.top_k, batch_size=self.trainer.config.batch_size,
-                                  max_length=self.cfg.training.max_length, progress=self._progress(ctx, "logits"))
+                                  max_length=self._public_max_length(task), progress=self._progress(ctx, "logits"))
             meta = {"party_id": self.cfg.party_id, "tokenizer_hash": self.tokenizer_hash, "public_set_hash": self.public_hash}
             data = encode_shard(samples, vocab_size=self.vocab_size, metadata=meta, bits=task.bits or 8,
                                 lossless=task.bits == 0)
@@ -179,6 +180,11 @@ class Party:
                                      "bytes_per_position": len(data) / max(positions, 1)},
                             blobs={"shard": blob})
         return work
+
+    def _public_max_length(self, task) -> int:
+        if task.max_length < 0 or task.max_length > 32768:
+            raise InvalidInput(f"max_length must be in 0..32768, got {task.max_length}")
+        return task.max_length or self.cfg.training.max_length
 
     def _read_blob(self, ref, what: str, max_bytes: int = 4 << 30) -> bytes:
         blob = Blob.from_ref(ref)
@@ -200,6 +206,7 @@ class Party:
         if not 0.0 <= task.lam <= 1.0:
             raise InvalidInput(f"lam must be in [0, 1], got {task.lam}")
         examples = self._samples(self.public, task.max_samples)
+        self._public_max_length(task)
         teachers = []
         for t in task.teachers:
             where = f"shard from {t.sender_id or '?'}"
@@ -237,13 +244,19 @@ class Party:
 
             ctx.progress(0, len(examples), "own-loss")
             k = max(s.ids.shape[1] for t in teachers for s in t.samples[:1]) if selection == "fate_self" else 1
+            max_length = self._public_max_length(task)
             own = public_topk(self.model, self.tokenizer, examples, k=k, batch_size=self.trainer.config.batch_size,
-                              max_length=self.cfg.training.max_length, progress=self._progress(ctx, "own-loss"))
+                              max_length=max_length, progress=self._progress(ctx, "own-loss"))
             targets, summary = build_targets(own, teachers, selection=selection)
             self.trainer.config.lam = task.lam if task.lam else 0.9
             self._apply_overrides(task.lr, task.batch_size)
-            m = self.trainer.distill(examples, targets, epochs=task.epochs or 1, progress=self._progress(ctx, "distill"),
-                                     should_stop=ctx.cancelled)
+            # KD positions come from alignments made at this length: distil at exactly the same length
+            self.trainer.config.max_length = max_length
+            try:
+                m = self.trainer.distill(examples, targets, epochs=task.epochs or 1, progress=self._progress(ctx, "distill"),
+                                         should_stop=ctx.cancelled)
+            finally:
+                self.trainer.config.max_length = self.cfg.training.max_length
             metrics = {f"distill_{k}": float(v) for k, v in m.items()}
             metrics.update(summary)
             metrics["own_loss_bpb"] = float(np.mean([s.loss_bpb for s in own]))

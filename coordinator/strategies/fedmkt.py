@@ -16,6 +16,7 @@ from coordinator.strategies.base import Party, RunDriver, Strategy
 SETTINGS = ("heterogeneous", "homogeneous", "one_to_one", "llm_to_slm")
 DEFAULT_TOP_K = 16
 DEFAULT_LAM = 0.9
+DEFAULT_MAX_LENGTH = 512
 
 
 class FedMKT(Strategy):
@@ -36,6 +37,8 @@ class FedMKT(Strategy):
             raise InvalidInput(f"top_k must be in 1..1024 (0 = {DEFAULT_TOP_K}), got {spec.top_k}")
         if not 0.0 <= spec.lam <= 1.0:
             raise InvalidInput(f"lam must be in [0, 1], got {spec.lam}")
+        if not 0 <= spec.max_length <= 32768:
+            raise InvalidInput(f"max_length must be in 8..32768 (0 = {DEFAULT_MAX_LENGTH}), got {spec.max_length}")
         if spec.logits_bits and not 2 <= spec.logits_bits <= 16:
             raise InvalidInput(f"logits_bits must be 0 (lossless) or 2..16, got {spec.logits_bits}")
 
@@ -45,9 +48,11 @@ class FedMKT(Strategy):
         setting = spec.setting or "heterogeneous"
         mutual = setting != "llm_to_slm"
         top_k = spec.top_k or DEFAULT_TOP_K
-        logits = party_pb2.PublicLogitsTask(top_k=top_k, max_samples=spec.max_public_samples, bits=spec.logits_bits)
+        max_length = spec.max_length or DEFAULT_MAX_LENGTH
+        logits = party_pb2.PublicLogitsTask(top_k=top_k, max_samples=spec.max_public_samples, bits=spec.logits_bits,
+                                            max_length=max_length)
         distill_args = dict(lam=spec.lam or DEFAULT_LAM, epochs=spec.distill_epochs or 1, selection=spec.selection or "dualmince",
-                            max_samples=spec.max_public_samples)
+                            max_samples=spec.max_public_samples, max_length=max_length)
         evaluate = party_pb2.EvaluateTask(max_samples=spec.eval_max_samples)
         everyone = [d.llm, *d.clients]
 
@@ -165,7 +170,8 @@ class FedMKT(Strategy):
         def build(c: Party):
             def pair(src: str, dst: str) -> dict:
                 ops = [d.alignment.build_vocab_map(src, dst),
-                       d.alignment.build_sequence_alignment(src, dst, d.public_set_hash, method=method)]
+                       d.alignment.build_sequence_alignment(src, dst, d.public_set_hash, method=method,
+                                                            max_length=d.spec.max_length or DEFAULT_MAX_LENGTH)]
                 shas = {}
                 for kind, op in zip(("vocab_map", "seq_alignment"), ops):
                     def progress(o, kind=kind):

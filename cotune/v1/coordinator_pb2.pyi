@@ -67,7 +67,7 @@ class ListClientsResponse(_message.Message):
     def __init__(self, clients: _Optional[_Iterable[_Union[ClientRecord, _Mapping]]] = ...) -> None: ...
 
 class RunSpec(_message.Message):
-    __slots__ = ("name", "algorithm", "rounds", "clients", "setting", "top_k", "lam", "local_epochs", "distill_epochs", "selection", "min_clients", "step_timeout_s", "max_public_samples", "public_set_hash", "logits_bits", "alignment_method", "eval_max_samples")
+    __slots__ = ("name", "algorithm", "rounds", "clients", "setting", "top_k", "lam", "local_epochs", "distill_epochs", "selection", "min_clients", "step_timeout_s", "max_public_samples", "public_set_hash", "logits_bits", "alignment_method", "eval_max_samples", "max_length")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ALGORITHM_FIELD_NUMBER: _ClassVar[int]
     ROUNDS_FIELD_NUMBER: _ClassVar[int]
@@ -85,6 +85,7 @@ class RunSpec(_message.Message):
     LOGITS_BITS_FIELD_NUMBER: _ClassVar[int]
     ALIGNMENT_METHOD_FIELD_NUMBER: _ClassVar[int]
     EVAL_MAX_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    MAX_LENGTH_FIELD_NUMBER: _ClassVar[int]
     name: str
     algorithm: str
     rounds: int
@@ -102,7 +103,8 @@ class RunSpec(_message.Message):
     logits_bits: int
     alignment_method: str
     eval_max_samples: int
-    def __init__(self, name: _Optional[str] = ..., algorithm: _Optional[str] = ..., rounds: _Optional[int] = ..., clients: _Optional[_Iterable[str]] = ..., setting: _Optional[str] = ..., top_k: _Optional[int] = ..., lam: _Optional[float] = ..., local_epochs: _Optional[int] = ..., distill_epochs: _Optional[int] = ..., selection: _Optional[str] = ..., min_clients: _Optional[int] = ..., step_timeout_s: _Optional[float] = ..., max_public_samples: _Optional[int] = ..., public_set_hash: _Optional[str] = ..., logits_bits: _Optional[int] = ..., alignment_method: _Optional[str] = ..., eval_max_samples: _Optional[int] = ...) -> None: ...
+    max_length: int
+    def __init__(self, name: _Optional[str] = ..., algorithm: _Optional[str] = ..., rounds: _Optional[int] = ..., clients: _Optional[_Iterable[str]] = ..., setting: _Optional[str] = ..., top_k: _Optional[int] = ..., lam: _Optional[float] = ..., local_epochs: _Optional[int] = ..., distill_epochs: _Optional[int] = ..., selection: _Optional[str] = ..., min_clients: _Optional[int] = ..., step_timeout_s: _Optional[float] = ..., max_public_samples: _Optional[int] = ..., public_set_hash: _Optional[str] = ..., logits_bits: _Optional[int] = ..., alignment_method: _Optional[str] = ..., eval_max_samples: _Optional[int] = ..., max_length: _Optional[int] = ...) -> None: ...
 
 class PartyMetrics(_message.Message):
     __slots__ = ("party_id", "metrics")

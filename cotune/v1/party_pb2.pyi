@@ -71,14 +71,16 @@ class TrainLocalTask(_message.Message):
     def __init__(self, epochs: _Optional[int] = ..., lr: _Optional[float] = ..., batch_size: _Optional[int] = ..., max_samples: _Optional[int] = ...) -> None: ...
 
 class PublicLogitsTask(_message.Message):
-    __slots__ = ("top_k", "max_samples", "bits")
+    __slots__ = ("top_k", "max_samples", "bits", "max_length")
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     MAX_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     BITS_FIELD_NUMBER: _ClassVar[int]
+    MAX_LENGTH_FIELD_NUMBER: _ClassVar[int]
     top_k: int
     max_samples: int
     bits: int
-    def __init__(self, top_k: _Optional[int] = ..., max_samples: _Optional[int] = ..., bits: _Optional[int] = ...) -> None: ...
+    max_length: int
+    def __init__(self, top_k: _Optional[int] = ..., max_samples: _Optional[int] = ..., bits: _Optional[int] = ..., max_length: _Optional[int] = ...) -> None: ...
 
 class TeacherShard(_message.Message):
     __slots__ = ("sender_id", "shard", "vocab_map", "sequence_alignment")
@@ -93,7 +95,7 @@ class TeacherShard(_message.Message):
     def __init__(self, sender_id: _Optional[str] = ..., shard: _Optional[_Union[_common_pb2.BlobRef, _Mapping]] = ..., vocab_map: _Optional[_Union[_common_pb2.BlobRef, _Mapping]] = ..., sequence_alignment: _Optional[_Union[_common_pb2.BlobRef, _Mapping]] = ...) -> None: ...
 
 class DistillTask(_message.Message):
-    __slots__ = ("teachers", "lam", "epochs", "selection", "max_samples", "lr", "batch_size")
+    __slots__ = ("teachers", "lam", "epochs", "selection", "max_samples", "lr", "batch_size", "max_length")
     TEACHERS_FIELD_NUMBER: _ClassVar[int]
     LAM_FIELD_NUMBER: _ClassVar[int]
     EPOCHS_FIELD_NUMBER: _ClassVar[int]
@@ -101,6 +103,7 @@ class DistillTask(_message.Message):
     MAX_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     LR_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    MAX_LENGTH_FIELD_NUMBER: _ClassVar[int]
     teachers: _containers.RepeatedCompositeFieldContainer[TeacherShard]
     lam: float
     epochs: int
@@ -108,7 +111,8 @@ class DistillTask(_message.Message):
     max_samples: int
     lr: float
     batch_size: int
-    def __init__(self, teachers: _Optional[_Iterable[_Union[TeacherShard, _Mapping]]] = ..., lam: _Optional[float] = ..., epochs: _Optional[int] = ..., selection: _Optional[str] = ..., max_samples: _Optional[int] = ..., lr: _Optional[float] = ..., batch_size: _Optional[int] = ...) -> None: ...
+    max_length: int
+    def __init__(self, teachers: _Optional[_Iterable[_Union[TeacherShard, _Mapping]]] = ..., lam: _Optional[float] = ..., epochs: _Optional[int] = ..., selection: _Optional[str] = ..., max_samples: _Optional[int] = ..., lr: _Optional[float] = ..., batch_size: _Optional[int] = ..., max_length: _Optional[int] = ...) -> None: ...
 
 class EvaluateTask(_message.Message):
     __slots__ = ("max_samples",)

@@ -15,7 +15,7 @@ from cotune.rpc.clients import CoordinatorClient, PartyClient
 from cotune.v1 import common_pb2, coordinator_pb2 as pb, party_pb2
 from cotune.watch import watch_run
 from cotune.wire.blobs import BlobStore
-from tests.integration.cluster_fixtures import start_tiny_cluster
+from tests.integration.cluster_fixtures import TEST_PRESET, start_tiny_cluster
 
 pytestmark = pytest.mark.integration
 
@@ -44,7 +44,7 @@ def coordinator(addresses):
 
 @pytest.fixture(scope="module")
 def finished_run(coordinator):
-    spec = pb.RunSpec(name="it-fedmkt", algorithm="fedmkt", rounds=2, setting="heterogeneous", top_k=8)
+    spec = pb.RunSpec(name="it-fedmkt", algorithm="fedmkt", rounds=2, setting="heterogeneous", top_k=8, max_length=TEST_PRESET.max_length)
     run = coordinator.start_run(spec)
     return watch_run(coordinator, run.run_id, quiet=True)
 

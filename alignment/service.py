@@ -7,6 +7,7 @@ concurrent requests for the same result share one build.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -108,7 +109,7 @@ class AlignmentService:
 
         def build(ctx):
             vmap = build_vocab_map(src, dst, progress=lambda done, total: ctx.progress(done, total, "mined"))
-            vmap.src_hash, vmap.dst_hash = req.src_hash, req.dst_hash
+            vmap = dataclasses.replace(vmap, src_hash=req.src_hash, dst_hash=req.dst_hash)
             return self.store.put_bytes(vmap.to_bytes(), MEDIA_MAP)
         return self._cached_op("vocab_map", key, "map", build)
 
@@ -132,7 +133,7 @@ class AlignmentService:
             aligned = align_public_set(src, dst, [(e.prompt, e.response) for e in examples], max_length=max_length,
                                        method=method, public_set_hash=sha,
                                        progress=lambda done, total: ctx.progress(done, total, "align"))
-            aligned.src_hash, aligned.dst_hash = req.src_hash, req.dst_hash
+            aligned = dataclasses.replace(aligned, src_hash=req.src_hash, dst_hash=req.dst_hash)
             return self.store.put_bytes(aligned.to_bytes(), MEDIA_ALIGNMENT)
         return self._cached_op("sequence_alignment", key, "alignment", build)
 

@@ -59,21 +59,22 @@ class Coordinator:
             raise InvalidInput(f"{desc.address} is a {info.role or 'unknown'} service, not an SLM client")
         return self.state.put_client(desc, info)
 
-    def register_configured_clients(self) -> None:
-        """Register the clients listed in the config, retrying while they start up."""
+    def register_configured_clients(self, *, attempts_until: float = 600.0) -> list:
+        """Register the clients listed in the config (their configured address wins over a stale registration),
+        retrying for `attempts_until` seconds while they start up. Returns the entries still unreachable."""
         pending = list(self.cfg.clients)
-        deadline = time.monotonic() + 600
-        while pending and time.monotonic() < deadline:
+        deadline = time.monotonic() + attempts_until
+        while pending:
             for entry in list(pending):
                 try:
                     self.register_client(pb.ClientDescriptor(client_id=entry.client_id, address=entry.address))
                     pending.remove(entry)
                 except Precondition:
                     pass
-            if pending:
-                time.sleep(1.0)
-        for entry in pending:
-            log.warning("configured client %s at %s never became reachable", entry.client_id, entry.address)
+            if not pending or time.monotonic() >= deadline:
+                break
+            time.sleep(1.0)
+        return pending
 
     # -- runs ------------------------------------------------------------------------------------------------
     def get_run(self, run_id: str) -> pb.Run:
@@ -258,7 +259,8 @@ def serve(cfg: CoordinatorConfig, port_file: str | None = None) -> None:
     host.add(coordinator_pb2_grpc.add_CoordinatorServicer_to_server, CoordinatorServicer(coordinator), pb, "Coordinator")
     host.add_blobs_and_operations(coordinator.artifacts, None)
     host.start(port_file)
-    threading.Thread(target=coordinator.register_configured_clients, daemon=True).start()
+    if coordinator.register_configured_clients(attempts_until=0):  # one pass before SERVING; the rest in background
+        threading.Thread(target=coordinator.register_configured_clients, daemon=True).start()
     coordinator.resume_unfinished()
     host.set_serving(True)
     host.wait_for_termination_signal()

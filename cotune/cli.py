@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -195,7 +196,7 @@ def cmd_align_build(args) -> int:
 
     vmap = build_vocab_map(src, dst, progress=progress)
     bar.close()
-    vmap.src_hash, vmap.dst_hash = tokenizer_hash(src), tokenizer_hash(dst)
+    vmap = dataclasses.replace(vmap, src_hash=tokenizer_hash(src), dst_hash=tokenizer_hash(dst))
     Path(args.out).write_bytes(vmap.to_bytes())
     exact = int((vmap.distance == 0).sum())
     print(f"wrote {args.out}: {len(vmap.ids)} source tokens, {exact} exact matches, mean distance {vmap.distance.mean():.3f}")

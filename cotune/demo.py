@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -125,6 +126,7 @@ def run_demo(*, preset: str = "small", algorithm: str = "fedmkt", rounds: int = 
     data = prepare_data(p, root)
     models = prepare_models(preset, root)
     config = cluster_config(preset, p, root, data, models)
+    shutil.rmtree(config.workdir, ignore_errors=True)  # run state is per demo; data, models and caches are kept
     config_path = root / "cluster.yaml"
     config_path.write_text(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
     print(f"cluster config: {config_path} (start it yourself with `cotune cluster up --config {config_path}`)", file=sys.stderr)

@@ -44,7 +44,7 @@ def coordinator(addresses):
 
 @pytest.fixture(scope="module")
 def finished_run(coordinator):
-    spec = pb.RunSpec(name="it-fedmkt", algorithm="fedmkt", rounds=2, setting="heterogeneous", top_k=8, max_length=TEST_PRESET.max_length, lam=TEST_PRESET.lam)
+    spec = pb.RunSpec(name="it-fedmkt", algorithm="fedmkt", rounds=2, setting="heterogeneous", top_k=8, max_length=TEST_PRESET.max_length, lam=TEST_PRESET.lam, distill_epochs=2)
     run = coordinator.start_run(spec)
     return watch_run(coordinator, run.run_id, quiet=True)
 

@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 _DTYPES = {
@@ -49,3 +51,20 @@ def pick_dtype(pref: str | torch.dtype | None, device: torch.device | str) -> to
 
 def dtype_name(dtype: torch.dtype) -> str:
     return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype))
+
+
+def configure_threads(n: int | None = None) -> int:
+    """Set torch's intra-op thread count to n, else to $COTUNE_TORCH_THREADS when set; returns the count in effect.
+
+    Several model processes on one small machine (a local cluster on 2 cores) must not each use every core:
+    oversubscribed spinning threads made a SmolLM2 training step 3-5x slower here. Give each process
+    cores // processes threads (at least 1).
+    """
+    if n is None:
+        env = os.environ.get("COTUNE_TORCH_THREADS", "").strip()
+        n = int(env) if env else None
+    if n is not None:
+        if n < 1:
+            raise ValueError(f"thread count must be >= 1, got {n}")
+        torch.set_num_threads(int(n))
+    return torch.get_num_threads()

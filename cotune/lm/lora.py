@@ -8,6 +8,7 @@ LoRA config have the same key set, so client adapters can be averaged key by key
 from __future__ import annotations
 
 import json
+import warnings
 
 import torch
 from torch import nn
@@ -93,7 +94,8 @@ def attach_lora(model, *, r: int = 8, alpha: int = 16, dropout: float = 0.05, se
     )
     device = next(model.parameters()).device
     devices = [device.index or 0] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
+    with torch.random.fork_rng(devices=devices), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         torch.manual_seed(seed)
         peft_model = get_peft_model(model, config)
     peft_model.eval()

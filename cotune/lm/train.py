@@ -95,9 +95,22 @@ class Trainer:
         def lr_lambda(step: int) -> float:
             return min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
 
+        self._lr_lambda = lr_lambda
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda)
         self.global_step = 0
         self.epochs_done = 0
+
+    def set_lr(self, lr: float) -> None:
+        """Change the base learning rate (kept by the schedule; writing param_groups' lr directly would be
+        overwritten by the scheduler at the next step). Setting config.lr has the same effect at the next call."""
+        if not lr > 0:
+            raise ValueError(f"learning rate must be positive, got {lr}")
+        self.config.lr = float(lr)
+        self.scheduler.base_lrs = [float(lr) for _ in self.optimizer.param_groups]
+        factor = self._lr_lambda(self.scheduler.last_epoch)
+        for group in self.optimizer.param_groups:
+            group["lr"] = float(lr) * factor
+        self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
 
     # ---------------------------------------------------------------------------------------------- encoding
     def encode(self, examples: Sequence[Example]) -> list[EncodedPair]:
@@ -228,6 +241,8 @@ class Trainer:
 
     def _train_loop(self, pairs, targets, epochs, progress, should_stop) -> dict:
         cfg = self.config
+        if any(abs(b - cfg.lr) > 1e-12 * max(1.0, cfg.lr) for b in self.scheduler.base_lrs):
+            self.set_lr(cfg.lr)
         epochs = cfg.epochs if epochs is None else int(epochs)
         lengths = [len(p.ids) for p in pairs]
         n_batches = math.ceil(len(pairs) / cfg.batch_size) if pairs else 0

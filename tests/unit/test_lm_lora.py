@@ -26,6 +26,19 @@ TOKENIZER = SHARED / "tokenizers" / "phi-2" / "tokenizer.json"
 pytestmark = pytest.mark.skipif(not TOKENIZER.exists(), reason=f"shared tokenizer data not found at {TOKENIZER}")
 
 
+_TOKENIZERS: dict = {}
+
+
+def _load_cached(model_dir):
+    """load_causal_lm semantics, with the (slow to parse) tokenizer loaded once per directory."""
+    from transformers import AutoModelForCausalLM
+
+    key = str(model_dir)
+    if key not in _TOKENIZERS:
+        _TOKENIZERS[key] = load_causal_lm(model_dir, device="cpu")[1]
+    return AutoModelForCausalLM.from_pretrained(key).eval(), _TOKENIZERS[key]
+
+
 @pytest.fixture(scope="module")
 def tok():
     from cotune.lm.tokenizers import load_tokenizer
@@ -40,14 +53,14 @@ def tiny_dirs(tmp_path_factory, tok):
 
 
 def _load(tiny_dirs, arch="llama", seed=0):
-    model, tok = load_causal_lm(tiny_dirs[arch], device="cpu")
+    model, tok = _load_cached(tiny_dirs[arch])
     return attach_lora(model, seed=seed), tok
 
 
 def test_target_modules_follow_the_architecture(tiny_dirs):
-    llama, _ = load_causal_lm(tiny_dirs["llama"], device="cpu")
-    gpt2, _ = load_causal_lm(tiny_dirs["gpt2"], device="cpu")
-    gemma, _ = load_causal_lm(tiny_dirs["gemma3"], device="cpu")
+    llama, _ = _load_cached(tiny_dirs["llama"])
+    gpt2, _ = _load_cached(tiny_dirs["gpt2"])
+    gemma, _ = _load_cached(tiny_dirs["gemma3"])
     assert lora_target_modules(llama) == ["k_proj", "o_proj", "q_proj", "v_proj"]
     assert lora_target_modules(gemma) == ["k_proj", "o_proj", "q_proj", "v_proj"]
     # GPT-2: fused qkv c_attn plus the attention output projection; mlp.c_proj must not be caught.

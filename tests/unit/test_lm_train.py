@@ -21,6 +21,19 @@ SHARED = Path(os.environ.get("COTUNE_SHARED_DATA") or Path(__file__).resolve().p
 TOKENIZER = SHARED / "tokenizers" / "phi-2" / "tokenizer.json"
 pytestmark = pytest.mark.skipif(not TOKENIZER.exists(), reason=f"shared tokenizer data not found at {TOKENIZER}")
 
+
+_TOKENIZERS: dict = {}
+
+
+def _load_cached(model_dir):
+    """load_causal_lm semantics, with the (slow to parse) tokenizer loaded once per directory."""
+    from transformers import AutoModelForCausalLM
+
+    key = str(model_dir)
+    if key not in _TOKENIZERS:
+        _TOKENIZERS[key] = load_causal_lm(model_dir, device="cpu")[1]
+    return AutoModelForCausalLM.from_pretrained(key).eval(), _TOKENIZERS[key]
+
 EXAMPLES = [
     Example("Q: What color is the sky?\nA:", " blue"),
     Example("Q: What do cows drink?\nA:", " water, mostly"),
@@ -39,7 +52,7 @@ def tiny_dir(tmp_path_factory):
 
 
 def _trainer(tiny_dir, **cfg):
-    model, tok = load_causal_lm(tiny_dir, device="cpu")
+    model, tok = _load_cached(tiny_dir)
     model = attach_lora(model, dropout=0.0, seed=0)
     base = dict(lr=2e-2, batch_size=2, epochs=1)
     base.update(cfg)
@@ -90,7 +103,7 @@ def test_load_state_bytes_rejects_garbage_and_foreign_state(tiny_dir, tmp_path):
     from cotune.lm.tokenizers import load_tokenizer
 
     other_dir = make_tiny_model(load_tokenizer(TOKENIZER), tmp_path / "gpt2", arch="gpt2", hidden=32, heads=2)
-    model, tok = load_causal_lm(other_dir, device="cpu")
+    model, tok = _load_cached(other_dir)
     foreign = Trainer(attach_lora(model), tok, TrainConfig())
     with pytest.raises(ValueError, match="different parameters"):
         tr.load_state_bytes(foreign.state_dict_bytes())
@@ -148,3 +161,22 @@ def test_should_stop_interrupts(tiny_dir):
     calls = []
     out = tr.train_ce(EXAMPLES, epochs=3, should_stop=lambda: len(calls) >= 2, progress=lambda d, t: calls.append(d))
     assert out["stopped"] and out["steps"] == 2 and tr.global_step == 2
+
+
+def test_set_lr_survives_the_scheduler(tiny_dir):
+    tr = _trainer(tiny_dir, warmup_steps=0)
+    tr.set_lr(1e-3)
+    tr.train_ce(EXAMPLES[:2])
+    assert tr.optimizer.param_groups[0]["lr"] == pytest.approx(1e-3)
+    tr.config.lr = 5e-3  # changing the config takes effect at the next call
+    tr.train_ce(EXAMPLES[:2])
+    assert tr.optimizer.param_groups[0]["lr"] == pytest.approx(5e-3)
+
+
+def test_warmup_schedule_persists_across_calls(tiny_dir):
+    tr = _trainer(tiny_dir, warmup_steps=4, lr=1e-2, batch_size=5)
+    lrs = []
+    for _ in range(5):
+        tr.train_ce(EXAMPLES)
+        lrs.append(tr.optimizer.param_groups[0]["lr"])
+    assert lrs == pytest.approx([5e-3, 7.5e-3, 1e-2, 1e-2, 1e-2])

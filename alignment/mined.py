@@ -26,6 +26,7 @@ spelling, else to the target's eos, else its unk, else by MinED over the text to
 
 from __future__ import annotations
 
+import bisect
 import time
 from collections.abc import Callable, Sequence
 
@@ -118,6 +119,17 @@ def _deletion_hashes(forms: Sequence[bytes], owners: np.ndarray) -> tuple[np.nda
     return np.concatenate(out_h), np.concatenate(out_o)
 
 
+def _unique(x: np.ndarray, return_counts: bool = False):
+    """Sorted unique values (sort-based; numpy's hash-based unique is much slower on these arrays)."""
+    x = np.sort(x, kind="stable" if x.dtype.kind in "iu" else "quicksort")
+    keep = np.ones(len(x), dtype=bool)
+    keep[1:] = x[1:] != x[:-1]
+    if not return_counts:
+        return x[keep]
+    starts = np.flatnonzero(keep)
+    return x[keep], np.diff(np.append(starts, len(x)))
+
+
 def _join(src_h, src_o, dst_h, dst_o) -> tuple[np.ndarray, np.ndarray]:
     """All (src owner, dst owner) pairs whose hashes are equal, deduplicated, sorted by (src, dst)."""
     order = np.argsort(dst_h, kind="stable")
@@ -135,12 +147,256 @@ def _join(src_h, src_o, dst_h, dst_o) -> tuple[np.ndarray, np.ndarray]:
     a = np.repeat(src_o, count).astype(np.int64)
     b = dst_o[pos].astype(np.int64)
     n_b = int(b.max()) + 1
-    key = np.unique(a * n_b + b)
+    key = _unique(a * n_b + b)
     return key // n_b, key % n_b
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # The search
+
+
+class _TargetIndex:
+    """Everything about the (sorted, unique) targets the search stages need, built once."""
+
+    def __init__(self, targets: Sequence[bytes]):
+        self.forms = targets
+        self.n = n = len(targets)
+        self.strs = [_s(f) for f in targets]
+        self.lens = lens = np.fromiter((len(f) for f in targets), dtype=np.int64, count=n)
+        self.max_len = int(lens.max())
+        self.ring_size = np.bincount(lens, minlength=self.max_len + 1).astype(np.int64)
+        self.ring_cum = np.concatenate([[0], np.cumsum(self.ring_size)])  # targets with len < l: ring_cum[l]
+        self._rings: dict = {}
+        self.high = np.fromiter((_high_count(f) for f in targets), dtype=np.int64, count=n)
+        self._counts = None
+        self._postings = None
+        self._reversed = None
+
+    def ring(self, length: int) -> tuple[np.ndarray, list[str]]:
+        """Targets of one length: their indices (ascending) and strings."""
+        if length not in self._rings:
+            us = np.flatnonzero(self.lens == length)
+            self._rings[length] = (us, [self.strs[u] for u in us])
+        return self._rings[length]
+
+    def ring_block(self, length: int, g_lo: int, g_hi: int) -> tuple[np.ndarray, list[str]]:
+        """Targets of one length whose count of high bytes is within [g_lo, g_hi], ordered by (count, index)."""
+        key = (length, "by_high")
+        if key not in self._rings:
+            us = np.flatnonzero(self.lens == length)
+            high = self.high[us]
+            order = np.lexsort((us, high))
+            us, high = us[order], high[order]
+            self._rings[key] = (us, [self.strs[u] for u in us], high)
+        us, strs, high = self._rings[key]
+        a = int(np.searchsorted(high, g_lo, "left"))
+        b = int(np.searchsorted(high, g_hi, "right"))
+        return us[a:b], strs[a:b]
+
+    def window_size(self, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+        """Number of targets with lo <= len <= hi (vectorized)."""
+        lo = np.clip(lo, 0, self.max_len + 1)
+        hi = np.clip(hi + 1, 0, self.max_len + 1)
+        return np.maximum(self.ring_cum[hi] - self.ring_cum[lo], 0)
+
+    @property
+    def counts(self) -> tuple[np.ndarray, np.ndarray]:
+        """Byte histogram of every target (uint8 [n, 256]) and a flag for targets with a count above 255."""
+        if self._counts is None:
+            counts = np.zeros((self.n, 256), dtype=np.uint8)
+            big = np.zeros(self.n, dtype=bool)
+            step = 8192
+            for a in range(0, self.n, step):
+                b = min(a + step, self.n)
+                flat = np.frombuffer(b"".join(self.forms[a:b]), dtype=np.uint8).astype(np.int64)
+                owner = np.repeat(np.arange(b - a, dtype=np.int64), self.lens[a:b])
+                c = np.bincount(owner * 256 + flat, minlength=(b - a) * 256).reshape(b - a, 256)
+                big[a:b] = c.max(axis=1) > 255
+                counts[a:b] = np.minimum(c, 255).astype(np.uint8)
+            self._counts = (counts, big)
+        return self._counts
+
+    @property
+    def postings(self) -> tuple[np.ndarray, np.ndarray]:
+        """For each byte value, the targets containing it, ordered by (byte, length, index): returns the target
+        indices and the sort keys byte * (max_len + 2) + length (for window look-ups by searchsorted)."""
+        if self._postings is None:
+            counts, _ = self.counts
+            t, b = np.nonzero(counts)
+            key = b.astype(np.int64) * (self.max_len + 2) + self.lens[t]
+            order = np.lexsort((t, key))
+            self._postings = (t[order].astype(np.int64), key[order])
+        return self._postings
+
+    @property
+    def reversed_sorted(self) -> tuple[list[bytes], np.ndarray]:
+        if self._reversed is None:
+            rev = [f[::-1] for f in self.forms]
+            order = sorted(range(self.n), key=rev.__getitem__)
+            self._reversed = ([rev[u] for u in order], np.asarray(order, dtype=np.int64))
+        return self._reversed
+
+
+def _best_per_source(src: np.ndarray, tgt: np.ndarray, dist: np.ndarray, best_d: np.ndarray, best_u: np.ndarray):
+    """Fold verified (source, target, distance) triples into best_d/best_u (smaller distance, then smaller target)."""
+    if len(src) == 0:
+        return
+    order = np.lexsort((tgt, dist, src))
+    src, tgt, dist = src[order], tgt[order], dist[order]
+    first = np.ones(len(src), dtype=bool)
+    first[1:] = src[1:] != src[:-1]
+    s, t, d = src[first], tgt[first], dist[first]
+    better = (d < best_d[s]) | ((d == best_d[s]) & (t < best_u[s]))
+    best_d[s[better]] = d[better]
+    best_u[s[better]] = t[better]
+
+
+def _verify(s_str, t_str, src: np.ndarray, tgt: np.ndarray, workers: int) -> np.ndarray:
+    if len(src) == 0:
+        return np.zeros(0, np.int64)
+    return process.cpdist(
+        [s_str[i] for i in src], [t_str[j] for j in tgt], scorer=Levenshtein.distance, workers=workers, dtype=np.int32
+    ).astype(np.int64)
+
+
+def _source_byte_counts(forms: Sequence[bytes], rows: np.ndarray):
+    """Distinct bytes of each source in `rows` with their counts, flattened: (row index, byte, count)."""
+    lens = np.fromiter((len(forms[i]) for i in rows), dtype=np.int64, count=len(rows))
+    flat = np.frombuffer(b"".join(forms[i] for i in rows), dtype=np.uint8).astype(np.int64)
+    owner = np.repeat(np.arange(len(rows), dtype=np.int64), lens)
+    key, cnt = _unique(owner * 256 + flat, return_counts=True)
+    return key // 256, key % 256, cnt.astype(np.int64)
+
+
+def _pigeonhole_plan(tix: _TargetIndex, forms, rows, bound):
+    """For each source: the rarest distinct bytes whose occurrences in it reach bound + 1. A target containing
+    none of them misses at least bound + 1 of the source's bytes, so its distance is > bound: only the targets
+    in these bytes' posting lists (within the length window) can be within `bound`.
+
+    Returns (feasible mask, cost per source, plan rows (source row, byte, lo, hi) into the postings)."""
+    s_row, byte, occ = _source_byte_counts(forms, rows)
+    lens = np.fromiter((len(forms[i]) for i in rows), dtype=np.int64, count=len(rows))
+    post_t, post_key = tix.postings
+    width = tix.max_len + 2
+    u = bound[s_row]
+    lo_len = np.clip(lens[s_row] - u, 0, tix.max_len + 1)
+    hi_len = np.clip(lens[s_row] + u, 0, tix.max_len + 1)
+    lo = np.searchsorted(post_key, byte * width + lo_len, "left")
+    hi = np.searchsorted(post_key, byte * width + hi_len, "right")
+    size = hi - lo
+    order = np.lexsort((byte, size, s_row))
+    s_row, byte, occ, lo, hi, size = s_row[order], byte[order], occ[order], lo[order], hi[order], size[order]
+    csum = np.cumsum(occ)
+    group_start = np.ones(len(s_row), dtype=bool)
+    group_start[1:] = s_row[1:] != s_row[:-1]
+    base = np.maximum.accumulate(np.where(group_start, csum - occ, 0))
+    before = csum - occ - base  # occurrences already covered by rarer bytes of the same source
+    take = before < bound[s_row] + 1
+    feasible = lens >= bound + 1
+    cost = np.bincount(s_row[take], weights=size[take], minlength=len(rows)).astype(np.int64)
+    keep = take & feasible[s_row]
+    return feasible, cost, (s_row[keep], byte[keep], lo[keep], hi[keep])
+
+
+def _pigeonhole_search(tix: _TargetIndex, forms, s_str, rows, bound, plan, best_d, best_u, workers, stats):
+    """Exact search of `rows` (sources) inside their pigeonhole candidate sets, filtered by the byte-histogram
+    (bag) distance lower bound before the exact Levenshtein check."""
+    p_row, _, lo, hi = plan
+    size = hi - lo
+    total = int(size.sum())
+    if total == 0:
+        return
+    offsets = np.repeat(lo - (np.cumsum(size) - size), size)
+    tgt = tix.postings[0][np.arange(total, dtype=np.int64) + offsets]
+    src = np.repeat(p_row, size)
+    key = _unique(src * tix.n + tgt)
+    src, tgt = key // tix.n, key % tix.n
+    stats["pigeonhole_candidates"] = stats.get("pigeonhole_candidates", 0) + len(src)
+    # bag distance: lev >= max(|s|, |t|) - sum_b min(count_s(b), count_t(b))
+    s_row, s_byte, s_cnt = _source_byte_counts(forms, rows)
+    first = np.searchsorted(s_row, np.arange(len(rows)), "left")
+    ndist = np.bincount(s_row, minlength=len(rows))
+    k = ndist[src]
+    pair = np.repeat(np.arange(len(src), dtype=np.int64), k)
+    pos = np.repeat(first[src] - (np.cumsum(k) - k), k) + np.arange(int(k.sum()), dtype=np.int64)
+    counts, big = tix.counts
+    common = np.bincount(
+        pair, weights=np.minimum(s_cnt[pos], counts[tgt[pair], s_byte[pos]]), minlength=len(src)
+    ).astype(np.int64)
+    s_len = np.fromiter((len(forms[i]) for i in rows), dtype=np.int64, count=len(rows))
+    lb = np.maximum(s_len[src], tix.lens[tgt]) - common
+    lb[big[tgt]] = np.abs(s_len[src] - tix.lens[tgt])[big[tgt]]
+    keep = lb <= bound[src]
+    src, tgt = src[keep], tgt[keep]
+    stats["pigeonhole_verified"] = stats.get("pigeonhole_verified", 0) + len(src)
+    d = _verify(s_str, tix.strs, rows[src], tgt, workers)
+    bd, bu = best_d[rows].copy(), best_u[rows].copy()
+    _best_per_source(src, tgt, d, bd, bu)
+    best_d[rows], best_u[rows] = bd, bu
+
+
+def _high_count(form: bytes) -> int:
+    return sum(1 for b in form if b >= 0x80)
+
+
+def _ring_scan(tix: _TargetIndex, s_str, rows, length, high, best_d, best_u, workers, stats):
+    """Exact search of sources of one length and one count of high bytes (>= 0x80) by scanning the targets in
+    rings of growing length difference; a source leaves once the ring's length difference exceeds its best
+    distance so far. Within a ring only the targets whose high-byte count is compatible are compared: an edit
+    changes the count of high bytes and of low bytes by at most one each, so
+    lev >= max((h-g)+ + (l-m)+, (g-h)+ + (m-l)+) for counts h, l (source) and g, m (target)."""
+    widest = int(tix.ring_size.max())
+    chunk = max(64, min(4096, (64 << 20) // max(widest, 1)))
+    low = length - high
+    for start in range(0, len(rows), chunk):
+        idx = rows[start : start + chunk]
+        bd, bu = best_d[idx].copy(), best_u[idx].copy()
+        delta = 0
+        while True:
+            active = np.flatnonzero(bd >= delta)
+            if len(active) == 0 or (length - delta < 1 and length + delta > tix.max_len):
+                break
+            for t_l in sorted({length - delta, length + delta}):
+                if not 1 <= t_l <= tix.max_len or tix.ring_size[t_l] == 0 or len(active) == 0:
+                    continue
+                limit = int(bd[active].max())
+                g = np.arange(t_l + 1)
+                m = t_l - g
+                lb = np.maximum(
+                    np.maximum(high - g, 0) + np.maximum(low - m, 0), np.maximum(g - high, 0) + np.maximum(m - low, 0)
+                )
+                ok = np.flatnonzero(lb <= limit)
+                if len(ok) == 0:
+                    continue
+                us, strs = tix.ring_block(t_l, int(ok[0]), int(ok[-1]))
+                if len(us) == 0:
+                    continue
+                cutoff = int(min(limit, max(length, t_l)))
+                stats["scan_pairs"] = stats.get("scan_pairs", 0) + len(active) * len(strs)
+                mat = process.cdist(
+                    [s_str[i] for i in idx[active]],
+                    strs,
+                    scorer=Levenshtein.distance,
+                    score_cutoff=cutoff,
+                    dtype=np.uint8 if cutoff < 255 else np.int32,
+                    workers=workers,
+                )
+                mins = mat.min(axis=1)
+                cand = np.where(mat == mins[:, None], us[None, :], tix.n).min(axis=1)
+                mins = mins.astype(np.int64)
+                cur_d, cur_u = bd[active], bu[active]
+                better = (mins < cur_d) | ((mins == cur_d) & (cand < cur_u))
+                bd[active[better]] = mins[better]
+                bu[active[better]] = cand[better]
+                active = active[bd[active] >= delta]
+            delta += 1
+        best_d[idx], best_u[idx] = bd, bu
+
+
+# Route a source to the pigeonhole path when its candidate list is this many times smaller than its rings
+# (a candidate costs a few numpy gathers plus a list entry; a ring pair costs one SIMD Levenshtein in C++).
+PIGEONHOLE_ADVANTAGE = 60
+_PIGEONHOLE_BATCH = 3_000_000  # candidate pairs per batch (memory bound)
 
 
 def nearest_unique(
@@ -169,7 +425,7 @@ def nearest_unique(
     if n_t == 0:
         raise ValueError("no candidate target tokens")
     w = _workers(workers)
-    best_u = np.full(n_s, -1, dtype=np.int64)
+    best_u = np.full(n_s, n_t, dtype=np.int64)
     best_d = np.full(n_s, INF, dtype=np.int64)
     done = 0
 
@@ -191,80 +447,75 @@ def nearest_unique(
     if len(rest) == 0:
         return best_u, best_d.astype(np.int32)
 
+    tix = _TargetIndex(targets)
     s_str = [_s(f) for f in sources]
-    t_str = [_s(f) for f in targets]
 
-    # 2. distance <= 1 via deletion neighbourhoods
-    rest_forms = [sources[i] for i in rest]
-    src_h, src_o = _deletion_hashes(rest_forms, rest)
+    # 2. distance <= 1: deletion neighbourhoods (complete for distance <= 1; other candidates give bounds)
+    src_h, src_o = _deletion_hashes([sources[i] for i in rest], rest)
     dst_h, dst_o = _deletion_hashes(targets, np.arange(n_t))
     pa, pb = _join(src_h, src_o, dst_h, dst_o)
     del src_h, src_o, dst_h, dst_o
-    if len(pa):
-        d = process.cpdist(
-            [s_str[i] for i in pa], [t_str[j] for j in pb], scorer=Levenshtein.distance, workers=w, dtype=np.int32
-        ).astype(np.int64)
-        # per source: smallest (distance, target index); pairs are sorted by (source, target)
-        order = np.lexsort((pb, d, pa))
-        pa_o, pb_o, d_o = pa[order], pb[order], d[order]
-        first = np.ones(len(pa_o), dtype=bool)
-        first[1:] = pa_o[1:] != pa_o[:-1]
-        best_u[pa_o[first]] = pb_o[first]
-        best_d[pa_o[first]] = d_o[first]
-    resolved = best_d <= 1
-    stats.update(neighbourhood_pairs=int(len(pa)), within_1=int(len(rest) - (~resolved[rest]).sum()))
-    rest = rest[~resolved[rest]]
+    _best_per_source(pa, pb, _verify(s_str, tix.strs, pa, pb, w), best_d, best_u)
+    resolved = best_d[rest] <= 1
+    stats.update(neighbourhood_pairs=int(len(pa)), within_1=int(resolved.sum()))
+    rest = rest[~resolved]
     done = n_s - len(rest)
     lap("neighbourhood")
     report()
+    if len(rest) == 0:
+        return best_u, best_d.astype(np.int32)
 
-    # 3. length-bounded scan
-    t_len = np.fromiter((len(t) for t in targets), dtype=np.int64, count=n_t)
-    by_len: dict[int, tuple[np.ndarray, list[str]]] = {}
-    for length in np.unique(t_len):
-        us = np.flatnonzero(t_len == length)  # ascending target index
-        by_len[int(length)] = (us, [t_str[u] for u in us])
-    max_t = int(t_len.max())
+    # 3. upper bounds from the lexicographic neighbours of each source and of its reverse (shared prefixes/suffixes)
+    rev_forms, rev_order = tix.reversed_sorted
+    cand_s, cand_t = [], []
+    for i in rest:
+        f = sources[i]
+        p = bisect.bisect_left(targets, f)
+        q = bisect.bisect_left(rev_forms, f[::-1])
+        for u in range(max(p - 2, 0), min(p + 2, n_t)):
+            cand_s.append(i)
+            cand_t.append(u)
+        for r in range(max(q - 2, 0), min(q + 2, n_t)):
+            cand_s.append(i)
+            cand_t.append(int(rev_order[r]))
+    cs, ct = np.asarray(cand_s, dtype=np.int64), np.asarray(cand_t, dtype=np.int64)
+    _best_per_source(cs, ct, _verify(s_str, tix.strs, cs, ct, w), best_d, best_u)
+    lap("bounds")
+
+    # 4. exact search below the bound: pigeonhole candidates where they are few, rings of lengths otherwise
+    bound = best_d[rest].copy()
+    feasible, pig_cost, plan = _pigeonhole_plan(tix, sources, rest, bound)
     s_len = np.fromiter((len(sources[i]) for i in rest), dtype=np.int64, count=len(rest))
-    for length in np.unique(s_len):
-        group = rest[s_len == length]
-        length = int(length)
-        widest = max((len(by_len[k][0]) for k in by_len), default=1)
-        chunk = max(64, min(4096, (64 << 20) // max(widest, 1)))
-        for start in range(0, len(group), chunk):
-            idx = group[start : start + chunk]
-            bd, bu = best_d[idx].copy(), best_u[idx].copy()
-            delta = 0
-            while True:
-                active = np.flatnonzero(bd >= delta)
-                if len(active) == 0 or (length - delta < 1 and length + delta > max_t):
-                    break
-                for t_l in sorted({length - delta, length + delta}):
-                    if t_l not in by_len or len(active) == 0:
-                        continue
-                    us, strs = by_len[t_l]
-                    cutoff = int(min(bd[active].max(), max(length, t_l)))
-                    stats["scan_pairs"] = stats.get("scan_pairs", 0) + len(active) * len(strs)
-                    mat = process.cdist(
-                        [s_str[i] for i in idx[active]],
-                        strs,
-                        scorer=Levenshtein.distance,
-                        score_cutoff=cutoff,
-                        dtype=np.uint8 if cutoff < 255 else np.int32,
-                        workers=w,
-                    )
-                    mins = mat.min(axis=1).astype(np.int64)
-                    cand = us[(mat == mins[:, None].astype(mat.dtype)).argmax(axis=1)]
-                    cur_d, cur_u = bd[active], bu[active]
-                    better = (mins < cur_d) | ((mins == cur_d) & (cand < cur_u))
-                    bd[active[better]] = mins[better]
-                    bu[active[better]] = cand[better]
-                    active = active[bd[active] >= delta]
-                delta += 1
-            best_d[idx], best_u[idx] = bd, bu
-            done += len(idx)
-            report()
-    stats["scanned"] = int(len(rest))
+    ring_cost = tix.window_size(s_len - bound, s_len + bound)
+    use_pig = feasible & (pig_cost * PIGEONHOLE_ADVANTAGE < ring_cost)
+    stats.update(pigeonhole_sources=int(use_pig.sum()), ring_sources=int((~use_pig).sum()))
+    lap("plan")
+    pig_rows = np.flatnonzero(use_pig)
+    p_row, p_byte, p_lo, p_hi = plan
+    start = 0
+    cum = np.cumsum(pig_cost[pig_rows])
+    while start < len(pig_rows):
+        stop = int(np.searchsorted(cum, (cum[start - 1] if start else 0) + _PIGEONHOLE_BATCH, "right"))
+        stop = max(stop, start + 1)
+        batch = pig_rows[start:stop]
+        local = np.full(len(rest), -1, dtype=np.int64)
+        local[batch] = np.arange(len(batch))
+        sel = local[p_row] >= 0
+        sub_plan = (local[p_row[sel]], p_byte[sel], p_lo[sel], p_hi[sel])
+        _pigeonhole_search(
+            tix, sources, s_str, rest[batch], bound[batch], sub_plan, best_d, best_u, w, stats
+        )
+        done += len(batch)
+        report()
+        start = stop
+    lap("pigeonhole")
+    ring_rows = rest[~use_pig]
+    ring_key = s_len[~use_pig] * 4096 + np.fromiter((_high_count(sources[i]) for i in ring_rows), np.int64, len(ring_rows))
+    for key in np.unique(ring_key):
+        group = ring_rows[ring_key == key]
+        _ring_scan(tix, s_str, group, int(key // 4096), int(key % 4096), best_d, best_u, w, stats)
+        done += len(group)
+        report()
     lap("scan")
     return best_u, best_d.astype(np.int32)
 

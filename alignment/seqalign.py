@@ -9,15 +9,14 @@ comparison.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 from safetensors.numpy import load as st_load
-from safetensors.numpy import save as st_save
 
 from cotune.lm.tokenizers import EncodedPair, encode_pair
+from cotune.wire.safetensors_io import dumps, read_metadata
 
 METHODS = ("offsets", "dtw")
 FORMAT = "cotune.seqalign/1"
@@ -46,14 +45,14 @@ class SequenceAlignment:
     def to_bytes(self) -> bytes:
         meta = {"format": FORMAT, "src_hash": self.src_hash, "dst_hash": self.dst_hash,
                 "public_set_hash": self.public_set_hash, "method": self.method}
-        return st_save({"sample_offsets": self.sample_offsets.astype(np.int64), "src_pos": self.src_pos.astype(np.int32),
+        return dumps({"sample_offsets": self.sample_offsets.astype(np.int64), "src_pos": self.src_pos.astype(np.int32),
                         "dst_pos": self.dst_pos.astype(np.int32)}, metadata=meta)
 
     @classmethod
     def from_bytes(cls, data: bytes) -> "SequenceAlignment":
         try:
             tensors = st_load(data)
-            meta = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")]).get("__metadata__", {})
+            meta = read_metadata(data)
         except Exception as exc:  # noqa: BLE001 - any parse failure is bad input
             raise ValueError(f"not a sequence alignment (safetensors expected): {exc}") from exc
         if meta.get("format") != FORMAT:

@@ -70,9 +70,9 @@ class VocabMap:
             raise ValueError(f"vocab map points at dst id {int(self.ids.max())}, but the dst vocabulary has {n_dst}")
 
     def to_bytes(self) -> bytes:
-        from safetensors.numpy import save
+        from cotune.wire.safetensors_io import dumps  # deterministic bytes (safetensors' own metadata order is not)
 
-        return save(
+        return dumps(
             {"ids": self.ids, "distance": self.distance},
             metadata={"src_hash": self.src_hash, "dst_hash": self.dst_hash, "version": self.version},
         )

@@ -180,10 +180,10 @@ def load_lora_state_dict(model, sd: dict[str, torch.Tensor]) -> None:
 
 
 def lora_to_bytes(sd: dict[str, torch.Tensor]) -> bytes:
-    from safetensors.torch import save
+    from cotune.wire.safetensors_io import dumps  # deterministic bytes: the adapter's hash is its identity
 
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}
-    return save(tensors, metadata={"format": LORA_FORMAT, "keys": json.dumps(len(tensors))})
+    return dumps(tensors, {"format": LORA_FORMAT, "keys": json.dumps(len(tensors))})
 
 
 def lora_from_bytes(data: bytes) -> dict[str, torch.Tensor]:

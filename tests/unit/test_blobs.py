@@ -93,3 +93,20 @@ def test_put_blob_with_wrong_hash_is_invalid_argument(remote_store):
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert not stub.StatBlob(common_pb2.StatBlobRequest(sha256=wrong)).complete
     assert remote.received(wrong) == 0
+
+
+def test_serialized_artifacts_are_byte_identical_across_calls():
+    # safetensors' own writer orders __metadata__ by hash map: bytes (and content ids) would change per call
+    import numpy as np
+    import torch
+
+    from alignment.seqalign import SequenceAlignment
+    from cotune.lm.lora import lora_from_bytes, lora_to_bytes
+
+    sd = {"b.lora_B.weight": torch.zeros(4, 2), "a.lora_A.weight": torch.randn(2, 4)}
+    assert len({lora_to_bytes(sd) for _ in range(20)}) == 1
+    assert torch.equal(lora_from_bytes(lora_to_bytes(sd))["a.lora_A.weight"], sd["a.lora_A.weight"])
+    aligned = SequenceAlignment(np.array([0, 2], np.int64), np.array([1, 2], np.int32), np.array([3, 4], np.int32),
+                                "s" * 64, "d" * 64, "p" * 64, "offsets")
+    assert len({aligned.to_bytes() for _ in range(20)}) == 1
+    assert SequenceAlignment.from_bytes(aligned.to_bytes()).pairs(0)[1].tolist() == [3, 4]

@@ -117,6 +117,10 @@ class LocalCluster:
         svc.port_file.unlink(missing_ok=True)
         log = open(svc.log_path, "ab")
         env = dict(os.environ, PYTHONUNBUFFERED="1")
+        if kind in ("llm", "slm") and "COTUNE_TORCH_THREADS" not in os.environ:
+            # model processes share this machine's cores instead of each spinning on all of them
+            parties = 1 + len(self.config.clients)
+            env["COTUNE_TORCH_THREADS"] = str(max(1, (os.cpu_count() or 1) // parties))
         svc.process = subprocess.Popen(
             [sys.executable, "-m", "cotune.cli", "serve", kind, "--config", str(cfg_path), "--port-file", str(svc.port_file)],
             stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)

@@ -56,11 +56,13 @@ class Party:
     # -- lifecycle --------------------------------------------------------------------------------------------
     def load(self) -> None:
         """Load model, tokenizer and adapter (slow); the service reports NOT_SERVING until this returns."""
+        from cotune.lm.device import configure_threads
         from cotune.lm.lora import attach_lora
         from cotune.lm.model import load_causal_lm
         from cotune.lm.tokenizers import tokenizer_bundle_bytes
         from cotune.lm.train import TrainConfig, Trainer
 
+        configure_threads()  # $COTUNE_TORCH_THREADS: the cluster launcher shares the cores among model processes
         mc = self.cfg.model
         cache = Path(mc.cache_dir) if mc.cache_dir else Path(self.cfg.workdir) / "model-cache"
         model, tokenizer = load_causal_lm(mc.path, cache_dir=cache, device=mc.device, dtype=mc.dtype)
@@ -150,11 +152,9 @@ class Party:
         return work
 
     def _apply_overrides(self, lr: float, batch_size: int) -> None:
-        cfg = self.trainer.config
-        cfg.batch_size = batch_size or self.cfg.training.batch_size
-        if lr:
-            for group in self.trainer.optimizer.param_groups:
-                group["lr"] = lr
+        """A task's lr/batch size for this step; 0 means the party's configured default."""
+        self.trainer.config.batch_size = batch_size or self.cfg.training.batch_size
+        self.trainer.set_lr(lr or self.cfg.training.lr)
 
     def _prepare_public_logits(self, task: party_pb2.PublicLogitsTask):
         if not 1 <= task.top_k <= MAX_TOP_K:

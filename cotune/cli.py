@@ -53,6 +53,7 @@ def cmd_cluster_up(args) -> int:
     for name, address in addresses.items():
         print(f"{name:12s} {address}")
     print(f"state: {cluster.workdir / 'cluster.json'}; logs: {cluster.workdir / 'logs'}")
+    print(f"export COTUNE_COORDINATOR={addresses['coordinator']}   # for the `cotune run ...` commands")
     if args.detach:
         return 0
     print("cluster running; Ctrl-C stops every service")

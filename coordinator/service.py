@@ -20,7 +20,7 @@ from cotune.v1 import coordinator_pb2_grpc
 from cotune.wire.blobs import BlobStore
 from coordinator.store import StateStore
 from coordinator.strategies.base import Party, RunCancelled, RunDriver
-from coordinator.strategies.fedmkt import get_strategy
+from coordinator.strategies.registry import get_strategy
 
 log = logging.getLogger(__name__)
 TERMINAL = (pb.RUN_SUCCEEDED, pb.RUN_FAILED, pb.RUN_CANCELLED)

@@ -190,14 +190,3 @@ class FedMKT(Strategy):
             links[c.party_id] = d.step(f"r0/align/{c.party_id}", lambda c=c: build(c))
         return links
 
-
-STRATEGIES = {FedMKT.name: FedMKT}
-
-
-def get_strategy(name: str) -> Strategy:
-    if name not in STRATEGIES:
-        raise InvalidInput(f"unknown algorithm {name!r}; available: {', '.join(sorted(STRATEGIES))}")
-    return STRATEGIES[name]()
-
-
-__all__ = ["FedMKT", "STRATEGIES", "get_strategy", "pb"]

@@ -1,0 +1,15 @@
+"""Strategies by algorithm name. A new algorithm is a Strategy subclass registered here."""
+
+from __future__ import annotations
+
+from cotune.rpc.errors import InvalidInput
+from coordinator.strategies.base import Strategy
+from coordinator.strategies.fedmkt import FedMKT
+
+STRATEGIES: dict[str, type[Strategy]] = {FedMKT.name: FedMKT}
+
+
+def get_strategy(name: str) -> Strategy:
+    if name not in STRATEGIES:
+        raise InvalidInput(f"unknown algorithm {name!r}; available: {', '.join(sorted(STRATEGIES))}")
+    return STRATEGIES[name]()

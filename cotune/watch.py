@@ -3,50 +3,66 @@
 from __future__ import annotations
 
 import sys
+import time
 
 from cotune.rpc.clients import CoordinatorClient
 from cotune.v1 import coordinator_pb2 as pb
 
 TERMINAL = (pb.RUN_SUCCEEDED, pb.RUN_FAILED, pb.RUN_CANCELLED)
+STREAM_DEADLINE_S = 300.0
 
 
 def watch_run(client: CoordinatorClient, run_id: str, *, stream=sys.stderr, quiet: bool = False) -> pb.Run:
     """Stream events until the run ends; returns the final run."""
-    from tqdm import tqdm
+    import grpc
 
     bar = None
     bar_key = None
     last_seq = 0
     try:
         while True:
-            for event in client.watch_run(run_id, after_seq=last_seq):
-                last_seq = event.seq
-                if quiet:
-                    continue
-                if event.kind == "progress" and event.total:
-                    key = (event.round, event.step, event.party_id, event.message)
-                    if key != bar_key:
-                        if bar is not None:
-                            bar.close()
-                        label = f"r{event.round} {event.step} {event.party_id} {event.message}".strip()
-                        bar = tqdm(total=event.total, desc=label, file=stream, leave=False, dynamic_ncols=True)
-                        bar_key = key
-                    bar.total = event.total
-                    bar.n = event.done
-                    bar.refresh()
-                    continue
-                if bar is not None:
-                    bar.close()
-                    bar, bar_key = None, None
-                if event.kind == "step":
-                    print(f"[round {event.round}] {event.step}", file=stream, flush=True)
-                elif event.kind == "warning":
-                    print(f"[round {event.round}] warning: {event.message}", file=stream, flush=True)
-                elif event.kind == "state":
-                    print(f"run {run_id}: {pb.RunState.Name(event.state)} {event.message}".rstrip(), file=stream, flush=True)
+            try:
+                events = client.watch_run(run_id, after_seq=last_seq, timeout=STREAM_DEADLINE_S)
+                for event in events:
+                    last_seq = event.seq
+                    if not quiet:
+                        bar, bar_key = _show(event, run_id, bar, bar_key, stream)
+            except grpc.RpcError as exc:  # every stream has a deadline; reconnect and resume after last_seq
+                if exc.code() not in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE):
+                    raise
+                time.sleep(0.5 if exc.code() == grpc.StatusCode.UNAVAILABLE else 0.0)
+                continue
             run = client.get_run(run_id)
             if run.state in TERMINAL:
                 return run
     finally:
         if bar is not None:
             bar.close()
+
+
+def _show(event, run_id, bar, bar_key, stream):
+    """Render one event: progress updates one bar in place; anything else closes it and prints a line."""
+    from tqdm import tqdm
+
+    if event.kind == "progress" and event.total:
+        key = (event.round, event.step, event.party_id, event.message)
+        if key != bar_key:
+            if bar is not None:
+                bar.close()
+            label = f"r{event.round} {event.step} {event.party_id} {event.message}".strip()
+            bar = tqdm(total=event.total, desc=label, file=stream, leave=False, dynamic_ncols=True)
+            bar_key = key
+        bar.total = event.total
+        bar.n = event.done
+        bar.refresh()
+        return bar, bar_key
+    if bar is not None:
+        bar.close()
+        bar, bar_key = None, None
+    if event.kind == "step":
+        print(f"[round {event.round}] {event.step}", file=stream, flush=True)
+    elif event.kind == "warning":
+        print(f"[round {event.round}] warning: {event.message}", file=stream, flush=True)
+    elif event.kind == "state":
+        print(f"run {run_id}: {pb.RunState.Name(event.state)} {event.message}".rstrip(), file=stream, flush=True)
+    return bar, bar_key

@@ -1,148 +1,315 @@
-"""Sequence alignment of the public set between two tokenizations, computed once per (public set, pair).
+"""Sequence alignment of the public set between two tokenizations (DESIGN §4.1), computed once per
+(public set, tokenizer pair) and served.
 
-The default, exact alignment pairs the positions where both tokenizations end a token at the same
-character offset: the sender's next-token distribution after its token t describes the text starting at
-ends[t], exactly what the receiver predicts after its token s when ends[s] == ends[t] (DESIGN §4.1).
-Positions with no shared boundary get no target. The FedMKT paper's DTW over token strings is offered for
-comparison.
+Default, method="offsets": exact alignment by character offsets. The sender's next-token distribution at
+position t attaches to the receiver's position s whose token ends at the same character as t's
+(`EncodedPair.ends`). Where several tokens end at the same character (the byte pieces of one character)
+the last one is used: only it is followed by the next character. Pairs are kept only when both t and s are
+target positions (their next token is a response token); positions with no shared boundary get nothing.
+
+method="dtw": the FedMKT paper's dynamic time warping over the two token sequences, cost = Levenshtein
+distance between the tokens' normalized byte forms, for comparison. Each receiver position takes the last
+sender position warped onto it (end of span), again only between target positions.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from safetensors.numpy import load as st_load
 
-from cotune.lm.tokenizers import EncodedPair, encode_pair
-from cotune.wire.safetensors_io import dumps, read_metadata
-
-METHODS = ("offsets", "dtw")
 FORMAT = "cotune.seqalign/1"
+METHODS = ("offsets", "dtw")
 
 
-@dataclass
+@dataclass(frozen=True, eq=False)
 class SequenceAlignment:
-    sample_offsets: np.ndarray  # int64 [N + 1]: pairs of sample i are [offsets[i], offsets[i+1])
-    src_pos: np.ndarray         # int32 [M]
-    dst_pos: np.ndarray         # int32 [M]
-    src_hash: str = ""
-    dst_hash: str = ""
-    public_set_hash: str = ""
-    method: str = "offsets"
+    """Aligned position pairs for every sample of a public set, concatenated.
+
+    Sample i's pairs are src_pos[sample_offsets[i]:sample_offsets[i+1]] (positions in the src tokenizer's
+    `encode_pair` ids) and the same slice of dst_pos."""
+
+    sample_offsets: np.ndarray  # int64 [N+1]
+    src_pos: np.ndarray  # int32 [M]
+    dst_pos: np.ndarray  # int32 [M]
+    src_hash: str
+    dst_hash: str
+    public_set_hash: str
+    method: str
+
+    def __post_init__(self):
+        off = np.ascontiguousarray(self.sample_offsets)
+        src = np.ascontiguousarray(self.src_pos)
+        dst = np.ascontiguousarray(self.dst_pos)
+        if off.dtype != np.int64 or off.ndim != 1 or off.size < 1:
+            raise ValueError(f"sample_offsets must be a non-empty 1-D int64 array, got {off.dtype} {off.shape}")
+        if src.dtype != np.int32 or dst.dtype != np.int32 or src.ndim != 1 or src.shape != dst.shape:
+            raise ValueError(
+                f"src_pos and dst_pos must be 1-D int32 of equal length, got {src.dtype}{src.shape} {dst.dtype}{dst.shape}"
+            )
+        if off[0] != 0 or off[-1] != src.size or np.any(np.diff(off) < 0):
+            raise ValueError(
+                f"sample_offsets must start at 0, never decrease and end at {src.size} (the pair count); "
+                f"got first={int(off[0])} last={int(off[-1])}"
+            )
+        if src.size and (int(src.min()) < 0 or int(dst.min()) < 0):
+            raise ValueError("aligned positions must be >= 0")
+        if self.method not in METHODS:
+            raise ValueError(f"unknown alignment method {self.method!r}; expected one of {METHODS}")
+        for name in ("src_hash", "dst_hash", "public_set_hash"):
+            if not isinstance(getattr(self, name), str):
+                raise ValueError(f"{name} must be a string")
+        object.__setattr__(self, "sample_offsets", off)
+        object.__setattr__(self, "src_pos", src)
+        object.__setattr__(self, "dst_pos", dst)
 
     @property
     def num_samples(self) -> int:
-        return len(self.sample_offsets) - 1
+        return int(self.sample_offsets.shape[0] - 1)
+
+    n_samples = num_samples
 
     def pairs(self, i: int) -> tuple[np.ndarray, np.ndarray]:
-        if not 0 <= i < self.num_samples:
-            raise IndexError(f"sample {i} outside alignment of {self.num_samples} samples")
+        if not 0 <= i < self.n_samples:
+            raise IndexError(f"sample {i} out of range (0..{self.n_samples - 1})")
         a, b = int(self.sample_offsets[i]), int(self.sample_offsets[i + 1])
         return self.src_pos[a:b], self.dst_pos[a:b]
 
+    def __eq__(self, other) -> bool:
+        if not isinstance(other, SequenceAlignment):
+            return NotImplemented
+        return (
+            (self.src_hash, self.dst_hash, self.public_set_hash, self.method)
+            == (other.src_hash, other.dst_hash, other.public_set_hash, other.method)
+            and np.array_equal(self.sample_offsets, other.sample_offsets)
+            and np.array_equal(self.src_pos, other.src_pos)
+            and np.array_equal(self.dst_pos, other.dst_pos)
+        )
+
     def to_bytes(self) -> bytes:
-        meta = {"format": FORMAT, "src_hash": self.src_hash, "dst_hash": self.dst_hash,
-                "public_set_hash": self.public_set_hash, "method": self.method}
-        return dumps({"sample_offsets": self.sample_offsets.astype(np.int64), "src_pos": self.src_pos.astype(np.int32),
-                        "dst_pos": self.dst_pos.astype(np.int32)}, metadata=meta)
+        from cotune.wire.safetensors_io import dumps  # deterministic bytes (safetensors' metadata order is not)
+
+        return dumps(
+            {"sample_offsets": self.sample_offsets, "src_pos": self.src_pos, "dst_pos": self.dst_pos},
+            metadata={
+                "format": FORMAT,
+                "src_hash": self.src_hash,
+                "dst_hash": self.dst_hash,
+                "public_set_hash": self.public_set_hash,
+                "method": self.method,
+            },
+        )
 
     @classmethod
     def from_bytes(cls, data: bytes) -> "SequenceAlignment":
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise ValueError(f"sequence alignment must be bytes, got {type(data).__name__}")
+        data = bytes(data)
+        if len(data) < 8:
+            raise ValueError(f"sequence alignment is not a safetensors blob: only {len(data)} bytes")
+        (header_len,) = struct.unpack("<Q", data[:8])
+        if header_len > len(data) - 8:
+            raise ValueError("sequence alignment is not a safetensors blob: header length exceeds the data")
         try:
-            tensors = st_load(data)
-            meta = read_metadata(data)
-        except Exception as exc:  # noqa: BLE001 - any parse failure is bad input
-            raise ValueError(f"not a sequence alignment (safetensors expected): {exc}") from exc
-        if meta.get("format") != FORMAT:
-            raise ValueError(f"sequence alignment has format {meta.get('format')!r}, expected {FORMAT!r}")
+            header = json.loads(data[8 : 8 + header_len].decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ValueError(f"sequence alignment is not a safetensors blob: bad header ({exc})") from exc
+        if not isinstance(header, dict):
+            raise ValueError("sequence alignment header is not an object")
+        meta = header.get("__metadata__") or {}
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            raise ValueError(f"sequence alignment has format {meta.get('format') if isinstance(meta, dict) else None!r}, expected {FORMAT!r}")
+        need = ("src_hash", "dst_hash", "public_set_hash", "method")
+        missing = [k for k in need if k not in meta]
+        if missing:
+            raise ValueError(f"sequence alignment metadata lacks {missing}")
+        expect = {"sample_offsets": "I64", "src_pos": "I32", "dst_pos": "I32"}
+        tensors = {k: v for k, v in header.items() if k != "__metadata__"}
+        if set(tensors) != set(expect):
+            raise ValueError(f"sequence alignment must hold tensors {sorted(expect)}, found {sorted(tensors)}")
+        for name, dtype in expect.items():
+            info = tensors[name]
+            if not isinstance(info, dict) or info.get("dtype") != dtype or len(info.get("shape", [])) != 1:
+                raise ValueError(f"sequence alignment tensor '{name}' must be 1-D {dtype}, found {info!r}")
+        from safetensors.numpy import load
+
         try:
-            offsets, src, dst = tensors["sample_offsets"], tensors["src_pos"], tensors["dst_pos"]
-        except KeyError as exc:
-            raise ValueError(f"sequence alignment lacks tensor {exc}") from exc
-        if offsets.dtype != np.int64 or src.dtype != np.int32 or dst.dtype != np.int32:
-            raise ValueError("sequence alignment tensors have wrong dtypes (int64 offsets, int32 positions expected)")
-        if offsets.ndim != 1 or len(offsets) < 1 or offsets[0] != 0 or np.any(np.diff(offsets) < 0) or offsets[-1] != len(src):
-            raise ValueError("sequence alignment offsets are not a monotone partition of its pairs")
-        if src.shape != dst.shape or (len(src) and (src.min() < 0 or dst.min() < 0)):
-            raise ValueError("sequence alignment positions must be non-negative and paired")
-        return cls(offsets, src, dst, meta.get("src_hash", ""), meta.get("dst_hash", ""), meta.get("public_set_hash", ""),
-                   meta.get("method", "offsets"))
+            arrays = load(data)
+        except Exception as exc:
+            raise ValueError(f"sequence alignment safetensors data is corrupt: {exc}") from exc
+        return cls(
+            sample_offsets=arrays["sample_offsets"],
+            src_pos=arrays["src_pos"],
+            dst_pos=arrays["dst_pos"],
+            src_hash=meta["src_hash"],
+            dst_hash=meta["dst_hash"],
+            public_set_hash=meta["public_set_hash"],
+            method=meta["method"],
+        )
 
 
-def _last_target_per_end(pair: EncodedPair) -> tuple[np.ndarray, np.ndarray]:
-    """(end offsets, positions) of target positions, keeping the last position for each end offset."""
-    positions = np.arange(max(pair.response_start - 1, 0), len(pair.ids) - 1, dtype=np.int64)
-    ends = np.asarray(pair.ends, dtype=np.int64)[positions]
-    if len(ends) == 0:
-        return ends, positions
-    last = np.r_[ends[1:] != ends[:-1], True]
-    return ends[last], positions[last]
+# ---------------------------------------------------------------------------------------------------------------
 
 
-def align_pair(src: EncodedPair, dst: EncodedPair, method: str = "offsets", *, text: str | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(src positions, dst positions) int32 of the aligned target positions of one sample."""
-    if method == "offsets":
-        src_ends, src_pos = _last_target_per_end(src)
-        dst_ends, dst_pos = _last_target_per_end(dst)
-        _, i, j = np.intersect1d(src_ends, dst_ends, assume_unique=True, return_indices=True)
-        return src_pos[i].astype(np.int32), dst_pos[j].astype(np.int32)
-    if method == "dtw":
-        return _dtw_pairs(src, dst, text)
-    raise ValueError(f"unknown alignment method {method!r}; choose one of {', '.join(METHODS)}")
+def _last_per_end(ends: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(end values, last position with that end), sorted by end value."""
+    pos = np.arange(len(ends), dtype=np.int64)
+    order = np.lexsort((pos, ends))
+    e = ends[order]
+    last = np.ones(len(e), dtype=bool)
+    last[:-1] = e[1:] != e[:-1]
+    return e[last], order[last]
 
 
-def _spans(pair: EncodedPair, text: str) -> list[str]:
-    starts = (0,) + pair.ends[:-1]
-    return [text[a:b] for a, b in zip(starts, pair.ends)]
+def _target_mask(enc, positions: np.ndarray) -> np.ndarray:
+    tp = enc.target_positions
+    return (positions >= tp.start) & (positions < tp.stop)
 
 
-def _dtw_pairs(src: EncodedPair, dst: EncodedPair, text: str | None) -> tuple[np.ndarray, np.ndarray]:
-    """The FedMKT paper's alignment: DTW over token strings with edit-distance costs; each src target
-    position takes the dst target position it is matched with (last one when several)."""
-    from rapidfuzz.distance import Levenshtein
-    from rapidfuzz.process import cdist
+def _align_offsets(src, dst) -> tuple[np.ndarray, np.ndarray]:
+    s_end, s_pos = _last_per_end(np.asarray(src.ends, dtype=np.int64))
+    d_end, d_pos = _last_per_end(np.asarray(dst.ends, dtype=np.int64))
+    _, si, di = np.intersect1d(s_end, d_end, assume_unique=True, return_indices=True)
+    sp, dp = s_pos[si], d_pos[di]
+    keep = _target_mask(src, sp) & _target_mask(dst, dp)
+    return sp[keep].astype(np.int32), dp[keep].astype(np.int32)
 
-    if text is None:
-        raise ValueError("dtw alignment needs the sample text")
-    a, b = _spans(src, text), _spans(dst, text)
-    cost = cdist(a, b, scorer=Levenshtein.distance, dtype=np.int32).astype(np.float64)
+
+def dtw_path(cost: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Classic DTW (steps (1,0), (0,1), (1,1)) over a cost matrix [n, m]; returns the warping path (i, j) from
+    (0, 0) to (n-1, m-1). Rows are filled with numpy: x_j = min(a_j, x_{j-1} + c_j) is
+    C_j + min_{k<=j}(a_k - C_k) with C the running sum of the row's costs."""
     n, m = cost.shape
-    acc = np.full((n + 1, m + 1), np.inf)
-    acc[0, 0] = 0.0
-    for i in range(1, n + 1):  # O(n·m) with a vectorized inner recurrence per row
-        row = cost[i - 1]
-        diag_up = np.minimum(acc[i - 1, :-1], acc[i - 1, 1:]) + row
-        cur = acc[i]
-        for j in range(1, m + 1):
-            cur[j] = min(diag_up[j - 1], cur[j - 1] + row[j - 1])
-    i, j, match = n, m, {}
-    while i > 0 and j > 0:
-        match.setdefault(i - 1, j - 1)
-        step = np.argmin((acc[i - 1, j - 1], acc[i - 1, j], acc[i, j - 1]))
-        i, j = (i - 1, j - 1) if step == 0 else (i - 1, j) if step == 1 else (i, j - 1)
-    src_targets = set(range(max(src.response_start - 1, 0), len(src.ids) - 1))
-    dst_targets = set(range(max(dst.response_start - 1, 0), len(dst.ids) - 1))
-    pairs = sorted((s, d) for s, d in match.items() if s in src_targets and d in dst_targets)
-    return np.array([p[0] for p in pairs], np.int32), np.array([p[1] for p in pairs], np.int32)
+    if n == 0 or m == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    cost = cost.astype(np.float64)
+    acc = np.empty((n, m), dtype=np.float64)
+    acc[0] = np.cumsum(cost[0])
+    for i in range(1, n):
+        prev = acc[i - 1]
+        a = cost[i] + np.minimum(prev, np.concatenate([[np.inf], prev[:-1]]))
+        csum = np.cumsum(cost[i])
+        acc[i] = csum + np.minimum.accumulate(a - csum)
+    i, j = n - 1, m - 1
+    path_i, path_j = [i], [j]
+    while i > 0 or j > 0:
+        if i == 0:
+            j -= 1
+        elif j == 0:
+            i -= 1
+        else:
+            diag, up, left = acc[i - 1, j - 1], acc[i - 1, j], acc[i, j - 1]
+            if diag <= up and diag <= left:
+                i, j = i - 1, j - 1
+            elif up <= left:
+                i -= 1
+            else:
+                j -= 1
+        path_i.append(i)
+        path_j.append(j)
+    return np.asarray(path_i[::-1], dtype=np.int64), np.asarray(path_j[::-1], dtype=np.int64)
 
 
-def align_public_set(src_tok, dst_tok, samples: Sequence[tuple[str, str]], *, max_length: int = 512, method: str = "offsets",
-                     public_set_hash: str = "", progress: Callable[[int, int], None] | None = None) -> SequenceAlignment:
+def _spans(enc, text: str) -> list[str]:
+    starts = (0,) + tuple(enc.ends[:-1])
+    return [text[a:b] for a, b in zip(starts, enc.ends)]
+
+
+def _align_dtw(src, dst, src_forms, dst_forms, text) -> tuple[np.ndarray, np.ndarray]:
+    from rapidfuzz import process
+    from rapidfuzz.distance import Levenshtein
+
+    if src_forms is not None and dst_forms is not None:  # token strings: each token's raw bytes
+        s_tok = [src_forms[i].decode("latin-1") if 0 <= i < len(src_forms) else "" for i in src.ids]
+        d_tok = [dst_forms[i].decode("latin-1") if 0 <= i < len(dst_forms) else "" for i in dst.ids]
+    elif text is not None:  # token strings: the text each token covers
+        s_tok, d_tok = _spans(src, text), _spans(dst, text)
+    else:
+        raise ValueError("method='dtw' needs src_forms and dst_forms (normalized_forms of both tokenizers) or text")
+    if not s_tok or not d_tok:
+        return np.zeros(0, np.int32), np.zeros(0, np.int32)
+    cost = process.cdist(s_tok, d_tok, scorer=Levenshtein.distance, workers=1)
+    pi, pj = dtw_path(cost)
+    # each receiver (dst) position takes the last sender (src) position warped onto it
+    last = np.ones(len(pj), dtype=bool)
+    last[:-1] = pj[1:] != pj[:-1]
+    sp, dp = pi[last], pj[last]
+    keep = _target_mask(src, sp) & _target_mask(dst, dp)
+    return sp[keep].astype(np.int32), dp[keep].astype(np.int32)
+
+
+def align_pair(
+    src,
+    dst,
+    method: str = "offsets",
+    *,
+    src_forms: Sequence[bytes] | None = None,
+    dst_forms: Sequence[bytes] | None = None,
+    text: str | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Aligned (src_pos, dst_pos) int32 pairs for one sample encoded by both tokenizers (`EncodedPair`s of
+    the same prompt/response), sorted by position. method='dtw' also needs the token strings: both
+    tokenizers' normalized forms (preferred), or the sample text (prompt + response)."""
+    if method == "offsets":
+        return _align_offsets(src, dst)
+    if method == "dtw":
+        return _align_dtw(src, dst, src_forms, dst_forms, text)
+    raise ValueError(f"unknown alignment method {method!r}; expected one of {METHODS}")
+
+
+def public_set_digest(samples: Sequence[tuple[str, str]]) -> str:
+    """A content hash of (prompt, response) samples, for callers without a better public-set hash."""
+    h = hashlib.sha256()
+    for prompt, response in samples:
+        for part in (prompt, response):
+            b = part.encode("utf-8")
+            h.update(len(b).to_bytes(8, "little"))
+            h.update(b)
+    return h.hexdigest()
+
+
+def align_public_set(
+    src_tok,
+    dst_tok,
+    samples: Sequence[tuple[str, str]],
+    *,
+    max_length: int = 512,
+    method: str = "offsets",
+    public_set_hash: str = "",
+    progress: Callable[[int, int], None] | None = None,
+) -> SequenceAlignment:
+    """Encode every (prompt, response) with both tokenizers (`encode_pair`, the encoding every party uses)
+    and align them."""
+    from alignment.normalize import normalized_forms_cached
+    from cotune.lm.tokenizers import encode_pair, tokenizer_hash
+
     if method not in METHODS:
-        raise ValueError(f"unknown alignment method {method!r}; choose one of {', '.join(METHODS)}")
+        raise ValueError(f"unknown alignment method {method!r}; expected one of {METHODS}")
+    forms = {}
+    if method == "dtw":
+        forms = {"src_forms": normalized_forms_cached(src_tok), "dst_forms": normalized_forms_cached(dst_tok)}
     offsets = [0]
-    src_all, dst_all = [], []
+    src_parts, dst_parts = [], []
     total = len(samples)
-    for n, (prompt, response) in enumerate(samples, 1):
-        s = encode_pair(src_tok, prompt, response, max_length)
-        d = encode_pair(dst_tok, prompt, response, max_length)
-        sp, dp = align_pair(s, d, method, text=prompt + response)
-        src_all.append(sp)
-        dst_all.append(dp)
+    for n, (prompt, response) in enumerate(samples):
+        a = encode_pair(src_tok, prompt, response, max_length=max_length)
+        b = encode_pair(dst_tok, prompt, response, max_length=max_length)
+        sp, dp = align_pair(a, b, method, **forms)
+        src_parts.append(sp)
+        dst_parts.append(dp)
         offsets.append(offsets[-1] + len(sp))
-        if progress and (n % 256 == 0 or n == total):
-            progress(n, total)
-    cat = lambda parts: np.concatenate(parts).astype(np.int32) if parts else np.zeros(0, np.int32)  # noqa: E731
-    return SequenceAlignment(np.asarray(offsets, np.int64), cat(src_all), cat(dst_all), public_set_hash=public_set_hash, method=method)
+        if progress is not None and (n + 1 == total or (n + 1) % 256 == 0):
+            progress(n + 1, total)
+    return SequenceAlignment(
+        sample_offsets=np.asarray(offsets, dtype=np.int64),
+        src_pos=np.concatenate(src_parts).astype(np.int32) if src_parts else np.zeros(0, np.int32),
+        dst_pos=np.concatenate(dst_parts).astype(np.int32) if dst_parts else np.zeros(0, np.int32),
+        src_hash=tokenizer_hash(src_tok),
+        dst_hash=tokenizer_hash(dst_tok),
+        public_set_hash=public_set_hash,
+        method=method,
+    )

@@ -9,7 +9,6 @@ alignments once per run (cached across runs); receivers project logits themselve
 from __future__ import annotations
 
 from cotune.rpc.errors import InvalidInput
-from cotune.v1 import coordinator_pb2 as pb
 from cotune.v1 import party_pb2
 from coordinator.strategies.base import Party, RunDriver, Strategy
 

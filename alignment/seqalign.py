@@ -285,7 +285,7 @@ def align_public_set(
     """Encode every (prompt, response) with both tokenizers (`encode_pair`, the encoding every party uses)
     and align them."""
     from alignment.normalize import normalized_forms_cached
-    from cotune.lm.tokenizers import encode_pair, tokenizer_hash
+    from cotune.lm.tokenizers import encode_pairs, tokenizer_hash
 
     if method not in METHODS:
         raise ValueError(f"unknown alignment method {method!r}; expected one of {METHODS}")
@@ -295,15 +295,16 @@ def align_public_set(
     offsets = [0]
     src_parts, dst_parts = [], []
     total = len(samples)
-    for n, (prompt, response) in enumerate(samples):
-        a = encode_pair(src_tok, prompt, response, max_length=max_length)
-        b = encode_pair(dst_tok, prompt, response, max_length=max_length)
-        sp, dp = align_pair(a, b, method, **forms)
-        src_parts.append(sp)
-        dst_parts.append(dp)
-        offsets.append(offsets[-1] + len(sp))
-        if progress is not None and (n + 1 == total or (n + 1) % 256 == 0):
-            progress(n + 1, total)
+    block = 512
+    for first in range(0, total, block):
+        chunk = [(p, r) for p, r in samples[first : first + block]]
+        for a, b in zip(encode_pairs(src_tok, chunk, max_length), encode_pairs(dst_tok, chunk, max_length)):
+            sp, dp = align_pair(a, b, method, **forms)
+            src_parts.append(sp)
+            dst_parts.append(dp)
+            offsets.append(offsets[-1] + len(sp))
+        if progress is not None:
+            progress(min(first + block, total), total)
     return SequenceAlignment(
         sample_offsets=np.asarray(offsets, dtype=np.int64),
         src_pos=np.concatenate(src_parts).astype(np.int32) if src_parts else np.zeros(0, np.int32),

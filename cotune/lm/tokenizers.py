@@ -19,11 +19,12 @@ backend is a plain `tokenizers.Tokenizer` (so `tokenizer_bundle_bytes` can descr
 from __future__ import annotations
 
 import base64
-import bisect
 import gzip
 import hashlib
 import json
 import re
+import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -482,8 +483,26 @@ def tokenizer_from_bundle(data: bytes) -> PreTrainedTokenizerFast:
     return tok  # the post-processor inside the bundle already says whether bos is added
 
 
+_HASHES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
 def tokenizer_hash(tok: PreTrainedTokenizerFast) -> str:
-    return hashlib.sha256(tokenizer_bundle_bytes(tok)).hexdigest()
+    """sha256 of the canonical bundle. Memoized per tokenizer object (serializing a 262k vocabulary takes
+    seconds); the memo is dropped if the special roles or the vocabulary size change."""
+    stamp = (tuple(sorted(special_token_ids(tok).items())), tok.backend_tokenizer.get_vocab_size(with_added_tokens=True),
+             id(tok.backend_tokenizer))
+    try:
+        cached = _HASHES.get(tok)
+    except TypeError:
+        cached = None
+    if cached is not None and cached[0] == stamp:
+        return cached[1]
+    digest = hashlib.sha256(tokenizer_bundle_bytes(tok)).hexdigest()
+    try:
+        _HASHES[tok] = (stamp, digest)
+    except TypeError:
+        pass
+    return digest
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -513,63 +532,74 @@ class EncodedPair:
         return range(max(self.response_start - 1, 0), len(self.ids) - 1)
 
 
+class _EncodeInfo:
+    """Per-tokenizer facts encode_pair needs on every call, computed once."""
+
+    def __init__(self, tok: PreTrainedTokenizerFast):
+        import numpy as np
+
+        self.bos = tok.bos_token_id
+        self.adds_bos = _post_processor_adds_bos(tok)
+        try:
+            from alignment.normalize import normalized_forms_cached
+        except ImportError:  # pragma: no cover - alignment package not importable
+            self.forms = None
+        else:
+            self.forms = normalized_forms_cached(tok)
+            self.form_len = np.fromiter((len(f) for f in self.forms), dtype=np.int64, count=len(self.forms))
+
+
+_INFO: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _encode_info(tok: PreTrainedTokenizerFast) -> _EncodeInfo:
+    info = _INFO.get(tok)
+    if info is None or info.bos != tok.bos_token_id:
+        info = _INFO[tok] = _EncodeInfo(tok)
+    return info
+
+
 def adds_bos(tok: PreTrainedTokenizerFast) -> bool:
     """Whether this tokenizer's model expects a bos token in front of every text."""
-    cached = getattr(tok, "_cotune_adds_bos", None)
-    if cached is None:
-        cached = _post_processor_adds_bos(tok)
-        try:
-            object.__setattr__(tok, "_cotune_adds_bos", cached)
-        except Exception:
-            pass
-    return cached
+    return _encode_info(tok).adds_bos
 
 
-def _char_ends(tok: PreTrainedTokenizerFast, text: str, enc) -> list[int]:
+def _char_ends(info: _EncodeInfo, text: str, enc) -> list[int]:
     """Character end offset of every token.
 
-    Exact path: the tokens' bytes (from the normalized forms) concatenate to the text's UTF-8 bytes (after
-    dropping a SentencePiece dummy-prefix space); then ends come from cumulative byte counts, rounded up to
-    the end of the character. Otherwise (a normalizer changed the text): the tokenizer's offset mapping.
+    Exact path: the tokens' bytes (their normalized forms) concatenate to the text's UTF-8 bytes (after a
+    SentencePiece dummy-prefix space); then ends come from cumulative byte counts, a token ending inside a
+    character getting that character's end. Otherwise (a normalizer changed the text): the tokenizer's offsets.
     """
+    import numpy as np
+
     ids = enc.ids
-    offsets_ends = [int(end) for _, end in enc.offsets]
-    try:
-        from alignment.normalize import normalized_forms_cached
-    except ImportError:  # pragma: no cover - alignment package not importable
-        return offsets_ends
-    forms = normalized_forms_cached(tok)
+    forms = info.forms
+    if forms is None or not ids or max(ids) >= len(forms):
+        return [int(end) for _, end in enc.offsets]
     data = text.encode("utf-8")
-    pieces = [forms[i] if 0 <= i < len(forms) else b"" for i in ids]
-    joined = b"".join(pieces)
-    skip = 0
-    if joined != data:
-        if joined[:1] == b" " and joined[1:] == data:
-            skip = 1
-        else:
-            return offsets_ends
-    # byte offset -> char offset, rounding up to the end of a character
-    char_start_bytes = []  # byte offset at which each character starts
-    pos = 0
-    for ch in text:
-        char_start_bytes.append(pos)
-        pos += len(ch.encode("utf-8"))
-    ends = []
-    cum = -skip
-    for piece in pieces:
-        cum += len(piece)
-        b = max(cum, 0)
-        ends.append(bisect.bisect_left(char_start_bytes, b) if b < len(data) else len(text))
-    return ends
+    joined = b"".join([forms[i] for i in ids])
+    if joined == data:
+        skip = 0
+    elif joined[:1] == b" " and joined[1:] == data:
+        skip = 1
+    else:
+        return [int(end) for _, end in enc.offsets]
+    cum = np.cumsum(info.form_len[np.asarray(ids)]) - skip
+    np.clip(cum, 0, len(data), out=cum)
+    if len(data) == len(text):  # ASCII: bytes are characters
+        return cum.tolist()
+    raw = np.frombuffer(data, dtype=np.uint8)
+    starts = np.zeros(len(data) + 1, dtype=np.int64)  # starts[b] = characters beginning before byte b
+    np.cumsum((raw & 0xC0) != 0x80, out=starts[1:])
+    return starts[cum].tolist()
 
 
-def encode_pair(tok: PreTrainedTokenizerFast, prompt: str, response: str, max_length: int = 512) -> EncodedPair:
-    text = prompt + response
-    enc = tok.backend_tokenizer.encode(text, add_special_tokens=False)
+def _finish(info: _EncodeInfo, prompt: str, response: str, enc, max_length: int) -> EncodedPair:
     ids = list(enc.ids)
-    ends = _char_ends(tok, text, enc)
-    bos = tok.bos_token_id
-    if bos is not None and adds_bos(tok) and (not ids or ids[0] != bos):
+    ends = _char_ends(info, prompt + response, enc)
+    bos = info.bos
+    if bos is not None and info.adds_bos and (not ids or ids[0] != bos):
         ids.insert(0, bos)
         ends.insert(0, 0)
     prompt_len = len(prompt)
@@ -585,3 +615,18 @@ def encode_pair(tok: PreTrainedTokenizerFast, prompt: str, response: str, max_le
         response_start -= cut
         ids, ends = ids[:max_length], ends[:max_length]
     return EncodedPair(tuple(ids), tuple(ends), response_start, len(response.encode("utf-8")))
+
+
+def encode_pair(tok: PreTrainedTokenizerFast, prompt: str, response: str, max_length: int = 512) -> EncodedPair:
+    enc = tok.backend_tokenizer.encode(prompt + response, add_special_tokens=False)
+    return _finish(_encode_info(tok), prompt, response, enc, max_length)
+
+
+def encode_pairs(
+    tok: PreTrainedTokenizerFast, samples: Sequence[tuple[str, str]], max_length: int = 512
+) -> list[EncodedPair]:
+    """`encode_pair` for many samples at once (the tokenizer's batch encoder); identical results."""
+    info = _encode_info(tok)
+    texts = [p + r for p, r in samples]
+    encs = tok.backend_tokenizer.encode_batch(texts, add_special_tokens=False)
+    return [_finish(info, p, r, enc, max_length) for (p, r), enc in zip(samples, encs)]

@@ -234,6 +234,15 @@ def test_encode_pair_sentencepiece_leading_spaces_and_bytes():
     assert isinstance(enc, EncodedPair) and enc.target_positions == range(enc.response_start - 1, len(enc.ids) - 1)
 
 
+@pytest.mark.parametrize("name", ["llama2", "gpt2", "gemma3"])
+def test_encode_pairs_batch_equals_single(name):
+    from cotune.lm.tokenizers import encode_pairs
+
+    tok = tokenizer(name)
+    samples = [(t[:7], t[7:]) for t in HARD_TEXTS] + [(p, " yes") for p in ARC_LIKE]
+    assert encode_pairs(tok, samples, 24) == [encode_pair(tok, p, r, 24) for p, r in samples]
+
+
 def test_encode_pair_truncation_keeps_response():
     tok = tokenizer("gpt2")
     enc = encode_pair(tok, "word " * 300, "the answer", max_length=64)

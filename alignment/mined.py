@@ -346,7 +346,7 @@ def _ring_scan(tix: _TargetIndex, s_str, rows, length, high, best_d, best_u, wor
     changes the count of high bytes and of low bytes by at most one each, so
     lev >= max((h-g)+ + (l-m)+, (g-h)+ + (m-l)+) for counts h, l (source) and g, m (target)."""
     widest = int(tix.ring_size.max())
-    chunk = max(64, min(4096, (64 << 20) // max(widest, 1)))
+    chunk = max(1, min(RING_CHUNK, (64 << 20) // max(widest, 1)))
     low = length - high
     for start in range(0, len(rows), chunk):
         idx = rows[start : start + chunk]
@@ -382,16 +382,23 @@ def _ring_scan(tix: _TargetIndex, s_str, rows, length, high, best_d, best_u, wor
                     workers=workers,
                 )
                 mins = mat.min(axis=1)
-                cand = np.where(mat == mins[:, None], us[None, :], tix.n).min(axis=1)
-                mins = mins.astype(np.int64)
-                cur_d, cur_u = bd[active], bu[active]
-                better = (mins < cur_d) | ((mins == cur_d) & (cand < cur_u))
-                bd[active[better]] = mins[better]
-                bu[active[better]] = cand[better]
+                hit = np.flatnonzero(mins.astype(np.int64) <= bd[active])  # rows that can improve or tie
+                if len(hit):
+                    sub = mat if len(hit) == len(active) else mat[hit]
+                    r, c = np.nonzero(sub == mins[hit, None])
+                    cand = np.full(len(hit), tix.n, dtype=np.int64)
+                    np.minimum.at(cand, r, us[c])  # smallest target index among the row's minima
+                    who = active[hit]
+                    d_new = mins[hit].astype(np.int64)
+                    better = (d_new < bd[who]) | ((d_new == bd[who]) & (cand < bu[who]))
+                    bd[who[better]] = d_new[better]
+                    bu[who[better]] = cand[better]
                 active = active[bd[active] >= delta]
             delta += 1
         best_d[idx], best_u[idx] = bd, bu
 
+
+RING_CHUNK = 4096  # sources per cdist call in the ring scan (bounded by a 64 MiB distance matrix)
 
 # Route a source to the pigeonhole path when its candidate list is this many times smaller than its rings
 # (a candidate costs a few numpy gathers plus a list entry; a ring pair costs one SIMD Levenshtein in C++).

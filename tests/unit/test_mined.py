@@ -57,9 +57,10 @@ def test_map_forms_equals_exhaustive(src, dst):
         assert (int(ids[i]), int(dist[i])) == exhaustive_nearest(f, dst), (f, dst)
 
 
-@pytest.mark.parametrize("advantage", [0, 10**9])
-def test_search_paths_agree(monkeypatch, advantage):
-    """Pigeonhole path everywhere it is feasible, or the ring scan everywhere: same answers."""
+@pytest.mark.parametrize("advantage, chunk", [(0, 4096), (10**9, 4096), (10**9, 3)])
+def test_search_paths_agree(monkeypatch, advantage, chunk):
+    """Pigeonhole path everywhere it is feasible, or the ring scan everywhere (in big or tiny chunks): same answers."""
+    monkeypatch.setattr(mined, "RING_CHUNK", chunk)
     rng = random.Random(7)
     alphabet = b"abcde \n" + "é你".encode()
     dst = sorted({bytes(rng.choice(alphabet) for _ in range(rng.randint(1, 9))) for _ in range(400)})

@@ -289,8 +289,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="run a complete demo on a local cluster")
     p.add_argument("--preset", choices=["small", "tiny"], default="small")
-    p.add_argument("--algorithm", default="fedmkt", choices=["fedmkt"])
-    p.add_argument("--setting", default="heterogeneous", choices=["heterogeneous", "homogeneous", "one_to_one", "llm_to_slm"])
+    p.add_argument("--algorithm", default="fedmkt",
+                   choices=["fedmkt", "fedcollm", "zero-shot", "standalone", "fedavg", "llm2slm"])
+    p.add_argument("--setting", default="heterogeneous", choices=["heterogeneous", "homogeneous", "one_to_one", "llm_to_slm"],
+                   help="fedmkt only")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--json", help="also write the per-round results here")
     p.add_argument("--workdir", help="where data, models and cluster state go (default var/demo)")

@@ -39,6 +39,9 @@ class ModelConfig:
     device: str = "auto"      # auto | cpu | cuda | cuda:N
     dtype: str = "auto"       # auto | fp32 | bf16 | fp16
     cache_dir: str = ""       # where GGUF models are cached as HF directories
+    companion_slm_path: str = ""  # LLM server, FedCoLLM: the SLM the clients train (HF directory or .gguf), held here
+                                  # as a second model for co-distillation; must share the LLM's tokenizer
+    companion_slm_name: str = ""  # display name; defaults to the path's name
 
 
 @dataclass
@@ -71,6 +74,7 @@ class PartyConfig:
     workdir: str = ""
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    companion_lora: LoraConfig = field(default_factory=LoraConfig)  # the companion SLM's LoRA: match the clients' `lora`
     training: TrainingConfig = field(default_factory=TrainingConfig)
     data: DataConfig = field(default_factory=DataConfig)
     tls: TlsConfig = field(default_factory=TlsConfig)
@@ -93,6 +97,11 @@ class PartyConfig:
                 raise ConfigError(f"data.{name}: file not found: {value}")
         if not Path(self.model.path).exists():
             raise ConfigError(f"model.path: not found: {self.model.path}")
+        if self.model.companion_slm_path:
+            if role != "llm":
+                raise ConfigError("model.companion_slm_path is for the LLM server (FedCoLLM); an SLM client trains its own model")
+            if not Path(self.model.companion_slm_path).exists():
+                raise ConfigError(f"model.companion_slm_path: not found: {self.model.companion_slm_path}")
 
 
 @dataclass

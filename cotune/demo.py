@@ -3,8 +3,12 @@
 Presets:
   tiny   random-init small models with real tokenizers (LLM: Mistral's 32k SentencePiece vocabulary; clients:
          GPT-2 and GPT-NeoX byte-level BPE), a slice of ARC-Easy; about a minute on 2 CPU cores.
+         For the algorithms that move SLM adapters (fedcollm, fedavg) and their baselines (zero-shot, standalone)
+         every model shares Mistral's tokenizer instead: a larger Llama-style LLM (hidden 128, 4 layers) and a
+         smaller Llama-style SLM (hidden 64, 2 layers) on both clients, the LLM server holding a copy of the SLM.
   small  the real pair: Gemma 3 270M (LLM) and SmolLM2-135M-Instruct (both clients), a small slice of
-         ARC-Easy; minutes on 2 CPU cores.
+         ARC-Easy; minutes on 2 CPU cores. No same-tokenizer LLM/SLM pair is shipped yet, so fedcollm runs on
+         the tiny preset only.
 """
 
 from __future__ import annotations
@@ -37,12 +41,17 @@ class Preset:
     lr: float
     top_k: int
     lam: float             # CE weight in distillation
+    kd_weight: float = 1.0  # FedCoLLM's λ: KL weight in the co-distillation (CE + λ·KL)
 
 
 PRESETS = {
     # Random-init tiny models: their teachers carry no task knowledge, so CE and KD pull apart; the tiny
     # preset weights KD higher (lam 0.2) so that transfer is visible. The real pair uses the paper's 0.9.
-    "tiny": Preset(task="arc_easy", per_part=32, eval_size=64, max_length=128, batch_size=8, lr=5e-3, top_k=16, lam=0.2),
+    # Likewise FedCoLLM's KL term: two random-init models are both near-uniform (KL ≈ 0.04 nats), and LoRA on the
+    # attention projections moves that little, so at λ = 1 the CE term hides the co-distillation; the tiny preset
+    # uses λ = 20 so that the KL visibly falls.
+    "tiny": Preset(task="arc_easy", per_part=32, eval_size=64, max_length=128, batch_size=8, lr=5e-3, top_k=16, lam=0.2,
+                   kd_weight=20.0),
     "small": Preset(task="arc_easy", per_part=32, eval_size=60, max_length=128, batch_size=4, lr=2e-4, top_k=16, lam=0.9),
 }
 NUM_CLIENTS = 2
@@ -52,6 +61,14 @@ TINY_MODELS = [
     ("client-1", "gpt2/gpt2.vocab", "gpt2"),
     ("client-2", "gpt-neox-20b/20B_tokenizer.json", "llama"),
 ]
+# Tiny same-tokenizer family (FedCoLLM and the LoRA baselines): (party, tokenizer, arch, hidden, layers, seed)
+TINY_SHARED_MODELS = [
+    ("llm", "mistral-7b-hf/tokenizer.json", "llama", 128, 4, 10),
+    ("slm", "mistral-7b-hf/tokenizer.json", "llama", 64, 2, 11),
+]
+ALGORITHMS = ("fedmkt", "fedcollm", "zero-shot", "standalone", "fedavg", "llm2slm")
+# Which model family an algorithm's demo uses on the tiny preset: logits-based ones show off different tokenizers.
+SHARED_TOKENIZER_ALGORITHMS = ("fedcollm", "fedavg", "zero-shot", "standalone")
 
 
 def prepare_data(preset: Preset, workdir: Path, seed: int = 0) -> dict[str, Path]:
@@ -70,7 +87,24 @@ def prepare_data(preset: Preset, workdir: Path, seed: int = 0) -> dict[str, Path
     return paths
 
 
-def prepare_models(preset_name: str, workdir: Path) -> dict[str, str]:
+def prepare_models(preset_name: str, workdir: Path, *, shared_tokenizer: bool = False) -> dict[str, str]:
+    """Model directories by party. With shared_tokenizer (tiny only) the LLM and the SLM share one tokenizer, the
+    clients run the SLM, and the result also names it as "companion" (the LLM server's SLM copy for FedCoLLM)."""
+    if shared_tokenizer:
+        if preset_name != "tiny":
+            raise SystemExit(f"the {preset_name} preset has no same-tokenizer LLM/SLM pair yet; use --preset tiny")
+        from cotune.lm.tiny import make_tiny_model
+        from cotune.lm.tokenizers import load_tokenizer
+
+        tokenizers = require_shared_data() / "tokenizers"
+        built = {}
+        for name, tok_file, arch, hidden, layers, seed in TINY_SHARED_MODELS:
+            out = workdir / "models" / f"tiny-shared-{name}-{arch}-h{hidden}-l{layers}"
+            if not (out / "config.json").exists():
+                make_tiny_model(load_tokenizer(tokenizers / tok_file), out, arch=arch, hidden=hidden, layers=layers, seed=seed)
+            built[name] = str(out)
+        return {"llm": built["llm"], "companion": built["slm"],
+                **{f"client-{i}": built["slm"] for i in range(1, NUM_CLIENTS + 1)}}
     if preset_name == "small":
         from cotune.lm.model import real_model_path
 
@@ -101,13 +135,35 @@ def cluster_config(preset_name: str, preset: Preset, workdir: Path, data: dict[s
             cfg["data"]["private"] = str(private)
         return cfg
 
+    llm = party("llm", None)
+    if models.get("companion"):
+        llm["model"]["companion_slm_path"] = models["companion"]
+        llm["model"]["companion_slm_name"] = Path(models["companion"]).name
     clients = []
     for i in range(1, NUM_CLIENTS + 1):
         c = party(f"client-{i}", data[f"client-{i}"])
         c["party_id"] = f"client-{i}"
         clients.append(c)
-    return ClusterConfig(workdir=str(workdir / "cluster"), llm=party("llm", None), clients=clients,
-                         alignment={"workdir": str((workdir.parent / "alignment-cache").resolve())}, coordinator={})
+    # one tokenizer everywhere (the shared family): nothing to align, so no alignment service
+    alignment = None if models.get("companion") else {"workdir": str((workdir.parent / "alignment-cache").resolve())}
+    return ClusterConfig(workdir=str(workdir / "cluster"), llm=llm, clients=clients, alignment=alignment, coordinator={})
+
+
+def codistill_table(run: pb.Run) -> str:
+    """FedCoLLM's server-side co-distillation per round: CE and KL before/after for the LLM and its SLM copy."""
+    rows = []
+    for rec in sorted(run.rounds, key=lambda r: r.round):
+        for party in rec.parties:
+            m = party.metrics
+            if "codistill_llm_kl_before" not in m:
+                continue
+            for side, label in (("llm", "LLM f: CE + λ·KL(f‖g)"), ("slm", "SLM copy g: CE + λ·KL(g‖f)")):
+                rows.append(f"| {rec.round} | {label} | {m[f'codistill_{side}_ce_before']:.3f} | {m[f'codistill_{side}_ce_after']:.3f} "
+                            f"| {m[f'codistill_{side}_kl_before']:.4f} | {m[f'codistill_{side}_kl_after']:.4f} |")
+    if not rows:
+        return ""
+    return "\n".join(["| round | co-distillation (LLM server) | CE before | CE after | KL before | KL after |",
+                      "|---:|---|---:|---:|---:|---:|", *rows])
 
 
 def wait_for_clients(client: CoordinatorClient, expected: int, timeout_s: float = 120) -> None:
@@ -122,24 +178,35 @@ def run_demo(*, preset: str = "small", algorithm: str = "fedmkt", rounds: int = 
              workdir: str | None = None, setting: str = "heterogeneous") -> int:
     if preset not in PRESETS:
         raise SystemExit(f"unknown preset {preset!r}; choose {', '.join(PRESETS)}")
+    if algorithm not in ALGORITHMS:
+        raise SystemExit(f"unknown algorithm {algorithm!r}; choose {', '.join(ALGORITHMS)}")
+    shared = preset == "tiny" and algorithm in SHARED_TOKENIZER_ALGORITHMS
+    if algorithm == "fedcollm" and preset != "tiny":
+        raise SystemExit("fedcollm needs an LLM and an SLM that share one tokenizer; the small preset has no such pair yet: "
+                         "use --preset tiny")
     p = PRESETS[preset]
-    root = Path(workdir or Path("var") / "demo").resolve() / preset
+    root = Path(workdir or Path("var") / "demo").resolve() / (f"{preset}-shared" if shared else preset)
     started = time.monotonic()
     print(f"cotune demo: preset {preset}, {algorithm}, {rounds} round(s); workdir {root}", file=sys.stderr)
     data = prepare_data(p, root)
-    models = prepare_models(preset, root)
+    models = prepare_models(preset, root, shared_tokenizer=shared)
     config = cluster_config(preset, p, root, data, models)
     shutil.rmtree(config.workdir, ignore_errors=True)  # run state is per demo; data, models and caches are kept
     config_path = root / "cluster.yaml"
     config_path.write_text(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
     print(f"cluster config: {config_path} (start it yourself with `cotune cluster up --config {config_path}`)", file=sys.stderr)
-    print("starting local cluster (alignment, llm, 2 clients, coordinator)...", file=sys.stderr, flush=True)
+    services = ("alignment, " if config.alignment is not None else "") + "llm, 2 clients, coordinator"
+    print(f"starting local cluster ({services})...", file=sys.stderr, flush=True)
     with LocalCluster(config) as cluster:
         client = CoordinatorClient(cluster.addresses()["coordinator"])
         try:
             wait_for_clients(client, NUM_CLIENTS)
-            spec = pb.RunSpec(name=f"demo-{preset}", algorithm=algorithm, rounds=rounds, setting=setting, top_k=p.top_k,
-                             max_length=p.max_length, lam=p.lam)
+            spec = pb.RunSpec(name=f"demo-{preset}", algorithm=algorithm, rounds=rounds, top_k=p.top_k,
+                              max_length=p.max_length, lam=p.lam)
+            if algorithm == "fedcollm":
+                spec.kd_weight = p.kd_weight
+            if algorithm == "fedmkt":
+                spec.setting = setting
             run = client.start_run(spec)
             run = watch_run(client, run.run_id)
         finally:
@@ -150,6 +217,10 @@ def run_demo(*, preset: str = "small", algorithm: str = "fedmkt", rounds: int = 
     summary["wall_time_s"] = round(elapsed, 1)
     print()
     print(markdown_table(run))
+    codistill = codistill_table(run)
+    if codistill:
+        print()
+        print(codistill)
     traffic = bytes_table(run)
     if traffic:
         print()

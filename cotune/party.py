@@ -50,6 +50,11 @@ class Party:
         self.tokenizer_hash = ""
         self.vocab_size = 0
         self.device = ""
+        # FedCoLLM: the LLM server's copy of the SLM (model.companion_slm_path), with its own LoRA and optimizer
+        self.companion = self.companion_trainer = None
+        self.companion_tokenizer_hash = ""
+        self.companion_vocab_size = 0
+        self._local = threading.local()
         self._ready = threading.Event()
         self._load_error: str = ""
 
@@ -77,19 +82,50 @@ class Party:
         self.tokenizer_hash = self.tokenizer_blob.sha256
         self.vocab_size = int(self.model.get_output_embeddings().weight.shape[0]) if self.model.get_output_embeddings() is not None else len(tokenizer)
         self.device = str(next(self.model.parameters()).device)
+        if mc.companion_slm_path:
+            self._load_companion(cache)
         self._ready.set()
         log.info("%s ready: %s on %s, vocab %d, public set %s (%d samples)", self.cfg.party_id, mc.path, self.device,
                  self.vocab_size, self.public_hash[:12], len(self.public))
+
+    def _load_companion(self, cache: Path) -> None:
+        """The SLM copy for FedCoLLM's co-distillation: on the LLM's device and dtype, LoRA from `companion_lora`."""
+        from cotune.lm.lora import attach_lora
+        from cotune.lm.model import load_causal_lm
+        from cotune.lm.tokenizers import tokenizer_bundle_bytes
+        from cotune.lm.train import TrainConfig, Trainer
+
+        mc, lc, tc = self.cfg.model, self.cfg.companion_lora, self.cfg.training
+        model, tokenizer = load_causal_lm(mc.companion_slm_path, cache_dir=cache, device=self.device, dtype=mc.dtype)
+        self.companion = attach_lora(model, r=lc.r, alpha=lc.alpha, dropout=lc.dropout, seed=lc.seed)
+        self.companion_trainer = Trainer(self.companion, self.tokenizer,
+                                         TrainConfig(lr=tc.lr, batch_size=tc.batch_size, max_length=tc.max_length, seed=tc.seed))
+        self.companion_tokenizer_hash = hashlib.sha256(tokenizer_bundle_bytes(tokenizer)).hexdigest()
+        self.companion_vocab_size = int(self.companion.get_output_embeddings().weight.shape[0])
+        if self.companion_tokenizer_hash != self.tokenizer_hash:
+            log.warning("%s: companion SLM %s uses another tokenizer than the LLM; FedCoLLM co-distillation will refuse "
+                        "to run (across tokenizers is not supported yet)", self.cfg.party_id, mc.companion_slm_path)
+        log.info("%s: companion SLM %s loaded (vocab %d)", self.cfg.party_id, mc.companion_slm_path, self.companion_vocab_size)
 
     def require_ready(self) -> None:
         if not self._ready.is_set():
             raise Unavailable(f"party {self.cfg.party_id} is still loading its model; retry shortly")
 
     # -- describe ---------------------------------------------------------------------------------------------
-    def lora_bytes(self) -> bytes:
+    def lora_bytes(self, model=None) -> bytes:
         from cotune.lm.lora import lora_state_dict, lora_to_bytes
 
-        return lora_to_bytes(lora_state_dict(self.model))
+        return lora_to_bytes(lora_state_dict(self.model if model is None else model))
+
+    @staticmethod
+    def lora_layout_hash(model) -> str:
+        """Identity of an adapter's layout (sorted keys and shapes; dtypes are cast on load): equal layouts average."""
+        import json
+
+        from cotune.lm.lora import lora_shapes
+
+        layout = json.dumps(sorted([k, list(v)] for k, v in lora_shapes(model).items()), separators=(",", ":"))
+        return hashlib.sha256(layout.encode()).hexdigest()
 
     def describe(self) -> party_pb2.PartyInfo:
         info = party_pb2.PartyInfo(
@@ -104,6 +140,15 @@ class Party:
             info.trainable_params = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
             info.tokenizer_bundle.CopyFrom(self.tokenizer_blob.ref())
             info.lora_hash = hashlib.sha256(self.lora_bytes()).hexdigest()
+            info.lora_layout_hash = self.lora_layout_hash(self.model)
+            if self.companion is not None:
+                mc = self.cfg.model
+                info.companion.CopyFrom(party_pb2.CompanionInfo(
+                    model_name=mc.companion_slm_name or Path(mc.companion_slm_path).name,
+                    tokenizer_hash=self.companion_tokenizer_hash, vocab_size=self.companion_vocab_size,
+                    lora_hash=hashlib.sha256(self.lora_bytes(self.companion)).hexdigest(),
+                    lora_layout_hash=self.lora_layout_hash(self.companion),
+                    trainable_params=sum(p.numel() for p in self.companion.parameters() if p.requires_grad)))
         return info
 
     # -- tasks --------------------------------------------------------------------------------------------------
@@ -121,6 +166,7 @@ class Party:
         kind = req.WhichOneof("task")
         if kind is None:
             raise InvalidInput("TaskRequest names no task")
+        self._local.ctx = ctx  # the request's context, for _prepare_* (this thread, synchronously)
         work = getattr(self, f"_prepare_{kind}")(getattr(req, kind))  # validates synchronously
         key = f"{ctx.run_id}/{ctx.round}/{ctx.task_key or kind}" if ctx.task_key else ""
         return self.ops.start(kind, work, key=key)
@@ -298,9 +344,83 @@ class Party:
         return work
 
     def _prepare_get_lora(self, task: party_pb2.GetLoraTask):
+        model = self._target_model(task.target)
+        tags = {}
+        if task.tag:
+            # the step this adapter answers travels inside it: an aggregator can tell another round's upload apart
+            c = self._local.ctx
+            tags = {"cotune.run_id": c.run_id, "cotune.round": str(c.round), "cotune.task_key": c.task_key,
+                    "cotune.party_id": self.cfg.party_id, "cotune.target": task.target or "model"}
+
         def work(ctx):
-            blob = self.store.put_bytes(self.lora_bytes(), MEDIA_ADAPTER)
-            return OpResult(blobs={"adapter": blob}, info={"lora_hash": blob.sha256})
+            from cotune.lm.lora import LORA_FORMAT, lora_state_dict
+            from cotune.wire.safetensors_io import dumps
+
+            canonical = self.lora_bytes(model)
+            if tags:
+                sd = lora_state_dict(model)
+                data = dumps(sd, {"format": LORA_FORMAT, "keys": str(len(sd)), **tags})
+            else:
+                data = canonical
+            blob = self.store.put_bytes(data, MEDIA_ADAPTER)
+            return OpResult(blobs={"adapter": blob}, info={"lora_hash": hashlib.sha256(canonical).hexdigest(),
+                                                           "blob_sha256": blob.sha256})
+        return work
+
+    def _target_model(self, target: str):
+        if target in ("", "model"):
+            return self.model
+        if target == "companion":
+            if self.companion is None:
+                raise Precondition(f"party {self.cfg.party_id} holds no companion SLM; FedCoLLM needs one on the LLM server "
+                                   "(set model.companion_slm_path in its config)")
+            return self.companion
+        raise InvalidInput(f"target must be '' (this party's model) or 'companion', got {target!r:.40}")
+
+    def _prepare_co_distill(self, task: party_pb2.CoDistillTask):
+        import math
+
+        from cotune.lm.lora import LoraMismatchError, lora_from_bytes, validate_lora_state_dict
+
+        companion = self._target_model("companion")
+        if self.companion_tokenizer_hash != self.tokenizer_hash:
+            raise Precondition(f"party {self.cfg.party_id}: the companion SLM's tokenizer ({self.companion_tokenizer_hash[:12]}…) "
+                               f"differs from the LLM's ({self.tokenizer_hash[:12]}…); full-vocabulary co-distillation needs "
+                               "one tokenizer (FedCoLLM across tokenizers is not supported yet)")
+        if not (math.isfinite(task.lam) and task.lam >= 0):
+            raise InvalidInput(f"lam (the KL weight) must be finite and >= 0, got {task.lam}")
+        if task.epochs < 0 or task.lr < 0 or task.slm_lr < 0 or task.batch_size < 0:
+            raise InvalidInput("epochs, lr, slm_lr and batch_size must be non-negative")
+        if not task.HasField("slm_adapter"):
+            raise InvalidInput("co_distill needs slm_adapter (the aggregated SLM LoRA)")
+        examples = self._samples(self.public, task.max_samples)
+        max_length = self._public_max_length(task)
+        try:
+            state = lora_from_bytes(self._read_blob(task.slm_adapter, "slm_adapter"))
+            validate_lora_state_dict(companion, state)
+        except (ValueError, LoraMismatchError) as exc:
+            raise InvalidInput(f"slm_adapter does not fit the companion SLM: {exc}") from exc
+
+        def work(ctx):
+            from cotune.lm.codistill import co_distill, encode_public
+            from cotune.lm.lora import load_lora_state_dict, lora_state_dict, lora_to_bytes
+
+            load_lora_state_dict(companion, state)
+            received = hashlib.sha256(self.lora_bytes(companion)).hexdigest()
+            batch_size = task.batch_size or self.cfg.training.batch_size
+            self.trainer.set_lr(task.lr or self.cfg.training.lr)
+            self.companion_trainer.set_lr(task.slm_lr or task.lr or self.cfg.training.lr)
+            pairs = encode_public(self.trainer, examples, max_length)
+            m = co_distill(self.trainer, self.companion_trainer, pairs, lam=task.lam if task.lam else 1.0,
+                           epochs=task.epochs or 1, batch_size=batch_size, seed=self.cfg.training.seed,
+                           progress=self._progress(ctx, "co-distill"), should_stop=ctx.cancelled)
+            # float32 on the wire whatever the server's dtype, so a client's copy hashes like the server's
+            out = lora_to_bytes({k: v.float() for k, v in lora_state_dict(companion).items()})
+            blob = self.store.put_bytes(out, MEDIA_ADAPTER)
+            metrics = {f"codistill_{k}": float(v) for k, v in m.items()}
+            return OpResult(metrics=metrics, blobs={"slm_adapter": blob},
+                            info={"lora_hash": blob.sha256, "received_lora_hash": received,
+                                  "llm_lora_hash": hashlib.sha256(self.lora_bytes()).hexdigest()})
         return work
 
 

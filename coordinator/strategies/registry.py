@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from cotune.rpc.errors import InvalidInput
 from coordinator.strategies.base import Strategy
+from coordinator.strategies.baselines import FedAvg, LLMToSLM, Standalone, ZeroShot
+from coordinator.strategies.fedcollm import FedCoLLM
 from coordinator.strategies.fedmkt import FedMKT
 
-STRATEGIES: dict[str, type[Strategy]] = {FedMKT.name: FedMKT}
+STRATEGIES: dict[str, type[Strategy]] = {s.name: s for s in (FedMKT, FedCoLLM, ZeroShot, Standalone, FedAvg, LLMToSLM)}
 
 
 def get_strategy(name: str) -> Strategy:

@@ -67,7 +67,7 @@ class ListClientsResponse(_message.Message):
     def __init__(self, clients: _Optional[_Iterable[_Union[ClientRecord, _Mapping]]] = ...) -> None: ...
 
 class RunSpec(_message.Message):
-    __slots__ = ("name", "algorithm", "rounds", "clients", "setting", "top_k", "lam", "local_epochs", "distill_epochs", "selection", "min_clients", "step_timeout_s", "max_public_samples", "public_set_hash", "logits_bits", "alignment_method", "eval_max_samples", "max_length")
+    __slots__ = ("name", "algorithm", "rounds", "clients", "setting", "top_k", "lam", "local_epochs", "distill_epochs", "selection", "min_clients", "step_timeout_s", "max_public_samples", "public_set_hash", "logits_bits", "alignment_method", "eval_max_samples", "max_length", "aggregation", "kd_weight")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ALGORITHM_FIELD_NUMBER: _ClassVar[int]
     ROUNDS_FIELD_NUMBER: _ClassVar[int]
@@ -86,6 +86,8 @@ class RunSpec(_message.Message):
     ALIGNMENT_METHOD_FIELD_NUMBER: _ClassVar[int]
     EVAL_MAX_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     MAX_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    AGGREGATION_FIELD_NUMBER: _ClassVar[int]
+    KD_WEIGHT_FIELD_NUMBER: _ClassVar[int]
     name: str
     algorithm: str
     rounds: int
@@ -104,7 +106,9 @@ class RunSpec(_message.Message):
     alignment_method: str
     eval_max_samples: int
     max_length: int
-    def __init__(self, name: _Optional[str] = ..., algorithm: _Optional[str] = ..., rounds: _Optional[int] = ..., clients: _Optional[_Iterable[str]] = ..., setting: _Optional[str] = ..., top_k: _Optional[int] = ..., lam: _Optional[float] = ..., local_epochs: _Optional[int] = ..., distill_epochs: _Optional[int] = ..., selection: _Optional[str] = ..., min_clients: _Optional[int] = ..., step_timeout_s: _Optional[float] = ..., max_public_samples: _Optional[int] = ..., public_set_hash: _Optional[str] = ..., logits_bits: _Optional[int] = ..., alignment_method: _Optional[str] = ..., eval_max_samples: _Optional[int] = ..., max_length: _Optional[int] = ...) -> None: ...
+    aggregation: str
+    kd_weight: float
+    def __init__(self, name: _Optional[str] = ..., algorithm: _Optional[str] = ..., rounds: _Optional[int] = ..., clients: _Optional[_Iterable[str]] = ..., setting: _Optional[str] = ..., top_k: _Optional[int] = ..., lam: _Optional[float] = ..., local_epochs: _Optional[int] = ..., distill_epochs: _Optional[int] = ..., selection: _Optional[str] = ..., min_clients: _Optional[int] = ..., step_timeout_s: _Optional[float] = ..., max_public_samples: _Optional[int] = ..., public_set_hash: _Optional[str] = ..., logits_bits: _Optional[int] = ..., alignment_method: _Optional[str] = ..., eval_max_samples: _Optional[int] = ..., max_length: _Optional[int] = ..., aggregation: _Optional[str] = ..., kd_weight: _Optional[float] = ...) -> None: ...
 
 class PartyMetrics(_message.Message):
     __slots__ = ("party_id", "metrics")
@@ -122,7 +126,7 @@ class PartyMetrics(_message.Message):
     def __init__(self, party_id: _Optional[str] = ..., metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class RoundRecord(_message.Message):
-    __slots__ = ("round", "parties", "dropped", "notes", "bytes_sent", "bytes_received", "started_at", "finished_at")
+    __slots__ = ("round", "parties", "dropped", "notes", "bytes_sent", "bytes_received", "started_at", "finished_at", "artifacts")
     class BytesSentEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -137,6 +141,13 @@ class RoundRecord(_message.Message):
         key: str
         value: int
         def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    class ArtifactsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     ROUND_FIELD_NUMBER: _ClassVar[int]
     PARTIES_FIELD_NUMBER: _ClassVar[int]
     DROPPED_FIELD_NUMBER: _ClassVar[int]
@@ -145,6 +156,7 @@ class RoundRecord(_message.Message):
     BYTES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
     STARTED_AT_FIELD_NUMBER: _ClassVar[int]
     FINISHED_AT_FIELD_NUMBER: _ClassVar[int]
+    ARTIFACTS_FIELD_NUMBER: _ClassVar[int]
     round: int
     parties: _containers.RepeatedCompositeFieldContainer[PartyMetrics]
     dropped: _containers.RepeatedScalarFieldContainer[str]
@@ -153,7 +165,8 @@ class RoundRecord(_message.Message):
     bytes_received: _containers.ScalarMap[str, int]
     started_at: float
     finished_at: float
-    def __init__(self, round: _Optional[int] = ..., parties: _Optional[_Iterable[_Union[PartyMetrics, _Mapping]]] = ..., dropped: _Optional[_Iterable[str]] = ..., notes: _Optional[_Iterable[str]] = ..., bytes_sent: _Optional[_Mapping[str, int]] = ..., bytes_received: _Optional[_Mapping[str, int]] = ..., started_at: _Optional[float] = ..., finished_at: _Optional[float] = ...) -> None: ...
+    artifacts: _containers.ScalarMap[str, str]
+    def __init__(self, round: _Optional[int] = ..., parties: _Optional[_Iterable[_Union[PartyMetrics, _Mapping]]] = ..., dropped: _Optional[_Iterable[str]] = ..., notes: _Optional[_Iterable[str]] = ..., bytes_sent: _Optional[_Mapping[str, int]] = ..., bytes_received: _Optional[_Mapping[str, int]] = ..., started_at: _Optional[float] = ..., finished_at: _Optional[float] = ..., artifacts: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class Run(_message.Message):
     __slots__ = ("run_id", "spec", "state", "current_round", "current_step", "rounds", "error", "created_at", "updated_at")

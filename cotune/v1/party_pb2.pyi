@@ -13,7 +13,7 @@ class DescribeRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class PartyInfo(_message.Message):
-    __slots__ = ("party_id", "role", "model_name", "tokenizer_hash", "vocab_size", "public_set_hash", "public_set_size", "private_set_size", "eval_set_size", "device", "trainable_params", "tokenizer_bundle", "public_set", "lora_hash", "ready")
+    __slots__ = ("party_id", "role", "model_name", "tokenizer_hash", "vocab_size", "public_set_hash", "public_set_size", "private_set_size", "eval_set_size", "device", "trainable_params", "tokenizer_bundle", "public_set", "lora_hash", "ready", "lora_layout_hash", "companion")
     PARTY_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
@@ -29,6 +29,8 @@ class PartyInfo(_message.Message):
     PUBLIC_SET_FIELD_NUMBER: _ClassVar[int]
     LORA_HASH_FIELD_NUMBER: _ClassVar[int]
     READY_FIELD_NUMBER: _ClassVar[int]
+    LORA_LAYOUT_HASH_FIELD_NUMBER: _ClassVar[int]
+    COMPANION_FIELD_NUMBER: _ClassVar[int]
     party_id: str
     role: str
     model_name: str
@@ -44,7 +46,25 @@ class PartyInfo(_message.Message):
     public_set: _common_pb2.BlobRef
     lora_hash: str
     ready: bool
-    def __init__(self, party_id: _Optional[str] = ..., role: _Optional[str] = ..., model_name: _Optional[str] = ..., tokenizer_hash: _Optional[str] = ..., vocab_size: _Optional[int] = ..., public_set_hash: _Optional[str] = ..., public_set_size: _Optional[int] = ..., private_set_size: _Optional[int] = ..., eval_set_size: _Optional[int] = ..., device: _Optional[str] = ..., trainable_params: _Optional[int] = ..., tokenizer_bundle: _Optional[_Union[_common_pb2.BlobRef, _Mapping]] = ..., public_set: _Optional[_Union[_common_pb2.BlobRef, _Mapping]] = ..., lora_hash: _Optional[str] = ..., ready: _Optional[bool] = ...) -> None: ...
+    lora_layout_hash: str
+    companion: CompanionInfo
+    def __init__(self, party_id: _Optional[str] = ..., role: _Optional[str] = ..., model_name: _Optional[str] = ..., tokenizer_hash: _Optional[str] = ..., vocab_size: _Optional[int] = ..., public_set_hash: _Optional[str] = ..., public_set_size: _Optional[int] = ..., private_set_size: _Optional[int] = ..., eval_set_size: _Optional[int] = ..., device: _Optional[str] = ..., trainable_params: _Optional[int] = ..., tokenizer_bundle: _Optional[_Union[_common_pb2.BlobRef, _Mapping]] = ..., public_set: _Optional[_Union[_common_pb2.BlobRef, _Mapping]] = ..., lora_hash: _Optional[str] = ..., ready: _Optional[bool] = ..., lora_layout_hash: _Optional[str] = ..., companion: _Optional[_Union[CompanionInfo, _Mapping]] = ...) -> None: ...
+
+class CompanionInfo(_message.Message):
+    __slots__ = ("model_name", "tokenizer_hash", "vocab_size", "lora_hash", "lora_layout_hash", "trainable_params")
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    TOKENIZER_HASH_FIELD_NUMBER: _ClassVar[int]
+    VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
+    LORA_HASH_FIELD_NUMBER: _ClassVar[int]
+    LORA_LAYOUT_HASH_FIELD_NUMBER: _ClassVar[int]
+    TRAINABLE_PARAMS_FIELD_NUMBER: _ClassVar[int]
+    model_name: str
+    tokenizer_hash: str
+    vocab_size: int
+    lora_hash: str
+    lora_layout_hash: str
+    trainable_params: int
+    def __init__(self, model_name: _Optional[str] = ..., tokenizer_hash: _Optional[str] = ..., vocab_size: _Optional[int] = ..., lora_hash: _Optional[str] = ..., lora_layout_hash: _Optional[str] = ..., trainable_params: _Optional[int] = ...) -> None: ...
 
 class RunContext(_message.Message):
     __slots__ = ("run_id", "round", "task_key", "public_set_hash")
@@ -127,11 +147,35 @@ class SetLoraTask(_message.Message):
     def __init__(self, adapter: _Optional[_Union[_common_pb2.BlobRef, _Mapping]] = ...) -> None: ...
 
 class GetLoraTask(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("target", "tag")
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    TAG_FIELD_NUMBER: _ClassVar[int]
+    target: str
+    tag: bool
+    def __init__(self, target: _Optional[str] = ..., tag: _Optional[bool] = ...) -> None: ...
+
+class CoDistillTask(_message.Message):
+    __slots__ = ("slm_adapter", "lam", "epochs", "max_samples", "lr", "slm_lr", "batch_size", "max_length")
+    SLM_ADAPTER_FIELD_NUMBER: _ClassVar[int]
+    LAM_FIELD_NUMBER: _ClassVar[int]
+    EPOCHS_FIELD_NUMBER: _ClassVar[int]
+    MAX_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    LR_FIELD_NUMBER: _ClassVar[int]
+    SLM_LR_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    MAX_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    slm_adapter: _common_pb2.BlobRef
+    lam: float
+    epochs: int
+    max_samples: int
+    lr: float
+    slm_lr: float
+    batch_size: int
+    max_length: int
+    def __init__(self, slm_adapter: _Optional[_Union[_common_pb2.BlobRef, _Mapping]] = ..., lam: _Optional[float] = ..., epochs: _Optional[int] = ..., max_samples: _Optional[int] = ..., lr: _Optional[float] = ..., slm_lr: _Optional[float] = ..., batch_size: _Optional[int] = ..., max_length: _Optional[int] = ...) -> None: ...
 
 class TaskRequest(_message.Message):
-    __slots__ = ("ctx", "train_local", "public_logits", "distill", "evaluate", "set_lora", "get_lora")
+    __slots__ = ("ctx", "train_local", "public_logits", "distill", "evaluate", "set_lora", "get_lora", "co_distill")
     CTX_FIELD_NUMBER: _ClassVar[int]
     TRAIN_LOCAL_FIELD_NUMBER: _ClassVar[int]
     PUBLIC_LOGITS_FIELD_NUMBER: _ClassVar[int]
@@ -139,6 +183,7 @@ class TaskRequest(_message.Message):
     EVALUATE_FIELD_NUMBER: _ClassVar[int]
     SET_LORA_FIELD_NUMBER: _ClassVar[int]
     GET_LORA_FIELD_NUMBER: _ClassVar[int]
+    CO_DISTILL_FIELD_NUMBER: _ClassVar[int]
     ctx: RunContext
     train_local: TrainLocalTask
     public_logits: PublicLogitsTask
@@ -146,4 +191,5 @@ class TaskRequest(_message.Message):
     evaluate: EvaluateTask
     set_lora: SetLoraTask
     get_lora: GetLoraTask
-    def __init__(self, ctx: _Optional[_Union[RunContext, _Mapping]] = ..., train_local: _Optional[_Union[TrainLocalTask, _Mapping]] = ..., public_logits: _Optional[_Union[PublicLogitsTask, _Mapping]] = ..., distill: _Optional[_Union[DistillTask, _Mapping]] = ..., evaluate: _Optional[_Union[EvaluateTask, _Mapping]] = ..., set_lora: _Optional[_Union[SetLoraTask, _Mapping]] = ..., get_lora: _Optional[_Union[GetLoraTask, _Mapping]] = ...) -> None: ...
+    co_distill: CoDistillTask
+    def __init__(self, ctx: _Optional[_Union[RunContext, _Mapping]] = ..., train_local: _Optional[_Union[TrainLocalTask, _Mapping]] = ..., public_logits: _Optional[_Union[PublicLogitsTask, _Mapping]] = ..., distill: _Optional[_Union[DistillTask, _Mapping]] = ..., evaluate: _Optional[_Union[EvaluateTask, _Mapping]] = ..., set_lora: _Optional[_Union[SetLoraTask, _Mapping]] = ..., get_lora: _Optional[_Union[GetLoraTask, _Mapping]] = ..., co_distill: _Optional[_Union[CoDistillTask, _Mapping]] = ...) -> None: ...

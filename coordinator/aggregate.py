@@ -1,0 +1,187 @@
+"""FedAvg of LoRA adapters, with every upload validated before it can touch the aggregate.
+
+Two modes (RunSpec.aggregation):
+
+- ``factors`` (default, as the FedCoLLM paper): every tensor, A and B alike, is the sample-weighted mean of the
+  clients' tensors: A = Σ w_k A_k, B = Σ w_k B_k. Cheap, but B·A ≠ Σ w_k B_k A_k in general.
+- ``product``: the exact weighted mean of the low-rank updates, ΔW = Σ w_k B_k A_k (the common α/r scale
+  factors out), re-factorized to the adapter's rank r by truncated SVD: ΔW ≈ U_r S_r V_rᵀ, B = U_r·√S_r,
+  A = √S_r·V_rᵀ. The mean of K rank-r products can have rank up to K·r, so the result is exact when the
+  mean has rank ≤ r and otherwise the best rank-r approximation in Frobenius norm (Eckart–Young). An option,
+  not the paper's method; it also changes the factors' basis (B is no longer zero-initialised), which affects
+  how the next round's local training moves them.
+
+A bad upload (wrong key set, shapes, a non-float or non-finite tensor, or tags naming another run, round or party)
+is rejected with a reason; the caller drops that client from the round and the aggregate is computed from the
+remaining ones only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+
+MODES = ("factors", "product")
+TAG_PREFIX = "cotune."
+
+
+class UploadRejected(ValueError):
+    """An adapter upload that must not enter the aggregate; the message says why."""
+
+
+def parse_adapter(data: bytes) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, safetensors metadata) of adapter bytes; UploadRejected when they are not valid safetensors."""
+    from safetensors.torch import load
+
+    from cotune.wire.safetensors_io import read_metadata
+
+    try:
+        meta = read_metadata(bytes(data))
+        tensors = dict(load(bytes(data)))
+    except Exception as exc:  # noqa: BLE001 - any parse failure is a rejection
+        raise UploadRejected(f"not a valid safetensors adapter: {exc}") from exc
+    return tensors, meta
+
+
+def validate_upload(state: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor], *,
+                    meta: Mapping[str, str] | None = None, expect: Mapping[str, str] | None = None) -> None:
+    """Raise UploadRejected unless `state` has exactly the reference's keys and shapes, floating-point finite
+    values, and (when `expect` is given) metadata tags equal to `expect` (e.g. {"cotune.round": "3"})."""
+    missing = sorted(set(reference) - set(state))
+    extra = sorted(set(state) - set(reference))
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} key(s), first {missing[0]}")
+        if extra:
+            parts.append(f"unexpected {len(extra)} key(s), first {extra[0]}")
+        raise UploadRejected("LoRA keys differ from the round's adapter: " + "; ".join(parts))
+    for key in sorted(reference):
+        value, ref = state[key], reference[key]
+        if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+            raise UploadRejected(f"{key}: expected a floating-point tensor, got {getattr(value, 'dtype', type(value).__name__)}")
+        if tuple(value.shape) != tuple(ref.shape):
+            raise UploadRejected(f"{key}: shape {tuple(value.shape)}, expected {tuple(ref.shape)}")
+        if not bool(torch.isfinite(value).all()):
+            raise UploadRejected(f"{key}: contains NaN or Inf")
+    if expect:
+        meta = meta or {}
+        for tag, want in expect.items():
+            got = meta.get(tag)
+            if got != want:
+                what = tag.removeprefix(TAG_PREFIX)
+                raise UploadRejected(f"adapter is tagged {what}={got!r}, expected {want!r} (an adapter from another "
+                                     f"{'round' if what == 'round' else what}?)" if got is not None
+                                     else f"adapter carries no {what} tag; expected {want!r}")
+
+
+def _normalized(weights: list[float]) -> list[float]:
+    if not weights or any(not (w >= 0) for w in weights):
+        raise ValueError(f"weights must be non-negative numbers, got {weights}")
+    total = float(sum(weights))
+    if total <= 0:
+        raise ValueError("weights sum to zero: no client reported a training sample")
+    return [float(w) / total for w in weights]
+
+
+def lora_pairs(keys) -> tuple[list[tuple[str, str]], list[str]]:
+    """([(A key, B key)] of each LoRA module, other keys). peft names them `...lora_A.weight` / `...lora_B.weight`."""
+    keys = set(keys)
+    pairs, used = [], set()
+    for k in sorted(keys):
+        if ".lora_A." in k:
+            b = k.replace(".lora_A.", ".lora_B.")
+            if b in keys:
+                pairs.append((k, b))
+                used.update((k, b))
+    return pairs, sorted(keys - used)
+
+
+def fedavg(states: list[Mapping[str, torch.Tensor]], weights: list[float], *, mode: str = "factors") -> dict[str, torch.Tensor]:
+    """Sample-weighted FedAvg of validated LoRA states (same keys and shapes). Accumulates in float64 and returns
+    tensors in the first state's dtypes. See the module docstring for the two modes."""
+    if mode not in MODES:
+        raise ValueError(f"aggregation must be one of {', '.join(MODES)}, got {mode!r}")
+    if len(states) != len(weights) or not states:
+        raise ValueError(f"need one weight per state and at least one state (got {len(states)} states, {len(weights)} weights)")
+    w = _normalized(weights)
+    ref = states[0]
+
+    def mean(key: str) -> torch.Tensor:
+        acc = torch.zeros(ref[key].shape, dtype=torch.float64)
+        for wk, s in zip(w, states):
+            acc += wk * s[key].detach().to("cpu", torch.float64)
+        return acc
+
+    out: dict[str, torch.Tensor] = {}
+    if mode == "factors":
+        for key in sorted(ref):
+            out[key] = mean(key).to(ref[key].dtype).contiguous()
+        return out
+    pairs, others = lora_pairs(ref)
+    for key in others:
+        out[key] = mean(key).to(ref[key].dtype).contiguous()
+    for a_key, b_key in pairs:
+        rank = ref[a_key].shape[0]  # A: [r, in], B: [out, r]
+        delta = torch.zeros((ref[b_key].shape[0], ref[a_key].shape[1]), dtype=torch.float64)
+        for wk, s in zip(w, states):
+            delta += wk * (s[b_key].detach().to("cpu", torch.float64) @ s[a_key].detach().to("cpu", torch.float64))
+        a, b = refactorize(delta, rank)
+        out[a_key] = a.to(ref[a_key].dtype).contiguous()
+        out[b_key] = b.to(ref[b_key].dtype).contiguous()
+    return out
+
+
+def refactorize(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A [r, in], B [out, r]) with B·A the best rank-r approximation of delta [out, in] (truncated SVD, the
+    singular values split evenly between the factors). Zero delta gives zero factors. Deterministic: each
+    singular vector pair's sign is fixed so that the largest-magnitude entry of its U column is positive."""
+    u, s, vh = torch.linalg.svd(delta.to(torch.float64), full_matrices=False)
+    k = min(rank, s.shape[0])
+    u, s, vh = u[:, :k], s[:k], vh[:k]
+    idx = u.abs().argmax(dim=0)
+    sign = torch.sign(u[idx, torch.arange(k)])
+    sign[sign == 0] = 1
+    u, vh = u * sign, vh * sign[:, None]
+    root = s.sqrt()
+    b = u * root
+    a = root[:, None] * vh
+    if k < rank:  # fewer singular values than the rank (a tiny matrix): pad with zero rows/columns
+        a = torch.cat([a, a.new_zeros((rank - k, a.shape[1]))])
+        b = torch.cat([b, b.new_zeros((b.shape[0], rank - k))], dim=1)
+    return a, b
+
+
+@dataclass
+class AggregateResult:
+    state: dict[str, torch.Tensor]
+    accepted: dict[str, float] = field(default_factory=dict)    # party -> weight (sample count)
+    rejected: dict[str, str] = field(default_factory=dict)      # party -> reason
+
+
+def aggregate_uploads(uploads: Mapping[str, bytes], weights: Mapping[str, float], reference: Mapping[str, torch.Tensor], *,
+                      expect: Mapping[str, Mapping[str, str]] | None = None, mode: str = "factors",
+                      min_accepted: int = 1) -> AggregateResult:
+    """Validate every upload against `reference` (and its expected tags), drop the bad ones with a reason, and
+    FedAvg the rest weighted by `weights`. Raises ValueError when fewer than `min_accepted` uploads survive."""
+    accepted_states, accepted = [], {}
+    rejected: dict[str, str] = {}
+    for pid in sorted(uploads):
+        try:
+            weight = float(weights.get(pid, float("nan")))
+            if not weight >= 0:
+                raise UploadRejected(f"no valid sample count (got {weights.get(pid)!r})")
+            state, meta = parse_adapter(uploads[pid])
+            validate_upload(state, reference, meta=meta, expect=(expect or {}).get(pid))
+        except UploadRejected as exc:
+            rejected[pid] = str(exc)
+            continue
+        accepted_states.append(state)
+        accepted[pid] = weight
+    if len(accepted) < max(1, min_accepted):
+        raise ValueError(f"only {len(accepted)} valid upload(s), {max(1, min_accepted)} needed; rejected: "
+                         + "; ".join(f"{p}: {r}" for p, r in rejected.items()))
+    state = fedavg(accepted_states, [accepted[p] for p in sorted(accepted)], mode=mode)
+    return AggregateResult(state=state, accepted=accepted, rejected=rejected)

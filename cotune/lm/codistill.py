@@ -1,0 +1,177 @@
+"""FedCoLLM's server-side mutual distillation (DESIGN §4.3) between the LLM f (LoRA ω) and the SLM copy g (LoRA θ).
+
+Both models sit on one host and share one tokenizer, so the KL is over the full vocabulary. Per batch of the public
+set, the two updates alternate:
+
+    θ ← step(L_g),  L_g = CE_g + λ·KL(g‖f)     with f's logits detached
+    ω ← step(L_f),  L_f = CE_f + λ·KL(f‖g')    with g' = the updated g, detached
+
+KL(p‖q) = Σ p·(log p − log q), with the model being updated as p, as DESIGN §4.3 writes it. The KD term carries
+gradient to the model being updated and none to the other (the FATE reference's KD term had no gradient at all).
+Losses are measured over the response tokens (the positions CE trains), at exactly the same positions for both
+models since the tokenization is shared. Each model keeps its own optimizer and LR schedule across rounds (the two
+`Trainer`s own them).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from cotune.lm.batching import collate, head_logits, hidden_states, shuffled_batches, sorted_batches, to_device
+from cotune.lm.losses import kl_full
+from cotune.lm.train import Trainer
+
+
+def mutual_loss(own_logits: torch.Tensor, other_logits: torch.Tensor, labels: torch.Tensor, lam: float):
+    """(L, CE, KL) for the model that produced `own_logits` [N, V]: CE(own, labels) + lam·KL(own‖other).
+    `other_logits` is detached here, so no gradient reaches the other model."""
+    ce = F.cross_entropy(own_logits.float(), labels)
+    kl = kl_full(own_logits, other_logits.detach())
+    return ce + lam * kl, ce, kl
+
+
+def _common_vocab(f_trainer: Trainer, g_trainer: Trainer) -> int:
+    # One tokenizer, but a model may pad its output embedding beyond it: compare over the tokens both models have.
+    return min(f_trainer.vocab, g_trainer.vocab)
+
+
+def _positions(pairs, device):
+    rows, cols = [], []
+    for r, p in enumerate(pairs):
+        for t in p.target_positions:
+            rows.append(r)
+            cols.append(t)
+    return (torch.tensor(rows, dtype=torch.long, device=device), torch.tensor(cols, dtype=torch.long, device=device))
+
+
+def _logits_at(model, batch, rows, cols, vocab: int) -> torch.Tensor:
+    hid = hidden_states(model, batch["input_ids"], batch["attention_mask"])
+    return head_logits(model, hid[rows, cols])[:, :vocab]
+
+
+@torch.no_grad()
+def measure(f_trainer: Trainer, g_trainer: Trainer, pairs, batch_size: int) -> dict:
+    """Mean CE of each model and both KLs over the response tokens of `pairs` (eval mode, no grad)."""
+    f, g = f_trainer.model, g_trainer.model
+    vocab = _common_vocab(f_trainer, g_trainer)
+    sums = dict(llm_ce=0.0, slm_ce=0.0, llm_kl=0.0, slm_kl=0.0)
+    n = 0
+    f.eval()
+    g.eval()
+    for idx in sorted_batches([len(p.ids) for p in pairs], batch_size):
+        bp = [pairs[i] for i in idx]
+        batch = to_device(collate(bp, f_trainer.pad_id), f_trainer.device)
+        rows, cols = _positions(bp, f_trainer.device)
+        if len(rows) == 0:
+            continue
+        labels = batch["input_ids"][rows, cols + 1]
+        lf = _logits_at(f, batch, rows, cols, vocab)
+        lg = _logits_at(g, batch, rows, cols, vocab)
+        m = len(rows)
+        sums["llm_ce"] += float(F.cross_entropy(lf, labels, reduction="sum"))
+        sums["slm_ce"] += float(F.cross_entropy(lg, labels, reduction="sum"))
+        sums["llm_kl"] += float(kl_full(lf, lg)) * m  # KL(f‖g)
+        sums["slm_kl"] += float(kl_full(lg, lf)) * m  # KL(g‖f)
+        n += m
+    return {k: (v / n if n else float("nan")) for k, v in sums.items()} | {"positions": n}
+
+
+def co_distill(f_trainer: Trainer, g_trainer: Trainer, pairs, *, lam: float, epochs: int, batch_size: int, seed: int = 0,
+               progress: Callable[[int, int], None] | None = None, should_stop: Callable[[], bool] | None = None) -> dict:
+    """Run the alternating mutual distillation over `pairs` (EncodedPairs of the shared tokenizer) for `epochs`.
+
+    Returns the losses before and after (measured without grad in eval mode) and the mean training losses of the
+    first and last epoch for both sides."""
+    f, g = f_trainer.model, g_trainer.model
+    if f_trainer.device != g_trainer.device:
+        raise ValueError(f"the LLM ({f_trainer.device}) and its SLM copy ({g_trainer.device}) must be on one device")
+    vocab = _common_vocab(f_trainer, g_trainer)
+    t0 = time.perf_counter()
+    before = measure(f_trainer, g_trainer, pairs, batch_size)
+    lengths = [len(p.ids) for p in pairs]
+    n_batches = math.ceil(len(pairs) / batch_size) if pairs else 0
+    total = n_batches * max(epochs, 0)
+    f_params = [p for _, p in f_trainer.named_params]
+    g_params = [p for _, p in g_trainer.named_params]
+    epoch_stats: list[dict] = []
+    steps = 0
+    stopped = False
+    device = f_trainer.device
+    cuda = [device.index or 0] if device.type == "cuda" else []
+
+    def step(trainer: Trainer, params, loss) -> None:
+        trainer.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        clip = trainer.config.grad_clip
+        if clip and clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, clip)
+        trainer.optimizer.step()
+        trainer.scheduler.step()
+        trainer.global_step += 1
+
+    try:
+        with torch.random.fork_rng(devices=cuda):
+            torch.manual_seed(seed * 1_000_003 + f_trainer.global_step)
+            for _ in range(max(epochs, 0)):
+                rng = np.random.default_rng([seed, f_trainer.epochs_done, 7])
+                acc = dict(slm_loss=[], llm_loss=[])
+                f.train()
+                g.train()
+                for idx in shuffled_batches(lengths, batch_size, rng):
+                    if should_stop is not None and should_stop():
+                        stopped = True
+                        break
+                    bp = [pairs[i] for i in idx]
+                    rows, cols = _positions(bp, device)
+                    steps += 1
+                    if len(rows):
+                        batch = to_device(collate(bp, f_trainer.pad_id), device)
+                        labels = batch["input_ids"][rows, cols + 1]
+                        lf = _logits_at(f, batch, rows, cols, vocab)            # with grad: reused for ω's step
+                        lg = _logits_at(g, batch, rows, cols, vocab)
+                        loss_g, _, _ = mutual_loss(lg, lf, labels, lam)          # θ step: f detached
+                        step(g_trainer, g_params, loss_g)
+                        with torch.no_grad():
+                            lg_new = _logits_at(g, batch, rows, cols, vocab)
+                        loss_f, _, _ = mutual_loss(lf, lg_new, labels, lam)     # ω step: against the updated g
+                        step(f_trainer, f_params, loss_f)
+                        acc["slm_loss"].append(float(loss_g.detach()))
+                        acc["llm_loss"].append(float(loss_f.detach()))
+                    if progress is not None:
+                        progress(steps, total)
+                epoch_stats.append({k: float(np.mean(v)) if v else float("nan") for k, v in acc.items()})
+                if stopped:
+                    break
+                f_trainer.epochs_done += 1
+                g_trainer.epochs_done += 1
+    finally:
+        f_trainer.optimizer.zero_grad(set_to_none=True)
+        g_trainer.optimizer.zero_grad(set_to_none=True)
+        f.eval()
+        g.eval()
+    after = measure(f_trainer, g_trainer, pairs, batch_size)
+    out = {f"{k}_before": v for k, v in before.items() if k != "positions"}
+    out.update({f"{k}_after": v for k, v in after.items() if k != "positions"})
+    nan = float("nan")
+    out.update(slm_loss_first=epoch_stats[0]["slm_loss"] if epoch_stats else nan,
+               slm_loss_last=epoch_stats[-1]["slm_loss"] if epoch_stats else nan,
+               llm_loss_first=epoch_stats[0]["llm_loss"] if epoch_stats else nan,
+               llm_loss_last=epoch_stats[-1]["llm_loss"] if epoch_stats else nan,
+               steps=steps, samples=len(pairs), positions=before["positions"], stopped=float(stopped),
+               seconds=time.perf_counter() - t0)
+    return out
+
+
+def encode_public(trainer: Trainer, examples: Sequence, max_length: int):
+    saved = trainer.config.max_length
+    trainer.config.max_length = max_length
+    try:
+        return trainer.encode(examples)
+    finally:
+        trainer.config.max_length = saved

@@ -1,0 +1,264 @@
+"""FedCoLLM and the LoRA baselines end to end between separate processes over loopback gRPC.
+
+One tiny same-tokenizer cluster (a larger Llama-style LLM holding a copy of the smaller SLM both clients run,
+all on Mistral's tokenizer): two FedCoLLM rounds, checked against what the coordinator stored (the aggregate is
+recomputed from the clients' uploads, the clients hold the distilled adapter, the co-distillation lowers the KL),
+then one round each of fedavg and standalone, and zero-shot.
+"""
+
+from __future__ import annotations
+
+import time
+
+import grpc
+import pytest
+import torch
+
+from cotune.cluster import LocalCluster
+from cotune.demo import cluster_config, prepare_data, prepare_models
+from cotune.lm.lora import lora_from_bytes, lora_to_bytes
+from cotune.rpc.clients import CoordinatorClient, PartyClient
+from cotune.v1 import common_pb2_grpc
+from cotune.v1 import coordinator_pb2 as pb
+from cotune.v1 import party_pb2
+from cotune.watch import watch_run
+from cotune.wire.blobs import BlobStore, pull_blob
+from coordinator.aggregate import aggregate_uploads, parse_adapter
+from tests.integration.cluster_fixtures import TEST_PRESET
+
+pytestmark = pytest.mark.integration
+CLIENTS = ("client-1", "client-2")
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory, shared_data):
+    workdir = tmp_path_factory.mktemp("fedcollm")
+    data = prepare_data(TEST_PRESET, workdir)
+    models = prepare_models("tiny", workdir, shared_tokenizer=True)
+    cluster = LocalCluster(cluster_config("tiny", TEST_PRESET, workdir, data, models), start_timeout_s=300)
+    cluster.up()
+    yield cluster
+    cluster.down()
+
+
+@pytest.fixture(scope="module")
+def addresses(cluster):
+    return cluster.addresses()
+
+
+@pytest.fixture(scope="module")
+def coordinator(addresses):
+    client = CoordinatorClient(addresses["coordinator"])
+    deadline = time.monotonic() + 60
+    while len(client.list_clients()) < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    yield client
+    client.close()
+
+
+def _run(coordinator, **spec) -> pb.Run:
+    run = coordinator.start_run(pb.RunSpec(name=f"it-{spec['algorithm']}", max_length=TEST_PRESET.max_length, **spec))
+    return watch_run(coordinator, run.run_id, quiet=True)
+
+
+@pytest.fixture(scope="module")
+def fedcollm_run(coordinator):
+    return _run(coordinator, algorithm="fedcollm", rounds=2, local_epochs=2, kd_weight=20.0)
+
+
+def _party(addresses, name) -> PartyClient:
+    return PartyClient(addresses[name], role="llm" if name == "llm" else "slm")
+
+
+class _Artifacts:
+    """Pulls blobs from the coordinator's artifact store (it serves cotune.v1.BlobStore)."""
+
+    def __init__(self, address, root):
+        self.channel = grpc.insecure_channel(address)
+        self.stub = common_pb2_grpc.BlobStoreStub(self.channel)
+        self.store = BlobStore(root)
+
+    def read(self, sha: str) -> bytes:
+        pull_blob(self.stub, self.store, sha)
+        return self.store.read_bytes(sha)
+
+
+@pytest.fixture(scope="module")
+def artifacts(addresses, tmp_path_factory):
+    a = _Artifacts(addresses["coordinator"], tmp_path_factory.mktemp("pulled"))
+    yield a
+    a.channel.close()
+
+
+def _rounds(run):
+    return {r.round: r for r in run.rounds}
+
+
+def _metrics(rec):
+    return {p.party_id: dict(p.metrics) for p in rec.parties}
+
+
+def _check_aggregate(rec, artifacts):
+    """The stored aggregate is the sample-weighted mean of the clients' uploads (A and B separately)."""
+    weights = {pid: m["train_samples"] for pid, m in _metrics(rec).items() if pid in CLIENTS}
+    assert set(weights) == set(CLIENTS) and all(w > 0 for w in weights.values()), weights
+    uploads = {pid: parse_adapter(artifacts.read(rec.artifacts[f"upload/{pid}"])) for pid in CLIENTS}
+    for pid, (_, meta) in uploads.items():  # each upload names its run, round and sender
+        assert meta["cotune.round"] == str(rec.round) and meta["cotune.party_id"] == pid
+    aggregate = lora_from_bytes(artifacts.read(rec.artifacts["aggregate"]))
+    total = sum(weights.values())
+    keys = set(uploads[CLIENTS[0]][0])
+    assert set(aggregate) == keys and len(keys) > 0
+    for key in keys:
+        want = sum(weights[p] / total * uploads[p][0][key].double() for p in CLIENTS)
+        torch.testing.assert_close(aggregate[key].double(), want, rtol=0, atol=1e-6)
+    # the clients really sent different adapters, so the check above is not vacuous
+    k0 = sorted(keys)[0]
+    assert not torch.equal(uploads["client-1"][0][k0], uploads["client-2"][0][k0])
+    return aggregate
+
+
+# -- FedCoLLM -----------------------------------------------------------------------------------------------------
+def test_parties_share_one_tokenizer_and_the_llm_holds_the_slm(addresses):
+    llm = _party(addresses, "llm").describe()
+    clients = [_party(addresses, c).describe() for c in CLIENTS]
+    assert llm.HasField("companion") and llm.companion.tokenizer_hash == llm.tokenizer_hash
+    assert {c.tokenizer_hash for c in clients} == {llm.tokenizer_hash}
+    assert {c.lora_layout_hash for c in clients} == {llm.companion.lora_layout_hash}
+    assert llm.lora_layout_hash != llm.companion.lora_layout_hash  # the LLM is the larger model
+
+
+def test_two_fedcollm_rounds_complete_with_metrics(fedcollm_run):
+    run = fedcollm_run
+    assert run.state == pb.RUN_SUCCEEDED, run.error
+    rounds = _rounds(run)
+    assert sorted(rounds) == [0, 1, 2]
+    for rnd, rec in rounds.items():
+        metrics = _metrics(rec)
+        assert set(metrics) == {"llm", *CLIENTS}, (rnd, sorted(metrics))
+        for pid, m in metrics.items():
+            assert "public_loss" in m and 0.0 <= m["eval_accuracy"] <= 1.0, (rnd, pid)
+        assert not rec.dropped, list(rec.notes)
+    for rnd in (1, 2):
+        rec = rounds[rnd]
+        assert {"aggregate", "distilled", "broadcast", "upload/client-1", "upload/client-2"} <= set(rec.artifacts)
+        assert rec.artifacts["broadcast"] == rec.artifacts["distilled"]
+        assert rec.bytes_received["adapter_up"] >= 2 * 30_000  # two ~34 KiB adapters came up
+        assert rec.bytes_received["adapter_distilled"] >= 30_000
+    # round 0: everyone starts from the LLM server's SLM copy
+    assert rounds[0].artifacts["broadcast"] == rounds[0].artifacts["init"]
+
+
+def test_aggregate_is_the_sample_weighted_mean_of_the_uploads(fedcollm_run, artifacts):
+    for rnd in (1, 2):
+        _check_aggregate(_rounds(fedcollm_run)[rnd], artifacts)
+
+
+def test_clients_and_the_server_copy_hold_the_distilled_adapter(fedcollm_run, addresses, artifacts):
+    last = _rounds(fedcollm_run)[2]
+    distilled = last.artifacts["distilled"]
+    assert distilled != last.artifacts["aggregate"]  # the co-distillation changed θ
+    for c in CLIENTS:
+        assert _party(addresses, c).describe().lora_hash == distilled, c
+    assert _party(addresses, "llm").describe().companion.lora_hash == distilled
+    # the blob is canonical adapter bytes: what a client hashes after loading it
+    data = artifacts.read(distilled)
+    assert lora_to_bytes(lora_from_bytes(data)) == data
+
+
+def test_losses_move_in_the_right_direction(fedcollm_run):
+    rounds = _rounds(fedcollm_run)
+    for rnd in (1, 2):
+        metrics = _metrics(rounds[rnd])
+        llm = metrics["llm"]
+        assert llm["codistill_slm_kl_after"] < llm["codistill_slm_kl_before"], (rnd, llm)
+        assert llm["codistill_llm_kl_after"] < llm["codistill_llm_kl_before"], (rnd, llm)
+        assert llm["codistill_llm_ce_after"] < llm["codistill_llm_ce_before"], (rnd, llm)
+        for c in CLIENTS:
+            assert metrics[c]["train_loss_last"] < metrics[c]["train_loss_first"], (rnd, c, metrics[c])
+    # the LLM, trained only through the co-distillation, gets better on the public set
+    assert _metrics(rounds[2])["llm"]["public_loss"] < _metrics(rounds[0])["llm"]["public_loss"]
+
+
+# -- bad input at the services -------------------------------------------------------------------------------------
+def test_another_rounds_upload_is_detected(fedcollm_run, addresses, tmp_path):
+    """A real client's tagged adapter from round 1 is rejected by an aggregation expecting round 2."""
+    client = _party(addresses, "client-1")
+    ctx = party_pb2.RunContext(run_id=fedcollm_run.run_id, round=1, task_key="r1/get_lora/client-1")
+    op = client.run_task(party_pb2.TaskRequest(ctx=ctx, get_lora=party_pb2.GetLoraTask(tag=True)), timeout_s=60)
+    store = BlobStore(tmp_path / "blobs")
+    client.pull(store, op.blobs["adapter"].sha256)
+    stale = store.read_bytes(op.blobs["adapter"].sha256)
+    reference, _ = parse_adapter(stale)
+    expect = {"client-1": {"cotune.run_id": fedcollm_run.run_id, "cotune.round": "2", "cotune.party_id": "client-1"}}
+    with pytest.raises(ValueError, match="round='1', expected '2'"):
+        aggregate_uploads({"client-1": stale}, {"client-1": 16}, reference, expect=expect)
+
+
+def _adapter(party, store, target=""):
+    op = party.run_task(party_pb2.TaskRequest(ctx=party_pb2.RunContext(run_id="manual", round=0),
+                                              get_lora=party_pb2.GetLoraTask(target=target)), timeout_s=60)
+    party.pull(store, op.blobs["adapter"].sha256)
+    return lora_from_bytes(store.read_bytes(op.blobs["adapter"].sha256))
+
+
+def test_co_distill_rejects_an_adapter_that_does_not_fit(fedcollm_run, addresses, tmp_path):
+    llm = _party(addresses, "llm")
+    before = llm.describe()
+    store = BlobStore(tmp_path / "blobs")
+    own = _adapter(llm, store)  # the LLM's own adapter: the wrong layout for its SLM copy
+    poisoned = _adapter(llm, store, target="companion")
+    key = sorted(poisoned)[0]
+    poisoned[key][0, 0] = float("nan")
+    for state, message in ((own, "does not fit the companion SLM"), (poisoned, "NaN")):
+        blob = store.put_bytes(lora_to_bytes(state))
+        llm.push(store, blob.sha256)
+        req = party_pb2.TaskRequest(ctx=party_pb2.RunContext(run_id="manual", round=0),
+                                    co_distill=party_pb2.CoDistillTask(slm_adapter=blob.ref()))
+        with pytest.raises(grpc.RpcError) as err:
+            llm.start(req)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and message in err.value.details(), err.value.details()
+    after = llm.describe()
+    assert (after.lora_hash, after.companion.lora_hash) == (before.lora_hash, before.companion.lora_hash)
+
+
+def test_bad_specs_get_clear_errors(coordinator):
+    with pytest.raises(grpc.RpcError) as err:
+        coordinator.start_run(pb.RunSpec(algorithm="fedcollm", rounds=1, aggregation="median"))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "aggregation must be" in err.value.details()
+    with pytest.raises(grpc.RpcError) as err:
+        coordinator.start_run(pb.RunSpec(algorithm="llm2slm", rounds=1, setting="heterogeneous"))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "llm_to_slm" in err.value.details()
+    with pytest.raises(grpc.RpcError) as err:
+        coordinator.start_run(pb.RunSpec(algorithm="fedcolm", rounds=1))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "fedcollm" in err.value.details()
+
+
+# -- baselines on the same cluster ---------------------------------------------------------------------------------
+def test_fedavg_round_averages_and_broadcasts(coordinator, addresses, artifacts, fedcollm_run):
+    run = _run(coordinator, algorithm="fedavg", rounds=1, aggregation="factors")
+    assert run.state == pb.RUN_SUCCEEDED, run.error
+    rounds = _rounds(run)
+    assert set(_metrics(rounds[1])) == set(CLIENTS)  # no LLM involvement
+    _check_aggregate(rounds[1], artifacts)
+    for c in CLIENTS:
+        assert _party(addresses, c).describe().lora_hash == rounds[1].artifacts["aggregate"]
+
+
+def test_standalone_and_zero_shot_exchange_nothing(coordinator, addresses, fedcollm_run):
+    before = {c: _party(addresses, c).describe().lora_hash for c in CLIENTS}
+    run = _run(coordinator, algorithm="standalone", rounds=1)
+    assert run.state == pb.RUN_SUCCEEDED, run.error
+    rounds = _rounds(run)
+    assert sorted(rounds) == [0, 1]
+    assert set(_metrics(rounds[1])) == set(CLIENTS)
+    assert not any(r.bytes_sent or r.bytes_received for r in run.rounds)
+    after = {c: _party(addresses, c).describe().lora_hash for c in CLIENTS}
+    assert after["client-1"] != after["client-2"]  # trained apart, nothing averaged
+    assert all(after[c] != before[c] for c in CLIENTS)
+
+    run = _run(coordinator, algorithm="zero-shot", rounds=1)
+    assert run.state == pb.RUN_SUCCEEDED, run.error
+    assert [r.round for r in run.rounds] == [0]
+    assert set(_metrics(run.rounds[0])) == {"llm", *CLIENTS}
+    assert {c: _party(addresses, c).describe().lora_hash for c in CLIENTS} == after

@@ -2,8 +2,9 @@
 
 A party loads its model with a LoRA adapter, holds the public set (and, for a client, its private data),
 and runs steps on request as long-running operations: local training, public top-k logits, distillation
-from other parties' logits, evaluation, adapter get/set. Every request is validated before any work
-starts; a rejected request changes nothing.
+from other parties' logits, evaluation, adapter get/set, and (on an LLM server holding a companion copy of the
+SLM) FedCoLLM's co-distillation. Every request is validated before any work starts; a rejected request changes
+nothing.
 """
 
 from __future__ import annotations

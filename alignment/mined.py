@@ -276,7 +276,7 @@ def _pigeonhole_plan(tix: _TargetIndex, forms, rows, bound):
     Returns (feasible mask, cost per source, plan rows (source row, byte, lo, hi) into the postings)."""
     s_row, byte, occ = _source_byte_counts(forms, rows)
     lens = np.fromiter((len(forms[i]) for i in rows), dtype=np.int64, count=len(rows))
-    post_t, post_key = tix.postings
+    post_key = tix.postings[1]
     width = tix.max_len + 2
     u = bound[s_row]
     lo_len = np.clip(lens[s_row] - u, 0, tix.max_len + 1)
@@ -464,7 +464,7 @@ def nearest_unique(
     del src_h, src_o, dst_h, dst_o
     _best_per_source(pa, pb, _verify(s_str, tix.strs, pa, pb, w), best_d, best_u)
     resolved = best_d[rest] <= 1
-    stats.update(neighbourhood_pairs=int(len(pa)), within_1=int(resolved.sum()))
+    stats.update(neighbourhood_pairs=len(pa), within_1=int(resolved.sum()))
     rest = rest[~resolved]
     done = n_s - len(rest)
     lap("neighbourhood")
@@ -671,10 +671,10 @@ def agreement_sample(
 __all__ = [
     "ALGORITHM_VERSION",
     "ROLE_FALLBACK",
+    "agreement_sample",
     "build_vocab_map",
     "exhaustive_nearest",
     "exhaustive_nearest_many",
     "map_forms",
     "nearest_unique",
-    "agreement_sample",
 ]

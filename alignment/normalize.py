@@ -34,7 +34,7 @@ def _component(obj) -> dict | None:
         return None
     try:
         return json.loads(obj.__getstate__())
-    except Exception:  # pragma: no cover - very old tokenizers
+    except (AttributeError, TypeError, ValueError):  # pragma: no cover - very old tokenizers
         return None
 
 
@@ -181,7 +181,7 @@ def control_mask(tok) -> np.ndarray:
     return mask
 
 
-_CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def normalized_forms_cached(tok) -> list[bytes]:

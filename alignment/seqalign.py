@@ -91,7 +91,9 @@ class SequenceAlignment:
         )
 
     def to_bytes(self) -> bytes:
-        from cotune.wire.safetensors_io import dumps  # deterministic bytes (safetensors' metadata order is not)
+        from cotune.wire.safetensors_io import (
+            dumps,  # deterministic bytes (safetensors' metadata order is not)
+        )
 
         return dumps(
             {"sample_offsets": self.sample_offsets, "src_pos": self.src_pos, "dst_pos": self.dst_pos},
@@ -105,7 +107,7 @@ class SequenceAlignment:
         )
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> "SequenceAlignment":
+    def from_bytes(cls, data: bytes) -> SequenceAlignment:
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise ValueError(f"sequence alignment must be bytes, got {type(data).__name__}")
         data = bytes(data)

@@ -70,7 +70,9 @@ class VocabMap:
             raise ValueError(f"vocab map points at dst id {int(self.ids.max())}, but the dst vocabulary has {n_dst}")
 
     def to_bytes(self) -> bytes:
-        from cotune.wire.safetensors_io import dumps  # deterministic bytes (safetensors' own metadata order is not)
+        from cotune.wire.safetensors_io import (
+            dumps,  # deterministic bytes (safetensors' own metadata order is not)
+        )
 
         return dumps(
             {"ids": self.ids, "distance": self.distance},
@@ -78,7 +80,7 @@ class VocabMap:
         )
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> "VocabMap":
+    def from_bytes(cls, data: bytes) -> VocabMap:
         import json
         import struct
 

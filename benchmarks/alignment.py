@@ -29,12 +29,12 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from alignment.mined import agreement_sample, build_vocab_map  # noqa: E402
-from alignment.normalize import control_mask, normalized_forms, tokenizer_family  # noqa: E402
-from alignment.projection import project_topk  # noqa: E402
-from alignment.seqalign import align_pair  # noqa: E402
-from cotune.data import shared_data_dir  # noqa: E402
-from cotune.lm.tokenizers import encode_pair, encode_pairs, load_tokenizer  # noqa: E402
+from alignment.mined import agreement_sample, build_vocab_map
+from alignment.normalize import control_mask, normalized_forms, tokenizer_family
+from alignment.projection import project_topk
+from alignment.seqalign import align_pair
+from cotune.data import shared_data_dir
+from cotune.lm.tokenizers import encode_pair, encode_pairs, load_tokenizer
 
 PAIRS = [("llama2", "gpt2"), ("gemma3-real", "smollm2"), ("qwen3", "mistral"), ("gemma3", "llama3")]
 LABELS = {
@@ -147,7 +147,7 @@ def _ref_one(token: str) -> str:
     x = token.replace("▁", "Ġ")
     if x in _REF_SET:
         return x
-    return sorted(_REF_TARGETS, key=lambda y: Levenshtein.distance(x, y))[0]
+    return sorted(_REF_TARGETS, key=lambda y: Levenshtein.distance(x, y))[0]  # noqa: FURB192 - as the reference does
 
 
 _REF_SET: set = set()
@@ -254,8 +254,8 @@ def bench_projection(n_rows, k, src_name, dst_name):
 
 def markdown(report) -> str:
     lines = ["## MinED vocabulary maps", "",
-             "| pair | direction | vocab (src → dst) | build (wall s) | build (CPU s) | exact | agreement | "
-             "both directions (s) |",
+             ("| pair | direction | vocab (src → dst) | build (wall s) | build (CPU s) | exact | agreement | "
+              "both directions (s) |"),
              "|---|---|---|---|---|---|---|---|"]
     for pair in report["mined"]:
         if "skipped" in pair:
@@ -279,8 +279,8 @@ def markdown(report) -> str:
                          f"{r['sample_s']} | {r['extrapolated_s']:,} | {r['ours_s']} | {r['speedup']:,}× |")
     sa = report.get("seqalign")
     if sa and "skipped" not in sa:
-        lines += ["", f"## Sequence alignment ({sa['samples']} ARC-Easy samples, {LABELS[sa['src']]} ↔ "
-                  f"{LABELS[sa['dst']]})", "",
+        lines += ["", (f"## Sequence alignment ({sa['samples']} ARC-Easy samples, {LABELS[sa['src']]} ↔ "
+                       f"{LABELS[sa['dst']]})"), "",
                   "| method | align only (samples/s) | align_public_set incl. encoding (samples/s) | pairs | receiver target coverage |",
                   "|---|---|---|---|---|"]
         for m in ("offsets", "dtw"):
@@ -290,11 +290,12 @@ def markdown(report) -> str:
     pr = report.get("projection")
     if pr:
         lines += ["", "## Projection", "",
-                  f"k = {pr['k']}, {pr['rows']:,} rows, vocab {pr['vocab'][0]:,} → {pr['vocab'][1]:,}: "
-                  f"**{pr['tokens_per_s']:,} tokens/s** (best of 3; median {pr['tokens_per_s_median']:,})"]
+                  (f"k = {pr['k']}, {pr['rows']:,} rows, vocab {pr['vocab'][0]:,} → {pr['vocab'][1]:,}: "
+                   f"**{pr['tokens_per_s']:,} tokens/s** (best of 3; median {pr['tokens_per_s_median']:,})")]
     env = report["environment"]
-    lines += ["", f"Machine: {env['cpus']} CPUs usable, load average {env['load_before']} before / "
-              f"{env['load_after']} after; Python {env['python']}, rapidfuzz {env['rapidfuzz']}, numpy {env['numpy']}."]
+    lines += ["", (f"Machine: {env['cpus']} CPUs usable, load average {env['load_before']} before / "
+                   f"{env['load_after']} after; Python {env['python']}, rapidfuzz {env['rapidfuzz']}, "
+                   f"numpy {env['numpy']}.")]
     return "\n".join(lines)
 
 

@@ -236,7 +236,14 @@ def _from_tokenizer_json_text(text: str, config: dict | None = None, where: str 
 
 
 def _load_vocab_merges(path: Path) -> PreTrainedTokenizerFast:
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+    from tokenizers import (
+        AddedToken,
+        Tokenizer,
+        decoders,
+        models,
+        pre_tokenizers,
+        processors,
+    )
 
     candidates = [path.with_suffix(".merges.txt"), path.parent / "merges.txt", path.with_name(path.stem + ".bpe")]
     merges = next((p for p in candidates if p.exists()), None)
@@ -359,7 +366,15 @@ def gpt2_byte_to_unicode() -> dict[int, str]:
 
 
 def _load_tiktoken(raw: bytes, where: str) -> PreTrainedTokenizerFast:
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+    from tokenizers import (
+        AddedToken,
+        Regex,
+        Tokenizer,
+        decoders,
+        models,
+        pre_tokenizers,
+        processors,
+    )
 
     ranks: dict[bytes, int] = {}
     for lineno, line in enumerate(raw.splitlines(), 1):
@@ -411,7 +426,10 @@ def _load_gguf(path: Path) -> PreTrainedTokenizerFast:
     from tokenizers import pre_tokenizers
 
     try:
-        from transformers.integrations.gguf.gguf_tokenizer_mapping import convert_gguf_tokenizer, get_gguf_tokenizer
+        from transformers.integrations.gguf.gguf_tokenizer_mapping import (
+            convert_gguf_tokenizer,
+            get_gguf_tokenizer,
+        )
     except ImportError:  # older/newer transformers layout: slow but general path
         from transformers import AutoTokenizer
 
@@ -483,7 +501,7 @@ def tokenizer_from_bundle(data: bytes) -> PreTrainedTokenizerFast:
     return tok  # the post-processor inside the bundle already says whether bos is added
 
 
-_HASHES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_HASHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def tokenizer_hash(tok: PreTrainedTokenizerFast) -> str:
@@ -549,7 +567,7 @@ class _EncodeInfo:
             self.form_len = np.fromiter((len(f) for f in self.forms), dtype=np.int64, count=len(self.forms))
 
 
-_INFO: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_INFO: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _encode_info(tok: PreTrainedTokenizerFast) -> _EncodeInfo:

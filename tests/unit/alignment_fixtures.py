@@ -48,7 +48,7 @@ def tokenizer_path(name: str) -> Path:
     return path
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _load(path: str):
     from cotune.lm.tokenizers import load_tokenizer
 
@@ -59,7 +59,7 @@ def tokenizer(name: str):
     return _load(str(tokenizer_path(name)))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _forms(path: str):
     from alignment.normalize import normalized_forms
 

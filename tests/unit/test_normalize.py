@@ -4,8 +4,19 @@ from __future__ import annotations
 
 import pytest
 
-from alignment.normalize import control_mask, normalized_forms, special_roles, tokenizer_family
-from tests.unit.alignment_fixtures import HARD_TEXTS, forms, smollm2_gguf, token_id, tokenizer
+from alignment.normalize import (
+    control_mask,
+    normalized_forms,
+    special_roles,
+    tokenizer_family,
+)
+from tests.unit.alignment_fixtures import (
+    HARD_TEXTS,
+    forms,
+    smollm2_gguf,
+    token_id,
+    tokenizer,
+)
 
 
 def test_byte_level_gpt2():

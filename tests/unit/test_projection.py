@@ -102,6 +102,6 @@ def test_large_batch_is_vectorized():
     table = rng.integers(0, 49152, 262144).astype(np.int32)
     ids = rng.integers(0, 262144, (50_000, 32))
     probs = np.full((50_000, 32), 1 / 40, np.float32)
-    out_ids, out_p, missing = project_topk(ids, probs, table)
+    _, out_p, missing = project_topk(ids, probs, table)
     assert np.allclose(out_p.sum(axis=1), 1.0, atol=1e-5)
     assert np.allclose(missing, 1 - 32 / 40, atol=1e-6)

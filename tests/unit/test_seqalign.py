@@ -83,7 +83,7 @@ def test_dtw_path_and_method():
     sp, dp = align_pair(ea, eb, "dtw", src_forms=forms("llama2"), dst_forms=forms("gpt2"))
     assert len(sp) > 3 and len(set(dp.tolist())) == len(dp)
     assert all(s in ea.target_positions for s in sp.tolist()) and all(d in eb.target_positions for d in dp.tolist())
-    sp2, dp2 = align_pair(ea, eb, "dtw", text=prompt + response)
+    sp2, _ = align_pair(ea, eb, "dtw", text=prompt + response)
     assert len(sp2) > 3
     with pytest.raises(ValueError, match="needs"):
         align_pair(ea, eb, "dtw")
@@ -112,8 +112,8 @@ def test_align_public_set_and_blob():
 
 
 def test_sequence_alignment_validation():
-    ok = dict(sample_offsets=np.array([0, 1], np.int64), src_pos=np.array([1], np.int32),
-              dst_pos=np.array([2], np.int32), src_hash="", dst_hash="", public_set_hash="", method="offsets")
+    ok = {"sample_offsets": np.array([0, 1], np.int64), "src_pos": np.array([1], np.int32),
+              "dst_pos": np.array([2], np.int32), "src_hash": "", "dst_hash": "", "public_set_hash": "", "method": "offsets"}
     SequenceAlignment(**ok)
     with pytest.raises(ValueError, match="end at"):
         SequenceAlignment(**dict(ok, sample_offsets=np.array([0, 2], np.int64)))

@@ -41,7 +41,7 @@ LABELS = {
     "llama2": "Llama-2",
     "gpt2": "GPT-2",
     "gemma3": "Gemma 3",
-    "gemma3-real": "Gemma 3 (270M GGUF)",
+    "gemma3-real": "Gemma 3 (real LLM)",
     "smollm2": "SmolLM2 (GGUF)",
     "qwen3": "Qwen3",
     "mistral": "Mistral",

@@ -310,11 +310,12 @@ def main(argv: list[str] | None = None) -> int:
         import grpc
 
         from cotune.config import ConfigError
+        from cotune.lm.tokenizers import TokenizerLoadError
 
         if isinstance(exc, grpc.RpcError) and hasattr(exc, "code"):
             print(f"cotune: {exc.code().name}: {exc.details()}", file=sys.stderr)
             return 2
-        if isinstance(exc, (ConfigError, FileNotFoundError)):
+        if isinstance(exc, (ConfigError, TokenizerLoadError, FileNotFoundError)):
             print(f"cotune: {exc}", file=sys.stderr)
             return 2
         raise

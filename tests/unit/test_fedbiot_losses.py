@@ -1,0 +1,161 @@
+"""FedBiOT losses: live proximal term (gradient where the adapter moved), emulator alignment that training lowers."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from cotune.lm.compress import compress, plug_adapter_into_full
+from cotune.lm.fedbiot import (
+    client_loss,
+    emulator_alignment_loss,
+    lora_part_state,
+    normalized_l2,
+    proximal_term,
+    set_lora_trainable,
+)
+from cotune.lm.lora import _lora_params, attach_lora
+from cotune.lm.tiny import make_tiny_model
+
+SHARED = Path(os.environ.get("COTUNE_SHARED_DATA") or Path(__file__).resolve().parents[2].parent / "shared" / "data")
+TOKENIZER = SHARED / "tokenizers" / "phi-2" / "tokenizer.json"
+pytestmark = pytest.mark.skipif(not TOKENIZER.exists(), reason=f"shared tokenizer data not found at {TOKENIZER}")
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from cotune.lm.tokenizers import load_tokenizer
+
+    return load_tokenizer(TOKENIZER)
+
+
+@pytest.fixture(scope="module")
+def tiny_dirs(tmp_path_factory, tok):
+    root = tmp_path_factory.mktemp("tiny8")
+    return {a: make_tiny_model(tok, root / a, arch=a, hidden=32, heads=2, layers=8) for a in ("llama", "gpt2", "gemma3")}
+
+
+def _load(path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(path)).eval()
+
+
+def _compressed(tiny_dirs, arch="llama", drop=0.5):
+    small, layer_map = compress(_load(tiny_dirs[arch]), adapter_layers=2, drop=drop)
+    return attach_lora(small, r=4, dropout=0.0, seed=0), layer_map
+
+
+def test_proximal_term_is_zero_with_zero_grad_at_the_anchor_and_pulls_back_when_moved(tiny_dirs):
+    model, layer_map = _compressed(tiny_dirs)
+    set_lora_trainable(model, layer_map, "adapter")
+    anchor = lora_part_state(model, layer_map, "adapter")
+    assert anchor
+    params = _lora_params(model)
+
+    prox = proximal_term(model, anchor, eps=0.5)
+    assert prox.requires_grad
+    prox.backward()
+    assert float(prox.detach()) == 0.0
+    assert all(params[k].grad is not None and float(params[k].grad.abs().max()) == 0.0 for k in anchor)
+    model.zero_grad(set_to_none=True)
+
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for k in anchor:
+            params[k].add_(torch.randn(params[k].shape, generator=g) * 0.1)
+    prox = proximal_term(model, anchor, eps=0.5)
+    assert float(prox.detach()) > 0
+    prox.backward()
+    for k in anchor:
+        expected = 0.5 * (params[k].detach() - anchor[k])
+        torch.testing.assert_close(params[k].grad, expected)
+        assert float(params[k].grad.abs().max()) > 0
+    # the emulator's LoRA is not in the term and not trainable
+    emulator = lora_part_state(model, layer_map, "emulator")
+    assert emulator and not set(emulator) & set(anchor)
+    assert all(not params[k].requires_grad and params[k].grad is None for k in emulator)
+
+    with pytest.raises(ValueError, match="lacks"):
+        proximal_term(model, {"nope.lora_A.weight": torch.zeros(1)}, eps=1.0)
+
+
+def test_client_loss_adds_the_proximal_term_and_its_gradient(tiny_dirs, tok):
+    model, layer_map = _compressed(tiny_dirs)
+    set_lora_trainable(model, layer_map, "adapter")
+    anchor = lora_part_state(model, layer_map, "adapter")
+    params = _lora_params(model)
+    with torch.no_grad():
+        for k in anchor:
+            params[k].add_(0.05)
+    ids = torch.randint(0, len(tok), (2, 10), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    loss, ce, prox = client_loss(model, ids, mask, ids, anchor, eps=2.0)
+    assert float(prox) > 0
+    torch.testing.assert_close(loss.detach(), ce + prox)
+    _loss0, ce0, prox0 = client_loss(model, ids, mask, ids, anchor, eps=0.0)
+    assert float(prox0) == 0.0
+    torch.testing.assert_close(ce0, ce)
+
+
+def test_normalized_l2_is_scale_free_and_masked():
+    t = torch.randn(2, 5, 8)
+    assert float(normalized_l2(t, t)) == 0.0
+    torch.testing.assert_close(normalized_l2(2 * t, t), torch.tensor(1.0))
+    torch.testing.assert_close(normalized_l2(20 * t, 10 * t), torch.tensor(1.0))
+    mask = torch.zeros(2, 5, dtype=torch.bool)
+    mask[0, 0] = True
+    bad = t.clone()
+    bad[1] += 100
+    torch.testing.assert_close(normalized_l2(bad, t, mask), torch.tensor(0.0))
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma3"])
+def test_emulator_alignment_training_lowers_the_loss(tiny_dirs, tok, arch):
+    small, layer_map = _compressed(tiny_dirs, arch=arch, drop=0.5)
+    trainable = set_lora_trainable(small, layer_map, "emulator")
+    assert trainable
+    full = attach_lora(_load(tiny_dirs[arch]), r=4, dropout=0.0, seed=0)
+    plug_adapter_into_full(full, small, layer_map)
+    for p in full.parameters():
+        p.requires_grad_(False)
+
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(0, len(tok), (4, 16), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 12:] = 0
+    adapter_before = lora_part_state(small, layer_map, "adapter")
+
+    params = [p for p in small.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=1e-2)
+    with torch.no_grad():
+        first, parts0 = emulator_alignment_loss(small, full, ids, mask, layer_map, beta=0.5)
+    assert parts0["l2"] > 0 and parts0["kl"] > 0
+    for _ in range(15):
+        opt.zero_grad()
+        loss, _ = emulator_alignment_loss(small, full, ids, mask, layer_map, beta=0.5)
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        last, parts = emulator_alignment_loss(small, full, ids, mask, layer_map, beta=0.5)
+    assert float(last) < 0.9 * float(first), (float(first), float(last))
+    assert parts["l2"] < parts0["l2"]
+    # only the emulator moved
+    for k, v in lora_part_state(small, layer_map, "adapter").items():
+        torch.testing.assert_close(v, adapter_before[k])
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma3"])
+def test_alignment_loss_is_zero_when_nothing_was_dropped(tiny_dirs, tok, arch):
+    # drop=0 keeps every layer: the emulator is the original middle block, so both terms vanish (hooks line up)
+    small, layer_map = _compressed(tiny_dirs, arch=arch, drop=0.0)
+    assert [layer_map[j] for j in sorted(layer_map)] == list(range(8))
+    full = attach_lora(_load(tiny_dirs[arch]), r=4, dropout=0.0, seed=0)
+    plug_adapter_into_full(full, small, layer_map)
+    ids = torch.randint(0, len(tok), (2, 9), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        _loss, parts = emulator_alignment_loss(small, full, ids, None, layer_map, beta=1.0)
+    assert parts["l2"] < 1e-10 and abs(parts["kl"]) < 1e-6, parts

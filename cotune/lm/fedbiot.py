@@ -139,3 +139,151 @@ def emulator_alignment_loss(
     kl = kl_full(full_logits.detach(), emu_logits, mask) if beta else l2.new_zeros(())
     loss = l2 + float(beta) * kl
     return loss, {"l2": float(l2.detach()), "kl": float(kl.detach())}
+
+
+def _encode(tokenizer, examples, max_length: int):
+    from cotune.lm.tokenizers import encode_pair
+
+    pairs = [encode_pair(tokenizer, ex.prompt, ex.response, max_length) for ex in examples]
+    return [p for p in pairs if len(p.ids) > 1]
+
+
+def _pad_id(tokenizer) -> int:
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad is None:
+        raise ValueError("tokenizer has neither a pad nor an eos token")
+    return int(pad)
+
+
+def train_adapter(
+    model,
+    tokenizer,
+    examples,
+    layer_map: dict[int, int],
+    anchor_state: dict[str, torch.Tensor],
+    *,
+    eps: float,
+    adapter_layers: int = 2,
+    epochs: int = 1,
+    lr: float = 1e-4,
+    batch_size: int = 4,
+    max_length: int = 256,
+    seed: int = 0,
+    should_stop=None,
+) -> dict:
+    """FedBiOT client step: train only the adapter LoRA with CE (response tokens) + (ε/2)·‖θ − θᵗ‖² (live params).
+
+    anchor_state: the adapter LoRA broadcast this round (canonical keys). Returns first/last epoch mean losses.
+    """
+    import numpy as np
+
+    from cotune.lm.batching import collate, model_device, shuffled_batches, to_device
+
+    keys = set_lora_trainable(model, layer_map, "adapter", adapter_layers=adapter_layers)
+    if set(anchor_state) != set(keys):
+        raise LoraMismatchError("anchor_state must hold exactly the adapter's LoRA keys")
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    pairs = _encode(tokenizer, examples, max_length)
+    pad, dev = _pad_id(tokenizer), model_device(model)
+    epoch_ce, epoch_prox, steps = [], [], 0
+    model.train()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            for epoch in range(max(int(epochs), 0)):
+                rng = np.random.default_rng([seed, epoch])
+                ces, proxes = [], []
+                for idx in shuffled_batches([len(p.ids) for p in pairs], batch_size, rng):
+                    if should_stop is not None and should_stop():
+                        break
+                    b = to_device(collate([pairs[i] for i in idx], pad), dev)
+                    loss, ce, prox = client_loss(model, b["input_ids"], b["attention_mask"], b["labels"],
+                                                 anchor_state, eps)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    steps += 1
+                    ces.append(float(ce))
+                    proxes.append(float(prox))
+                if ces:
+                    epoch_ce.append(float(np.mean(ces)))
+                    epoch_prox.append(float(np.mean(proxes)))
+    finally:
+        opt.zero_grad(set_to_none=True)
+        model.eval()
+    nan = float("nan")
+    return {
+        "ce_first": epoch_ce[0] if epoch_ce else nan,
+        "ce_last": epoch_ce[-1] if epoch_ce else nan,
+        "prox_last": epoch_prox[-1] if epoch_prox else nan,
+        "steps": steps,
+        "samples": len(pairs),
+    }
+
+
+def align_emulator(
+    compressed_model,
+    full_model,
+    tokenizer,
+    examples,
+    layer_map: dict[int, int],
+    *,
+    steps: int,
+    beta: float = 1.0,
+    adapter_layers: int = 2,
+    lr: float = 1e-4,
+    batch_size: int = 4,
+    max_length: int = 256,
+    seed: int = 0,
+    should_stop=None,
+) -> dict:
+    """FedBiOT server step: `steps` optimizer steps on the emulator LoRA only (public examples, cycled), minimizing
+    emulator_alignment_loss. full_model must carry the current adapter LoRA (plug_adapter_into_full)."""
+    import numpy as np
+
+    from cotune.lm.batching import collate, model_device, shuffled_batches, to_device
+
+    set_lora_trainable(compressed_model, layer_map, "emulator", adapter_layers=adapter_layers)
+    params = [p for p in compressed_model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    pairs = _encode(tokenizer, examples, max_length)
+    if not pairs:
+        raise ValueError("no public examples to align the emulator on")
+    pad, dev = _pad_id(tokenizer), model_device(compressed_model)
+    losses: list[dict] = []
+    done = 0
+    epoch = 0
+    stopped = False
+    compressed_model.train()
+    try:
+        while done < steps and not stopped:
+            rng = np.random.default_rng([seed, epoch])
+            for idx in shuffled_batches([len(p.ids) for p in pairs], batch_size, rng):
+                if should_stop is not None and should_stop():
+                    stopped = True
+                if stopped or done >= steps:
+                    break
+                b = to_device(collate([pairs[i] for i in idx], pad), dev)
+                loss, parts = emulator_alignment_loss(compressed_model, full_model, b["input_ids"],
+                                                      b["attention_mask"], layer_map,
+                                                      adapter_layers=adapter_layers, beta=beta)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                losses.append({"loss": float(loss.detach()), **parts})
+                done += 1
+            epoch += 1
+    finally:
+        opt.zero_grad(set_to_none=True)
+        compressed_model.eval()
+    nan = {"loss": float("nan"), "l2": float("nan"), "kl": float("nan")}
+    first, last = (losses[0], losses[-1]) if losses else (nan, nan)
+    return {
+        "align_loss_first": first["loss"],
+        "align_loss_last": last["loss"],
+        "align_l2_last": last["l2"],
+        "align_kl_last": last["kl"],
+        "align_steps": len(losses),
+        "stopped": stopped,
+    }

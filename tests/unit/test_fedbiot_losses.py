@@ -159,3 +159,41 @@ def test_alignment_loss_is_zero_when_nothing_was_dropped(tiny_dirs, tok, arch):
     with torch.no_grad():
         _loss, parts = emulator_alignment_loss(small, full, ids, None, layer_map, beta=1.0)
     assert parts["l2"] < 1e-10 and abs(parts["kl"]) < 1e-6, parts
+
+
+def _examples(n=8):
+    from cotune.data.example import Example
+
+    words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta"]
+    return [Example(prompt=f"Q: name {i} is", response=f" {words[i % 8]} {words[(i + 3) % 8]}.") for i in range(n)]
+
+
+def test_train_adapter_moves_only_the_adapter_and_lowers_ce(tiny_dirs, tok):
+    from cotune.lm.fedbiot import train_adapter
+
+    model, layer_map = _compressed(tiny_dirs)
+    anchor = lora_part_state(model, layer_map, "adapter")
+    emulator_before = lora_part_state(model, layer_map, "emulator")
+    m = train_adapter(model, tok, _examples(), layer_map, anchor, eps=0.1, epochs=6, lr=5e-3, batch_size=4,
+                      max_length=32)
+    assert m["steps"] == 12 and m["ce_last"] < m["ce_first"] and m["prox_last"] > 0
+    after = lora_part_state(model, layer_map, "adapter")
+    assert any(not torch.equal(after[k], anchor[k]) for k in anchor)
+    for k, v in lora_part_state(model, layer_map, "emulator").items():
+        torch.testing.assert_close(v, emulator_before[k])
+    with pytest.raises(ValueError, match="adapter"):
+        train_adapter(model, tok, _examples(), layer_map, {}, eps=0.1)
+
+
+def test_align_emulator_lowers_the_alignment_loss(tiny_dirs, tok):
+    from cotune.lm.fedbiot import align_emulator
+
+    small, layer_map = _compressed(tiny_dirs, drop=0.5)
+    full = attach_lora(_load(tiny_dirs["llama"]), r=4, dropout=0.0, seed=0)
+    plug_adapter_into_full(full, small, layer_map)
+    m = align_emulator(small, full, tok, _examples(), layer_map, steps=10, beta=0.5, lr=1e-2, batch_size=4,
+                       max_length=32)
+    assert m["align_steps"] == 10 and not m["stopped"]
+    assert m["align_loss_last"] < m["align_loss_first"]
+    m2 = align_emulator(small, full, tok, _examples(), layer_map, steps=10, should_stop=lambda: True)
+    assert m2["align_steps"] == 0 and m2["stopped"]

@@ -55,6 +55,9 @@ class Party:
         self.companion = self.companion_trainer = None
         self.companion_tokenizer_hash = ""
         self.companion_vocab_size = 0
+        # FedBiOT: set when the model directory is a compressed model (cotune_layer_map.json beside config.json)
+        self.layer_map: dict[int, int] | None = None
+        self.adapter_layers = 0
         self._local = threading.local()
         self._ready = threading.Event()
         self._load_error: str = ""
@@ -85,6 +88,10 @@ class Party:
         self.device = str(next(self.model.parameters()).device)
         if mc.companion_slm_path:
             self._load_companion(cache)
+        from cotune.lm.compress import LAYER_MAP_FILE, load_layer_map
+
+        if Path(mc.path).is_dir() and (Path(mc.path) / LAYER_MAP_FILE).is_file():
+            self.layer_map, self.adapter_layers = load_layer_map(mc.path)
         self._ready.set()
         log.info("%s ready: %s on %s, vocab %d, public set %s (%d samples)", self.cfg.party_id, mc.path, self.device,
                  self.vocab_size, self.public_hash[:12], len(self.public))
@@ -188,7 +195,15 @@ class Party:
             raise Precondition(f"party {self.cfg.party_id} ({self.role}) has no private data to train on")
         if task.epochs < 0 or task.lr < 0 or task.batch_size < 0:
             raise InvalidInput("epochs, lr and batch_size must be non-negative")
+        if not task.prox_eps >= 0:  # also rejects NaN
+            raise InvalidInput(f"prox_eps must be >= 0, got {task.prox_eps}")
+        if task.prox_eps > 0 and self.layer_map is None:
+            raise Precondition(
+                f"party {self.cfg.party_id} was asked for FedBiOT adapter training (prox_eps > 0) but its model "
+                f"{self.cfg.model.path} is not a compressed model (no cotune_layer_map.json)")
         examples = self._samples(self.private, task.max_samples)
+        if task.prox_eps > 0:
+            return self._fedbiot_train_work(task, examples)
 
         def work(ctx):
             self._apply_overrides(task.lr, task.batch_size)
@@ -196,6 +211,26 @@ class Party:
                                       should_stop=ctx.cancelled)
             return OpResult(metrics={"train_loss_first": m["loss_first"], "train_loss_last": m["loss_last"],
                                      "train_steps": m["steps"], "train_samples": m["samples"]})
+        return work
+
+    def _fedbiot_train_work(self, task: party_pb2.TrainLocalTask, examples):
+        """FedBiOT client step: only the adapter LoRA trains; the anchor θᵗ is the adapter held at task start
+        (the round's broadcast, set by SetLora before this task)."""
+        from cotune.lm.fedbiot import lora_part_state, train_adapter
+
+        round_ = int(self._local.ctx.round)  # a different shuffle each round
+
+        def work(ctx):
+            tc = self.cfg.training
+            anchor = lora_part_state(self.model, self.layer_map, "adapter", adapter_layers=self.adapter_layers)
+            m = train_adapter(self.model, self.tokenizer, examples, self.layer_map, anchor, eps=task.prox_eps,
+                              adapter_layers=self.adapter_layers, epochs=task.epochs or 1, lr=task.lr or tc.lr,
+                              batch_size=task.batch_size or tc.batch_size, max_length=tc.max_length,
+                              seed=tc.seed * 1_000_003 + round_, should_stop=ctx.cancelled,
+                              progress=self._progress(ctx, "train"))
+            return OpResult(metrics={"train_loss_first": m["ce_first"], "train_loss_last": m["ce_last"],
+                                     "train_prox_last": m["prox_last"], "train_steps": m["steps"],
+                                     "train_samples": m["samples"]})
         return work
 
     def _apply_overrides(self, lr: float, batch_size: int) -> None:

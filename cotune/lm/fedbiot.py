@@ -141,6 +141,11 @@ def emulator_alignment_loss(
     return loss, {"l2": float(l2.detach()), "kl": float(kl.detach())}
 
 
+def _restore_flags(model, flags: dict[str, bool]) -> None:
+    for key, p in _lora_params(model).items():
+        p.requires_grad_(flags.get(key, p.requires_grad))
+
+
 def _encode(tokenizer, examples, max_length: int):
     from cotune.lm.tokenizers import encode_pair
 
@@ -170,6 +175,7 @@ def train_adapter(
     max_length: int = 256,
     seed: int = 0,
     should_stop=None,
+    progress=None,
 ) -> dict:
     """FedBiOT client step: train only the adapter LoRA with CE (response tokens) + (ε/2)·‖θ − θᵗ‖² (live params).
 
@@ -179,14 +185,17 @@ def train_adapter(
 
     from cotune.lm.batching import collate, model_device, shuffled_batches, to_device
 
+    flags = {k: p.requires_grad for k, p in _lora_params(model).items()}
     keys = set_lora_trainable(model, layer_map, "adapter", adapter_layers=adapter_layers)
     if set(anchor_state) != set(keys):
+        _restore_flags(model, flags)
         raise LoraMismatchError("anchor_state must hold exactly the adapter's LoRA keys")
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     pairs = _encode(tokenizer, examples, max_length)
     pad, dev = _pad_id(tokenizer), model_device(model)
     epoch_ce, epoch_prox, steps = [], [], 0
+    total = max(int(epochs), 0) * ((len(pairs) + batch_size - 1) // batch_size)
     model.train()
     try:
         with torch.random.fork_rng(devices=[]):
@@ -206,12 +215,15 @@ def train_adapter(
                     steps += 1
                     ces.append(float(ce))
                     proxes.append(float(prox))
+                    if progress is not None:
+                        progress(steps, total)
                 if ces:
                     epoch_ce.append(float(np.mean(ces)))
                     epoch_prox.append(float(np.mean(proxes)))
     finally:
         opt.zero_grad(set_to_none=True)
         model.eval()
+        _restore_flags(model, flags)
     nan = float("nan")
     return {
         "ce_first": epoch_ce[0] if epoch_ce else nan,
@@ -244,11 +256,13 @@ def align_emulator(
 
     from cotune.lm.batching import collate, model_device, shuffled_batches, to_device
 
+    flags = {k: p.requires_grad for k, p in _lora_params(compressed_model).items()}
     set_lora_trainable(compressed_model, layer_map, "emulator", adapter_layers=adapter_layers)
     params = [p for p in compressed_model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     pairs = _encode(tokenizer, examples, max_length)
     if not pairs:
+        _restore_flags(compressed_model, flags)
         raise ValueError("no public examples to align the emulator on")
     pad, dev = _pad_id(tokenizer), model_device(compressed_model)
     losses: list[dict] = []
@@ -277,6 +291,7 @@ def align_emulator(
     finally:
         opt.zero_grad(set_to_none=True)
         compressed_model.eval()
+        _restore_flags(compressed_model, flags)
     nan = {"loss": float("nan"), "l2": float("nan"), "kl": float("nan")}
     first, last = (losses[0], losses[-1]) if losses else (nan, nan)
     return {

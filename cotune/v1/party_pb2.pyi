@@ -79,16 +79,18 @@ class RunContext(_message.Message):
     def __init__(self, run_id: _Optional[str] = ..., round: _Optional[int] = ..., task_key: _Optional[str] = ..., public_set_hash: _Optional[str] = ...) -> None: ...
 
 class TrainLocalTask(_message.Message):
-    __slots__ = ("epochs", "lr", "batch_size", "max_samples")
+    __slots__ = ("epochs", "lr", "batch_size", "max_samples", "prox_eps")
     EPOCHS_FIELD_NUMBER: _ClassVar[int]
     LR_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    PROX_EPS_FIELD_NUMBER: _ClassVar[int]
     epochs: int
     lr: float
     batch_size: int
     max_samples: int
-    def __init__(self, epochs: _Optional[int] = ..., lr: _Optional[float] = ..., batch_size: _Optional[int] = ..., max_samples: _Optional[int] = ...) -> None: ...
+    prox_eps: float
+    def __init__(self, epochs: _Optional[int] = ..., lr: _Optional[float] = ..., batch_size: _Optional[int] = ..., max_samples: _Optional[int] = ..., prox_eps: _Optional[float] = ...) -> None: ...
 
 class PublicLogitsTask(_message.Message):
     __slots__ = ("top_k", "max_samples", "bits", "max_length")

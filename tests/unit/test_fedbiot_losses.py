@@ -174,8 +174,11 @@ def test_train_adapter_moves_only_the_adapter_and_lowers_ce(tiny_dirs, tok):
     model, layer_map = _compressed(tiny_dirs)
     anchor = lora_part_state(model, layer_map, "adapter")
     emulator_before = lora_part_state(model, layer_map, "emulator")
+    seen = []
     m = train_adapter(model, tok, _examples(), layer_map, anchor, eps=0.1, epochs=6, lr=5e-3, batch_size=4,
-                      max_length=32)
+                      max_length=32, progress=lambda d, t: seen.append((d, t)))
+    assert seen[-1] == (12, 12)
+    assert all(p.requires_grad for p in _lora_params(model).values())  # trainability restored for other tasks
     assert m["steps"] == 12 and m["ce_last"] < m["ce_first"] and m["prox_last"] > 0
     after = lora_part_state(model, layer_map, "adapter")
     assert any(not torch.equal(after[k], anchor[k]) for k in anchor)

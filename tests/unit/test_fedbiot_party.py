@@ -1,0 +1,115 @@
+"""FedBiOT client step on a Party (no gRPC): TrainLocal with prox_eps trains only the adapter of a compressed model."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from cotune.lm.compress import compress, save_compressed
+from cotune.lm.tiny import make_tiny_model
+
+SHARED = Path(os.environ.get("COTUNE_SHARED_DATA") or Path(__file__).resolve().parents[2].parent / "shared" / "data")
+TOKENIZER = SHARED / "tokenizers" / "phi-2" / "tokenizer.json"
+pytestmark = pytest.mark.skipif(not TOKENIZER.exists(), reason=f"shared tokenizer data not found at {TOKENIZER}")
+
+
+def _examples(n):
+    from cotune.data.example import Example
+
+    words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta"]
+    return [Example(prompt=f"Q: name {i} is", response=f" {words[i % 8]} {words[(i + 3) % 8]}.") for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    from transformers import AutoModelForCausalLM
+
+    from cotune.data.tasks import write_jsonl
+    from cotune.lm.tokenizers import load_tokenizer
+
+    root = tmp_path_factory.mktemp("fedbiot-party")
+    tok = load_tokenizer(TOKENIZER)
+    full_dir = make_tiny_model(tok, root / "full", arch="llama", hidden=32, heads=2, layers=8)
+    small, layer_map = compress(AutoModelForCausalLM.from_pretrained(str(full_dir)), adapter_layers=2, drop=0.5)
+    comp_dir = save_compressed(small, layer_map, root / "compressed", tokenizer=tok, adapter_layers=2, drop=0.5,
+                               original_num_layers=8)
+    write_jsonl(root / "public.jsonl", _examples(4))
+    write_jsonl(root / "private.jsonl", _examples(8))
+    return root, full_dir, comp_dir, layer_map
+
+
+def _party(root, model_dir, name):
+    from cotune.config import (
+        DataConfig,
+        LoraConfig,
+        ModelConfig,
+        PartyConfig,
+        TrainingConfig,
+    )
+    from cotune.party import Party
+
+    cfg = PartyConfig(
+        party_id=name,
+        workdir=str(root / name),
+        model=ModelConfig(path=str(model_dir), device="cpu", dtype="fp32"),
+        lora=LoraConfig(r=4, dropout=0.0),
+        training=TrainingConfig(lr=5e-3, batch_size=4, max_length=32),
+        data=DataConfig(public=str(root / "public.jsonl"), private=str(root / "private.jsonl")),
+    )
+    party = Party(cfg, "slm")
+    party.load()
+    return party
+
+
+def _request(**train):
+    from cotune.v1 import party_pb2
+
+    return party_pb2.TaskRequest(ctx=party_pb2.RunContext(run_id="run", round=1),
+                                 train_local=party_pb2.TrainLocalTask(**train))
+
+
+def test_train_local_with_prox_trains_only_the_adapter(setup):
+    from cotune.lm.fedbiot import lora_part_state
+    from cotune.v1 import operations_pb2
+
+    root, _full, comp_dir, layer_map = setup
+    party = _party(root, comp_dir, "client-a")
+    try:
+        assert party.layer_map == layer_map and party.adapter_layers == 2
+        adapter0 = lora_part_state(party.model, layer_map, "adapter")
+        emulator0 = lora_part_state(party.model, layer_map, "emulator")
+        op = party.start_task(_request(epochs=3, prox_eps=0.1))
+        done = party.ops.wait(op.id, 120)
+        assert done.state == operations_pb2.OPERATION_SUCCEEDED, done.error_message
+        assert done.metrics["train_steps"] == 6 and done.metrics["train_prox_last"] > 0
+        assert done.metrics["train_loss_last"] < done.metrics["train_loss_first"]
+        adapter1 = lora_part_state(party.model, layer_map, "adapter")
+        assert any(not torch.equal(adapter1[k], adapter0[k]) for k in adapter0)
+        for k, v in lora_part_state(party.model, layer_map, "emulator").items():
+            torch.testing.assert_close(v, emulator0[k])
+
+        from cotune.rpc.errors import InvalidInput
+
+        with pytest.raises(InvalidInput, match="prox_eps"):
+            party.start_task(_request(prox_eps=-1.0))
+        with pytest.raises(InvalidInput, match="prox_eps"):
+            party.start_task(_request(prox_eps=math.nan))
+    finally:
+        party.ops.shutdown()
+
+
+def test_train_local_with_prox_needs_a_compressed_model(setup):
+    from cotune.rpc.errors import Precondition
+
+    root, full_dir, _comp, _map = setup
+    party = _party(root, full_dir, "client-full")
+    try:
+        assert party.layer_map is None
+        with pytest.raises(Precondition, match="compressed model"):
+            party.start_task(_request(prox_eps=0.1))
+    finally:
+        party.ops.shutdown()

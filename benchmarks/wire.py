@@ -1,8 +1,8 @@
-"""Wire benchmark: the top-k logits codec on real logits of the two real models.
+"""Wire benchmark: the top-k logits codec on real logits of the two real models, and blob transfers over gRPC.
 
-    python benchmarks/wire.py [--tokens N] [--json out.json] [--no-models]
+    python benchmarks/wire.py [--only codec|transfer] [--tokens N] [--transfer-mib 1024] [--json out.json]
 
-Prints a JSON document and a markdown table. The codec section measures, for k in {8, 16, 32, 64, 128} on real
+Prints one JSON document and markdown tables. The codec section measures, for k in {8, 16, 32, 64, 128} on real
 next-token logits of SmolLM2-135M-Instruct (V = 49,152) and Gemma 3 270M (V = 262,144) over ARC-Easy text:
 bytes/token of our codec (quantized and lossless), of raw int32 ids + fp16 logprobs, and of the reference format
 (FATE-LLM style pickled Python lists of fp32 logits and int64 ids per position); KL(original renormalized top-k ||
@@ -10,6 +10,15 @@ decoded) mean and p99; the effect on a KD loss value; encode and decode tokens/s
 
 Models are converted once from their PyPI GGUF packages to HF directories under var/models-cache, and the extracted
 top-k logits are cached under var/wire-bench, so reruns are fast.
+
+The transfer section pushes a 1 GiB blob (random bytes) from a sender process to a receiver service process over
+loopback gRPC (cotune.wire.blobs.push_blob against a BlobStoreServicer hosted the way every service hosts it), then pulls
+it back into a third process's store (pull_blob); both several times. It reports MB/s, the peak RSS growth of sender
+and receiver during the transfer (VmHWM after vs VmRSS before, the peak reset through /proc/<pid>/clear_refs) and their
+CPU seconds; then a push cut at 50% (the sending process SIGKILLed, a new sender resumes) and a pull cut at 50% (the
+serving process SIGKILLed and restarted on its port; the same pull_blob call resumes): the offset it resumed from, the
+bytes sent again and the time from the kill to a verified blob. Stores live in a temporary directory (--workdir),
+removed afterwards. The helper processes are tests/integration/blob_server.py.
 
 pickle is used here ONLY to measure the size of the reference format; product code never pickles.
 """
@@ -328,6 +337,322 @@ def codec_markdown(res: dict) -> str:
     return "\n".join(lines)
 
 
+# --------------------------------------------------------------------------------------------------------------------
+# transfer section
+# --------------------------------------------------------------------------------------------------------------------
+
+MB = 1e6
+MIB = 1 << 20
+
+
+def _wait_for_size(path: Path, threshold: int, proc, timeout: float = 300.0) -> int:
+    """Poll a partial file until it holds `threshold` bytes (or `proc` exits); returns its size."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            size = 0
+        if size >= threshold or proc.poll() is not None:
+            return size
+        time.sleep(0.002)
+    raise TimeoutError(f"{path} never reached {threshold} bytes")
+
+
+def _partial_size(root: Path, sha: str) -> int:
+    try:
+        return (root / "partial" / f"{sha}.part").stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+def _drop_blob(root: Path, sha: str) -> None:
+    """Forget a blob in a store another process serves (the store keeps no state about published blobs)."""
+    for p in (root / "objects" / sha[:2] / sha, root / "partial" / f"{sha}.part", root / "partial" / f"{sha}.json"):
+        p.unlink(missing_ok=True)
+
+
+def transfer_components(workdir: Path, mib: int = 256) -> dict:
+    """Single-thread costs of the pieces of a transfer on this machine, MB/s: sha256, the receiver's file write with
+    drop-behind, a plain page-cache write, a cold and a warm file read, protobuf Chunk serialize and parse."""
+    import hashlib
+
+    from cotune.v1 import common_pb2
+    from cotune.wire.blobs import BlobStore
+
+    rng = np.random.default_rng(1)
+    data = rng.bytes(MIB)
+    out = {}
+    t = time.perf_counter()
+    for _ in range(mib):
+        hashlib.sha256(data).digest()
+    out["sha256"] = mib * MIB / MB / (time.perf_counter() - t)
+    store = BlobStore(workdir / "components")
+    t = time.perf_counter()
+    if not hasattr(store, "put_stream"):  # an older BlobStore (A/B runs against the previous code)
+        return {}
+    blob = store.put_stream(data for _ in range(mib))  # drop-behind writes, hashing included
+    out["store_write_drop_behind_incl_sha256"] = mib * MIB / MB / (time.perf_counter() - t)
+    plain = workdir / "components" / "plain.bin"
+    t = time.perf_counter()
+    with open(plain, "wb") as f:
+        for _ in range(mib):
+            f.write(data)
+    out["page_cache_write_fresh_file"] = mib * MIB / MB / (time.perf_counter() - t)
+    plain.unlink()
+    path = store.path(blob.sha256)
+    for kind in ("cold", "warm"):
+        with open(path, "rb", buffering=0) as f:
+            if kind == "cold":
+                os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+            t = time.perf_counter()
+            while f.read(MIB):
+                pass
+        out[f"file_read_{kind}"] = mib * MIB / MB / (time.perf_counter() - t)
+    n = 64
+    t = time.perf_counter()
+    for _ in range(n):
+        wire = common_pb2.Chunk(sha256=blob.sha256, offset=0, data=data, total_size=mib * MIB).SerializeToString()
+    out["protobuf_build_serialize"] = n * MIB / MB / (time.perf_counter() - t)
+    t = time.perf_counter()
+    for _ in range(n):
+        _ = common_pb2.Chunk.FromString(wire).data
+    out["protobuf_parse_and_data"] = n * MIB / MB / (time.perf_counter() - t)
+    import shutil
+
+    shutil.rmtree(workdir / "components", ignore_errors=True)
+    return {k: round(v, 1) for k, v in out.items()}
+
+
+def _server_probe(server) -> tuple[int, float]:
+    from tests.integration.blob_server import cpu_seconds, reset_peak_rss
+
+    return reset_peak_rss(server.pid), cpu_seconds(server.pid)
+
+
+def _server_after(server, probe) -> dict:
+    from tests.integration.blob_server import cpu_seconds, proc_status_kib
+
+    rss0, cpu0 = probe
+    return {"rss_peak_growth_mib": (proc_status_kib(server.pid)["VmHWM"] - rss0) / 1024,
+            "cpu_seconds": cpu_seconds(server.pid) - cpu0}
+
+
+def _make_blob(store, size_mib: int, seed: int = 0) -> tuple[str, int]:
+    """A blob of random bytes written straight into `store`'s object layout (hashing as it goes)."""
+    import hashlib
+
+    rng = np.random.default_rng(seed)
+    digest = hashlib.sha256()
+    tmp = store.root / "partial" / "bench.tmp"
+    with open(tmp, "wb") as f:
+        for _ in range(size_mib):
+            data = rng.bytes(MIB)
+            digest.update(data)
+            f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    sha = digest.hexdigest()
+    path = store.path(sha)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp, path)
+    return sha, size_mib * MIB
+
+
+def _evict(path: Path) -> None:
+    """Drop a file from the page cache (the next read comes from disk)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def _one_transfer(mode: str, server, src_root: Path, dst_root: Path, sha: str, size: int, grpc_options, env) -> dict:
+    """One full push (client store -> server) or pull (server -> client store) by a new client process; the blob
+    being sent is read cold (evicted from the page cache first)."""
+    from tests.integration.blob_server import client_result, start_client
+
+    _evict((src_root if mode == "push" else server.root) / "objects" / sha[:2] / sha)
+    probe = _server_probe(server)
+    proc = start_client(mode, src_root if mode == "push" else dst_root, server.address, sha, grpc_options=grpc_options,
+                        env=env)
+    res = client_result(proc, timeout=600)
+    srv = _server_after(server, probe)
+    assert res["bytes"] == size, res
+    client = {"rss_peak_growth_mib": res["rss_peak_growth_kib"] / 1024, "cpu_seconds": res["cpu_seconds"]}
+    sender, receiver = (client, srv) if mode == "push" else (srv, client)
+    return {"seconds": res["seconds"], "mb_s": size / MB / res["seconds"], "sender": sender, "receiver": receiver}
+
+
+def _cut_push(server, src_root: Path, sha: str, size: int, work: Path, grpc_options, cut: float, env) -> dict:
+    """Push with the sending process SIGKILLed once the receiver confirmed `cut` of the blob; a new sender resumes."""
+    from tests.integration.blob_server import client_result, read_progress, start_client
+
+    dst_root = server.root
+    _drop_blob(dst_root, sha)
+    progress = work / "push.progress"
+    _evict(src_root / "objects" / sha[:2] / sha)
+    first = start_client("push", src_root, server.address, sha, grpc_options=grpc_options, progress_file=progress,
+                         env=env)
+    _wait_for_size(dst_root / "partial" / f"{sha}.part", int(size * cut), first)
+    first.kill()
+    t_kill = time.perf_counter()
+    first.wait()
+    handed = read_progress(progress)
+    confirmed_at_kill = _partial_size(dst_root, sha)
+    second = start_client("push", src_root, server.address, sha, grpc_options=grpc_options, env=env)
+    res = client_result(second, timeout=600)
+    wall = time.perf_counter() - t_kill
+    remaining = size - res["start_offset"]
+    return {
+        "confirmed_at_cut": confirmed_at_kill,
+        "resumed_from": res["start_offset"],
+        "first_sender_handed_to_grpc": handed,
+        "in_flight_lost_at_cut": handed - res["start_offset"],
+        "resumed_sent": res["bytes"],
+        "resent_confirmed_bytes": res["bytes"] - remaining,
+        "resume_transfer_seconds": res["seconds"],
+        "kill_to_done_seconds": wall,
+        "resume_mb_s": res["bytes"] / MB / res["seconds"] if res["seconds"] else None,
+    }
+
+
+def _cut_pull(server, sha: str, size: int, work: Path, grpc_options, cut: float, env) -> dict:
+    """Pull with the serving process SIGKILLed once the receiver stored `cut` of the blob; the server restarts on the
+    same port and the same pull_blob call (its retries) resumes from the receiver's offset."""
+    from tests.integration.blob_server import client_result, read_progress, start_client
+
+    dst = work / "cut-pull"
+    before = read_progress(server.progress_file)
+    _evict(server.root / "objects" / sha[:2] / sha)
+    proc = start_client("pull", dst, server.address, sha, grpc_options=grpc_options, attempts=8, env=env)
+    _wait_for_size(dst / "partial" / f"{sha}.part", int(size * cut), proc)
+    server.kill()
+    t_kill = time.perf_counter()
+    handed = read_progress(server.progress_file) - before
+    confirmed = _partial_size(dst, sha)
+    server.restart()
+    t_up = time.perf_counter()
+    res = client_result(proc, timeout=600)
+    wall = time.perf_counter() - t_kill
+    import shutil
+
+    from cotune.wire.blobs import BlobStore
+
+    stored = BlobStore(dst).has(sha)
+    shutil.rmtree(dst, ignore_errors=True)
+    return {
+        "confirmed_at_cut": confirmed,
+        "server_handed_to_grpc_at_cut": handed,
+        "in_flight_lost_at_cut": handed - confirmed,
+        "received_total": res["bytes"],
+        "resent_confirmed_bytes": res["bytes"] - size,
+        "server_restart_seconds": t_up - t_kill,
+        "kill_to_done_seconds": wall,
+        "stored_and_verified": stored,
+    }
+
+
+def transfer_section(size_mib: int = 1024, repeats: int = 3, workdir: Path | None = None, grpc_options=(),
+                     cut: float = 0.5, components: bool = True, env: dict | None = None) -> dict:
+    """Blob transfers between two processes over loopback gRPC: push and pull MB/s, peak RSS growth of sender and
+    receiver, and a transfer cut at `cut` (the sender SIGKILLed) then resumed. Returns a JSON-able dict."""
+    import shutil
+    import tempfile
+
+    from cotune.wire.blobs import CHUNK_SIZE
+    from tests.integration.blob_server import BlobServer
+
+    base = Path(tempfile.mkdtemp(prefix="cotune-wire-transfer-", dir=workdir))
+    out: dict = {"blob_mib": size_mib, "chunk_bytes": CHUNK_SIZE, "repeats": repeats, "cut_at": cut,
+                 "grpc_extra_options": list(grpc_options), "env": env or {}, "loadavg_at_start": [round(x, 2) for x in os.getloadavg()]}
+    server = None
+    try:
+        src_root, dst_root = base / "sender", base / "receiver"
+        from cotune.wire.blobs import BlobStore
+
+        t = time.perf_counter()
+        sha, size = _make_blob(BlobStore(src_root), size_mib)
+        out["make_blob_seconds"] = time.perf_counter() - t
+        print(f"[wire] transfer: {size_mib} MiB blob {sha[:12]} in {out['make_blob_seconds']:.1f}s", file=sys.stderr)
+        if components:
+            out["components_mb_s"] = transfer_components(base)
+        server = BlobServer(dst_root, grpc_options=grpc_options, progress_file=base / "server.progress", env=env)
+        runs: dict[str, list] = {"push": [], "pull": []}
+        for i in range(repeats):
+            _drop_blob(dst_root, sha)
+            runs["push"].append(_one_transfer("push", server, src_root, dst_root, sha, size, grpc_options, env))
+            pulled = base / f"pulled-{i}"
+            runs["pull"].append(_one_transfer("pull", server, src_root, pulled, sha, size, grpc_options, env))
+            shutil.rmtree(pulled, ignore_errors=True)
+            print(f"[wire] transfer run {i}: push {runs['push'][-1]['mb_s']:.0f} MB/s, "
+                  f"pull {runs['pull'][-1]['mb_s']:.0f} MB/s", file=sys.stderr)
+        for mode, rs in runs.items():
+            speeds = sorted(r["mb_s"] for r in rs)
+            out[mode] = {
+                "mb_s_median": float(np.median(speeds)), "mb_s_best": speeds[-1], "mb_s_worst": speeds[0],
+                "sender_rss_peak_growth_mib_max": max(r["sender"]["rss_peak_growth_mib"] for r in rs),
+                "receiver_rss_peak_growth_mib_max": max(r["receiver"]["rss_peak_growth_mib"] for r in rs),
+                "sender_cpu_s_per_gib": float(np.median([r["sender"]["cpu_seconds"] for r in rs])) * 1024 / size_mib,
+                "receiver_cpu_s_per_gib": float(np.median([r["receiver"]["cpu_seconds"] for r in rs])) * 1024 / size_mib,
+                "runs": rs,
+            }
+        out["cut_push"] = _cut_push(server, src_root, sha, size, base, grpc_options, cut, env)
+        print(f"[wire] cut push: resumed from {out['cut_push']['resumed_from']}, "
+              f"done {out['cut_push']['kill_to_done_seconds']:.2f}s after the kill", file=sys.stderr)
+        out["cut_pull"] = _cut_pull(server, sha, size, base, grpc_options, cut, env)
+        print(f"[wire] cut pull: done {out['cut_pull']['kill_to_done_seconds']:.2f}s after the kill", file=sys.stderr)
+    finally:
+        if server is not None:
+            server.stop()
+        shutil.rmtree(base, ignore_errors=True)
+    out["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    return out
+
+
+def transfer_markdown(res: dict) -> str:
+    mib = 1 << 20
+    lines = [
+        (f"Blob transfers over loopback gRPC between two processes ({res['blob_mib']} MiB blob, "
+         f"{res['chunk_bytes'] // 1024} KiB chunks, median/best/worst of {res['repeats']}; RSS = peak growth during the "
+         f"transfer; load average {res['loadavg_at_start']} at start, {res.get('loadavg_at_end')} at end)"),
+        "",
+        "| direction | MB/s median | best | worst | sender RSS + MiB | receiver RSS + MiB | sender CPU s/GiB | receiver CPU s/GiB |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for mode in ("push", "pull"):
+        r = res[mode]
+        lines.append(f"| {mode} | {r['mb_s_median']:.0f} | {r['mb_s_best']:.0f} | {r['mb_s_worst']:.0f} | "
+                     f"{r['sender_rss_peak_growth_mib_max']:.1f} | {r['receiver_rss_peak_growth_mib_max']:.1f} | "
+                     f"{r['sender_cpu_s_per_gib']:.2f} | {r['receiver_cpu_s_per_gib']:.2f} |")
+    cp, cl = res["cut_push"], res["cut_pull"]
+    lines += [
+        "",
+        f"Cut at {res['cut_at']:.0%}: the sending process SIGKILLed mid-stream, then resumed",
+        "",
+        ("| cut | confirmed at cut (MiB) | resumed from (MiB) | sent after resume (MiB) | confirmed bytes resent | "
+         "in flight at the cut (MiB) | kill → done (s) |"),
+        "|---|---:|---:|---:|---:|---:|---:|",
+        (f"| push: sender killed, new sender process | {cp['confirmed_at_cut'] / mib:.1f} | "
+         f"{cp['resumed_from'] / mib:.1f} | {cp['resumed_sent'] / mib:.1f} | {cp['resent_confirmed_bytes']} | "
+         f"{cp['in_flight_lost_at_cut'] / mib:.1f} | {cp['kill_to_done_seconds']:.2f} |"),
+        (f"| pull: server killed, restarted on its port, same pull_blob call | {cl['confirmed_at_cut'] / mib:.1f} | "
+         f"{cl['confirmed_at_cut'] / mib:.1f} | {(res['blob_mib'] * mib - cl['confirmed_at_cut']) / mib:.1f} | "
+         f"{cl['resent_confirmed_bytes']} | {cl['in_flight_lost_at_cut'] / mib:.1f} | {cl['kill_to_done_seconds']:.2f} "
+         f"(restart {cl['server_restart_seconds']:.2f}) |"),
+    ]
+    knobs = [f"gRPC option {o}" for o in res.get("grpc_extra_options", [])]
+    knobs += [f"{k}={v}" for k, v in (res.get("env") or {}).items()]
+    if knobs:
+        lines += ["", "Experiment knobs in this run: " + ", ".join(knobs)]
+    if res.get("components_mb_s"):
+        comp = res["components_mb_s"]
+        lines += ["", "Single-thread component costs on this machine (MB/s): " +
+                  ", ".join(f"{k} {v:.0f}" for k, v in comp.items())]
+    return "\n".join(lines)
+
+
 def environment() -> dict:
     import platform
 
@@ -342,18 +667,33 @@ def environment() -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--only", choices=("codec", "transfer"), default=None, help="run one section only")
     ap.add_argument("--tokens", type=int, default=16384, help="real tokens of logits per model")
     ap.add_argument("--bits", type=int, default=8)
-    ap.add_argument("--repeats", type=int, default=5, help="timing repeats (best of)")
+    ap.add_argument("--repeats", type=int, default=5, help="codec timing repeats (best of)")
+    ap.add_argument("--transfer-mib", type=int, default=1024, help="blob size of the transfer section, MiB")
+    ap.add_argument("--transfer-repeats", type=int, default=3, help="push and pull runs (median, best, worst)")
+    ap.add_argument("--workdir", type=Path, default=None, help="where the transfer section's stores go (default: $TMPDIR)")
+    ap.add_argument("--grpc-option", action="append", default=[], metavar="KEY=INT",
+                    help="extra gRPC channel/server option for the transfer processes (an experiment knob)")
+    ap.add_argument("--child-env", action="append", default=[], metavar="KEY=VALUE",
+                    help="environment for the transfer processes, e.g. MALLOC_ARENA_MAX=2 (an experiment knob)")
     ap.add_argument("--json", type=Path, default=None, help="also write the JSON here")
     args = ap.parse_args(argv)
     results = {"environment": environment()}
-    results["codec"] = codec_section(n_tokens=args.tokens, bits=args.bits, repeats=args.repeats)
-    md = codec_markdown(results["codec"])
+    md = []
+    if args.only in (None, "codec"):
+        results["codec"] = codec_section(n_tokens=args.tokens, bits=args.bits, repeats=args.repeats)
+        md.append(codec_markdown(results["codec"]))
+    if args.only in (None, "transfer"):
+        results["transfer"] = transfer_section(size_mib=args.transfer_mib, repeats=args.transfer_repeats,
+                                               workdir=args.workdir, grpc_options=args.grpc_option,
+                                               env=dict(e.split("=", 1) for e in args.child_env) or None)
+        md.append(transfer_markdown(results["transfer"]))
     text = json.dumps(results, indent=1)
     print(text)
     print()
-    print(md)
+    print("\n\n".join(md))
     if args.json:
         args.json.write_text(text)
     return results

@@ -117,6 +117,9 @@ class LocalCluster:
         svc.port_file.unlink(missing_ok=True)
         log = open(svc.log_path, "ab")
         env = dict(os.environ, PYTHONUNBUFFERED="1")
+        # fewer malloc arenas: gRPC's 1 MiB chunk buffers otherwise churn through page faults (measured in
+        # docs/wire.md: transfers ~420 -> ~570 MB/s, receiver RSS bounded)
+        env.setdefault("MALLOC_ARENA_MAX", "2")
         if kind in ("llm", "slm") and "COTUNE_TORCH_THREADS" not in os.environ:
             # model processes share this machine's cores instead of each spinning on all of them
             parties = 1 + len(self.config.clients)

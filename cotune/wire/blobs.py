@@ -425,9 +425,11 @@ class BlobStoreServicer(common_pb2_grpc.BlobStoreServicer):
 
 def _chunk_stream(source: BlobStore, blob: Blob, offset: int, counter: list[int]) -> Iterator[common_pb2.Chunk]:
     for data in source.iter_chunks(blob.sha256, offset):
+        # count before yielding: the receiver returns as soon as the last chunk completes the blob, so the
+        # generator is never resumed after its final yield
+        counter[0] += len(data)
         yield common_pb2.Chunk(sha256=blob.sha256, offset=offset, data=data, total_size=blob.size, media_type=blob.media_type)
         offset += len(data)
-        counter[0] += len(data)
 
 
 _RESUMABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED,

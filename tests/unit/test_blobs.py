@@ -110,3 +110,11 @@ def test_serialized_artifacts_are_byte_identical_across_calls():
                                 "s" * 64, "d" * 64, "p" * 64, "offsets")
     assert len({aligned.to_bytes() for _ in range(20)}) == 1
     assert SequenceAlignment.from_bytes(aligned.to_bytes()).pairs(0)[1].tolist() == [3, 4]
+
+
+def test_push_counts_every_byte_of_a_single_chunk_blob(tmp_path, remote_store):
+    # the receiver completes the blob on the last chunk and returns; bytes must be counted before the yield
+    remote, stub = remote_store
+    local = BlobStore(tmp_path / "local")
+    blob = local.put_bytes(os.urandom(1000))
+    assert push_blob(stub, local, blob.sha256) == 1000

@@ -48,13 +48,7 @@ class Coordinator:
             raise InvalidInput("client_id and address are both required")
         if len(desc.client_id) > 128 or not desc.client_id.replace("-", "").replace("_", "").replace(".", "").isalnum():
             raise InvalidInput(f"client_id must be 1-128 letters, digits, '-', '_' or '.', got {desc.client_id!r:.140}")
-        client = self.party_client(desc.address, "slm")
-        try:
-            info = client.describe(timeout=10)
-        except grpc.RpcError as exc:
-            raise Precondition(f"could not reach SLM client {desc.client_id} at {desc.address}: {exc.details()}") from exc
-        finally:
-            client.close()
+        info = self._describe(desc.address, "slm", f"SLM client {desc.client_id}")
         if info.role != "slm":
             raise InvalidInput(f"{desc.address} is a {info.role or 'unknown'} service, not an SLM client")
         return self.state.put_client(desc, info)

@@ -6,6 +6,7 @@ import time
 
 import pytest
 
+from cotune.demo import wait_for_clients
 from cotune.rpc.clients import CoordinatorClient
 from cotune.v1 import coordinator_pb2 as pb
 from cotune.watch import watch_run
@@ -23,9 +24,7 @@ def cluster(tmp_path_factory, shared_data):
 
 def _coordinator(cluster) -> CoordinatorClient:
     client = CoordinatorClient(cluster.addresses()["coordinator"])
-    deadline = time.monotonic() + 60
-    while len(client.list_clients()) < 2 and time.monotonic() < deadline:
-        time.sleep(0.2)
+    wait_for_clients(client, 2, timeout_s=60)
     return client
 
 

@@ -8,7 +8,6 @@ then one round each of fedavg and standalone, and zero-shot.
 
 from __future__ import annotations
 
-import time
 
 import grpc
 import pytest
@@ -17,6 +16,7 @@ import torch
 from cotune.cluster import LocalCluster
 from cotune.demo import cluster_config, prepare_data, prepare_models
 from cotune.lm.lora import lora_from_bytes, lora_to_bytes
+from cotune.demo import wait_for_clients
 from cotune.rpc.clients import CoordinatorClient, PartyClient
 from cotune.v1 import common_pb2_grpc
 from cotune.v1 import coordinator_pb2 as pb
@@ -49,9 +49,7 @@ def addresses(cluster):
 @pytest.fixture(scope="module")
 def coordinator(addresses):
     client = CoordinatorClient(addresses["coordinator"])
-    deadline = time.monotonic() + 60
-    while len(client.list_clients()) < 2 and time.monotonic() < deadline:
-        time.sleep(0.2)
+    wait_for_clients(client, 2, timeout_s=60)
     yield client
     client.close()
 

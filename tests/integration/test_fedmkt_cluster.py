@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import os
-import time
 
 import grpc
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from cotune.demo import wait_for_clients
 from cotune.rpc.clients import CoordinatorClient, PartyClient
 from cotune.v1 import common_pb2, coordinator_pb2 as pb, party_pb2
 from cotune.watch import watch_run
@@ -35,9 +35,7 @@ def addresses(cluster):
 @pytest.fixture(scope="module")
 def coordinator(addresses):
     client = CoordinatorClient(addresses["coordinator"])
-    deadline = time.monotonic() + 60
-    while len(client.list_clients()) < 2 and time.monotonic() < deadline:
-        time.sleep(0.2)
+    wait_for_clients(client, 2, timeout_s=60)
     yield client
     client.close()
 

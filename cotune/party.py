@@ -55,9 +55,11 @@ class Party:
         self.companion = self.companion_trainer = None
         self.companion_tokenizer_hash = ""
         self.companion_vocab_size = 0
-        # FedBiOT: set when the model directory is a compressed model (cotune_layer_map.json beside config.json)
+        # FedBiOT: set when the model directory is a compressed model (cotune_layer_map.json beside config.json),
+        # or, on the LLM server, after a CompressTask (then self.compressed holds emulator + adapter with LoRA)
         self.layer_map: dict[int, int] | None = None
         self.adapter_layers = 0
+        self.compressed = None
         self._local = threading.local()
         self._ready = threading.Event()
         self._load_error: str = ""
@@ -406,12 +408,90 @@ class Party:
     def _target_model(self, target: str):
         if target in ("", "model"):
             return self.model
+        if target == "compressed":
+            if self.compressed is None:
+                raise Precondition(f"party {self.cfg.party_id} holds no compressed model; run a CompressTask first")
+            return self.compressed
         if target == "companion":
             if self.companion is None:
                 raise Precondition(f"party {self.cfg.party_id} holds no companion SLM; FedCoLLM needs one on the LLM server "
                                    "(set model.companion_slm_path in its config)")
             return self.companion
-        raise InvalidInput(f"target must be '' (this party's model) or 'companion', got {target!r:.40}")
+        raise InvalidInput(f"target must be '' (this party's model), 'companion' or 'compressed', got {target!r:.40}")
+
+    def _prepare_compress(self, task: party_pb2.CompressTask):
+        from cotune.lm.compress import num_decoder_layers, plan
+
+        adapter_layers = task.adapter_layers or 2
+        drop = task.drop or 0.2
+        if adapter_layers < 1 or not 0 < drop < 1:
+            raise InvalidInput(f"adapter_layers must be >= 1 and drop in (0, 1), got {adapter_layers}, {drop}")
+        try:
+            plan(num_decoder_layers(self.model), adapter_layers=adapter_layers, drop=drop)
+        except ValueError as exc:
+            raise InvalidInput(str(exc)) from exc
+
+        def work(ctx):
+            import json
+            import tempfile
+
+            from cotune.lm.compress import INITIAL_LORA_FILE, compress, pack_dir, save_compressed
+            from cotune.lm.lora import attach_lora, lora_state_dict, lora_to_bytes
+
+            lc = self.cfg.lora
+            small, layer_map = compress(self.model, adapter_layers=adapter_layers, drop=drop)  # base weights, no LoRA
+            small = attach_lora(small, r=lc.r, alpha=lc.alpha, dropout=lc.dropout, seed=lc.seed)
+            with tempfile.TemporaryDirectory(dir=self.cfg.workdir) as tmp:
+                out = save_compressed(small, layer_map, Path(tmp) / "compressed", tokenizer=self.tokenizer,
+                                      adapter_layers=adapter_layers, drop=drop,
+                                      original_num_layers=num_decoder_layers(self.model))
+                (out / INITIAL_LORA_FILE).write_bytes(lora_to_bytes(lora_state_dict(small)))
+                blob = self.store.put_bytes(pack_dir(out), "application/x-tar")
+            self.compressed, self.layer_map, self.adapter_layers = small, layer_map, adapter_layers
+            return OpResult(blobs={"model": blob},
+                            info={"layer_map": json.dumps({str(k): v for k, v in sorted(layer_map.items())}),
+                                  "lora_hash": hashlib.sha256(self.lora_bytes(small)).hexdigest()},
+                            metrics={"compressed_layers": len(layer_map), "adapter_layers": adapter_layers})
+        return work
+
+    def _prepare_align_emulator(self, task: party_pb2.AlignEmulatorTask):
+        from cotune.lm.lora import LoraMismatchError, lora_from_bytes, validate_lora_state_dict
+
+        small = self._target_model("compressed")
+        if task.steps < 0 or task.lr < 0 or task.batch_size < 0 or task.max_length < 0 or not task.beta >= 0:
+            raise InvalidInput("steps, beta, lr, batch_size and max_length must be non-negative")
+        state = None
+        if task.HasField("adapter"):
+            state = lora_from_bytes(self._read_blob(task.adapter, "adapter"))
+            try:
+                validate_lora_state_dict(small, state)
+            except LoraMismatchError as exc:
+                raise InvalidInput(f"adapter does not fit the compressed model: {exc}") from exc
+        examples = self._samples(self.public, task.max_samples)
+
+        def work(ctx):
+            import torch
+
+            from cotune.lm.compress import plug_adapter_into_full
+            from cotune.lm.fedbiot import align_emulator, lora_part_state
+            from cotune.lm.lora import _lora_params
+
+            tc = self.cfg.training
+            if state is not None:  # only the adapter layers; the emulator LoRA stays the server's
+                adapter = lora_part_state(small, self.layer_map, "adapter", adapter_layers=self.adapter_layers)
+                params = _lora_params(small)
+                with torch.no_grad():
+                    for key in adapter:
+                        params[key].copy_(state[key].to(device=params[key].device, dtype=params[key].dtype))
+            plug_adapter_into_full(self.model, small, self.layer_map, adapter_layers=self.adapter_layers)
+            m = align_emulator(small, self.model, self.tokenizer, examples, self.layer_map, steps=task.steps,
+                               beta=task.beta, adapter_layers=self.adapter_layers, lr=task.lr or tc.lr,
+                               batch_size=task.batch_size or tc.batch_size, max_length=task.max_length or tc.max_length,
+                               seed=tc.seed * 1_000_003 + int(ctx_round), should_stop=ctx.cancelled)
+            return OpResult(metrics={k: float(v) for k, v in m.items()},
+                            info={"lora_hash": hashlib.sha256(self.lora_bytes(small)).hexdigest()})
+        ctx_round = self._local.ctx.round
+        return work
 
     def _prepare_co_distill(self, task: party_pb2.CoDistillTask):
         import math

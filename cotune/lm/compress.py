@@ -142,6 +142,9 @@ def compress(model, *, adapter_layers: int = 2, drop: float = 0.2):
     new_sd = {}
     for key in small.state_dict():
         src_key = remap_layer_key(key, prefix, layer_map)
+        if src_key not in src:  # a peft-wrapped model: the base weight sits under <module>.base_layer.<name>
+            head, _, leaf = src_key.rpartition(".")
+            src_key = f"{head}.base_layer.{leaf}" if head else src_key
         if src_key not in src:
             raise KeyError(f"compressed key {key} has no source {src_key} in the original model")
         new_sd[key] = src[src_key].detach().clone()
@@ -261,3 +264,44 @@ def plug_adapter_into_full(full_model, compressed_model, layer_map: dict[int, in
     if not written:
         raise ValueError("compressed model has no adapter LoRA parameters to plug in")
     return sorted(written)
+
+
+INITIAL_LORA_FILE = "cotune_initial_lora.safetensors"
+
+
+def pack_dir(model_dir) -> bytes:
+    """Deterministic tar of a directory's regular files (sorted names, zero mtimes and owners): equal contents give
+    equal bytes, so the blob's sha256 identifies the compressed model."""
+    import io
+    import tarfile
+
+    root = Path(model_dir)
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for path in sorted(p for p in root.rglob("*") if p.is_file()):
+            data = path.read_bytes()
+            info = tarfile.TarInfo(path.relative_to(root).as_posix())
+            info.size = len(data)
+            info.mode = 0o644
+            info.mtime = 0
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def unpack_dir(data: bytes, out_dir) -> Path:
+    """Extract a pack_dir tar into out_dir (regular files only, no paths outside out_dir)."""
+    import io
+    import tarfile
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+        for member in tar.getmembers():
+            if not member.isfile():
+                raise ValueError(f"compressed model archive holds a non-file entry {member.name!r}")
+            target = (out / member.name).resolve()
+            if out.resolve() not in target.parents:
+                raise ValueError(f"compressed model archive entry {member.name!r} escapes the directory")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(tar.extractfile(member).read())
+    return out

@@ -176,8 +176,34 @@ class CoDistillTask(_message.Message):
     max_length: int
     def __init__(self, slm_adapter: _Optional[_Union[_common_pb2.BlobRef, _Mapping]] = ..., lam: _Optional[float] = ..., epochs: _Optional[int] = ..., max_samples: _Optional[int] = ..., lr: _Optional[float] = ..., slm_lr: _Optional[float] = ..., batch_size: _Optional[int] = ..., max_length: _Optional[int] = ...) -> None: ...
 
+class CompressTask(_message.Message):
+    __slots__ = ("adapter_layers", "drop")
+    ADAPTER_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    DROP_FIELD_NUMBER: _ClassVar[int]
+    adapter_layers: int
+    drop: float
+    def __init__(self, adapter_layers: _Optional[int] = ..., drop: _Optional[float] = ...) -> None: ...
+
+class AlignEmulatorTask(_message.Message):
+    __slots__ = ("adapter", "steps", "beta", "lr", "batch_size", "max_length", "max_samples")
+    ADAPTER_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    BETA_FIELD_NUMBER: _ClassVar[int]
+    LR_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    MAX_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    MAX_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    adapter: _common_pb2.BlobRef
+    steps: int
+    beta: float
+    lr: float
+    batch_size: int
+    max_length: int
+    max_samples: int
+    def __init__(self, adapter: _Optional[_Union[_common_pb2.BlobRef, _Mapping]] = ..., steps: _Optional[int] = ..., beta: _Optional[float] = ..., lr: _Optional[float] = ..., batch_size: _Optional[int] = ..., max_length: _Optional[int] = ..., max_samples: _Optional[int] = ...) -> None: ...
+
 class TaskRequest(_message.Message):
-    __slots__ = ("ctx", "train_local", "public_logits", "distill", "evaluate", "set_lora", "get_lora", "co_distill")
+    __slots__ = ("ctx", "train_local", "public_logits", "distill", "evaluate", "set_lora", "get_lora", "co_distill", "compress", "align_emulator")
     CTX_FIELD_NUMBER: _ClassVar[int]
     TRAIN_LOCAL_FIELD_NUMBER: _ClassVar[int]
     PUBLIC_LOGITS_FIELD_NUMBER: _ClassVar[int]
@@ -186,6 +212,8 @@ class TaskRequest(_message.Message):
     SET_LORA_FIELD_NUMBER: _ClassVar[int]
     GET_LORA_FIELD_NUMBER: _ClassVar[int]
     CO_DISTILL_FIELD_NUMBER: _ClassVar[int]
+    COMPRESS_FIELD_NUMBER: _ClassVar[int]
+    ALIGN_EMULATOR_FIELD_NUMBER: _ClassVar[int]
     ctx: RunContext
     train_local: TrainLocalTask
     public_logits: PublicLogitsTask
@@ -194,4 +222,6 @@ class TaskRequest(_message.Message):
     set_lora: SetLoraTask
     get_lora: GetLoraTask
     co_distill: CoDistillTask
-    def __init__(self, ctx: _Optional[_Union[RunContext, _Mapping]] = ..., train_local: _Optional[_Union[TrainLocalTask, _Mapping]] = ..., public_logits: _Optional[_Union[PublicLogitsTask, _Mapping]] = ..., distill: _Optional[_Union[DistillTask, _Mapping]] = ..., evaluate: _Optional[_Union[EvaluateTask, _Mapping]] = ..., set_lora: _Optional[_Union[SetLoraTask, _Mapping]] = ..., get_lora: _Optional[_Union[GetLoraTask, _Mapping]] = ..., co_distill: _Optional[_Union[CoDistillTask, _Mapping]] = ...) -> None: ...
+    compress: CompressTask
+    align_emulator: AlignEmulatorTask
+    def __init__(self, ctx: _Optional[_Union[RunContext, _Mapping]] = ..., train_local: _Optional[_Union[TrainLocalTask, _Mapping]] = ..., public_logits: _Optional[_Union[PublicLogitsTask, _Mapping]] = ..., distill: _Optional[_Union[DistillTask, _Mapping]] = ..., evaluate: _Optional[_Union[EvaluateTask, _Mapping]] = ..., set_lora: _Optional[_Union[SetLoraTask, _Mapping]] = ..., get_lora: _Optional[_Union[GetLoraTask, _Mapping]] = ..., co_distill: _Optional[_Union[CoDistillTask, _Mapping]] = ..., compress: _Optional[_Union[CompressTask, _Mapping]] = ..., align_emulator: _Optional[_Union[AlignEmulatorTask, _Mapping]] = ...) -> None: ...

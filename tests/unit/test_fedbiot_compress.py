@@ -180,3 +180,32 @@ def test_plugged_adapter_lands_in_the_mapped_original_layers(tiny_dirs, arch):
     wrong[k - 1] = 0
     with pytest.raises(ValueError, match="last 2"):
         plug_adapter_into_full(attach_lora(_load(tiny_dirs[arch]), r=4, dropout=0.0), small, wrong)
+
+
+@needs_tokenizer
+def test_compressing_a_lora_wrapped_model_uses_its_base_weights(tiny_dirs):
+    from cotune.lm.lora import attach_lora
+
+    plain, map_a = compress(_load(tiny_dirs["gpt2"]), drop=0.5)
+    wrapped = attach_lora(_load(tiny_dirs["gpt2"]), r=4, dropout=0.0)
+    _randomize_lora(wrapped, seed=1)
+    small, map_b = compress(wrapped, drop=0.5)
+    assert map_a == map_b
+    sd_a, sd_b = plain.state_dict(), small.state_dict()
+    assert sd_a.keys() == sd_b.keys() and not any("lora" in k for k in sd_b)
+    for k in sd_a:
+        torch.testing.assert_close(sd_a[k], sd_b[k])
+
+
+def test_pack_dir_is_deterministic_and_round_trips(tmp_path):
+    from cotune.lm.compress import pack_dir, unpack_dir
+
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    (src / "a.json").write_text("{}")
+    (src / "sub" / "b.bin").write_bytes(b"\x00\x01" * 100)
+    data = pack_dir(src)
+    os.utime(src / "a.json", (1, 1))
+    assert pack_dir(src) == data
+    out = unpack_dir(data, tmp_path / "out")
+    assert (out / "a.json").read_text() == "{}" and (out / "sub" / "b.bin").read_bytes() == b"\x00\x01" * 100

@@ -42,7 +42,7 @@ def setup(tmp_path_factory):
     return root, full_dir, comp_dir, layer_map
 
 
-def _party(root, model_dir, name):
+def _party(root, model_dir, name, role="slm"):
     from cotune.config import (
         DataConfig,
         LoraConfig,
@@ -60,7 +60,7 @@ def _party(root, model_dir, name):
         training=TrainingConfig(lr=5e-3, batch_size=4, max_length=32),
         data=DataConfig(public=str(root / "public.jsonl"), private=str(root / "private.jsonl")),
     )
-    party = Party(cfg, "slm")
+    party = Party(cfg, role)
     party.load()
     return party
 
@@ -113,3 +113,84 @@ def test_train_local_with_prox_needs_a_compressed_model(setup):
             party.start_task(_request(prox_eps=0.1))
     finally:
         party.ops.shutdown()
+
+
+def _wait(party, op):
+    from cotune.v1 import operations_pb2
+
+    done = party.ops.wait(op.id, 120)
+    assert done.state == operations_pb2.OPERATION_SUCCEEDED, done.error_message
+    return done
+
+
+def test_server_compresses_clients_train_server_aligns(setup, tmp_path):
+    import json
+
+    from cotune.lm.compress import (
+        INITIAL_LORA_FILE,
+        LAYER_MAP_FILE,
+        decoder_layers_prefix,
+        unpack_dir,
+    )
+    from cotune.lm.fedbiot import lora_part_state
+    from cotune.lm.lora import lora_from_bytes, lora_state_dict
+    from cotune.rpc.errors import InvalidInput, Precondition
+    from cotune.v1 import party_pb2
+
+    root, full_dir, _comp, _map = setup
+    ctx = party_pb2.RunContext(run_id="run", round=0)
+    server = _party(root, full_dir, "server", role="llm")
+    client = None
+    try:
+        with pytest.raises(Precondition, match="CompressTask"):
+            server.start_task(party_pb2.TaskRequest(ctx=ctx, align_emulator=party_pb2.AlignEmulatorTask(steps=1)))
+        with pytest.raises(InvalidInput, match="smaller than"):
+            server.start_task(party_pb2.TaskRequest(ctx=ctx, compress=party_pb2.CompressTask(adapter_layers=8)))
+        done = _wait(server, server.start_task(
+            party_pb2.TaskRequest(ctx=ctx, compress=party_pb2.CompressTask(adapter_layers=2, drop=0.5))))
+        layer_map = {int(k): v for k, v in json.loads(done.info["layer_map"]).items()}
+        assert [layer_map[j] for j in sorted(layer_map)] == [0, 2, 5, 6, 7]
+        model_dir = unpack_dir(server.store.read_bytes(done.blobs["model"].sha256), tmp_path / "downloaded")
+        assert (model_dir / LAYER_MAP_FILE).exists() and (model_dir / "config.json").exists()
+        initial = lora_from_bytes((model_dir / INITIAL_LORA_FILE).read_bytes())
+        server_lora = lora_state_dict(server.compressed)
+        assert initial.keys() == server_lora.keys()
+
+        # a client runs on the downloaded directory, starts from the server's LoRA and trains its adapter
+        client = _party(root, model_dir, "client-b")
+        blob = client.store.put_bytes((model_dir / INITIAL_LORA_FILE).read_bytes(), "application/safetensors+lora")
+        _wait(client, client.start_task(
+            party_pb2.TaskRequest(ctx=ctx, set_lora=party_pb2.SetLoraTask(adapter=blob.ref()))))
+        _wait(client, client.start_task(_request(epochs=2, prox_eps=0.1)))
+        up = _wait(client, client.start_task(party_pb2.TaskRequest(ctx=ctx, get_lora=party_pb2.GetLoraTask())))
+        uploaded = client.store.read_bytes(up.blobs["adapter"].sha256)
+        ref = server.store.put_bytes(uploaded, "application/safetensors+lora").ref()
+        client_adapter = lora_part_state(client.model, layer_map, "adapter")
+
+        emulator0 = lora_part_state(server.compressed, layer_map, "emulator")
+        req = party_pb2.TaskRequest(ctx=ctx, align_emulator=party_pb2.AlignEmulatorTask(
+            adapter=ref, steps=4, beta=0.5, lr=1e-2, max_length=32))
+        m = _wait(server, server.start_task(req)).metrics
+        assert m["align_steps"] == 4
+        # the server's compressed adapter is the client's; the emulator moved; the full model holds the adapter
+        for k, v in lora_part_state(server.compressed, layer_map, "adapter").items():
+            torch.testing.assert_close(v, client_adapter[k])
+        emulator1 = lora_part_state(server.compressed, layer_map, "emulator")
+        assert any(not torch.equal(emulator1[k], emulator0[k]) for k in emulator0)
+        prefix = decoder_layers_prefix(server.model)
+        full_lora = lora_state_dict(server.model)
+        for k, v in client_adapter.items():
+            j = 3 if f"{prefix}.3." in k else 4
+            torch.testing.assert_close(full_lora[k.replace(f"{prefix}.{j}.", f"{prefix}.{layer_map[j]}.")], v)
+        got = _wait(server, server.start_task(
+            party_pb2.TaskRequest(ctx=ctx, get_lora=party_pb2.GetLoraTask(target="compressed"))))
+        assert lora_from_bytes(server.store.read_bytes(got.blobs["adapter"].sha256)).keys() == initial.keys()
+
+        bad = server.store.put_bytes(server.lora_bytes(), "application/safetensors+lora").ref()  # full-model LoRA
+        with pytest.raises(InvalidInput, match="compressed model"):
+            server.start_task(party_pb2.TaskRequest(ctx=ctx, align_emulator=party_pb2.AlignEmulatorTask(
+                adapter=bad, steps=1)))
+    finally:
+        server.ops.shutdown()
+        if client is not None:
+            client.ops.shutdown()

@@ -15,8 +15,6 @@ sender position warped onto it (end of span), again only between target position
 from __future__ import annotations
 
 import hashlib
-import json
-import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -108,41 +106,12 @@ class SequenceAlignment:
 
     @classmethod
     def from_bytes(cls, data: bytes) -> SequenceAlignment:
-        if not isinstance(data, (bytes, bytearray, memoryview)):
-            raise ValueError(f"sequence alignment must be bytes, got {type(data).__name__}")
-        data = bytes(data)
-        if len(data) < 8:
-            raise ValueError(f"sequence alignment is not a safetensors blob: only {len(data)} bytes")
-        (header_len,) = struct.unpack("<Q", data[:8])
-        if header_len > len(data) - 8:
-            raise ValueError("sequence alignment is not a safetensors blob: header length exceeds the data")
-        try:
-            header = json.loads(data[8 : 8 + header_len].decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ValueError(f"sequence alignment is not a safetensors blob: bad header ({exc})") from exc
-        if not isinstance(header, dict):
-            raise ValueError("sequence alignment header is not an object")
-        meta = header.get("__metadata__") or {}
-        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-            raise ValueError(f"sequence alignment has format {meta.get('format') if isinstance(meta, dict) else None!r}, expected {FORMAT!r}")
-        need = ("src_hash", "dst_hash", "public_set_hash", "method")
-        missing = [k for k in need if k not in meta]
-        if missing:
-            raise ValueError(f"sequence alignment metadata lacks {missing}")
-        expect = {"sample_offsets": "I64", "src_pos": "I32", "dst_pos": "I32"}
-        tensors = {k: v for k, v in header.items() if k != "__metadata__"}
-        if set(tensors) != set(expect):
-            raise ValueError(f"sequence alignment must hold tensors {sorted(expect)}, found {sorted(tensors)}")
-        for name, dtype in expect.items():
-            info = tensors[name]
-            if not isinstance(info, dict) or info.get("dtype") != dtype or len(info.get("shape", [])) != 1:
-                raise ValueError(f"sequence alignment tensor '{name}' must be 1-D {dtype}, found {info!r}")
-        from safetensors.numpy import load
+        from cotune.wire.safetensors_io import load_checked
 
-        try:
-            arrays = load(data)
-        except Exception as exc:
-            raise ValueError(f"sequence alignment safetensors data is corrupt: {exc}") from exc
+        arrays, meta = load_checked(data, what="sequence alignment",
+                                    tensors={"sample_offsets": "I64", "src_pos": "I32", "dst_pos": "I32"},
+                                    metadata=("src_hash", "dst_hash", "public_set_hash", "method"),
+                                    expect={"format": FORMAT})
         return cls(
             sample_offsets=arrays["sample_offsets"],
             src_pos=arrays["src_pos"],

@@ -81,39 +81,10 @@ class VocabMap:
 
     @classmethod
     def from_bytes(cls, data: bytes) -> VocabMap:
-        import json
-        import struct
+        from cotune.wire.safetensors_io import load_checked
 
-        if not isinstance(data, (bytes, bytearray, memoryview)):
-            raise ValueError(f"vocab map must be bytes, got {type(data).__name__}")
-        data = bytes(data)
-        if len(data) < 8:
-            raise ValueError(f"vocab map is not a safetensors blob: only {len(data)} bytes")
-        (header_len,) = struct.unpack("<Q", data[:8])
-        if header_len > len(data) - 8:
-            raise ValueError(f"vocab map is not a safetensors blob: header length {header_len} exceeds the data")
-        try:
-            header = json.loads(data[8 : 8 + header_len].decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ValueError(f"vocab map is not a safetensors blob: bad header ({exc})") from exc
-        if not isinstance(header, dict):
-            raise ValueError("vocab map is not a safetensors blob: header is not an object")
-        meta = header.get("__metadata__") or {}
-        missing = [k for k in ("src_hash", "dst_hash", "version") if k not in meta]
-        if missing:
-            raise ValueError(f"vocab map metadata lacks {missing}")
-        tensors = {k: v for k, v in header.items() if k != "__metadata__"}
-        if set(tensors) != {"ids", "distance"}:
-            raise ValueError(f"vocab map must hold exactly tensors 'ids' and 'distance', found {sorted(tensors)}")
-        for name, info in tensors.items():
-            if not isinstance(info, dict) or info.get("dtype") != "I32" or len(info.get("shape", [])) != 1:
-                raise ValueError(f"vocab map tensor '{name}' must be 1-D int32, found {info!r}")
-        from safetensors.numpy import load
-
-        try:
-            arrays = load(data)
-        except Exception as exc:
-            raise ValueError(f"vocab map safetensors data is corrupt: {exc}") from exc
+        arrays, meta = load_checked(data, what="vocab map", tensors={"ids": "I32", "distance": "I32"},
+                                    metadata=("src_hash", "dst_hash", "version"))
         return cls(
             ids=arrays["ids"],
             distance=arrays["distance"],

@@ -51,20 +51,60 @@ def dumps(tensors: dict, metadata: dict[str, str] | None = None) -> bytes:
     return struct.pack("<Q", len(text)) + text + b"".join(chunks)
 
 
-def read_metadata(data: bytes) -> dict[str, str]:
-    """The `__metadata__` of safetensors bytes; ValueError on a malformed header."""
+_DTYPE_NAMES = {"I64": "int64", "I32": "int32", "F32": "float32", "F16": "float16", "U8": "uint8"}
+
+
+def _read_header(data: bytes, what: str) -> dict:
     if len(data) < 8:
-        raise ValueError("safetensors data is shorter than its 8-byte header length")
+        raise ValueError(f"{what} is not a safetensors blob: only {len(data)} bytes")
     (n,) = struct.unpack("<Q", data[:8])
     if n > len(data) - 8 or n > 100 << 20:
-        raise ValueError(f"safetensors header claims {n} bytes, more than the data holds")
+        raise ValueError(f"{what} is not a safetensors blob: header length {n} exceeds the data")
     try:
         header = json.loads(data[8 : 8 + n])
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"safetensors header is not JSON: {exc}") from exc
+        raise ValueError(f"{what} is not a safetensors blob: bad header ({exc})") from exc
     if not isinstance(header, dict):
-        raise ValueError("safetensors header is not a JSON object")
+        raise ValueError(f"{what} is not a safetensors blob: header is not an object")
     meta = header.get("__metadata__", {})
     if not isinstance(meta, dict):
-        raise ValueError("safetensors __metadata__ is not an object")
-    return {str(k): str(v) for k, v in meta.items()}
+        raise ValueError(f"{what}: safetensors __metadata__ is not an object")
+    return header
+
+
+def read_metadata(data: bytes, what: str = "safetensors data") -> dict[str, str]:
+    """The `__metadata__` of safetensors bytes; ValueError on a malformed header."""
+    return {str(k): str(v) for k, v in _read_header(data, what).get("__metadata__", {}).items()}
+
+
+def load_checked(data, *, what: str, tensors: dict[str, str], metadata: tuple[str, ...],
+                 expect: dict[str, str] | None = None) -> tuple[dict, dict[str, str]]:
+    """Parse safetensors bytes that must hold exactly `tensors` (name -> safetensors dtype, each 1-D), carry the
+    `metadata` keys, and have the metadata values in `expect` (checked first, e.g. a format tag); everything is
+    checked from the header before any array is materialized. Returns (numpy arrays, metadata). Every failure is
+    a ValueError that names `what`."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise ValueError(f"{what} must be bytes, got {type(data).__name__}")
+    data = bytes(data)
+    header = _read_header(data, what)
+    meta = {str(k): str(v) for k, v in header.get("__metadata__", {}).items()}
+    for key, value in (expect or {}).items():
+        if meta.get(key) != value:
+            raise ValueError(f"{what} has {key} {meta.get(key)!r}, expected {value!r}")
+    missing = [k for k in metadata if k not in meta]
+    if missing:
+        raise ValueError(f"{what} metadata lacks {missing}")
+    found = {k: v for k, v in header.items() if k != "__metadata__"}
+    if set(found) != set(tensors):
+        raise ValueError(f"{what} must hold exactly tensors {sorted(tensors)}, found {sorted(found)}")
+    for name, dtype in tensors.items():
+        info = found[name]
+        if not isinstance(info, dict) or info.get("dtype") != dtype or len(info.get("shape", [])) != 1:
+            raise ValueError(f"{what} tensor '{name}' must be 1-D {_DTYPE_NAMES.get(dtype, dtype)}, found {info!r}")
+    from safetensors.numpy import load
+
+    try:
+        arrays = load(data)
+    except Exception as exc:  # noqa: BLE001 - any parse failure is bad input
+        raise ValueError(f"{what} safetensors data is corrupt: {exc}") from exc
+    return arrays, meta

@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -22,9 +21,8 @@ from cotune.lm.compress import (
     save_compressed,
 )
 from cotune.lm.tiny import make_tiny_model
+from tests.unit.lm_fixtures import TOKENIZER
 
-SHARED = Path(os.environ.get("COTUNE_SHARED_DATA") or Path(__file__).resolve().parents[2].parent / "shared" / "data")
-TOKENIZER = SHARED / "tokenizers" / "phi-2" / "tokenizer.json"
 needs_tokenizer = pytest.mark.skipif(not TOKENIZER.exists(), reason=f"shared tokenizer data not found at {TOKENIZER}")
 ARCHS = ("llama", "gpt2", "gemma3")
 

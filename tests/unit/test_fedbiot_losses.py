@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -19,10 +16,9 @@ from cotune.lm.fedbiot import (
 )
 from cotune.lm.lora import _lora_params, attach_lora
 from cotune.lm.tiny import make_tiny_model
+from tests.unit.lm_fixtures import TOKENIZER, needs_tokenizer
 
-SHARED = Path(os.environ.get("COTUNE_SHARED_DATA") or Path(__file__).resolve().parents[2].parent / "shared" / "data")
-TOKENIZER = SHARED / "tokenizers" / "phi-2" / "tokenizer.json"
-pytestmark = pytest.mark.skipif(not TOKENIZER.exists(), reason=f"shared tokenizer data not found at {TOKENIZER}")
+pytestmark = needs_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,16 +11,15 @@ import torch
 from cotune.data.example import Example
 from cotune.lm.batching import collate
 from cotune.lm.evaluate import evaluate_loss, evaluate_mc
-from cotune.lm.lora import attach_lora
 from cotune.lm.logits import public_topk
+from cotune.lm.lora import attach_lora
 from cotune.lm.model import load_causal_lm
 from cotune.lm.tiny import make_tiny_model
 from cotune.lm.tokenizers import encode_pair
 from cotune.lm.train import TrainConfig, Trainer
+from tests.unit.lm_fixtures import TOKENIZER, needs_tokenizer
 
-SHARED = Path(os.environ.get("COTUNE_SHARED_DATA") or Path(__file__).resolve().parents[2].parent / "shared" / "data")
-TOKENIZER = SHARED / "tokenizers" / "phi-2" / "tokenizer.json"
-pytestmark = pytest.mark.skipif(not TOKENIZER.exists(), reason=f"shared tokenizer data not found at {TOKENIZER}")
+pytestmark = needs_tokenizer
 
 EXAMPLES = [
     Example("Question: Which planet is known as the red planet?\nAnswer:", " Mars"),

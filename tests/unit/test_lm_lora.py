@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -18,25 +15,10 @@ from cotune.lm.lora import (
     lora_target_modules,
     lora_to_bytes,
 )
-from cotune.lm.model import load_causal_lm
 from cotune.lm.tiny import make_tiny_model
+from tests.unit.lm_fixtures import TOKENIZER, load_cached, needs_tokenizer
 
-SHARED = Path(os.environ.get("COTUNE_SHARED_DATA") or Path(__file__).resolve().parents[2].parent / "shared" / "data")
-TOKENIZER = SHARED / "tokenizers" / "phi-2" / "tokenizer.json"
-pytestmark = pytest.mark.skipif(not TOKENIZER.exists(), reason=f"shared tokenizer data not found at {TOKENIZER}")
-
-
-_TOKENIZERS: dict = {}
-
-
-def _load_cached(model_dir):
-    """load_causal_lm semantics, with the (slow to parse) tokenizer loaded once per directory."""
-    from transformers import AutoModelForCausalLM
-
-    key = str(model_dir)
-    if key not in _TOKENIZERS:
-        _TOKENIZERS[key] = load_causal_lm(model_dir, device="cpu")[1]
-    return AutoModelForCausalLM.from_pretrained(key).eval(), _TOKENIZERS[key]
+pytestmark = needs_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -53,14 +35,14 @@ def tiny_dirs(tmp_path_factory, tok):
 
 
 def _load(tiny_dirs, arch="llama", seed=0):
-    model, tok = _load_cached(tiny_dirs[arch])
+    model, tok = load_cached(tiny_dirs[arch])
     return attach_lora(model, seed=seed), tok
 
 
 def test_target_modules_follow_the_architecture(tiny_dirs):
-    llama, _ = _load_cached(tiny_dirs["llama"])
-    gpt2, _ = _load_cached(tiny_dirs["gpt2"])
-    gemma, _ = _load_cached(tiny_dirs["gemma3"])
+    llama, _ = load_cached(tiny_dirs["llama"])
+    gpt2, _ = load_cached(tiny_dirs["gpt2"])
+    gemma, _ = load_cached(tiny_dirs["gemma3"])
     assert lora_target_modules(llama) == ["k_proj", "o_proj", "q_proj", "v_proj"]
     assert lora_target_modules(gemma) == ["k_proj", "o_proj", "q_proj", "v_proj"]
     # GPT-2: fused qkv c_attn plus the attention output projection; mlp.c_proj must not be caught.

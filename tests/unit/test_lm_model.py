@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -14,10 +13,10 @@ from cotune.lm import model as model_mod
 from cotune.lm.device import pick_device, pick_dtype
 from cotune.lm.model import ModelNotInstalledError, load_causal_lm, real_model_path
 from cotune.lm.tiny import make_tiny_model
+from cotune.lm.tokenizers import gpt2_byte_to_unicode
+from tests.unit.lm_fixtures import TOKENIZER, needs_tokenizer
 
-SHARED = Path(os.environ.get("COTUNE_SHARED_DATA") or Path(__file__).resolve().parents[2].parent / "shared" / "data")
-TOKENIZER = SHARED / "tokenizers" / "phi-2" / "tokenizer.json"
-needs_shared = pytest.mark.skipif(not TOKENIZER.exists(), reason=f"shared tokenizer data not found at {TOKENIZER}")
+
 
 
 def test_pick_device_and_dtype():
@@ -35,7 +34,7 @@ def test_pick_device_and_dtype():
             pick_device("cuda")
 
 
-@needs_shared
+@needs_tokenizer
 def test_tiny_model_is_deterministic_and_loads(tmp_path):
     from cotune.lm.tokenizers import load_tokenizer
 
@@ -57,23 +56,11 @@ def test_tiny_model_is_deterministic_and_loads(tmp_path):
         make_tiny_model(tok, tmp_path / "x", arch="nope")
 
 
-def _bytes_to_unicode():
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return [chr(c) for c in cs]
-
-
 def _write_tiny_gguf(path: Path, seed=0, H=16, heads=2, inter=32) -> Path:
     """A 1-layer llama GGUF (fp32 tensors, byte-level BPE tokenizer, tied embeddings) written with `gguf`."""
     gguf = pytest.importorskip("gguf")
     rng = np.random.default_rng(seed)
-    tokens = ["<|endoftext|>"] + _bytes_to_unicode() + ["Ġt", "Ġa", "he"]
+    tokens = ["<|endoftext|>"] + list(gpt2_byte_to_unicode().values()) + ["Ġt", "Ġa", "he"]
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_context_length(128)
     w.add_embedding_length(H)

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -12,27 +9,12 @@ import torch
 from cotune.data.example import Example
 from cotune.lm.evaluate import evaluate_loss
 from cotune.lm.lora import attach_lora, load_lora_state_dict, lora_state_dict
-from cotune.lm.model import load_causal_lm
 from cotune.lm.tiny import make_tiny_model
 from cotune.lm.tokenizers import encode_pair
 from cotune.lm.train import KDTarget, TrainConfig, Trainer
+from tests.unit.lm_fixtures import TOKENIZER, load_cached, needs_tokenizer
 
-SHARED = Path(os.environ.get("COTUNE_SHARED_DATA") or Path(__file__).resolve().parents[2].parent / "shared" / "data")
-TOKENIZER = SHARED / "tokenizers" / "phi-2" / "tokenizer.json"
-pytestmark = pytest.mark.skipif(not TOKENIZER.exists(), reason=f"shared tokenizer data not found at {TOKENIZER}")
-
-
-_TOKENIZERS: dict = {}
-
-
-def _load_cached(model_dir):
-    """load_causal_lm semantics, with the (slow to parse) tokenizer loaded once per directory."""
-    from transformers import AutoModelForCausalLM
-
-    key = str(model_dir)
-    if key not in _TOKENIZERS:
-        _TOKENIZERS[key] = load_causal_lm(model_dir, device="cpu")[1]
-    return AutoModelForCausalLM.from_pretrained(key).eval(), _TOKENIZERS[key]
+pytestmark = needs_tokenizer
 
 EXAMPLES = [
     Example("Q: What color is the sky?\nA:", " blue"),
@@ -52,7 +34,7 @@ def tiny_dir(tmp_path_factory):
 
 
 def _trainer(tiny_dir, **cfg):
-    model, tok = _load_cached(tiny_dir)
+    model, tok = load_cached(tiny_dir)
     model = attach_lora(model, dropout=0.0, seed=0)
     base = dict(lr=2e-2, batch_size=2, epochs=1)
     base.update(cfg)
@@ -103,7 +85,7 @@ def test_load_state_bytes_rejects_garbage_and_foreign_state(tiny_dir, tmp_path):
     from cotune.lm.tokenizers import load_tokenizer
 
     other_dir = make_tiny_model(load_tokenizer(TOKENIZER), tmp_path / "gpt2", arch="gpt2", hidden=32, heads=2)
-    model, tok = _load_cached(other_dir)
+    model, tok = load_cached(other_dir)
     foreign = Trainer(attach_lora(model), tok, TrainConfig())
     with pytest.raises(ValueError, match="different parameters"):
         tr.load_state_bytes(foreign.state_dict_bytes())

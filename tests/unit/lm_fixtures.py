@@ -1,0 +1,26 @@
+"""What the model-runtime tests share: the real tokenizer they use, its skip mark, and a cached model loader."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from cotune.data import shared_data_dir
+from cotune.lm.model import load_causal_lm
+
+SHARED = shared_data_dir() or Path("shared-data-not-found")
+TOKENIZER = SHARED / "tokenizers" / "phi-2" / "tokenizer.json"
+needs_tokenizer = pytest.mark.skipif(not TOKENIZER.exists(), reason=f"shared tokenizer data not found at {TOKENIZER}")
+
+_TOKENIZERS: dict = {}
+
+
+def load_cached(model_dir):
+    """load_causal_lm semantics, with the (slow to parse) tokenizer loaded once per directory."""
+    from transformers import AutoModelForCausalLM
+
+    key = str(model_dir)
+    if key not in _TOKENIZERS:
+        _TOKENIZERS[key] = load_causal_lm(model_dir, device="cpu")[1]
+    return AutoModelForCausalLM.from_pretrained(key).eval(), _TOKENIZERS[key]

@@ -17,8 +17,6 @@ from cotune.lm.tokenizers import gpt2_byte_to_unicode
 from tests.unit.lm_fixtures import TOKENIZER, needs_tokenizer
 
 
-
-
 def test_pick_device_and_dtype():
     dev = pick_device("auto")
     assert dev.type == ("cuda" if torch.cuda.is_available() else "cpu")

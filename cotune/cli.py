@@ -287,10 +287,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.set_defaults(fn=cmd_align_normalize)
 
+    from cotune.demo import ALGORITHMS
+
     p = sub.add_parser("demo", help="run a complete demo on a local cluster")
     p.add_argument("--preset", choices=["small", "tiny"], default="small")
-    p.add_argument("--algorithm", default="fedmkt",
-                   choices=["fedmkt", "fedcollm", "zero-shot", "standalone", "fedavg", "llm2slm"])
+    p.add_argument("--algorithm", default="fedmkt", choices=list(ALGORITHMS),
+                   help="centralized is the non-federated reference (one client holds every private shard)")
     p.add_argument("--setting", default="heterogeneous", choices=["heterogeneous", "homogeneous", "one_to_one", "llm_to_slm"],
                    help="fedmkt only")
     p.add_argument("--rounds", type=int, default=2)

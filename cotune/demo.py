@@ -3,12 +3,17 @@
 Presets:
   tiny   random-init small models with real tokenizers (LLM: Mistral's 32k SentencePiece vocabulary; clients:
          GPT-2 and GPT-NeoX byte-level BPE), a slice of ARC-Easy; about a minute on 2 CPU cores.
-         For the algorithms that move SLM adapters (fedcollm, fedavg) and their baselines (zero-shot, standalone)
-         every model shares Mistral's tokenizer instead: a larger Llama-style LLM (hidden 128, 4 layers) and a
-         smaller Llama-style SLM (hidden 64, 2 layers) on both clients, the LLM server holding a copy of the SLM.
+         For the algorithms that move SLM adapters (fedcollm, fedavg) and their baselines (zero-shot, standalone,
+         centralized) every model shares Mistral's tokenizer instead: a larger Llama-style LLM (hidden 128,
+         4 layers) and a smaller Llama-style SLM (hidden 64, 2 layers) on both clients, the LLM server holding a
+         copy of the SLM. fedbiot and fedot compress a deeper LLM of that family (hidden 128, 8 layers); the
+         clients start on the small SLM and install the compressed model the server ships them.
   small  the real pair: Gemma 3 270M (LLM) and SmolLM2-135M-Instruct (both clients), a small slice of
-         ARC-Easy; minutes on 2 CPU cores. No same-tokenizer LLM/SLM pair is shipped yet, so fedcollm runs on
-         the tiny preset only.
+         ARC-Easy; minutes on 2 CPU cores. fedbiot/fedot compress Gemma 3 270M (18 layers) and ship it to the
+         clients. No same-tokenizer LLM/SLM pair is shipped yet, so fedcollm runs on the tiny preset only.
+
+centralized is the non-federated reference: one client holding the union of the clients' private shards (and the
+LLM server holding it too) trains on it; its tables are labelled as such.
 """
 
 from __future__ import annotations
@@ -42,6 +47,11 @@ class Preset:
     top_k: int
     lam: float             # CE weight in distillation
     kd_weight: float = 1.0  # FedCoLLM's λ: KL weight in the co-distillation (CE + λ·KL)
+    # FedBiOT / FedOT: emulator drop rate, pre-alignment and per-round alignment steps
+    fedbiot_drop: float = 0.5
+    pre_align_steps: int = 20
+    align_steps: int = 5
+    align_lr: float = 0.0  # 0 = the LLM server's training lr
 
 
 PRESETS = {
@@ -51,8 +61,9 @@ PRESETS = {
     # attention projections moves that little, so at λ = 1 the CE term hides the co-distillation; the tiny preset
     # uses λ = 20 so that the KL visibly falls.
     "tiny": Preset(task="arc_easy", per_part=32, eval_size=64, max_length=128, batch_size=8, lr=5e-3, top_k=16, lam=0.2,
-                   kd_weight=20.0),
-    "small": Preset(task="arc_easy", per_part=32, eval_size=60, max_length=128, batch_size=4, lr=2e-4, top_k=16, lam=0.9),
+                   kd_weight=20.0, align_lr=1e-3),
+    "small": Preset(task="arc_easy", per_part=32, eval_size=60, max_length=128, batch_size=4, lr=2e-4, top_k=16, lam=0.9,
+                    pre_align_steps=10, align_steps=4),
 }
 NUM_CLIENTS = 2
 # Tiny preset models: (party, tokenizer file under shared/data/tokenizers, architecture)
@@ -66,9 +77,12 @@ TINY_SHARED_MODELS = [
     ("llm", "mistral-7b-hf/tokenizer.json", "llama", 128, 4, 10),
     ("slm", "mistral-7b-hf/tokenizer.json", "llama", 64, 2, 11),
 ]
-ALGORITHMS = ("fedmkt", "fedcollm", "zero-shot", "standalone", "fedavg", "llm2slm")
+# FedBiOT's tiny LLM: deep enough that dropping half of the non-adapter layers leaves a real emulator
+TINY_DEEP_LLM = ("llm", "mistral-7b-hf/tokenizer.json", "llama", 128, 8, 12)
+ALGORITHMS = ("fedmkt", "fedcollm", "fedbiot", "fedot", "zero-shot", "standalone", "fedavg", "llm2slm", "centralized")
 # Which model family an algorithm's demo uses on the tiny preset: logits-based ones show off different tokenizers.
-SHARED_TOKENIZER_ALGORITHMS = ("fedcollm", "fedavg", "zero-shot", "standalone")
+SHARED_TOKENIZER_ALGORITHMS = ("fedcollm", "fedavg", "zero-shot", "standalone", "centralized", "fedbiot", "fedot")
+COMPRESSING_ALGORITHMS = ("fedbiot", "fedot")
 
 
 def prepare_data(preset: Preset, workdir: Path, seed: int = 0) -> dict[str, Path]:
@@ -84,32 +98,45 @@ def prepare_data(preset: Preset, workdir: Path, seed: int = 0) -> dict[str, Path
     for i, part in enumerate(split.clients, 1):
         paths[f"client-{i}"] = out / f"client-{i}.jsonl"
         write_jsonl(paths[f"client-{i}"], part)
+    paths["union"] = out / "union.jsonl"  # every private shard: the centralized reference trains on it
+    write_jsonl(paths["union"], [ex for part in split.clients for ex in part])
     return paths
 
 
-def prepare_models(preset_name: str, workdir: Path, *, shared_tokenizer: bool = False) -> dict[str, str]:
-    """Model directories by party. With shared_tokenizer (tiny only) the LLM and the SLM share one tokenizer, the
-    clients run the SLM, and the result also names it as "companion" (the LLM server's SLM copy for FedCoLLM)."""
-    if shared_tokenizer:
-        if preset_name != "tiny":
-            raise SystemExit(f"the {preset_name} preset has no same-tokenizer LLM/SLM pair yet; use --preset tiny")
-        from cotune.lm.tiny import make_tiny_model
-        from cotune.lm.tokenizers import load_tokenizer
+def _tiny(spec: tuple, workdir: Path, prefix: str) -> str:
+    """A random-init tiny model directory, built once: spec = (party, tokenizer file, arch, hidden, layers, seed)."""
+    from cotune.lm.tiny import make_tiny_model
+    from cotune.lm.tokenizers import load_tokenizer
 
-        tokenizers = require_shared_data() / "tokenizers"
-        built = {}
-        for name, tok_file, arch, hidden, layers, seed in TINY_SHARED_MODELS:
-            out = workdir / "models" / f"tiny-shared-{name}-{arch}-h{hidden}-l{layers}"
-            if not (out / "config.json").exists():
-                make_tiny_model(load_tokenizer(tokenizers / tok_file), out, arch=arch, hidden=hidden, layers=layers, seed=seed)
-            built[name] = str(out)
-        return {"llm": built["llm"], "companion": built["slm"],
-                **{f"client-{i}": built["slm"] for i in range(1, NUM_CLIENTS + 1)}}
+    _name, tok_file, arch, hidden, layers, seed = spec
+    out = workdir / "models" / f"{prefix}-{arch}-h{hidden}-l{layers}"
+    if not (out / "config.json").exists():
+        make_tiny_model(load_tokenizer(require_shared_data() / "tokenizers" / tok_file), out, arch=arch, hidden=hidden,
+                        layers=layers, seed=seed)
+    return str(out)
+
+
+def prepare_models(preset_name: str, workdir: Path, *, algorithm: str = "fedmkt") -> dict[str, str]:
+    """Model directories by party for an algorithm's demo.
+
+    tiny: logits-based algorithms get three different tokenizers; the others one shared family, where the clients
+    run the SLM and the result also names it as "companion" (the LLM server's SLM copy for FedCoLLM); fedbiot/fedot
+    get that family's deeper LLM to compress. small: the real Gemma 3 / SmolLM2 pair."""
+    clients = [f"client-{i}" for i in range(1, NUM_CLIENTS + 1)]
+    if algorithm in SHARED_TOKENIZER_ALGORITHMS and preset_name == "tiny":
+        slm = _tiny(TINY_SHARED_MODELS[1], workdir, "tiny-shared-slm")
+        if algorithm in COMPRESSING_ALGORITHMS:
+            return {"llm": _tiny(TINY_DEEP_LLM, workdir, "tiny-shared-llm"), **{c: slm for c in clients}}
+        return {"llm": _tiny(TINY_SHARED_MODELS[0], workdir, "tiny-shared-llm"), "companion": slm,
+                **{c: slm for c in clients}}
+    if algorithm in SHARED_TOKENIZER_ALGORITHMS and algorithm not in COMPRESSING_ALGORITHMS:
+        raise SystemExit(f"{algorithm} needs an LLM and SLMs that share one tokenizer; the {preset_name} preset has no "
+                         "such pair yet: use --preset tiny")
     if preset_name == "small":
         from cotune.lm.model import real_model_path
 
         slm = str(real_model_path("smollm2-135m"))
-        return {"llm": str(real_model_path("gemma3-270m")), "client-1": slm, "client-2": slm}
+        return {"llm": str(real_model_path("gemma3-270m")), **{c: slm for c in clients}}
     from cotune.lm.tiny import make_tiny_model
     from cotune.lm.tokenizers import load_tokenizer
 
@@ -123,7 +150,10 @@ def prepare_models(preset_name: str, workdir: Path, *, shared_tokenizer: bool = 
     return models
 
 
-def cluster_config(preset_name: str, preset: Preset, workdir: Path, data: dict[str, Path], models: dict[str, str]) -> ClusterConfig:
+def cluster_config(preset_name: str, preset: Preset, workdir: Path, data: dict[str, Path], models: dict[str, str], *,
+                   algorithm: str = "fedmkt") -> ClusterConfig:
+    """The local cluster for a demo: the LLM server, one client per private shard (centralized: one client holding
+    their union, which the LLM server also trains on), and the alignment service where tokenizers differ."""
     cache = str((workdir.parent / "model-cache").resolve())
     training = {"lr": preset.lr, "batch_size": preset.batch_size, "max_length": preset.max_length}
 
@@ -135,17 +165,19 @@ def cluster_config(preset_name: str, preset: Preset, workdir: Path, data: dict[s
             cfg["data"]["private"] = str(private)
         return cfg
 
-    llm = party("llm", None)
+    centralized = algorithm == "centralized"
+    llm = party("llm", data["union"] if centralized else None)
     if models.get("companion"):
         llm["model"]["companion_slm_path"] = models["companion"]
         llm["model"]["companion_slm_name"] = Path(models["companion"]).name
     clients = []
-    for i in range(1, NUM_CLIENTS + 1):
-        c = party(f"client-{i}", data[f"client-{i}"])
+    for i in range(1, (1 if centralized else NUM_CLIENTS) + 1):
+        c = party(f"client-{i}", data["union"] if centralized else data[f"client-{i}"])
         c["party_id"] = f"client-{i}"
         clients.append(c)
-    # one tokenizer everywhere (the shared family): nothing to align, so no alignment service
-    alignment = None if models.get("companion") else {"workdir": str((workdir.parent / "alignment-cache").resolve())}
+    # only logits cross tokenizers; the LoRA-moving algorithms (and the shared family) have nothing to align
+    needs_alignment = algorithm in ("fedmkt", "llm2slm") and not models.get("companion")
+    alignment = {"workdir": str((workdir.parent / "alignment-cache").resolve())} if needs_alignment else None
     return ClusterConfig(workdir=str(workdir / "cluster"), llm=llm, clients=clients, alignment=alignment, coordinator={})
 
 
@@ -166,6 +198,25 @@ def codistill_table(run: pb.Run) -> str:
                       "|---:|---|---:|---:|---:|---:|", *rows])
 
 
+def emulator_table(run: pb.Run) -> str:
+    """FedBiOT/FedOT on the LLM server per round: the emulator alignment, and the adapter evaluated both ways."""
+    rows = []
+    for rec in sorted(run.rounds, key=lambda r: r.round):
+        parties = {p.party_id: p.metrics for p in rec.parties}
+        llm, emu = parties.get("llm", {}), parties.get("llm/emulator")
+        if emu is None:
+            continue
+        steps = int(llm.get("align_steps", 0))
+        align = f"{llm['align_loss_before']:.4f} → {llm['align_loss_after']:.4f}" if steps else "—"
+        rows.append(f"| {rec.round} | {steps} | {align} | {llm.get('eval_accuracy', float('nan')):.3f} "
+                    f"| {emu.get('eval_accuracy', float('nan')):.3f} | {llm.get('public_loss', float('nan')):.3f} "
+                    f"| {emu.get('public_loss', float('nan')):.3f} |")
+    if not rows:
+        return ""
+    return "\n".join(["| round | align steps | align loss (L2 + β·KL) | acc: adapter in full model | acc: emulator + adapter "
+                      "| public loss: full | public loss: emulator |", "|---:|---:|---|---:|---:|---:|---:|", *rows])
+
+
 def wait_for_clients(client: CoordinatorClient, expected: int, timeout_s: float = 120) -> None:
     deadline = time.monotonic() + timeout_s
     while len(client.list_clients()) < expected:
@@ -181,32 +232,34 @@ def run_demo(*, preset: str = "small", algorithm: str = "fedmkt", rounds: int = 
     if algorithm not in ALGORITHMS:
         raise SystemExit(f"unknown algorithm {algorithm!r}; choose {', '.join(ALGORITHMS)}")
     shared = preset == "tiny" and algorithm in SHARED_TOKENIZER_ALGORITHMS
-    if algorithm == "fedcollm" and preset != "tiny":
-        raise SystemExit("fedcollm needs an LLM and an SLM that share one tokenizer; the small preset has no such pair yet: "
-                         "use --preset tiny")
     p = PRESETS[preset]
     root = Path(workdir or Path("var") / "demo").resolve() / (f"{preset}-shared" if shared else preset)
     started = time.monotonic()
     print(f"cotune demo: preset {preset}, {algorithm}, {rounds} round(s); workdir {root}", file=sys.stderr)
     data = prepare_data(p, root)
-    models = prepare_models(preset, root, shared_tokenizer=shared)
-    config = cluster_config(preset, p, root, data, models)
+    models = prepare_models(preset, root, algorithm=algorithm)
+    config = cluster_config(preset, p, root, data, models, algorithm=algorithm)
     shutil.rmtree(config.workdir, ignore_errors=True)  # run state is per demo; data, models and caches are kept
     config_path = root / "cluster.yaml"
     config_path.write_text(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
     print(f"cluster config: {config_path} (start it yourself with `cotune cluster up --config {config_path}`)", file=sys.stderr)
-    services = ("alignment, " if config.alignment is not None else "") + "llm, 2 clients, coordinator"
+    services = ("alignment, " if config.alignment is not None else "") + f"llm, {len(config.clients)} client(s), coordinator"
     print(f"starting local cluster ({services})...", file=sys.stderr, flush=True)
     with LocalCluster(config) as cluster:
         client = CoordinatorClient(cluster.addresses()["coordinator"])
         try:
-            wait_for_clients(client, NUM_CLIENTS)
+            wait_for_clients(client, len(config.clients))
             spec = pb.RunSpec(name=f"demo-{preset}", algorithm=algorithm, rounds=rounds, top_k=p.top_k,
                               max_length=p.max_length, lam=p.lam)
             if algorithm == "fedcollm":
                 spec.kd_weight = p.kd_weight
             if algorithm == "fedmkt":
                 spec.setting = setting
+            if algorithm in COMPRESSING_ALGORITHMS:
+                spec.fedbiot.drop = p.fedbiot_drop
+                spec.fedbiot.pre_align_steps = p.pre_align_steps
+                spec.fedbiot.align_steps = p.align_steps if algorithm == "fedbiot" else 0
+                spec.fedbiot.align_lr = p.align_lr
             run = client.start_run(spec)
             run = watch_run(client, run.run_id)
         finally:
@@ -217,10 +270,10 @@ def run_demo(*, preset: str = "small", algorithm: str = "fedmkt", rounds: int = 
     summary["wall_time_s"] = round(elapsed, 1)
     print()
     print(markdown_table(run))
-    codistill = codistill_table(run)
-    if codistill:
-        print()
-        print(codistill)
+    for extra in (codistill_table(run), emulator_table(run)):
+        if extra:
+            print()
+            print(extra)
     traffic = bytes_table(run)
     if traffic:
         print()

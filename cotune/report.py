@@ -39,7 +39,7 @@ def run_summary(run: pb.Run) -> dict:
 
 
 def _party_order(pid: str) -> tuple:
-    return (0 if pid == "llm" else 1, pid)
+    return (0 if pid.split("/")[0] == "llm" else 1, pid)  # "llm/emulator": FedBiOT's emulator + adapter
 
 
 def markdown_table(run: pb.Run) -> str:

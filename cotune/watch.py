@@ -63,6 +63,8 @@ def _show(event, run_id, bar, bar_key, stream):
         print(f"[round {event.round}] {event.step}", file=stream, flush=True)
     elif event.kind == "warning":
         print(f"[round {event.round}] warning: {event.message}", file=stream, flush=True)
+    elif event.kind == "info":
+        print(f"[round {event.round}] {event.message}", file=stream, flush=True)
     elif event.kind == "state":
         print(f"run {run_id}: {pb.RunState.Name(event.state)} {event.message}".rstrip(), file=stream, flush=True)
     return bar, bar_key

@@ -91,14 +91,15 @@ class RunDriver:
                 entry.metrics[name] = float(value)
             self.save()
 
-    def note(self, round: int, message: str, *, dropped: str = "") -> None:
+    def note(self, round: int, message: str, *, dropped: str = "", kind: str = "warning") -> None:
+        """Keep `message` in the round record and emit it (kind "warning", or "info" for plain facts)."""
         with self._lock:
             rec = self.round_record(round)
             rec.notes.append(message)
             if dropped and dropped not in rec.dropped:
                 rec.dropped.append(dropped)
             self.save()
-        self.emit("warning", round=round, party_id=dropped, message=message)
+        self.emit(kind, round=round, party_id=dropped, message=message)
 
     def count_bytes(self, round: int, direction: str, kind: str, n: int) -> None:
         if n <= 0:

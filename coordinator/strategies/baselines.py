@@ -8,6 +8,10 @@
   adapters by sample count (validated like FedCoLLM's uploads) and broadcasts the mean. No LLM involvement.
 - ``llm2slm``: FedMKT with the LLM frozen (its `llm_to_slm` setting): clients train, the LLM sends its public
   top-k logits, clients distil from them; nothing flows back into the LLM.
+- ``centralized``: the NON-FEDERATED reference, an upper bound on what pooling the data would give: exactly one
+  SLM client, which holds the union of every client's private shard (the deployment puts it there; `cotune demo
+  --algorithm centralized` builds it), trains on it every round; the LLM server also trains on its private data when
+  it holds any (the demo gives it the same union). Every round record says it is not federated.
 """
 
 from __future__ import annotations
@@ -83,3 +87,31 @@ class LLMToSLM(FedMKT):
     def execute(self, d: RunDriver) -> None:
         d.spec.setting = "llm_to_slm"
         super().execute(d)
+
+
+class Centralized(Strategy):
+    name = "centralized"
+    LABEL = ("centralized: NON-FEDERATED reference - one party trains on the union of the private shards; "
+             "no privacy boundary holds in this run")
+
+    def validate(self, spec, llm_info, client_infos) -> None:
+        if len(client_infos) != 1:
+            raise InvalidInput(f"centralized is the non-federated reference: select exactly one client (spec.clients), the "
+                               f"one holding the union of the private shards; got {len(client_infos)}: "
+                               f"{', '.join(sorted(client_infos))}")
+        (cid, info), = client_infos.items()
+        if not info.private_set_size:
+            raise InvalidInput(f"centralized: client {cid} holds no private data to train on")
+
+    def execute(self, d: RunDriver) -> None:
+        trainees = [*([d.llm] if d.llm.info.private_set_size else []), *d.clients]
+        d.note(0, self.LABEL, kind="info")
+        d.set_step(0, "evaluate")
+        lora_fed.evaluate(d, [d.llm, *d.clients], 0)
+        for rnd in range(1, d.spec.rounds + 1):
+            d.check_cancelled()
+            d.note(rnd, self.LABEL, kind="info")
+            active, _ = lora_fed.train_local(d, trainees, rnd)
+            d.set_step(rnd, "evaluate")
+            lora_fed.evaluate(d, active, rnd)
+            d.emit("metrics", round=rnd, message=f"round {rnd} complete")

@@ -35,9 +35,10 @@ def evaluate(d: RunDriver, parties, rnd: int) -> None:
         d.record_metrics(rnd, pid, res["metrics"])
 
 
-def train_local(d: RunDriver, clients, rnd: int) -> tuple[list[Party], dict[str, float]]:
-    """Local CE training on every client; returns (the clients that succeeded, their sample counts)."""
-    task = party_pb2.TrainLocalTask(epochs=d.spec.local_epochs or 1)
+def train_local(d: RunDriver, clients, rnd: int, *, prox_eps: float = 0.0) -> tuple[list[Party], dict[str, float]]:
+    """Local training on every client (CE; FedBiOT's adapter-only CE + proximal term when prox_eps > 0); returns
+    (the clients that succeeded, their sample counts)."""
+    task = party_pb2.TrainLocalTask(epochs=d.spec.local_epochs or 1, prox_eps=prox_eps)
     d.set_step(rnd, "train_local")
     out = d.on_parties(clients, rnd, "train_local", lambda c: d.task(c, rnd, "train_local", train_local=task), quorum=quorum(d))
     for pid, res in out.ok.items():
@@ -64,8 +65,9 @@ def broadcast(d: RunDriver, clients, rnd: int, sha: str, *, step: str = "set_lor
 
 
 def initial_adapter(d: RunDriver, source: Party, *, target: str = "") -> str:
-    """Round 0: the adapter everyone starts from, pulled from `source` (its model, or its companion SLM)."""
-    step = "get_companion_lora" if target == "companion" else "get_lora"
+    """Round 0: the adapter everyone starts from, pulled from `source` (its model, its companion SLM or its
+    compressed model)."""
+    step = f"get_{target}_lora" if target else "get_lora"
     d.set_step(0, step)
     res = d.task(source, 0, step, get_lora=party_pb2.GetLoraTask(target=target))
     sha = res["blobs"]["adapter"]

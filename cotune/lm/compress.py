@@ -288,14 +288,17 @@ def pack_dir(model_dir) -> bytes:
     return buf.getvalue()
 
 
-def unpack_dir(data: bytes, out_dir) -> Path:
-    """Extract a pack_dir tar into out_dir (regular files only, no paths outside out_dir)."""
+def unpack_dir(data, out_dir) -> Path:
+    """Extract a pack_dir tar (bytes, or the path of a file holding it) into out_dir (regular files only, no paths
+    outside out_dir)."""
     import io
+    import shutil
     import tarfile
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+    source = dict(fileobj=io.BytesIO(data)) if isinstance(data, (bytes, bytearray, memoryview)) else dict(name=str(data))
+    with tarfile.open(mode="r:", **source) as tar:
         for member in tar.getmembers():
             if not member.isfile():
                 raise ValueError(f"compressed model archive holds a non-file entry {member.name!r}")
@@ -303,5 +306,6 @@ def unpack_dir(data: bytes, out_dir) -> Path:
             if out.resolve() not in target.parents:
                 raise ValueError(f"compressed model archive entry {member.name!r} escapes the directory")
             target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(tar.extractfile(member).read())
+            with tar.extractfile(member) as src, open(target, "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
     return out

@@ -251,20 +251,35 @@ def align_emulator(
     should_stop=None,
 ) -> dict:
     """FedBiOT server step: `steps` optimizer steps on the emulator LoRA only (public examples, cycled), minimizing
-    emulator_alignment_loss. full_model must carry the current adapter LoRA (plug_adapter_into_full)."""
+    emulator_alignment_loss. full_model must carry the current adapter LoRA (plug_adapter_into_full). Reports the
+    loss over all examples before and after (align_*_before/after) besides the first and last training batch."""
     import numpy as np
 
-    from cotune.lm.batching import collate, model_device, shuffled_batches, to_device
+    from cotune.lm.batching import collate, model_device, shuffled_batches, sorted_batches, to_device
 
+    pairs = _encode(tokenizer, examples, max_length)
+    if not pairs:
+        raise ValueError("no public examples to align the emulator on")
+    pad, dev = _pad_id(tokenizer), model_device(compressed_model)
+
+    @torch.no_grad()
+    def measure() -> dict:
+        """The alignment loss over all of `examples` (eval mode): single training batches are too noisy to compare."""
+        compressed_model.eval()
+        total = {"loss": 0.0, "l2": 0.0, "kl": 0.0}
+        for idx in sorted_batches([len(p.ids) for p in pairs], batch_size):
+            b = to_device(collate([pairs[i] for i in idx], pad), dev)
+            loss, parts = emulator_alignment_loss(compressed_model, full_model, b["input_ids"], b["attention_mask"],
+                                                  layer_map, adapter_layers=adapter_layers, beta=beta)
+            for key, value in (("loss", float(loss)), *parts.items()):
+                total[key] += value * len(idx) / len(pairs)
+        return total
+
+    before = measure() if steps else None
     flags = {k: p.requires_grad for k, p in _lora_params(compressed_model).items()}
     set_lora_trainable(compressed_model, layer_map, "emulator", adapter_layers=adapter_layers)
     params = [p for p in compressed_model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    pairs = _encode(tokenizer, examples, max_length)
-    if not pairs:
-        _restore_flags(compressed_model, flags)
-        raise ValueError("no public examples to align the emulator on")
-    pad, dev = _pad_id(tokenizer), model_device(compressed_model)
     losses: list[dict] = []
     done = 0
     epoch = 0
@@ -294,11 +309,14 @@ def align_emulator(
         _restore_flags(compressed_model, flags)
     nan = {"loss": float("nan"), "l2": float("nan"), "kl": float("nan")}
     first, last = (losses[0], losses[-1]) if losses else (nan, nan)
+    after = measure() if steps else None
     return {
         "align_loss_first": first["loss"],
         "align_loss_last": last["loss"],
         "align_l2_last": last["l2"],
         "align_kl_last": last["kl"],
+        **{f"align_{k}_before": v for k, v in (before or nan).items()},
+        **{f"align_{k}_after": v for k, v in (after or nan).items()},
         "align_steps": len(losses),
         "stopped": stopped,
     }

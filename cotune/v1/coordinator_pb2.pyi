@@ -67,7 +67,7 @@ class ListClientsResponse(_message.Message):
     def __init__(self, clients: _Optional[_Iterable[_Union[ClientRecord, _Mapping]]] = ...) -> None: ...
 
 class RunSpec(_message.Message):
-    __slots__ = ("name", "algorithm", "rounds", "clients", "setting", "top_k", "lam", "local_epochs", "distill_epochs", "selection", "min_clients", "step_timeout_s", "max_public_samples", "public_set_hash", "logits_bits", "alignment_method", "eval_max_samples", "max_length", "aggregation", "kd_weight")
+    __slots__ = ("name", "algorithm", "rounds", "clients", "setting", "top_k", "lam", "local_epochs", "distill_epochs", "selection", "min_clients", "step_timeout_s", "max_public_samples", "public_set_hash", "logits_bits", "alignment_method", "eval_max_samples", "max_length", "aggregation", "kd_weight", "fedbiot")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ALGORITHM_FIELD_NUMBER: _ClassVar[int]
     ROUNDS_FIELD_NUMBER: _ClassVar[int]
@@ -88,6 +88,7 @@ class RunSpec(_message.Message):
     MAX_LENGTH_FIELD_NUMBER: _ClassVar[int]
     AGGREGATION_FIELD_NUMBER: _ClassVar[int]
     KD_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    FEDBIOT_FIELD_NUMBER: _ClassVar[int]
     name: str
     algorithm: str
     rounds: int
@@ -108,7 +109,26 @@ class RunSpec(_message.Message):
     max_length: int
     aggregation: str
     kd_weight: float
-    def __init__(self, name: _Optional[str] = ..., algorithm: _Optional[str] = ..., rounds: _Optional[int] = ..., clients: _Optional[_Iterable[str]] = ..., setting: _Optional[str] = ..., top_k: _Optional[int] = ..., lam: _Optional[float] = ..., local_epochs: _Optional[int] = ..., distill_epochs: _Optional[int] = ..., selection: _Optional[str] = ..., min_clients: _Optional[int] = ..., step_timeout_s: _Optional[float] = ..., max_public_samples: _Optional[int] = ..., public_set_hash: _Optional[str] = ..., logits_bits: _Optional[int] = ..., alignment_method: _Optional[str] = ..., eval_max_samples: _Optional[int] = ..., max_length: _Optional[int] = ..., aggregation: _Optional[str] = ..., kd_weight: _Optional[float] = ...) -> None: ...
+    fedbiot: FedBiOTSpec
+    def __init__(self, name: _Optional[str] = ..., algorithm: _Optional[str] = ..., rounds: _Optional[int] = ..., clients: _Optional[_Iterable[str]] = ..., setting: _Optional[str] = ..., top_k: _Optional[int] = ..., lam: _Optional[float] = ..., local_epochs: _Optional[int] = ..., distill_epochs: _Optional[int] = ..., selection: _Optional[str] = ..., min_clients: _Optional[int] = ..., step_timeout_s: _Optional[float] = ..., max_public_samples: _Optional[int] = ..., public_set_hash: _Optional[str] = ..., logits_bits: _Optional[int] = ..., alignment_method: _Optional[str] = ..., eval_max_samples: _Optional[int] = ..., max_length: _Optional[int] = ..., aggregation: _Optional[str] = ..., kd_weight: _Optional[float] = ..., fedbiot: _Optional[_Union[FedBiOTSpec, _Mapping]] = ...) -> None: ...
+
+class FedBiOTSpec(_message.Message):
+    __slots__ = ("adapter_layers", "drop", "pre_align_steps", "align_steps", "beta", "prox_eps", "align_lr")
+    ADAPTER_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    DROP_FIELD_NUMBER: _ClassVar[int]
+    PRE_ALIGN_STEPS_FIELD_NUMBER: _ClassVar[int]
+    ALIGN_STEPS_FIELD_NUMBER: _ClassVar[int]
+    BETA_FIELD_NUMBER: _ClassVar[int]
+    PROX_EPS_FIELD_NUMBER: _ClassVar[int]
+    ALIGN_LR_FIELD_NUMBER: _ClassVar[int]
+    adapter_layers: int
+    drop: float
+    pre_align_steps: int
+    align_steps: int
+    beta: float
+    prox_eps: float
+    align_lr: float
+    def __init__(self, adapter_layers: _Optional[int] = ..., drop: _Optional[float] = ..., pre_align_steps: _Optional[int] = ..., align_steps: _Optional[int] = ..., beta: _Optional[float] = ..., prox_eps: _Optional[float] = ..., align_lr: _Optional[float] = ...) -> None: ...
 
 class PartyMetrics(_message.Message):
     __slots__ = ("party_id", "metrics")

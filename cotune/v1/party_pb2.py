@@ -26,7 +26,7 @@ from cotune.v1 import common_pb2 as cotune_dot_v1_dot_common__pb2
 from cotune.v1 import operations_pb2 as cotune_dot_v1_dot_operations__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x63otune/v1/party.proto\x12\tcotune.v1\x1a\x16\x63otune/v1/common.proto\x1a\x1a\x63otune/v1/operations.proto\"\x11\n\x0f\x44\x65scribeRequest\"\xb7\x03\n\tPartyInfo\x12\x10\n\x08party_id\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x12\n\nmodel_name\x18\x03 \x01(\t\x12\x16\n\x0etokenizer_hash\x18\x04 \x01(\t\x12\x12\n\nvocab_size\x18\x05 \x01(\x03\x12\x17\n\x0fpublic_set_hash\x18\x06 \x01(\t\x12\x17\n\x0fpublic_set_size\x18\x07 \x01(\x03\x12\x18\n\x10private_set_size\x18\x08 \x01(\x03\x12\x15\n\reval_set_size\x18\t \x01(\x03\x12\x0e\n\x06\x64\x65vice\x18\n \x01(\t\x12\x18\n\x10trainable_params\x18\x0b \x01(\x03\x12,\n\x10tokenizer_bundle\x18\x0c \x01(\x0b\x32\x12.cotune.v1.BlobRef\x12&\n\npublic_set\x18\r \x01(\x0b\x32\x12.cotune.v1.BlobRef\x12\x11\n\tlora_hash\x18\x0e \x01(\t\x12\r\n\x05ready\x18\x0f \x01(\x08\x12\x18\n\x10lora_layout_hash\x18\x10 \x01(\t\x12+\n\tcompanion\x18\x11 \x01(\x0b\x32\x18.cotune.v1.CompanionInfo\"\x96\x01\n\rCompanionInfo\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x16\n\x0etokenizer_hash\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\x03\x12\x11\n\tlora_hash\x18\x04 \x01(\t\x12\x18\n\x10lora_layout_hash\x18\x05 \x01(\t\x12\x18\n\x10trainable_params\x18\x06 \x01(\x03\"V\n\nRunContext\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x05\x12\x10\n\x08task_key\x18\x03 \x01(\t\x12\x17\n\x0fpublic_set_hash\x18\x04 \x01(\t\"g\n\x0eTrainLocalTask\x12\x0e\n\x06\x65pochs\x18\x01 \x01(\x05\x12\n\n\x02lr\x18\x02 \x01(\x01\x12\x12\n\nbatch_size\x18\x03 \x01(\x05\x12\x13\n\x0bmax_samples\x18\x04 \x01(\x05\x12\x10\n\x08prox_eps\x18\x05 \x01(\x01\"X\n\x10PublicLogitsTask\x12\r\n\x05top_k\x18\x01 \x01(\x05\x12\x13\n\x0bmax_samples\x18\x02 \x01(\x05\x12\x0c\n\x04\x62its\x18\x03 \x01(\x05\x12\x12\n\nmax_length\x18\x04 \x01(\x05\"\x9b\x01\n\x0cTeacherShard\x12\x11\n\tsender_id\x18\x01 \x01(\t\x12!\n\x05shard\x18\x02 \x01(\x0b\x32\x12.cotune.v1.BlobRef\x12%\n\tvocab_map\x18\x03 \x01(\x0b\x32\x12.cotune.v1.BlobRef\x12.\n\x12sequence_alignment\x18\x04 \x01(\x0b\x32\x12.cotune.v1.BlobRef\"\xb1\x01\n\x0b\x44istillTask\x12)\n\x08teachers\x18\x01 \x03(\x0b\x32\x17.cotune.v1.TeacherShard\x12\x0b\n\x03lam\x18\x02 \x01(\x01\x12\x0e\n\x06\x65pochs\x18\x03 \x01(\x05\x12\x11\n\tselection\x18\x04 \x01(\t\x12\x13\n\x0bmax_samples\x18\x05 \x01(\x05\x12\n\n\x02lr\x18\x06 \x01(\x01\x12\x12\n\nbatch_size\x18\x07 \x01(\x05\x12\x12\n\nmax_length\x18\x08 \x01(\x05\"#\n\x0c\x45valuateTask\x12\x13\n\x0bmax_samples\x18\x01 \x01(\x05\"2\n\x0bSetLoraTask\x12#\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x12.cotune.v1.BlobRef\"*\n\x0bGetLoraTask\x12\x0e\n\x06target\x18\x01 \x01(\t\x12\x0b\n\x03tag\x18\x02 \x01(\x08\"\xae\x01\n\rCoDistillTask\x12\'\n\x0bslm_adapter\x18\x01 \x01(\x0b\x32\x12.cotune.v1.BlobRef\x12\x0b\n\x03lam\x18\x02 \x01(\x01\x12\x0e\n\x06\x65pochs\x18\x03 \x01(\x05\x12\x13\n\x0bmax_samples\x18\x04 \x01(\x05\x12\n\n\x02lr\x18\x05 \x01(\x01\x12\x0e\n\x06slm_lr\x18\x06 \x01(\x01\x12\x12\n\nbatch_size\x18\x07 \x01(\x05\x12\x12\n\nmax_length\x18\x08 \x01(\x05\"4\n\x0c\x43ompressTask\x12\x16\n\x0e\x61\x64\x61pter_layers\x18\x01 \x01(\x05\x12\x0c\n\x04\x64rop\x18\x02 \x01(\x01\"\x9e\x01\n\x11\x41lignEmulatorTask\x12#\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x12.cotune.v1.BlobRef\x12\r\n\x05steps\x18\x02 \x01(\x05\x12\x0c\n\x04\x62\x65ta\x18\x03 \x01(\x01\x12\n\n\x02lr\x18\x04 \x01(\x01\x12\x12\n\nbatch_size\x18\x05 \x01(\x05\x12\x12\n\nmax_length\x18\x06 \x01(\x05\x12\x13\n\x0bmax_samples\x18\x07 \x01(\x05\"\xe6\x03\n\x0bTaskRequest\x12\"\n\x03\x63tx\x18\x01 \x01(\x0b\x32\x15.cotune.v1.RunContext\x12\x30\n\x0btrain_local\x18\x02 \x01(\x0b\x32\x19.cotune.v1.TrainLocalTaskH\x00\x12\x34\n\rpublic_logits\x18\x03 \x01(\x0b\x32\x1b.cotune.v1.PublicLogitsTaskH\x00\x12)\n\x07\x64istill\x18\x04 \x01(\x0b\x32\x16.cotune.v1.DistillTaskH\x00\x12+\n\x08\x65valuate\x18\x05 \x01(\x0b\x32\x17.cotune.v1.EvaluateTaskH\x00\x12*\n\x08set_lora\x18\x06 \x01(\x0b\x32\x16.cotune.v1.SetLoraTaskH\x00\x12*\n\x08get_lora\x18\x07 \x01(\x0b\x32\x16.cotune.v1.GetLoraTaskH\x00\x12.\n\nco_distill\x18\x08 \x01(\x0b\x32\x18.cotune.v1.CoDistillTaskH\x00\x12+\n\x08\x63ompress\x18\t \x01(\x0b\x32\x17.cotune.v1.CompressTaskH\x00\x12\x36\n\x0e\x61lign_emulator\x18\n \x01(\x0b\x32\x1c.cotune.v1.AlignEmulatorTaskH\x00\x42\x06\n\x04task2\x84\x01\n\tLLMServer\x12<\n\x08\x44\x65scribe\x12\x1a.cotune.v1.DescribeRequest\x1a\x14.cotune.v1.PartyInfo\x12\x39\n\tStartTask\x12\x16.cotune.v1.TaskRequest\x1a\x14.cotune.v1.Operation2\x84\x01\n\tSLMClient\x12<\n\x08\x44\x65scribe\x12\x1a.cotune.v1.DescribeRequest\x1a\x14.cotune.v1.PartyInfo\x12\x39\n\tStartTask\x12\x16.cotune.v1.TaskRequest\x1a\x14.cotune.v1.Operationb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x63otune/v1/party.proto\x12\tcotune.v1\x1a\x16\x63otune/v1/common.proto\x1a\x1a\x63otune/v1/operations.proto\"\x11\n\x0f\x44\x65scribeRequest\"\xe1\x03\n\tPartyInfo\x12\x10\n\x08party_id\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x12\n\nmodel_name\x18\x03 \x01(\t\x12\x16\n\x0etokenizer_hash\x18\x04 \x01(\t\x12\x12\n\nvocab_size\x18\x05 \x01(\x03\x12\x17\n\x0fpublic_set_hash\x18\x06 \x01(\t\x12\x17\n\x0fpublic_set_size\x18\x07 \x01(\x03\x12\x18\n\x10private_set_size\x18\x08 \x01(\x03\x12\x15\n\reval_set_size\x18\t \x01(\x03\x12\x0e\n\x06\x64\x65vice\x18\n \x01(\t\x12\x18\n\x10trainable_params\x18\x0b \x01(\x03\x12,\n\x10tokenizer_bundle\x18\x0c \x01(\x0b\x32\x12.cotune.v1.BlobRef\x12&\n\npublic_set\x18\r \x01(\x0b\x32\x12.cotune.v1.BlobRef\x12\x11\n\tlora_hash\x18\x0e \x01(\t\x12\r\n\x05ready\x18\x0f \x01(\x08\x12\x18\n\x10lora_layout_hash\x18\x10 \x01(\t\x12+\n\tcompanion\x18\x11 \x01(\x0b\x32\x18.cotune.v1.CompanionInfo\x12\x14\n\x0cloaded_model\x18\x12 \x01(\t\x12\x12\n\nnum_layers\x18\x13 \x01(\x05\"\x96\x01\n\rCompanionInfo\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x16\n\x0etokenizer_hash\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\x03\x12\x11\n\tlora_hash\x18\x04 \x01(\t\x12\x18\n\x10lora_layout_hash\x18\x05 \x01(\t\x12\x18\n\x10trainable_params\x18\x06 \x01(\x03\"V\n\nRunContext\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x05\x12\x10\n\x08task_key\x18\x03 \x01(\t\x12\x17\n\x0fpublic_set_hash\x18\x04 \x01(\t\"g\n\x0eTrainLocalTask\x12\x0e\n\x06\x65pochs\x18\x01 \x01(\x05\x12\n\n\x02lr\x18\x02 \x01(\x01\x12\x12\n\nbatch_size\x18\x03 \x01(\x05\x12\x13\n\x0bmax_samples\x18\x04 \x01(\x05\x12\x10\n\x08prox_eps\x18\x05 \x01(\x01\"X\n\x10PublicLogitsTask\x12\r\n\x05top_k\x18\x01 \x01(\x05\x12\x13\n\x0bmax_samples\x18\x02 \x01(\x05\x12\x0c\n\x04\x62its\x18\x03 \x01(\x05\x12\x12\n\nmax_length\x18\x04 \x01(\x05\"\x9b\x01\n\x0cTeacherShard\x12\x11\n\tsender_id\x18\x01 \x01(\t\x12!\n\x05shard\x18\x02 \x01(\x0b\x32\x12.cotune.v1.BlobRef\x12%\n\tvocab_map\x18\x03 \x01(\x0b\x32\x12.cotune.v1.BlobRef\x12.\n\x12sequence_alignment\x18\x04 \x01(\x0b\x32\x12.cotune.v1.BlobRef\"\xb1\x01\n\x0b\x44istillTask\x12)\n\x08teachers\x18\x01 \x03(\x0b\x32\x17.cotune.v1.TeacherShard\x12\x0b\n\x03lam\x18\x02 \x01(\x01\x12\x0e\n\x06\x65pochs\x18\x03 \x01(\x05\x12\x11\n\tselection\x18\x04 \x01(\t\x12\x13\n\x0bmax_samples\x18\x05 \x01(\x05\x12\n\n\x02lr\x18\x06 \x01(\x01\x12\x12\n\nbatch_size\x18\x07 \x01(\x05\x12\x12\n\nmax_length\x18\x08 \x01(\x05\"3\n\x0c\x45valuateTask\x12\x13\n\x0bmax_samples\x18\x01 \x01(\x05\x12\x0e\n\x06target\x18\x02 \x01(\t\"2\n\x0bSetLoraTask\x12#\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x12.cotune.v1.BlobRef\"*\n\x0bGetLoraTask\x12\x0e\n\x06target\x18\x01 \x01(\t\x12\x0b\n\x03tag\x18\x02 \x01(\x08\"\xae\x01\n\rCoDistillTask\x12\'\n\x0bslm_adapter\x18\x01 \x01(\x0b\x32\x12.cotune.v1.BlobRef\x12\x0b\n\x03lam\x18\x02 \x01(\x01\x12\x0e\n\x06\x65pochs\x18\x03 \x01(\x05\x12\x13\n\x0bmax_samples\x18\x04 \x01(\x05\x12\n\n\x02lr\x18\x05 \x01(\x01\x12\x0e\n\x06slm_lr\x18\x06 \x01(\x01\x12\x12\n\nbatch_size\x18\x07 \x01(\x05\x12\x12\n\nmax_length\x18\x08 \x01(\x05\"4\n\x0c\x43ompressTask\x12\x16\n\x0e\x61\x64\x61pter_layers\x18\x01 \x01(\x05\x12\x0c\n\x04\x64rop\x18\x02 \x01(\x01\"\x9e\x01\n\x11\x41lignEmulatorTask\x12#\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x12.cotune.v1.BlobRef\x12\r\n\x05steps\x18\x02 \x01(\x05\x12\x0c\n\x04\x62\x65ta\x18\x03 \x01(\x01\x12\n\n\x02lr\x18\x04 \x01(\x01\x12\x12\n\nbatch_size\x18\x05 \x01(\x05\x12\x12\n\nmax_length\x18\x06 \x01(\x05\x12\x13\n\x0bmax_samples\x18\x07 \x01(\x05\"2\n\rLoadModelTask\x12!\n\x05model\x18\x01 \x01(\x0b\x32\x12.cotune.v1.BlobRef\"\x96\x04\n\x0bTaskRequest\x12\"\n\x03\x63tx\x18\x01 \x01(\x0b\x32\x15.cotune.v1.RunContext\x12\x30\n\x0btrain_local\x18\x02 \x01(\x0b\x32\x19.cotune.v1.TrainLocalTaskH\x00\x12\x34\n\rpublic_logits\x18\x03 \x01(\x0b\x32\x1b.cotune.v1.PublicLogitsTaskH\x00\x12)\n\x07\x64istill\x18\x04 \x01(\x0b\x32\x16.cotune.v1.DistillTaskH\x00\x12+\n\x08\x65valuate\x18\x05 \x01(\x0b\x32\x17.cotune.v1.EvaluateTaskH\x00\x12*\n\x08set_lora\x18\x06 \x01(\x0b\x32\x16.cotune.v1.SetLoraTaskH\x00\x12*\n\x08get_lora\x18\x07 \x01(\x0b\x32\x16.cotune.v1.GetLoraTaskH\x00\x12.\n\nco_distill\x18\x08 \x01(\x0b\x32\x18.cotune.v1.CoDistillTaskH\x00\x12+\n\x08\x63ompress\x18\t \x01(\x0b\x32\x17.cotune.v1.CompressTaskH\x00\x12\x36\n\x0e\x61lign_emulator\x18\n \x01(\x0b\x32\x1c.cotune.v1.AlignEmulatorTaskH\x00\x12.\n\nload_model\x18\x0b \x01(\x0b\x32\x18.cotune.v1.LoadModelTaskH\x00\x42\x06\n\x04task2\x84\x01\n\tLLMServer\x12<\n\x08\x44\x65scribe\x12\x1a.cotune.v1.DescribeRequest\x1a\x14.cotune.v1.PartyInfo\x12\x39\n\tStartTask\x12\x16.cotune.v1.TaskRequest\x1a\x14.cotune.v1.Operation2\x84\x01\n\tSLMClient\x12<\n\x08\x44\x65scribe\x12\x1a.cotune.v1.DescribeRequest\x1a\x14.cotune.v1.PartyInfo\x12\x39\n\tStartTask\x12\x16.cotune.v1.TaskRequest\x1a\x14.cotune.v1.Operationb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,35 +36,37 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DESCRIBEREQUEST']._serialized_start=88
   _globals['_DESCRIBEREQUEST']._serialized_end=105
   _globals['_PARTYINFO']._serialized_start=108
-  _globals['_PARTYINFO']._serialized_end=547
-  _globals['_COMPANIONINFO']._serialized_start=550
-  _globals['_COMPANIONINFO']._serialized_end=700
-  _globals['_RUNCONTEXT']._serialized_start=702
-  _globals['_RUNCONTEXT']._serialized_end=788
-  _globals['_TRAINLOCALTASK']._serialized_start=790
-  _globals['_TRAINLOCALTASK']._serialized_end=893
-  _globals['_PUBLICLOGITSTASK']._serialized_start=895
-  _globals['_PUBLICLOGITSTASK']._serialized_end=983
-  _globals['_TEACHERSHARD']._serialized_start=986
-  _globals['_TEACHERSHARD']._serialized_end=1141
-  _globals['_DISTILLTASK']._serialized_start=1144
-  _globals['_DISTILLTASK']._serialized_end=1321
-  _globals['_EVALUATETASK']._serialized_start=1323
-  _globals['_EVALUATETASK']._serialized_end=1358
-  _globals['_SETLORATASK']._serialized_start=1360
-  _globals['_SETLORATASK']._serialized_end=1410
-  _globals['_GETLORATASK']._serialized_start=1412
-  _globals['_GETLORATASK']._serialized_end=1454
-  _globals['_CODISTILLTASK']._serialized_start=1457
-  _globals['_CODISTILLTASK']._serialized_end=1631
-  _globals['_COMPRESSTASK']._serialized_start=1633
-  _globals['_COMPRESSTASK']._serialized_end=1685
-  _globals['_ALIGNEMULATORTASK']._serialized_start=1688
-  _globals['_ALIGNEMULATORTASK']._serialized_end=1846
-  _globals['_TASKREQUEST']._serialized_start=1849
-  _globals['_TASKREQUEST']._serialized_end=2335
-  _globals['_LLMSERVER']._serialized_start=2338
-  _globals['_LLMSERVER']._serialized_end=2470
-  _globals['_SLMCLIENT']._serialized_start=2473
-  _globals['_SLMCLIENT']._serialized_end=2605
+  _globals['_PARTYINFO']._serialized_end=589
+  _globals['_COMPANIONINFO']._serialized_start=592
+  _globals['_COMPANIONINFO']._serialized_end=742
+  _globals['_RUNCONTEXT']._serialized_start=744
+  _globals['_RUNCONTEXT']._serialized_end=830
+  _globals['_TRAINLOCALTASK']._serialized_start=832
+  _globals['_TRAINLOCALTASK']._serialized_end=935
+  _globals['_PUBLICLOGITSTASK']._serialized_start=937
+  _globals['_PUBLICLOGITSTASK']._serialized_end=1025
+  _globals['_TEACHERSHARD']._serialized_start=1028
+  _globals['_TEACHERSHARD']._serialized_end=1183
+  _globals['_DISTILLTASK']._serialized_start=1186
+  _globals['_DISTILLTASK']._serialized_end=1363
+  _globals['_EVALUATETASK']._serialized_start=1365
+  _globals['_EVALUATETASK']._serialized_end=1416
+  _globals['_SETLORATASK']._serialized_start=1418
+  _globals['_SETLORATASK']._serialized_end=1468
+  _globals['_GETLORATASK']._serialized_start=1470
+  _globals['_GETLORATASK']._serialized_end=1512
+  _globals['_CODISTILLTASK']._serialized_start=1515
+  _globals['_CODISTILLTASK']._serialized_end=1689
+  _globals['_COMPRESSTASK']._serialized_start=1691
+  _globals['_COMPRESSTASK']._serialized_end=1743
+  _globals['_ALIGNEMULATORTASK']._serialized_start=1746
+  _globals['_ALIGNEMULATORTASK']._serialized_end=1904
+  _globals['_LOADMODELTASK']._serialized_start=1906
+  _globals['_LOADMODELTASK']._serialized_end=1956
+  _globals['_TASKREQUEST']._serialized_start=1959
+  _globals['_TASKREQUEST']._serialized_end=2493
+  _globals['_LLMSERVER']._serialized_start=2496
+  _globals['_LLMSERVER']._serialized_end=2628
+  _globals['_SLMCLIENT']._serialized_start=2631
+  _globals['_SLMCLIENT']._serialized_end=2763
 # @@protoc_insertion_point(module_scope)

@@ -13,7 +13,7 @@ class DescribeRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class PartyInfo(_message.Message):
-    __slots__ = ("party_id", "role", "model_name", "tokenizer_hash", "vocab_size", "public_set_hash", "public_set_size", "private_set_size", "eval_set_size", "device", "trainable_params", "tokenizer_bundle", "public_set", "lora_hash", "ready", "lora_layout_hash", "companion")
+    __slots__ = ("party_id", "role", "model_name", "tokenizer_hash", "vocab_size", "public_set_hash", "public_set_size", "private_set_size", "eval_set_size", "device", "trainable_params", "tokenizer_bundle", "public_set", "lora_hash", "ready", "lora_layout_hash", "companion", "loaded_model", "num_layers")
     PARTY_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
@@ -31,6 +31,8 @@ class PartyInfo(_message.Message):
     READY_FIELD_NUMBER: _ClassVar[int]
     LORA_LAYOUT_HASH_FIELD_NUMBER: _ClassVar[int]
     COMPANION_FIELD_NUMBER: _ClassVar[int]
+    LOADED_MODEL_FIELD_NUMBER: _ClassVar[int]
+    NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
     party_id: str
     role: str
     model_name: str
@@ -48,7 +50,9 @@ class PartyInfo(_message.Message):
     ready: bool
     lora_layout_hash: str
     companion: CompanionInfo
-    def __init__(self, party_id: _Optional[str] = ..., role: _Optional[str] = ..., model_name: _Optional[str] = ..., tokenizer_hash: _Optional[str] = ..., vocab_size: _Optional[int] = ..., public_set_hash: _Optional[str] = ..., public_set_size: _Optional[int] = ..., private_set_size: _Optional[int] = ..., eval_set_size: _Optional[int] = ..., device: _Optional[str] = ..., trainable_params: _Optional[int] = ..., tokenizer_bundle: _Optional[_Union[_common_pb2.BlobRef, _Mapping]] = ..., public_set: _Optional[_Union[_common_pb2.BlobRef, _Mapping]] = ..., lora_hash: _Optional[str] = ..., ready: _Optional[bool] = ..., lora_layout_hash: _Optional[str] = ..., companion: _Optional[_Union[CompanionInfo, _Mapping]] = ...) -> None: ...
+    loaded_model: str
+    num_layers: int
+    def __init__(self, party_id: _Optional[str] = ..., role: _Optional[str] = ..., model_name: _Optional[str] = ..., tokenizer_hash: _Optional[str] = ..., vocab_size: _Optional[int] = ..., public_set_hash: _Optional[str] = ..., public_set_size: _Optional[int] = ..., private_set_size: _Optional[int] = ..., eval_set_size: _Optional[int] = ..., device: _Optional[str] = ..., trainable_params: _Optional[int] = ..., tokenizer_bundle: _Optional[_Union[_common_pb2.BlobRef, _Mapping]] = ..., public_set: _Optional[_Union[_common_pb2.BlobRef, _Mapping]] = ..., lora_hash: _Optional[str] = ..., ready: _Optional[bool] = ..., lora_layout_hash: _Optional[str] = ..., companion: _Optional[_Union[CompanionInfo, _Mapping]] = ..., loaded_model: _Optional[str] = ..., num_layers: _Optional[int] = ...) -> None: ...
 
 class CompanionInfo(_message.Message):
     __slots__ = ("model_name", "tokenizer_hash", "vocab_size", "lora_hash", "lora_layout_hash", "trainable_params")
@@ -137,10 +141,12 @@ class DistillTask(_message.Message):
     def __init__(self, teachers: _Optional[_Iterable[_Union[TeacherShard, _Mapping]]] = ..., lam: _Optional[float] = ..., epochs: _Optional[int] = ..., selection: _Optional[str] = ..., max_samples: _Optional[int] = ..., lr: _Optional[float] = ..., batch_size: _Optional[int] = ..., max_length: _Optional[int] = ...) -> None: ...
 
 class EvaluateTask(_message.Message):
-    __slots__ = ("max_samples",)
+    __slots__ = ("max_samples", "target")
     MAX_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FIELD_NUMBER: _ClassVar[int]
     max_samples: int
-    def __init__(self, max_samples: _Optional[int] = ...) -> None: ...
+    target: str
+    def __init__(self, max_samples: _Optional[int] = ..., target: _Optional[str] = ...) -> None: ...
 
 class SetLoraTask(_message.Message):
     __slots__ = ("adapter",)
@@ -202,8 +208,14 @@ class AlignEmulatorTask(_message.Message):
     max_samples: int
     def __init__(self, adapter: _Optional[_Union[_common_pb2.BlobRef, _Mapping]] = ..., steps: _Optional[int] = ..., beta: _Optional[float] = ..., lr: _Optional[float] = ..., batch_size: _Optional[int] = ..., max_length: _Optional[int] = ..., max_samples: _Optional[int] = ...) -> None: ...
 
+class LoadModelTask(_message.Message):
+    __slots__ = ("model",)
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    model: _common_pb2.BlobRef
+    def __init__(self, model: _Optional[_Union[_common_pb2.BlobRef, _Mapping]] = ...) -> None: ...
+
 class TaskRequest(_message.Message):
-    __slots__ = ("ctx", "train_local", "public_logits", "distill", "evaluate", "set_lora", "get_lora", "co_distill", "compress", "align_emulator")
+    __slots__ = ("ctx", "train_local", "public_logits", "distill", "evaluate", "set_lora", "get_lora", "co_distill", "compress", "align_emulator", "load_model")
     CTX_FIELD_NUMBER: _ClassVar[int]
     TRAIN_LOCAL_FIELD_NUMBER: _ClassVar[int]
     PUBLIC_LOGITS_FIELD_NUMBER: _ClassVar[int]
@@ -214,6 +226,7 @@ class TaskRequest(_message.Message):
     CO_DISTILL_FIELD_NUMBER: _ClassVar[int]
     COMPRESS_FIELD_NUMBER: _ClassVar[int]
     ALIGN_EMULATOR_FIELD_NUMBER: _ClassVar[int]
+    LOAD_MODEL_FIELD_NUMBER: _ClassVar[int]
     ctx: RunContext
     train_local: TrainLocalTask
     public_logits: PublicLogitsTask
@@ -224,4 +237,5 @@ class TaskRequest(_message.Message):
     co_distill: CoDistillTask
     compress: CompressTask
     align_emulator: AlignEmulatorTask
-    def __init__(self, ctx: _Optional[_Union[RunContext, _Mapping]] = ..., train_local: _Optional[_Union[TrainLocalTask, _Mapping]] = ..., public_logits: _Optional[_Union[PublicLogitsTask, _Mapping]] = ..., distill: _Optional[_Union[DistillTask, _Mapping]] = ..., evaluate: _Optional[_Union[EvaluateTask, _Mapping]] = ..., set_lora: _Optional[_Union[SetLoraTask, _Mapping]] = ..., get_lora: _Optional[_Union[GetLoraTask, _Mapping]] = ..., co_distill: _Optional[_Union[CoDistillTask, _Mapping]] = ..., compress: _Optional[_Union[CompressTask, _Mapping]] = ..., align_emulator: _Optional[_Union[AlignEmulatorTask, _Mapping]] = ...) -> None: ...
+    load_model: LoadModelTask
+    def __init__(self, ctx: _Optional[_Union[RunContext, _Mapping]] = ..., train_local: _Optional[_Union[TrainLocalTask, _Mapping]] = ..., public_logits: _Optional[_Union[PublicLogitsTask, _Mapping]] = ..., distill: _Optional[_Union[DistillTask, _Mapping]] = ..., evaluate: _Optional[_Union[EvaluateTask, _Mapping]] = ..., set_lora: _Optional[_Union[SetLoraTask, _Mapping]] = ..., get_lora: _Optional[_Union[GetLoraTask, _Mapping]] = ..., co_distill: _Optional[_Union[CoDistillTask, _Mapping]] = ..., compress: _Optional[_Union[CompressTask, _Mapping]] = ..., align_emulator: _Optional[_Union[AlignEmulatorTask, _Mapping]] = ..., load_model: _Optional[_Union[LoadModelTask, _Mapping]] = ...) -> None: ...

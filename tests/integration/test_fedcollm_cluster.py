@@ -34,7 +34,7 @@ CLIENTS = ("client-1", "client-2")
 def cluster(tmp_path_factory, shared_data):
     workdir = tmp_path_factory.mktemp("fedcollm")
     data = prepare_data(TEST_PRESET, workdir)
-    models = prepare_models("tiny", workdir, shared_tokenizer=True)
+    models = prepare_models("tiny", workdir, algorithm="fedcollm")
     cluster = LocalCluster(cluster_config("tiny", TEST_PRESET, workdir, data, models), start_timeout_s=300)
     cluster.up()
     yield cluster

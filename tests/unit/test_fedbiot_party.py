@@ -150,7 +150,7 @@ def test_server_compresses_clients_train_server_aligns(setup, tmp_path):
         model_dir = unpack_dir(server.store.read_bytes(done.blobs["model"].sha256), tmp_path / "downloaded")
         assert (model_dir / LAYER_MAP_FILE).exists() and (model_dir / "config.json").exists()
         initial = lora_from_bytes((model_dir / INITIAL_LORA_FILE).read_bytes())
-        server_lora = lora_state_dict(server.compressed)
+        server_lora = lora_state_dict(server.compressed.model)
         assert initial.keys() == server_lora.keys()
 
         # a client runs on the downloaded directory, starts from the server's LoRA and trains its adapter
@@ -164,15 +164,15 @@ def test_server_compresses_clients_train_server_aligns(setup, tmp_path):
         ref = server.store.put_bytes(uploaded, "application/safetensors+lora").ref()
         client_adapter = lora_part_state(client.model, layer_map, "adapter")
 
-        emulator0 = lora_part_state(server.compressed, layer_map, "emulator")
+        emulator0 = lora_part_state(server.compressed.model, layer_map, "emulator")
         req = party_pb2.TaskRequest(ctx=ctx, align_emulator=party_pb2.AlignEmulatorTask(
             adapter=ref, steps=4, beta=0.5, lr=1e-2, max_length=32))
         m = _wait(server, server.start_task(req)).metrics
         assert m["align_steps"] == 4
         # the server's compressed adapter is the client's; the emulator moved; the full model holds the adapter
-        for k, v in lora_part_state(server.compressed, layer_map, "adapter").items():
+        for k, v in lora_part_state(server.compressed.model, layer_map, "adapter").items():
             torch.testing.assert_close(v, client_adapter[k])
-        emulator1 = lora_part_state(server.compressed, layer_map, "emulator")
+        emulator1 = lora_part_state(server.compressed.model, layer_map, "emulator")
         assert any(not torch.equal(emulator1[k], emulator0[k]) for k in emulator0)
         prefix = decoder_layers_prefix(server.model)
         full_lora = lora_state_dict(server.model)
@@ -191,3 +191,62 @@ def test_server_compresses_clients_train_server_aligns(setup, tmp_path):
         server.ops.shutdown()
         if client is not None:
             client.ops.shutdown()
+
+
+def test_client_installs_the_shipped_model_and_can_go_back(setup):
+    from cotune.lm.compress import INITIAL_LORA_FILE
+    from cotune.lm.lora import lora_from_bytes, lora_state_dict, lora_to_bytes
+    from cotune.rpc.errors import InvalidInput, Precondition
+    from cotune.v1 import party_pb2
+
+    root, full_dir, _comp, _map = setup
+    ctx = party_pb2.RunContext(run_id="run", round=0)
+    server = _party(root, full_dir, "server-ship", role="llm")
+    client = _party(root, full_dir, "client-ship")  # configured with some other model
+    try:
+        done = _wait(server, server.start_task(
+            party_pb2.TaskRequest(ctx=ctx, compress=party_pb2.CompressTask(adapter_layers=2, drop=0.5))))
+        sha = done.blobs["model"].sha256
+        archive = server.store.read_bytes(sha)
+        ref = client.store.put_bytes(archive, "application/x-tar").ref()
+        configured = client.describe()
+        assert client.layer_map is None and not configured.loaded_model
+
+        with pytest.raises(Precondition, match="LLM server"):
+            server.start_task(party_pb2.TaskRequest(ctx=ctx, load_model=party_pb2.LoadModelTask(model=ref)))
+        junk = client.store.put_bytes(b"not a tar at all" * 100, "application/x-tar").ref()
+        with pytest.raises(InvalidInput, match="not a readable tar"):
+            client.start_task(party_pb2.TaskRequest(ctx=ctx, load_model=party_pb2.LoadModelTask(model=junk)))
+        missing = party_pb2.LoadModelTask(model=party_pb2.TaskRequest().load_model.model.__class__(sha256="0" * 64, size=1))
+        with pytest.raises(Precondition, match="PutBlob"):
+            client.start_task(party_pb2.TaskRequest(ctx=ctx, load_model=missing))
+        assert client.describe().lora_hash == configured.lora_hash  # refused requests changed nothing
+
+        loaded = _wait(client, client.start_task(party_pb2.TaskRequest(ctx=ctx, load_model=party_pb2.LoadModelTask(model=ref))))
+        info = client.describe()
+        assert info.loaded_model == sha and loaded.info["model"] == sha
+        assert client.layer_map == server.compressed.layer_map and client.adapter_layers == 2
+        # the client starts from the server's initial LoRA, byte for byte, with the server's LoRA layout
+        initial = (root / "client-ship" / "models" / sha / INITIAL_LORA_FILE).read_bytes()
+        assert lora_to_bytes(lora_state_dict(client.model)) == lora_to_bytes(lora_from_bytes(initial))
+        assert info.lora_layout_hash == server.lora_layout_hash(server.compressed.model)
+        # the same archive again: nothing to do
+        _wait(client, client.start_task(party_pb2.TaskRequest(
+            ctx=party_pb2.RunContext(run_id="run", round=1), load_model=party_pb2.LoadModelTask(model=ref))))
+        assert client.describe().loaded_model == sha
+
+        # evaluation of the server's emulator + adapter and of the client's shipped model give the same numbers
+        server_eval = _wait(server, server.start_task(party_pb2.TaskRequest(
+            ctx=ctx, evaluate=party_pb2.EvaluateTask(target="compressed")))).metrics
+        client_eval = _wait(client, client.start_task(party_pb2.TaskRequest(ctx=ctx, evaluate=party_pb2.EvaluateTask()))).metrics
+        assert server_eval["public_loss"] == pytest.approx(client_eval["public_loss"], rel=1e-5)
+        with pytest.raises(Precondition, match="CompressTask"):
+            client.start_task(party_pb2.TaskRequest(ctx=ctx, evaluate=party_pb2.EvaluateTask(target="compressed")))
+
+        _wait(client, client.start_task(party_pb2.TaskRequest(ctx=ctx, load_model=party_pb2.LoadModelTask())))
+        back = client.describe()
+        assert not back.loaded_model and client.layer_map is None
+        assert back.lora_layout_hash == configured.lora_layout_hash
+    finally:
+        server.ops.shutdown()
+        client.ops.shutdown()

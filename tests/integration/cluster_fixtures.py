@@ -1,19 +1,91 @@
-"""A tiny heterogeneous cluster of real service processes on loopback, shared by the integration tests."""
+"""What the integration tests share: tiny clusters of real service processes on loopback, and readers of what a
+run stored (round records, the coordinator's artifact store)."""
 
 from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
 
+import grpc
+import torch
+
 from cotune.cluster import LocalCluster
-from cotune.demo import PRESETS, cluster_config, prepare_data, prepare_models
+from cotune.demo import PRESETS, cluster_config, prepare_data, prepare_models, wait_for_clients
+from cotune.lm.lora import lora_from_bytes
+from cotune.rpc.clients import CoordinatorClient, PartyClient
+from cotune.v1 import common_pb2_grpc
+from cotune.v1 import coordinator_pb2 as pb
+from cotune.watch import watch_run
+from cotune.wire.blobs import BlobStore, pull_blob
+from coordinator.aggregate import parse_adapter
 
 TEST_PRESET = replace(PRESETS["tiny"], per_part=16, eval_size=24, max_length=96)
 
 
-def start_tiny_cluster(workdir: Path) -> LocalCluster:
+def start_tiny_cluster(workdir: Path, algorithm: str = "fedmkt") -> LocalCluster:
+    """The tiny demo cluster for `algorithm` (its model family, one client per shard), started."""
     data = prepare_data(TEST_PRESET, workdir)
-    models = prepare_models("tiny", workdir)
-    cluster = LocalCluster(cluster_config("tiny", TEST_PRESET, workdir, data, models), start_timeout_s=300)
+    models = prepare_models("tiny", workdir, algorithm=algorithm)
+    cluster = LocalCluster(cluster_config("tiny", TEST_PRESET, workdir, data, models, algorithm=algorithm),
+                           start_timeout_s=300)
     cluster.up()
     return cluster
+
+
+def coordinator_client(addresses: dict, clients: int = 2) -> CoordinatorClient:
+    client = CoordinatorClient(addresses["coordinator"])
+    wait_for_clients(client, clients, timeout_s=60)
+    return client
+
+
+def run_to_end(coordinator: CoordinatorClient, **spec) -> pb.Run:
+    run = coordinator.start_run(pb.RunSpec(name=f"it-{spec['algorithm']}", max_length=TEST_PRESET.max_length, **spec))
+    return watch_run(coordinator, run.run_id, quiet=True)
+
+
+def party(addresses: dict, name: str) -> PartyClient:
+    return PartyClient(addresses[name], role="llm" if name == "llm" else "slm")
+
+
+def rounds_of(run: pb.Run) -> dict[int, pb.RoundRecord]:
+    return {r.round: r for r in run.rounds}
+
+
+def metrics_of(rec: pb.RoundRecord) -> dict[str, dict[str, float]]:
+    return {p.party_id: dict(p.metrics) for p in rec.parties}
+
+
+class Artifacts:
+    """Pulls blobs from the coordinator's artifact store (it serves cotune.v1.BlobStore)."""
+
+    def __init__(self, address, root):
+        self.channel = grpc.insecure_channel(address)
+        self.stub = common_pb2_grpc.BlobStoreStub(self.channel)
+        self.store = BlobStore(root)
+
+    def read(self, sha: str) -> bytes:
+        pull_blob(self.stub, self.store, sha)
+        return self.store.read_bytes(sha)
+
+    def close(self) -> None:
+        self.channel.close()
+
+
+def check_aggregate(rec: pb.RoundRecord, artifacts: Artifacts, clients) -> dict:
+    """The stored aggregate is the sample-weighted mean of the clients' uploads (A and B separately), and the uploads
+    really differ (so the check is not vacuous). Returns the aggregate."""
+    weights = {pid: m["train_samples"] for pid, m in metrics_of(rec).items() if pid in clients}
+    assert set(weights) == set(clients) and all(w > 0 for w in weights.values()), weights
+    uploads = {pid: parse_adapter(artifacts.read(rec.artifacts[f"upload/{pid}"])) for pid in clients}
+    for pid, (_, meta) in uploads.items():  # each upload names its run, round and sender
+        assert meta["cotune.round"] == str(rec.round) and meta["cotune.party_id"] == pid
+    aggregate = lora_from_bytes(artifacts.read(rec.artifacts["aggregate"]))
+    total = sum(weights.values())
+    keys = set(uploads[clients[0]][0])
+    assert set(aggregate) == keys and len(keys) > 0
+    for key in keys:
+        want = sum(weights[p] / total * uploads[p][0][key].double() for p in clients)
+        torch.testing.assert_close(aggregate[key].double(), want, rtol=0, atol=1e-6)
+    differ = [k for k in keys if not torch.equal(uploads[clients[0]][0][k], uploads[clients[1]][0][k])]
+    assert differ, "every client sent the same adapter"
+    return aggregate

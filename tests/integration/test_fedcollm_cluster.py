@@ -11,32 +11,31 @@ from __future__ import annotations
 
 import grpc
 import pytest
-import torch
 
-from cotune.cluster import LocalCluster
-from cotune.demo import cluster_config, prepare_data, prepare_models
 from cotune.lm.lora import lora_from_bytes, lora_to_bytes
-from cotune.demo import wait_for_clients
-from cotune.rpc.clients import CoordinatorClient, PartyClient
-from cotune.v1 import common_pb2_grpc
 from cotune.v1 import coordinator_pb2 as pb
 from cotune.v1 import party_pb2
-from cotune.watch import watch_run
-from cotune.wire.blobs import BlobStore, pull_blob
+from cotune.wire.blobs import BlobStore
 from coordinator.aggregate import aggregate_uploads, parse_adapter
-from tests.integration.cluster_fixtures import TEST_PRESET
+from tests.integration.cluster_fixtures import (
+    Artifacts,
+    check_aggregate,
+    coordinator_client,
+    metrics_of,
+    rounds_of,
+    run_to_end,
+    start_tiny_cluster,
+)
+from tests.integration.cluster_fixtures import party as _party
 
 pytestmark = pytest.mark.integration
 CLIENTS = ("client-1", "client-2")
+_run, _rounds, _metrics = run_to_end, rounds_of, metrics_of
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory, shared_data):
-    workdir = tmp_path_factory.mktemp("fedcollm")
-    data = prepare_data(TEST_PRESET, workdir)
-    models = prepare_models("tiny", workdir, algorithm="fedcollm")
-    cluster = LocalCluster(cluster_config("tiny", TEST_PRESET, workdir, data, models), start_timeout_s=300)
-    cluster.up()
+    cluster = start_tiny_cluster(tmp_path_factory.mktemp("fedcollm"), "fedcollm")
     yield cluster
     cluster.down()
 
@@ -48,15 +47,9 @@ def addresses(cluster):
 
 @pytest.fixture(scope="module")
 def coordinator(addresses):
-    client = CoordinatorClient(addresses["coordinator"])
-    wait_for_clients(client, 2, timeout_s=60)
+    client = coordinator_client(addresses)
     yield client
     client.close()
-
-
-def _run(coordinator, **spec) -> pb.Run:
-    run = coordinator.start_run(pb.RunSpec(name=f"it-{spec['algorithm']}", max_length=TEST_PRESET.max_length, **spec))
-    return watch_run(coordinator, run.run_id, quiet=True)
 
 
 @pytest.fixture(scope="module")
@@ -64,56 +57,15 @@ def fedcollm_run(coordinator):
     return _run(coordinator, algorithm="fedcollm", rounds=2, local_epochs=2, kd_weight=20.0)
 
 
-def _party(addresses, name) -> PartyClient:
-    return PartyClient(addresses[name], role="llm" if name == "llm" else "slm")
-
-
-class _Artifacts:
-    """Pulls blobs from the coordinator's artifact store (it serves cotune.v1.BlobStore)."""
-
-    def __init__(self, address, root):
-        self.channel = grpc.insecure_channel(address)
-        self.stub = common_pb2_grpc.BlobStoreStub(self.channel)
-        self.store = BlobStore(root)
-
-    def read(self, sha: str) -> bytes:
-        pull_blob(self.stub, self.store, sha)
-        return self.store.read_bytes(sha)
-
-
 @pytest.fixture(scope="module")
 def artifacts(addresses, tmp_path_factory):
-    a = _Artifacts(addresses["coordinator"], tmp_path_factory.mktemp("pulled"))
+    a = Artifacts(addresses["coordinator"], tmp_path_factory.mktemp("pulled"))
     yield a
-    a.channel.close()
-
-
-def _rounds(run):
-    return {r.round: r for r in run.rounds}
-
-
-def _metrics(rec):
-    return {p.party_id: dict(p.metrics) for p in rec.parties}
+    a.close()
 
 
 def _check_aggregate(rec, artifacts):
-    """The stored aggregate is the sample-weighted mean of the clients' uploads (A and B separately)."""
-    weights = {pid: m["train_samples"] for pid, m in _metrics(rec).items() if pid in CLIENTS}
-    assert set(weights) == set(CLIENTS) and all(w > 0 for w in weights.values()), weights
-    uploads = {pid: parse_adapter(artifacts.read(rec.artifacts[f"upload/{pid}"])) for pid in CLIENTS}
-    for pid, (_, meta) in uploads.items():  # each upload names its run, round and sender
-        assert meta["cotune.round"] == str(rec.round) and meta["cotune.party_id"] == pid
-    aggregate = lora_from_bytes(artifacts.read(rec.artifacts["aggregate"]))
-    total = sum(weights.values())
-    keys = set(uploads[CLIENTS[0]][0])
-    assert set(aggregate) == keys and len(keys) > 0
-    for key in keys:
-        want = sum(weights[p] / total * uploads[p][0][key].double() for p in CLIENTS)
-        torch.testing.assert_close(aggregate[key].double(), want, rtol=0, atol=1e-6)
-    # the clients really sent different adapters, so the check above is not vacuous
-    k0 = sorted(keys)[0]
-    assert not torch.equal(uploads["client-1"][0][k0], uploads["client-2"][0][k0])
-    return aggregate
+    return check_aggregate(rec, artifacts, CLIENTS)
 
 
 # -- FedCoLLM -----------------------------------------------------------------------------------------------------

@@ -10,16 +10,9 @@ from cotune.demo import wait_for_clients
 from cotune.rpc.clients import CoordinatorClient
 from cotune.v1 import coordinator_pb2 as pb
 from cotune.watch import watch_run
-from tests.integration.cluster_fixtures import TEST_PRESET, start_tiny_cluster
+from tests.integration.cluster_fixtures import TEST_PRESET
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory, shared_data):
-    cluster = start_tiny_cluster(tmp_path_factory.mktemp("faults"))
-    yield cluster
-    cluster.down()
 
 
 def _coordinator(cluster) -> CoordinatorClient:

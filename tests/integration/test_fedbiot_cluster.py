@@ -18,45 +18,17 @@ from cotune.v1 import coordinator_pb2 as pb
 from cotune.v1 import party_pb2
 from cotune.wire.blobs import BlobStore
 from tests.integration.cluster_fixtures import (
-    Artifacts,
     check_aggregate,
-    coordinator_client,
     metrics_of,
     party,
     rounds_of,
     run_to_end,
-    start_tiny_cluster,
 )
 
 pytestmark = pytest.mark.integration
+CLUSTER_ALGORITHM = "fedbiot"  # the cluster fixture (conftest.py) builds this algorithm's tiny cluster
 CLIENTS = ("client-1", "client-2")
 FEDBIOT = {"adapter_layers": 2, "drop": 0.5, "pre_align_steps": 12, "align_steps": 6, "align_lr": 1e-3, "prox_eps": 0.05}
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory, shared_data):
-    cluster = start_tiny_cluster(tmp_path_factory.mktemp("fedbiot"), "fedbiot")
-    yield cluster
-    cluster.down()
-
-
-@pytest.fixture(scope="module")
-def addresses(cluster):
-    return cluster.addresses()
-
-
-@pytest.fixture(scope="module")
-def coordinator(addresses):
-    client = coordinator_client(addresses)
-    yield client
-    client.close()
-
-
-@pytest.fixture(scope="module")
-def artifacts(addresses, tmp_path_factory):
-    a = Artifacts(addresses["coordinator"], tmp_path_factory.mktemp("pulled"))
-    yield a
-    a.close()
 
 
 @pytest.fixture(scope="module")

@@ -18,50 +18,22 @@ from cotune.v1 import party_pb2
 from cotune.wire.blobs import BlobStore
 from coordinator.aggregate import aggregate_uploads, parse_adapter
 from tests.integration.cluster_fixtures import (
-    Artifacts,
     check_aggregate,
-    coordinator_client,
     metrics_of,
     rounds_of,
     run_to_end,
-    start_tiny_cluster,
 )
 from tests.integration.cluster_fixtures import party as _party
 
 pytestmark = pytest.mark.integration
+CLUSTER_ALGORITHM = "fedcollm"  # the cluster fixture (conftest.py) builds this algorithm's tiny cluster
 CLIENTS = ("client-1", "client-2")
 _run, _rounds, _metrics = run_to_end, rounds_of, metrics_of
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory, shared_data):
-    cluster = start_tiny_cluster(tmp_path_factory.mktemp("fedcollm"), "fedcollm")
-    yield cluster
-    cluster.down()
-
-
-@pytest.fixture(scope="module")
-def addresses(cluster):
-    return cluster.addresses()
-
-
-@pytest.fixture(scope="module")
-def coordinator(addresses):
-    client = coordinator_client(addresses)
-    yield client
-    client.close()
-
-
-@pytest.fixture(scope="module")
 def fedcollm_run(coordinator):
     return _run(coordinator, algorithm="fedcollm", rounds=2, local_epochs=2, kd_weight=20.0)
-
-
-@pytest.fixture(scope="module")
-def artifacts(addresses, tmp_path_factory):
-    a = Artifacts(addresses["coordinator"], tmp_path_factory.mktemp("pulled"))
-    yield a
-    a.close()
 
 
 def _check_aggregate(rec, artifacts):

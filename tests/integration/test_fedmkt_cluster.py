@@ -10,34 +10,13 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from cotune.demo import wait_for_clients
-from cotune.rpc.clients import CoordinatorClient, PartyClient
+from cotune.rpc.clients import PartyClient
 from cotune.v1 import common_pb2, coordinator_pb2 as pb, party_pb2
 from cotune.watch import watch_run
 from cotune.wire.blobs import BlobStore
-from tests.integration.cluster_fixtures import TEST_PRESET, start_tiny_cluster
+from tests.integration.cluster_fixtures import TEST_PRESET
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory, shared_data):
-    cluster = start_tiny_cluster(tmp_path_factory.mktemp("fedmkt"))
-    yield cluster
-    cluster.down()
-
-
-@pytest.fixture(scope="module")
-def addresses(cluster):
-    return cluster.addresses()
-
-
-@pytest.fixture(scope="module")
-def coordinator(addresses):
-    client = CoordinatorClient(addresses["coordinator"])
-    wait_for_clients(client, 2, timeout_s=60)
-    yield client
-    client.close()
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,36 @@
+"""Module-scoped cluster fixtures for the integration modules: each module gets its own tiny cluster of real service
+processes, for the algorithm its CLUSTER_ALGORITHM names (default fedmkt: three different tokenizers)."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.integration.cluster_fixtures import Artifacts, coordinator_client, start_tiny_cluster
+
+
+@pytest.fixture(scope="module")
+def cluster(request, tmp_path_factory, shared_data):
+    algorithm = getattr(request.module, "CLUSTER_ALGORITHM", "fedmkt")
+    cluster = start_tiny_cluster(tmp_path_factory.mktemp(request.module.__name__.rsplit(".", 1)[-1]), algorithm)
+    yield cluster
+    cluster.down()
+
+
+@pytest.fixture(scope="module")
+def addresses(cluster):
+    return cluster.addresses()
+
+
+@pytest.fixture(scope="module")
+def coordinator(addresses):
+    client = coordinator_client(addresses)
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="module")
+def artifacts(addresses, tmp_path_factory):
+    """The coordinator's artifact store, read over gRPC."""
+    a = Artifacts(addresses["coordinator"], tmp_path_factory.mktemp("pulled"))
+    yield a
+    a.close()

@@ -11,6 +11,9 @@ gradient to the model being updated and none to the other (the FATE reference's 
 Losses are measured over the response tokens (the positions CE trains), at exactly the same positions for both
 models since the tokenization is shared. Each model keeps its own optimizer and LR schedule across rounds (the two
 `Trainer`s own them).
+
+The epoch/batch loop (`alternate`, `step`, `summarize`) is shared with `cotune.lm.codistill_cross`, the same
+alternation between models with different tokenizers.
 """
 
 from __future__ import annotations
@@ -23,7 +26,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cotune.lm.batching import collate, head_logits, hidden_states, shuffled_batches, sorted_batches, to_device
+from cotune.lm.batching import (
+    collate,
+    head_logits,
+    hidden_states,
+    shuffled_batches,
+    sorted_batches,
+    to_device,
+)
 from cotune.lm.losses import kl_full
 from cotune.lm.train import Trainer
 
@@ -60,7 +70,7 @@ def measure(f_trainer: Trainer, g_trainer: Trainer, pairs, batch_size: int) -> d
     """Mean CE of each model and both KLs over the response tokens of `pairs` (eval mode, no grad)."""
     f, g = f_trainer.model, g_trainer.model
     vocab = _common_vocab(f_trainer, g_trainer)
-    sums = dict(llm_ce=0.0, slm_ce=0.0, llm_kl=0.0, slm_kl=0.0)
+    sums = {"llm_ce": 0.0, "slm_ce": 0.0, "llm_kl": 0.0, "slm_kl": 0.0}
     n = 0
     f.eval()
     g.eval()
@@ -82,67 +92,59 @@ def measure(f_trainer: Trainer, g_trainer: Trainer, pairs, batch_size: int) -> d
     return {k: (v / n if n else float("nan")) for k, v in sums.items()} | {"positions": n}
 
 
-def co_distill(f_trainer: Trainer, g_trainer: Trainer, pairs, *, lam: float, epochs: int, batch_size: int, seed: int = 0,
-               progress: Callable[[int, int], None] | None = None, should_stop: Callable[[], bool] | None = None) -> dict:
-    """Run the alternating mutual distillation over `pairs` (EncodedPairs of the shared tokenizer) for `epochs`.
-
-    Returns the losses before and after (measured without grad in eval mode) and the mean training losses of the
-    first and last epoch for both sides."""
-    f, g = f_trainer.model, g_trainer.model
+def same_device(f_trainer: Trainer, g_trainer: Trainer) -> torch.device:
     if f_trainer.device != g_trainer.device:
         raise ValueError(f"the LLM ({f_trainer.device}) and its SLM copy ({g_trainer.device}) must be on one device")
-    vocab = _common_vocab(f_trainer, g_trainer)
-    t0 = time.perf_counter()
-    before = measure(f_trainer, g_trainer, pairs, batch_size)
-    lengths = [len(p.ids) for p in pairs]
-    n_batches = math.ceil(len(pairs) / batch_size) if pairs else 0
+    return f_trainer.device
+
+
+def step(trainer: Trainer, params, loss) -> None:
+    """One optimizer step of `trainer` on `loss` (its own optimizer, grad clip and LR schedule)."""
+    trainer.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    clip = trainer.config.grad_clip
+    if clip and clip > 0:
+        torch.nn.utils.clip_grad_norm_(params, clip)
+    trainer.optimizer.step()
+    trainer.scheduler.step()
+    trainer.global_step += 1
+
+
+BatchFn = Callable[[list[int]], "tuple[torch.Tensor, torch.Tensor] | None"]
+
+
+def alternate(f_trainer: Trainer, g_trainer: Trainer, lengths: Sequence[int], batch_fn: BatchFn, *, epochs: int,
+              batch_size: int, seed: int, progress: Callable[[int, int], None] | None,
+              should_stop: Callable[[], bool] | None) -> tuple[list[dict], int, bool]:
+    """The epoch/batch loop of the mutual distillation, shared by `co_distill` and `co_distill_cross`.
+
+    `batch_fn(sample indices)` does one batch's two half-steps (θ then ω) and returns their losses (loss_g, loss_f),
+    or None when the batch has no position to train. Returns (per-epoch mean losses, batches run, stopped)."""
+    f, g = f_trainer.model, g_trainer.model
+    n_batches = math.ceil(len(lengths) / batch_size) if len(lengths) else 0
     total = n_batches * max(epochs, 0)
-    f_params = [p for _, p in f_trainer.named_params]
-    g_params = [p for _, p in g_trainer.named_params]
+    device = f_trainer.device
+    cuda = [device.index or 0] if device.type == "cuda" else []
     epoch_stats: list[dict] = []
     steps = 0
     stopped = False
-    device = f_trainer.device
-    cuda = [device.index or 0] if device.type == "cuda" else []
-
-    def step(trainer: Trainer, params, loss) -> None:
-        trainer.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        clip = trainer.config.grad_clip
-        if clip and clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, clip)
-        trainer.optimizer.step()
-        trainer.scheduler.step()
-        trainer.global_step += 1
-
     try:
         with torch.random.fork_rng(devices=cuda):
             torch.manual_seed(seed * 1_000_003 + f_trainer.global_step)
             for _ in range(max(epochs, 0)):
                 rng = np.random.default_rng([seed, f_trainer.epochs_done, 7])
-                acc = dict(slm_loss=[], llm_loss=[])
+                acc = {"slm_loss": [], "llm_loss": []}
                 f.train()
                 g.train()
                 for idx in shuffled_batches(lengths, batch_size, rng):
                     if should_stop is not None and should_stop():
                         stopped = True
                         break
-                    bp = [pairs[i] for i in idx]
-                    rows, cols = _positions(bp, device)
                     steps += 1
-                    if len(rows):
-                        batch = to_device(collate(bp, f_trainer.pad_id), device)
-                        labels = batch["input_ids"][rows, cols + 1]
-                        lf = _logits_at(f, batch, rows, cols, vocab)            # with grad: reused for ω's step
-                        lg = _logits_at(g, batch, rows, cols, vocab)
-                        loss_g, _, _ = mutual_loss(lg, lf, labels, lam)          # θ step: f detached
-                        step(g_trainer, g_params, loss_g)
-                        with torch.no_grad():
-                            lg_new = _logits_at(g, batch, rows, cols, vocab)
-                        loss_f, _, _ = mutual_loss(lf, lg_new, labels, lam)     # ω step: against the updated g
-                        step(f_trainer, f_params, loss_f)
-                        acc["slm_loss"].append(float(loss_g.detach()))
-                        acc["llm_loss"].append(float(loss_f.detach()))
+                    losses = batch_fn(idx)
+                    if losses is not None:
+                        acc["slm_loss"].append(float(losses[0].detach()))
+                        acc["llm_loss"].append(float(losses[1].detach()))
                     if progress is not None:
                         progress(steps, total)
                 epoch_stats.append({k: float(np.mean(v)) if v else float("nan") for k, v in acc.items()})
@@ -155,17 +157,60 @@ def co_distill(f_trainer: Trainer, g_trainer: Trainer, pairs, *, lam: float, epo
         g_trainer.optimizer.zero_grad(set_to_none=True)
         f.eval()
         g.eval()
-    after = measure(f_trainer, g_trainer, pairs, batch_size)
-    out = {f"{k}_before": v for k, v in before.items() if k != "positions"}
-    out.update({f"{k}_after": v for k, v in after.items() if k != "positions"})
+    return epoch_stats, steps, stopped
+
+
+def summarize(before: dict, after: dict, epoch_stats: list[dict], *, steps: int, samples: int, stopped: bool,
+              t0: float) -> dict:
+    """co_distill's result dict: measured metrics before/after, first/last-epoch training means, counters."""
+    out = {f"{k}_before": v for k, v in before.items() if not k.endswith("positions")}  # counts: once, below
+    out.update({f"{k}_after": v for k, v in after.items() if not k.endswith("positions")})
     nan = float("nan")
     out.update(slm_loss_first=epoch_stats[0]["slm_loss"] if epoch_stats else nan,
                slm_loss_last=epoch_stats[-1]["slm_loss"] if epoch_stats else nan,
                llm_loss_first=epoch_stats[0]["llm_loss"] if epoch_stats else nan,
                llm_loss_last=epoch_stats[-1]["llm_loss"] if epoch_stats else nan,
-               steps=steps, samples=len(pairs), positions=before["positions"], stopped=float(stopped),
+               steps=steps, samples=samples, positions=before["positions"], stopped=float(stopped),
                seconds=time.perf_counter() - t0)
     return out
+
+
+def co_distill(f_trainer: Trainer, g_trainer: Trainer, pairs, *, lam: float, epochs: int, batch_size: int, seed: int = 0,
+               progress: Callable[[int, int], None] | None = None, should_stop: Callable[[], bool] | None = None) -> dict:
+    """Run the alternating mutual distillation over `pairs` (EncodedPairs of the shared tokenizer) for `epochs`.
+
+    Returns the losses before and after (measured without grad in eval mode) and the mean training losses of the
+    first and last epoch for both sides."""
+    f, g = f_trainer.model, g_trainer.model
+    device = same_device(f_trainer, g_trainer)
+    vocab = _common_vocab(f_trainer, g_trainer)
+    t0 = time.perf_counter()
+    before = measure(f_trainer, g_trainer, pairs, batch_size)
+    f_params = [p for _, p in f_trainer.named_params]
+    g_params = [p for _, p in g_trainer.named_params]
+
+    def batch_fn(idx):
+        bp = [pairs[i] for i in idx]
+        rows, cols = _positions(bp, device)
+        if not len(rows):
+            return None
+        batch = to_device(collate(bp, f_trainer.pad_id), device)
+        labels = batch["input_ids"][rows, cols + 1]
+        lf = _logits_at(f, batch, rows, cols, vocab)            # with grad: reused for ω's step
+        lg = _logits_at(g, batch, rows, cols, vocab)
+        loss_g, _, _ = mutual_loss(lg, lf, labels, lam)          # θ step: f detached
+        step(g_trainer, g_params, loss_g)
+        with torch.no_grad():
+            lg_new = _logits_at(g, batch, rows, cols, vocab)
+        loss_f, _, _ = mutual_loss(lf, lg_new, labels, lam)     # ω step: against the updated g
+        step(f_trainer, f_params, loss_f)
+        return loss_g, loss_f
+
+    epoch_stats, steps, stopped = alternate(f_trainer, g_trainer, [len(p.ids) for p in pairs], batch_fn,
+                                            epochs=epochs, batch_size=batch_size, seed=seed, progress=progress,
+                                            should_stop=should_stop)
+    after = measure(f_trainer, g_trainer, pairs, batch_size)
+    return summarize(before, after, epoch_stats, steps=steps, samples=len(pairs), stopped=stopped, t0=t0)
 
 
 def encode_public(trainer: Trainer, examples: Sequence, max_length: int):

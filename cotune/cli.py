@@ -221,6 +221,7 @@ def cmd_demo(args) -> int:
     from cotune.demo import run_demo
 
     return run_demo(preset=args.preset, algorithm=args.algorithm, rounds=args.rounds, json_path=args.json,
+                    cross_tokenizer=args.cross_tokenizer,
                     workdir=args.workdir, setting=args.setting)
 
 
@@ -295,6 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="centralized is the non-federated reference (one client holds every private shard)")
     p.add_argument("--setting", default="heterogeneous", choices=["heterogeneous", "homogeneous", "one_to_one", "llm_to_slm"],
                    help="fedmkt only")
+    p.add_argument("--cross-tokenizer", action="store_true",
+                   help="fedcollm only: the LLM keeps its own tokenizer, co-distilling with the SLM through MinED maps")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--json", help="also write the per-round results here")
     p.add_argument("--workdir", help="where data, models and cluster state go (default var/demo)")

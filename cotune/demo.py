@@ -116,13 +116,21 @@ def _tiny(spec: tuple, workdir: Path, prefix: str) -> str:
     return str(out)
 
 
-def prepare_models(preset_name: str, workdir: Path, *, algorithm: str = "fedmkt") -> dict[str, str]:
+def prepare_models(preset_name: str, workdir: Path, *, algorithm: str = "fedmkt",
+                   cross_tokenizer: bool = False) -> dict[str, str]:
     """Model directories by party for an algorithm's demo.
 
     tiny: logits-based algorithms get three different tokenizers; the others one shared family, where the clients
     run the SLM and the result also names it as "companion" (the LLM server's SLM copy for FedCoLLM); fedbiot/fedot
-    get that family's deeper LLM to compress. small: the real Gemma 3 / SmolLM2 pair."""
+    get that family's deeper LLM to compress. small: the real Gemma 3 / SmolLM2 pair. cross_tokenizer (fedcollm):
+    the LLM keeps its own tokenizer and the clients all run one SLM on another (tiny: GPT-2's; small: SmolLM2)."""
     clients = [f"client-{i}" for i in range(1, NUM_CLIENTS + 1)]
+    if cross_tokenizer:
+        if algorithm != "fedcollm":
+            raise SystemExit("--cross-tokenizer is for fedcollm (FedMKT crosses tokenizers by design)")
+        hetero = prepare_models(preset_name, workdir)
+        slm = hetero["client-1"]
+        return {"llm": hetero["llm"], "companion": slm, **{c: slm for c in clients}}
     if algorithm in SHARED_TOKENIZER_ALGORITHMS and preset_name == "tiny":
         slm = _tiny(TINY_SHARED_MODELS[1], workdir, "tiny-shared-slm")
         if algorithm in COMPRESSING_ALGORITHMS:
@@ -151,7 +159,7 @@ def prepare_models(preset_name: str, workdir: Path, *, algorithm: str = "fedmkt"
 
 
 def cluster_config(preset_name: str, preset: Preset, workdir: Path, data: dict[str, Path], models: dict[str, str], *,
-                   algorithm: str = "fedmkt") -> ClusterConfig:
+                   algorithm: str = "fedmkt", cross_tokenizer: bool = False) -> ClusterConfig:
     """The local cluster for a demo: the LLM server, one client per private shard (centralized: one client holding
     their union, which the LLM server also trains on), and the alignment service where tokenizers differ."""
     cache = str((workdir.parent / "model-cache").resolve())
@@ -176,7 +184,7 @@ def cluster_config(preset_name: str, preset: Preset, workdir: Path, data: dict[s
         c["party_id"] = f"client-{i}"
         clients.append(c)
     # only logits cross tokenizers; the LoRA-moving algorithms (and the shared family) have nothing to align
-    needs_alignment = algorithm in ("fedmkt", "llm2slm") and not models.get("companion")
+    needs_alignment = (algorithm in ("fedmkt", "llm2slm") and not models.get("companion")) or cross_tokenizer
     alignment = {"workdir": str((workdir.parent / "alignment-cache").resolve())} if needs_alignment else None
     return ClusterConfig(workdir=str(workdir / "cluster"), llm=llm, clients=clients, alignment=alignment, coordinator={})
 
@@ -226,19 +234,19 @@ def wait_for_clients(client: CoordinatorClient, expected: int, timeout_s: float 
 
 
 def run_demo(*, preset: str = "small", algorithm: str = "fedmkt", rounds: int = 2, json_path: str | None = None,
-             workdir: str | None = None, setting: str = "heterogeneous") -> int:
+             workdir: str | None = None, setting: str = "heterogeneous", cross_tokenizer: bool = False) -> int:
     if preset not in PRESETS:
         raise SystemExit(f"unknown preset {preset!r}; choose {', '.join(PRESETS)}")
     if algorithm not in ALGORITHMS:
         raise SystemExit(f"unknown algorithm {algorithm!r}; choose {', '.join(ALGORITHMS)}")
-    shared = preset == "tiny" and algorithm in SHARED_TOKENIZER_ALGORITHMS
+    shared = preset == "tiny" and algorithm in SHARED_TOKENIZER_ALGORITHMS and not cross_tokenizer
     p = PRESETS[preset]
     root = Path(workdir or Path("var") / "demo").resolve() / (f"{preset}-shared" if shared else preset)
     started = time.monotonic()
     print(f"cotune demo: preset {preset}, {algorithm}, {rounds} round(s); workdir {root}", file=sys.stderr)
     data = prepare_data(p, root)
-    models = prepare_models(preset, root, algorithm=algorithm)
-    config = cluster_config(preset, p, root, data, models, algorithm=algorithm)
+    models = prepare_models(preset, root, algorithm=algorithm, cross_tokenizer=cross_tokenizer)
+    config = cluster_config(preset, p, root, data, models, algorithm=algorithm, cross_tokenizer=cross_tokenizer)
     shutil.rmtree(config.workdir, ignore_errors=True)  # run state is per demo; data, models and caches are kept
     config_path = root / "cluster.yaml"
     config_path.write_text(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
@@ -253,6 +261,7 @@ def run_demo(*, preset: str = "small", algorithm: str = "fedmkt", rounds: int = 
                               max_length=p.max_length, lam=p.lam)
             if algorithm == "fedcollm":
                 spec.kd_weight = p.kd_weight
+                spec.align_tokenizers = cross_tokenizer
             if algorithm == "fedmkt":
                 spec.setting = setting
             if algorithm in COMPRESSING_ALGORITHMS:

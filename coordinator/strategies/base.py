@@ -187,6 +187,26 @@ class RunDriver:
     def ref(self, sha: str):
         return self.artifacts.stat(sha).ref()
 
+    # -- alignment service -------------------------------------------------------------------------------------------
+    def register_tokenizers(self, bundles: Sequence[tuple[Party, str]]) -> None:
+        """Give the alignment service tokenizer bundles it may build maps between: (the party holding it, its sha)."""
+        for holder, sha in bundles:
+            self.fetch(holder, sha, 0, "tokenizer")
+            self.count_bytes(0, "sent", "tokenizer", self.alignment.push(self.artifacts, sha))
+            self.alignment.register_tokenizer(self.ref(sha))
+
+    def alignment_artifact(self, op: operations_pb2.Operation, kind: str, party_id: str) -> str:
+        """Wait for an alignment-service build (reporting its progress), pull its result here; returns its sha."""
+        def progress(o):
+            if o.progress.total:
+                self.emit("progress", step=f"align:{kind}", party_id=party_id, done=o.progress.done,
+                          total=o.progress.total, message=o.progress.stage)
+
+        op = self.alignment.wait(op, timeout_s=self.timeout_s, on_progress=progress)
+        sha = next(iter(op.blobs.values())).sha256
+        self.count_bytes(0, "received", kind, self.alignment.pull(self.artifacts, sha))
+        return sha
+
 
 class Strategy:
     """One algorithm: validates a spec against the parties, then drives the rounds."""

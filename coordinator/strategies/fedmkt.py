@@ -154,11 +154,7 @@ class FedMKT(Strategy):
         def prepare():
             d.fetch(d.llm, d.public_set_hash, 0, "public_set")
             d.count_bytes(0, "sent", "public_set", d.alignment.push(d.artifacts, d.public_set_hash))
-            for p in [d.llm, *hetero]:
-                sha = p.info.tokenizer_bundle.sha256
-                d.fetch(p, sha, 0, "tokenizer")
-                d.count_bytes(0, "sent", "tokenizer", d.alignment.push(d.artifacts, sha))
-                d.alignment.register_tokenizer(d.ref(sha))
+            d.register_tokenizers([(p, p.info.tokenizer_bundle.sha256) for p in [d.llm, *hetero]])
             return {}
 
         d.step("r0/alignment-inputs", prepare)
@@ -171,16 +167,8 @@ class FedMKT(Strategy):
                 ops = [d.alignment.build_vocab_map(src, dst),
                        d.alignment.build_sequence_alignment(src, dst, d.public_set_hash, method=method,
                                                             max_length=d.spec.max_length or DEFAULT_MAX_LENGTH)]
-                shas = {}
-                for kind, op in zip(("vocab_map", "seq_alignment"), ops):
-                    def progress(o, kind=kind):
-                        if o.progress.total:
-                            d.emit("progress", step=f"align:{kind}", party_id=c.party_id, done=o.progress.done,
-                                   total=o.progress.total, message=o.progress.stage)
-                    op = d.alignment.wait(op, timeout_s=d.timeout_s, on_progress=progress)
-                    shas[kind] = next(iter(op.blobs.values())).sha256
-                    d.count_bytes(0, "received", kind, d.alignment.pull(d.artifacts, shas[kind]))
-                return shas
+                return {kind: d.alignment_artifact(op, kind, c.party_id)
+                        for kind, op in zip(("vocab_map", "seq_alignment"), ops)}
 
             tok = c.info.tokenizer_hash
             return {"to_llm": pair(tok, llm_tok), "from_llm": pair(llm_tok, tok)}

@@ -50,7 +50,7 @@ class Party(FedCoLLMTasks, FedBiOTTasks):
         self.vocab_size = 0
         self.device = ""
         # FedCoLLM: the LLM server's copy of the SLM (model.companion_slm_path), with its own LoRA and optimizer
-        self.companion = self.companion_trainer = None
+        self.companion = self.companion_trainer = self.companion_tokenizer = None
         self.companion_tokenizer_hash = ""
         self.companion_vocab_size = 0
         # FedBiOT: set when this party's model is a compressed one (cotune_layer_map.json beside config.json)

@@ -1,7 +1,9 @@
 """FedCoLLM's tasks on the LLM server (DESIGN §4.3): the companion copy of the clients' SLM and the co-distillation.
 
 The companion is loaded from `model.companion_slm_path` beside the LLM, on its device and dtype, with the LoRA config
-`companion_lora` (which must match the clients' `lora`, so the broadcast adapter fits both).
+`companion_lora` (which must match the clients' `lora`, so the broadcast adapter fits both). With one tokenizer the
+co-distillation is `cotune.lm.codistill.co_distill` (full-vocabulary KL); when the companion's tokenizer differs it is
+`cotune.lm.codistill_cross.co_distill_cross`, fed the two MinED maps the CoDistillTask carries.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import logging
 from pathlib import Path
 
 from cotune.party.media import MEDIA_ADAPTER
-from cotune.rpc.errors import InvalidInput, Precondition
+from cotune.rpc.errors import InvalidInput
 from cotune.rpc.operations import OpResult
 from cotune.v1 import party_pb2
 
@@ -31,13 +33,14 @@ class FedCoLLMTasks:
         model, tokenizer = load_causal_lm(mc.companion_slm_path, cache_dir=self.model_cache, device=self.device,
                                           dtype=mc.dtype)
         self.companion = attach_lora(model, r=lc.r, alpha=lc.alpha, dropout=lc.dropout, seed=lc.seed)
-        self.companion_trainer = Trainer(self.companion, self.tokenizer,
+        self.companion_tokenizer = tokenizer
+        self.companion_trainer = Trainer(self.companion, tokenizer,
                                          TrainConfig(lr=tc.lr, batch_size=tc.batch_size, max_length=tc.max_length, seed=tc.seed))
         self.companion_tokenizer_hash = hashlib.sha256(tokenizer_bundle_bytes(tokenizer)).hexdigest()
         self.companion_vocab_size = int(self.companion.get_output_embeddings().weight.shape[0])
         if self.companion_tokenizer_hash != self.tokenizer_hash:
-            log.warning("%s: companion SLM %s uses another tokenizer than the LLM; FedCoLLM co-distillation will refuse "
-                        "to run (across tokenizers is not supported yet)", self.cfg.party_id, mc.companion_slm_path)
+            log.info("%s: companion SLM %s uses another tokenizer than the LLM; co-distillation needs MinED maps "
+                     "(run spec align_tokenizers)", self.cfg.party_id, mc.companion_slm_path)
         log.info("%s: companion SLM %s loaded (vocab %d)", self.cfg.party_id, mc.companion_slm_path, self.companion_vocab_size)
 
     def describe_companion(self) -> party_pb2.CompanionInfo:
@@ -55,10 +58,7 @@ class FedCoLLMTasks:
         from cotune.lm.lora import LoraMismatchError, lora_from_bytes, validate_lora_state_dict
 
         companion = self._target_model("companion")
-        if self.companion_tokenizer_hash != self.tokenizer_hash:
-            raise Precondition(f"party {self.cfg.party_id}: the companion SLM's tokenizer ({self.companion_tokenizer_hash[:12]}…) "
-                               f"differs from the LLM's ({self.tokenizer_hash[:12]}…); full-vocabulary co-distillation needs "
-                               "one tokenizer (FedCoLLM across tokenizers is not supported yet)")
+        maps = self._cross_tokenizer_maps(task)
         if not (math.isfinite(task.lam) and task.lam >= 0):
             raise InvalidInput(f"lam (the KL weight) must be finite and >= 0, got {task.lam}")
         if task.epochs < 0 or task.lr < 0 or task.slm_lr < 0 or task.batch_size < 0:
@@ -83,9 +83,17 @@ class FedCoLLMTasks:
             self.trainer.set_lr(task.lr or self.cfg.training.lr)
             self.companion_trainer.set_lr(task.slm_lr or task.lr or self.cfg.training.lr)
             pairs = encode_public(self.trainer, examples, max_length)
-            m = co_distill(self.trainer, self.companion_trainer, pairs, lam=task.lam if task.lam else 1.0,
-                           epochs=task.epochs or 1, batch_size=batch_size, seed=self.cfg.training.seed,
-                           progress=self._progress(ctx, "co-distill"), should_stop=ctx.cancelled)
+            common = dict(lam=task.lam if task.lam else 1.0, epochs=task.epochs or 1, batch_size=batch_size,
+                          seed=self.cfg.training.seed, progress=self._progress(ctx, "co-distill"),
+                          should_stop=ctx.cancelled)
+            if maps is None:
+                m = co_distill(self.trainer, self.companion_trainer, pairs, **common)
+            else:
+                from cotune.lm.codistill_cross import co_distill_cross
+
+                g_pairs = encode_public(self.companion_trainer, examples, max_length)
+                m = co_distill_cross(self.trainer, self.companion_trainer, pairs, g_pairs, f2g=maps[0], g2f=maps[1],
+                                     top_k=task.top_k or 32, **common)
             # float32 on the wire whatever the server's dtype, so a client's copy hashes like the server's
             out = lora_to_bytes({k: v.float() for k, v in lora_state_dict(companion).items()})
             blob = self.store.put_bytes(out, MEDIA_ADAPTER)
@@ -95,4 +103,28 @@ class FedCoLLMTasks:
                                   "llm_lora_hash": hashlib.sha256(self.lora_bytes()).hexdigest()})
         return work
 
+    def _cross_tokenizer_maps(self, task: party_pb2.CoDistillTask):
+        """None with one tokenizer; else the (LLM → SLM, SLM → LLM) VocabMaps the task carries, checked against both
+        tokenizers."""
+        from alignment.vocabmap import VocabMap
 
+        if self.companion_tokenizer_hash == self.tokenizer_hash:
+            return None
+        if not (task.HasField("llm_to_slm_map") and task.HasField("slm_to_llm_map")):
+            raise InvalidInput(f"party {self.cfg.party_id}: the companion SLM's tokenizer ({self.companion_tokenizer_hash[:12]}…) "
+                               f"differs from the LLM's ({self.tokenizer_hash[:12]}…); co-distillation across tokenizers "
+                               "needs llm_to_slm_map and slm_to_llm_map (run spec align_tokenizers)")
+        if task.top_k < 0 or task.top_k > 1024:
+            raise InvalidInput(f"top_k must be in 0..1024 (0 = 32), got {task.top_k}")
+        maps = []
+        for field, src, dst in (("llm_to_slm_map", self.tokenizer_hash, self.companion_tokenizer_hash),
+                                ("slm_to_llm_map", self.companion_tokenizer_hash, self.tokenizer_hash)):
+            try:
+                vmap = VocabMap.from_bytes(self._read_blob(getattr(task, field), field))
+            except ValueError as exc:
+                raise InvalidInput(f"{field}: {exc}") from exc
+            if (vmap.src_hash, vmap.dst_hash) != (src, dst):
+                raise InvalidInput(f"{field} maps {vmap.src_hash[:12]}… → {vmap.dst_hash[:12]}…, expected "
+                                   f"{src[:12]}… → {dst[:12]}…")
+            maps.append(vmap)
+        return tuple(maps)

@@ -67,7 +67,7 @@ class ListClientsResponse(_message.Message):
     def __init__(self, clients: _Optional[_Iterable[_Union[ClientRecord, _Mapping]]] = ...) -> None: ...
 
 class RunSpec(_message.Message):
-    __slots__ = ("name", "algorithm", "rounds", "clients", "setting", "top_k", "lam", "local_epochs", "distill_epochs", "selection", "min_clients", "step_timeout_s", "max_public_samples", "public_set_hash", "logits_bits", "alignment_method", "eval_max_samples", "max_length", "aggregation", "kd_weight", "fedbiot")
+    __slots__ = ("name", "algorithm", "rounds", "clients", "setting", "top_k", "lam", "local_epochs", "distill_epochs", "selection", "min_clients", "step_timeout_s", "max_public_samples", "public_set_hash", "logits_bits", "alignment_method", "eval_max_samples", "max_length", "aggregation", "kd_weight", "fedbiot", "align_tokenizers")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ALGORITHM_FIELD_NUMBER: _ClassVar[int]
     ROUNDS_FIELD_NUMBER: _ClassVar[int]
@@ -89,6 +89,7 @@ class RunSpec(_message.Message):
     AGGREGATION_FIELD_NUMBER: _ClassVar[int]
     KD_WEIGHT_FIELD_NUMBER: _ClassVar[int]
     FEDBIOT_FIELD_NUMBER: _ClassVar[int]
+    ALIGN_TOKENIZERS_FIELD_NUMBER: _ClassVar[int]
     name: str
     algorithm: str
     rounds: int
@@ -110,7 +111,8 @@ class RunSpec(_message.Message):
     aggregation: str
     kd_weight: float
     fedbiot: FedBiOTSpec
-    def __init__(self, name: _Optional[str] = ..., algorithm: _Optional[str] = ..., rounds: _Optional[int] = ..., clients: _Optional[_Iterable[str]] = ..., setting: _Optional[str] = ..., top_k: _Optional[int] = ..., lam: _Optional[float] = ..., local_epochs: _Optional[int] = ..., distill_epochs: _Optional[int] = ..., selection: _Optional[str] = ..., min_clients: _Optional[int] = ..., step_timeout_s: _Optional[float] = ..., max_public_samples: _Optional[int] = ..., public_set_hash: _Optional[str] = ..., logits_bits: _Optional[int] = ..., alignment_method: _Optional[str] = ..., eval_max_samples: _Optional[int] = ..., max_length: _Optional[int] = ..., aggregation: _Optional[str] = ..., kd_weight: _Optional[float] = ..., fedbiot: _Optional[_Union[FedBiOTSpec, _Mapping]] = ...) -> None: ...
+    align_tokenizers: bool
+    def __init__(self, name: _Optional[str] = ..., algorithm: _Optional[str] = ..., rounds: _Optional[int] = ..., clients: _Optional[_Iterable[str]] = ..., setting: _Optional[str] = ..., top_k: _Optional[int] = ..., lam: _Optional[float] = ..., local_epochs: _Optional[int] = ..., distill_epochs: _Optional[int] = ..., selection: _Optional[str] = ..., min_clients: _Optional[int] = ..., step_timeout_s: _Optional[float] = ..., max_public_samples: _Optional[int] = ..., public_set_hash: _Optional[str] = ..., logits_bits: _Optional[int] = ..., alignment_method: _Optional[str] = ..., eval_max_samples: _Optional[int] = ..., max_length: _Optional[int] = ..., aggregation: _Optional[str] = ..., kd_weight: _Optional[float] = ..., fedbiot: _Optional[_Union[FedBiOTSpec, _Mapping]] = ..., align_tokenizers: _Optional[bool] = ...) -> None: ...
 
 class FedBiOTSpec(_message.Message):
     __slots__ = ("adapter_layers", "drop", "pre_align_steps", "align_steps", "beta", "prox_eps", "align_lr")

@@ -163,7 +163,7 @@ class GetLoraTask(_message.Message):
     def __init__(self, target: _Optional[str] = ..., tag: _Optional[bool] = ...) -> None: ...
 
 class CoDistillTask(_message.Message):
-    __slots__ = ("slm_adapter", "lam", "epochs", "max_samples", "lr", "slm_lr", "batch_size", "max_length")
+    __slots__ = ("slm_adapter", "lam", "epochs", "max_samples", "lr", "slm_lr", "batch_size", "max_length", "llm_to_slm_map", "slm_to_llm_map", "top_k")
     SLM_ADAPTER_FIELD_NUMBER: _ClassVar[int]
     LAM_FIELD_NUMBER: _ClassVar[int]
     EPOCHS_FIELD_NUMBER: _ClassVar[int]
@@ -172,6 +172,9 @@ class CoDistillTask(_message.Message):
     SLM_LR_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    LLM_TO_SLM_MAP_FIELD_NUMBER: _ClassVar[int]
+    SLM_TO_LLM_MAP_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
     slm_adapter: _common_pb2.BlobRef
     lam: float
     epochs: int
@@ -180,7 +183,10 @@ class CoDistillTask(_message.Message):
     slm_lr: float
     batch_size: int
     max_length: int
-    def __init__(self, slm_adapter: _Optional[_Union[_common_pb2.BlobRef, _Mapping]] = ..., lam: _Optional[float] = ..., epochs: _Optional[int] = ..., max_samples: _Optional[int] = ..., lr: _Optional[float] = ..., slm_lr: _Optional[float] = ..., batch_size: _Optional[int] = ..., max_length: _Optional[int] = ...) -> None: ...
+    llm_to_slm_map: _common_pb2.BlobRef
+    slm_to_llm_map: _common_pb2.BlobRef
+    top_k: int
+    def __init__(self, slm_adapter: _Optional[_Union[_common_pb2.BlobRef, _Mapping]] = ..., lam: _Optional[float] = ..., epochs: _Optional[int] = ..., max_samples: _Optional[int] = ..., lr: _Optional[float] = ..., slm_lr: _Optional[float] = ..., batch_size: _Optional[int] = ..., max_length: _Optional[int] = ..., llm_to_slm_map: _Optional[_Union[_common_pb2.BlobRef, _Mapping]] = ..., slm_to_llm_map: _Optional[_Union[_common_pb2.BlobRef, _Mapping]] = ..., top_k: _Optional[int] = ...) -> None: ...
 
 class CompressTask(_message.Message):
     __slots__ = ("adapter_layers", "drop")

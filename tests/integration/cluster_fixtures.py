@@ -22,12 +22,12 @@ from coordinator.aggregate import parse_adapter
 TEST_PRESET = replace(PRESETS["tiny"], per_part=16, eval_size=24, max_length=96)
 
 
-def start_tiny_cluster(workdir: Path, algorithm: str = "fedmkt") -> LocalCluster:
+def start_tiny_cluster(workdir: Path, algorithm: str = "fedmkt", *, cross_tokenizer: bool = False) -> LocalCluster:
     """The tiny demo cluster for `algorithm` (its model family, one client per shard), started."""
     data = prepare_data(TEST_PRESET, workdir)
-    models = prepare_models("tiny", workdir, algorithm=algorithm)
-    cluster = LocalCluster(cluster_config("tiny", TEST_PRESET, workdir, data, models, algorithm=algorithm),
-                           start_timeout_s=300)
+    models = prepare_models("tiny", workdir, algorithm=algorithm, cross_tokenizer=cross_tokenizer)
+    config = cluster_config("tiny", TEST_PRESET, workdir, data, models, algorithm=algorithm, cross_tokenizer=cross_tokenizer)
+    cluster = LocalCluster(config, start_timeout_s=300)
     cluster.up()
     return cluster
 

@@ -1,5 +1,6 @@
 """Module-scoped cluster fixtures for the integration modules: each module gets its own tiny cluster of real service
-processes, for the algorithm its CLUSTER_ALGORITHM names (default fedmkt: three different tokenizers)."""
+processes, for the algorithm its CLUSTER_ALGORITHM names (default fedmkt: three different tokenizers); a module
+setting CLUSTER_CROSS_TOKENIZER gets FedCoLLM's cross-tokenizer cluster."""
 
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ from tests.integration.cluster_fixtures import Artifacts, coordinator_client, st
 @pytest.fixture(scope="module")
 def cluster(request, tmp_path_factory, shared_data):
     algorithm = getattr(request.module, "CLUSTER_ALGORITHM", "fedmkt")
-    cluster = start_tiny_cluster(tmp_path_factory.mktemp(request.module.__name__.rsplit(".", 1)[-1]), algorithm)
+    cross = getattr(request.module, "CLUSTER_CROSS_TOKENIZER", False)
+    cluster = start_tiny_cluster(tmp_path_factory.mktemp(request.module.__name__.rsplit(".", 1)[-1]), algorithm,
+                                 cross_tokenizer=cross)
     yield cluster
     cluster.down()
 

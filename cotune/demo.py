@@ -137,9 +137,9 @@ def prepare_models(preset_name: str, workdir: Path, *, algorithm: str = "fedmkt"
             return {"llm": _tiny(TINY_DEEP_LLM, workdir, "tiny-shared-llm"), **{c: slm for c in clients}}
         return {"llm": _tiny(TINY_SHARED_MODELS[0], workdir, "tiny-shared-llm"), "companion": slm,
                 **{c: slm for c in clients}}
-    if algorithm in SHARED_TOKENIZER_ALGORITHMS and algorithm not in COMPRESSING_ALGORITHMS:
-        raise SystemExit(f"{algorithm} needs an LLM and SLMs that share one tokenizer; the {preset_name} preset has no "
-                         "such pair yet: use --preset tiny")
+    if algorithm == "fedcollm":
+        raise SystemExit(f"fedcollm needs an LLM and an SLM that share one tokenizer; the {preset_name} preset has no "
+                         "such pair yet: use --preset tiny, or --cross-tokenizer")
     if preset_name == "small":
         from cotune.lm.model import real_model_path
 

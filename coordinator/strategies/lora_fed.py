@@ -130,9 +130,9 @@ def validate_homogeneous(spec: pb.RunSpec, client_infos: dict, *, what: str, ref
         entries.insert(0, reference)
     toks = {t for _, t, _ in entries}
     if len(toks) > 1:
-        raise InvalidInput(f"{what} needs every SLM to share one tokenizer (adapters are averaged and distilled "
-                           "position by position); these differ: " + ", ".join(f"{n}={t[:12]}" for n, t, _ in entries)
-                           + ". Across tokenizers is an extension that is not implemented yet; use fedmkt for heterogeneous clients")
+        raise InvalidInput(f"{what} needs every SLM to share one tokenizer (adapters are averaged key by key); "
+                           "these differ: " + ", ".join(f"{n}={t[:12]}" for n, t, _ in entries)
+                           + ". SLMs with different tokenizers cannot average adapters; use fedmkt for heterogeneous clients")
     layouts = {lay for _, _, lay in entries}
     if len(layouts) > 1 or "" in layouts:
         raise InvalidInput(f"{what} needs one LoRA layout (same model architecture and lora.r/target modules) on every SLM; "

@@ -27,7 +27,8 @@ def _clients(*specs):
 
 
 def test_every_algorithm_is_registered():
-    assert set(STRATEGIES) >= {"fedmkt", "fedcollm", "zero-shot", "standalone", "fedavg", "llm2slm"}
+    assert set(STRATEGIES) >= {"fedmkt", "fedcollm", "fedbiot", "fedot", "zero-shot", "standalone", "fedavg", "llm2slm",
+                               "centralized"}
     with pytest.raises(InvalidInput, match="unknown algorithm"):
         get_strategy("fedbiot-typo")
 
@@ -42,11 +43,15 @@ def test_fedcollm_needs_a_companion_slm_on_the_llm_server():
     assert err.value.code == grpc.StatusCode.FAILED_PRECONDITION
 
 
-def test_fedcollm_across_tokenizers_is_rejected_clearly():
-    with pytest.raises(InvalidInput, match="(?i)across tokenizers"):
-        get_strategy("fedcollm").validate(pb.RunSpec(rounds=1), _llm(), _clients((TOK, SLM_LAYOUT), (OTHER_TOK, SLM_LAYOUT)))
+def test_fedcollm_across_tokenizers_needs_align_tokenizers():
+    # clients that differ from each other can never average adapters
     with pytest.raises(InvalidInput, match="share one tokenizer"):
+        get_strategy("fedcollm").validate(pb.RunSpec(rounds=1), _llm(), _clients((TOK, SLM_LAYOUT), (OTHER_TOK, SLM_LAYOUT)))
+    # an SLM on another tokenizer than the LLM: only with align_tokenizers
+    with pytest.raises(InvalidInput, match="align_tokenizers"):
         get_strategy("fedcollm").validate(pb.RunSpec(rounds=1), _llm(companion_tok=OTHER_TOK), _clients((OTHER_TOK, SLM_LAYOUT)))
+    get_strategy("fedcollm").validate(pb.RunSpec(rounds=1, align_tokenizers=True), _llm(companion_tok=OTHER_TOK),
+                                      _clients((OTHER_TOK, SLM_LAYOUT)))
 
 
 def test_fedcollm_and_fedavg_need_one_lora_layout():

@@ -31,7 +31,16 @@ def emulator_layer_indices(n: int, drop: float) -> list[int]:
         raise ValueError(f"drop must be in [0, 1), got {drop}")
     k = round(n * (1.0 - drop))
     # first and last are always kept, so at least two layers once there are two to choose from
-    k = max(min(n, 2), min(n, k))
+    return uniform_layer_indices(n, max(min(n, 2), min(n, k)))
+
+
+def uniform_layer_indices(n: int, k: int) -> list[int]:
+    """k of n layer indices, spread uniformly with the first and the last kept: int(i·(n−1)/(k−1)), i < k.
+
+    The emulator's selection (:func:`emulator_layer_indices`) for a given count; k = 1 keeps layer 0.
+    """
+    if not 1 <= k <= n:
+        raise ValueError(f"cannot keep {k} of {n} layers: need 1 <= k <= n")
     if k == 1:
         return [0]
     stride = (n - 1) / (k - 1)
@@ -125,15 +134,26 @@ def remap_layer_key(key: str, prefix: str, mapping: dict[int, int]) -> str | Non
     return key[:start] + str(mapping[j]) + key[end:]
 
 
-def compress(model, *, adapter_layers: int = 2, drop: float = 0.2):
-    """Build the compressed model (fresh HF model of the same class, fewer layers, copied weights) and its layer map.
+def select_layers(model, kept):
+    """A fresh HF model of the same class holding copies of the decoder layers ``kept`` (original indices, in that
+    order, renumbered 0..len−1) and of every non-layer weight (embeddings, final norm, LM head).
 
-    Returns (compressed_model, layer_map) with layer_map[compressed index] = original index. The input model is not
-    modified; a peft-wrapped model is compressed from its base weights (LoRA is not copied).
+    The config is the original's with the layer count (and per-layer lists such as Gemma 3's ``layer_types``)
+    cut to the kept layers. The input model is not modified; a peft-wrapped model is read from its base weights
+    (LoRA is not copied). The copy is in eval mode on the original's device.
     """
     base = _unwrap(model)
+    n = num_decoder_layers(base)
+    kept = [int(i) for i in kept]
+    if not kept:
+        raise ValueError("select_layers needs at least one layer to keep")
+    bad = [i for i in kept if not 0 <= i < n]
+    if bad:
+        raise ValueError(f"layer indices {bad} out of range for a model of {n} decoder layers")
+    if len(set(kept)) != len(kept):
+        raise ValueError(f"layer indices must be unique, got {kept}")
+    layer_map = dict(enumerate(kept))
     prefix = decoder_layers_prefix(base)
-    layer_map = plan(num_decoder_layers(base), adapter_layers=adapter_layers, drop=drop)
     cfg = _compressed_config(base.config, layer_map)
     param = next(base.parameters())
     with torch.device("meta"):
@@ -164,7 +184,17 @@ def compress(model, *, adapter_layers: int = 2, drop: float = 0.2):
     small.to(device=param.device)
     small.eval()
     small.generation_config = copy.deepcopy(getattr(base, "generation_config", None))
-    return small, layer_map
+    return small
+
+
+def compress(model, *, adapter_layers: int = 2, drop: float = 0.2):
+    """Build the compressed model (fresh HF model of the same class, fewer layers, copied weights) and its layer map.
+
+    Returns (compressed_model, layer_map) with layer_map[compressed index] = original index. The input model is not
+    modified; a peft-wrapped model is compressed from its base weights (LoRA is not copied).
+    """
+    layer_map = plan(num_decoder_layers(model), adapter_layers=adapter_layers, drop=drop)
+    return select_layers(model, [layer_map[j] for j in sorted(layer_map)]), layer_map
 
 
 def adapter_indices(layer_map: dict[int, int], adapter_layers: int) -> list[int]:
@@ -297,7 +327,7 @@ def unpack_dir(data, out_dir) -> Path:
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    source = dict(fileobj=io.BytesIO(data)) if isinstance(data, (bytes, bytearray, memoryview)) else dict(name=str(data))
+    source = {"fileobj": io.BytesIO(data)} if isinstance(data, (bytes, bytearray, memoryview)) else {"name": str(data)}
     with tarfile.open(mode="r:", **source) as tar:
         for member in tar.getmembers():
             if not member.isfile():

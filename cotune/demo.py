@@ -10,7 +10,9 @@ Presets:
          clients start on the small SLM and install the compressed model the server ships them.
   small  the real pair: Gemma 3 270M (LLM) and SmolLM2-135M-Instruct (both clients), a small slice of
          ARC-Easy; minutes on 2 CPU cores. fedbiot/fedot compress Gemma 3 270M (18 layers) and ship it to the
-         clients. No same-tokenizer LLM/SLM pair is shipped yet, so fedcollm runs on the tiny preset only.
+         clients. fedcollm pairs Gemma 3 270M with a layer-reduced copy of itself (6 of 18 layers, healed by
+         a 200-step fine-tune, built once and cached; see healed_gemma_slm) on the clients, so they share one
+         tokenizer; --cross-tokenizer pairs it with SmolLM2 instead.
 
 centralized is the non-federated reference: one client holding the union of the clients' private shards (and the
 LLM server holding it too) trains on it; its tables are labelled as such.
@@ -29,7 +31,7 @@ from pathlib import Path
 import yaml
 
 from cotune.cluster import ClusterConfig, LocalCluster
-from cotune.data import federated_split, load_task, require_shared_data, write_jsonl
+from cotune.data import federated_split, load_task, read_jsonl, require_shared_data, write_jsonl
 from cotune.report import bytes_table, markdown_table, run_summary
 from cotune.rpc.clients import CoordinatorClient
 from cotune.v1 import coordinator_pb2 as pb
@@ -116,6 +118,24 @@ def _tiny(spec: tuple, workdir: Path, prefix: str) -> str:
     return str(out)
 
 
+def healed_gemma_slm(workdir: Path) -> Path:
+    """The small preset's same-tokenizer SLM for FedCoLLM: Gemma 3 270M cut to 6 of its 18 layers (uniformly, first
+    and last kept) and healed by a short fine-tune (200 steps on ARC-Easy train, minus this demo's public set and
+    private shards, so the SLM has not seen them), built once (~4 min on 2 CPU cores) and cached beside the other
+    models. 201M parameters (the 262k-token embedding dominates) against the LLM's 268M, a third of its layer compute."""
+    from cotune.lm.heal import layer_reduced_copy
+    from cotune.lm.model import real_model_path
+
+    cache = (workdir.parent / "model-cache").resolve()
+    data = workdir / "data"
+    seen = {ex for path in data.glob("*.jsonl") for ex in read_jsonl(path)}
+    train = [ex for ex in load_task("arc_easy", "train", data_dir=require_shared_data()) if ex not in seen]
+    print("building the small preset's SLM for fedcollm (Gemma 3 270M cut to 6 layers, healed; once)...",
+          file=sys.stderr, flush=True)
+    return layer_reduced_copy(real_model_path("gemma3-270m"), cache / "gemma3-270m-l6-healed", keep_layers=6,
+                              steps=200, lr=1e-4, batch_size=4, max_length=128, seed=0, examples=train, cache_dir=cache)
+
+
 def prepare_models(preset_name: str, workdir: Path, *, algorithm: str = "fedmkt",
                    cross_tokenizer: bool = False) -> dict[str, str]:
     """Model directories by party for an algorithm's demo.
@@ -124,6 +144,8 @@ def prepare_models(preset_name: str, workdir: Path, *, algorithm: str = "fedmkt"
     run the SLM and the result also names it as "companion" (the LLM server's SLM copy for FedCoLLM); fedbiot/fedot
     get that family's deeper LLM to compress. small: the real Gemma 3 / SmolLM2 pair. cross_tokenizer (fedcollm):
     the LLM keeps its own tokenizer and the clients all run one SLM on another (tiny: GPT-2's; small: SmolLM2)."""
+    from cotune.lm.model import real_model_path
+
     clients = [f"client-{i}" for i in range(1, NUM_CLIENTS + 1)]
     if cross_tokenizer:
         if algorithm != "fedcollm":
@@ -137,12 +159,10 @@ def prepare_models(preset_name: str, workdir: Path, *, algorithm: str = "fedmkt"
             return {"llm": _tiny(TINY_DEEP_LLM, workdir, "tiny-shared-llm"), **{c: slm for c in clients}}
         return {"llm": _tiny(TINY_SHARED_MODELS[0], workdir, "tiny-shared-llm"), "companion": slm,
                 **{c: slm for c in clients}}
-    if algorithm == "fedcollm":
-        raise SystemExit(f"fedcollm needs an LLM and an SLM that share one tokenizer; the {preset_name} preset has no "
-                         "such pair yet: use --preset tiny, or --cross-tokenizer")
+    if preset_name == "small" and algorithm == "fedcollm":
+        slm = str(healed_gemma_slm(workdir))
+        return {"llm": str(real_model_path("gemma3-270m")), "companion": slm, **{c: slm for c in clients}}
     if preset_name == "small":
-        from cotune.lm.model import real_model_path
-
         slm = str(real_model_path("smollm2-135m"))
         return {"llm": str(real_model_path("gemma3-270m")), **{c: slm for c in clients}}
     from cotune.lm.tiny import make_tiny_model

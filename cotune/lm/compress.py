@@ -207,7 +207,13 @@ def adapter_indices(layer_map: dict[int, int], adapter_layers: int) -> list[int]
 
 def save_compressed(model, layer_map: dict[int, int], out_dir, *, tokenizer=None, adapter_layers: int = 2,
                     drop: float | None = None, original_num_layers: int | None = None) -> Path:
-    """Write an HF model directory (config.json, model.safetensors, tokenizer when given) plus cotune_layer_map.json."""
+    """Write an HF model directory (config.json, model.safetensors, tokenizer when given) plus cotune_layer_map.json.
+
+    `model` must not carry LoRA: peft wraps the layers in place, so their weights would be saved under names a plain
+    HF model does not load (it would silently initialise them at random)."""
+    wrapped = [n for n, _ in _unwrap(model).named_parameters() if ".base_layer." in n or ".lora_" in n]
+    if wrapped:
+        raise ValueError(f"save_compressed needs the model without LoRA (e.g. {wrapped[0]}); save before attach_lora")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     _unwrap(model).save_pretrained(str(out_dir), safe_serialization=True)

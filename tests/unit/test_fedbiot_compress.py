@@ -207,3 +207,13 @@ def test_pack_dir_is_deterministic_and_round_trips(tmp_path):
     assert pack_dir(src) == data
     out = unpack_dir(data, tmp_path / "out")
     assert (out / "a.json").read_text() == "{}" and (out / "sub" / "b.bin").read_bytes() == b"\x00\x01" * 100
+
+
+def test_saving_a_lora_wrapped_compressed_model_is_refused(tiny_dirs, tok, tmp_path):
+    """peft renames the wrapped weights: saved as they are, a client would load random attention weights."""
+    from cotune.lm.lora import attach_lora
+
+    small, layer_map = compress(_load(tiny_dirs[ARCHS[0]]), adapter_layers=2, drop=0.5)
+    with pytest.raises(ValueError, match="without LoRA"):
+        save_compressed(attach_lora(small, r=4, dropout=0.0), layer_map, tmp_path / "c", tokenizer=tok)
+    assert not (tmp_path / "c" / "model.safetensors").exists()

@@ -60,8 +60,8 @@ class FedBiOT(Strategy):
             raise InvalidInput(f"{self.name} never re-aligns the emulator after aggregation; leave fedbiot.align_steps "
                                "at 0 (use fedbiot for per-round alignment)")
         if not llm_info.num_layers:
-            raise InvalidInput(f"the LLM server ({llm_info.model_name}) did not report its decoder layer count; "
-                               "upgrade it to a version that supports FedBiOT")
+            raise InvalidInput(f"the LLM server ({llm_info.model_name}) reports no decoder layer count: its architecture's "
+                               "decoder layers cannot be located (or the server predates FedBiOT), so it cannot be compressed")
         try:
             plan(llm_info.num_layers, adapter_layers=s["adapter_layers"], drop=s["drop"])
         except ValueError as exc:

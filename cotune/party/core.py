@@ -153,7 +153,10 @@ class Party(FedCoLLMTasks, FedBiOTTasks):
             info.tokenizer_bundle.CopyFrom(self.tokenizer_blob.ref())
             info.lora_hash = hashlib.sha256(self.lora_bytes()).hexdigest()
             info.lora_layout_hash = self.lora_layout_hash(self.model)
-            info.num_layers = num_decoder_layers(self.model)
+            try:
+                info.num_layers = num_decoder_layers(self.model)
+            except ValueError:  # an architecture whose layer list we cannot find: FedBiOT refuses it at validation
+                info.num_layers = 0
         if self.companion is not None:
             info.companion.CopyFrom(self.describe_companion())
         return info

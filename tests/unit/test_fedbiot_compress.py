@@ -21,9 +21,8 @@ from cotune.lm.compress import (
     save_compressed,
 )
 from cotune.lm.tiny import make_tiny_model
-from tests.unit.lm_fixtures import TOKENIZER
+from tests.unit.lm_fixtures import needs_tokenizer
 
-needs_tokenizer = pytest.mark.skipif(not TOKENIZER.exists(), reason=f"shared tokenizer data not found at {TOKENIZER}")
 ARCHS = ("llama", "gpt2", "gemma3")
 
 
@@ -52,13 +51,6 @@ def test_plan_appends_the_adapter_and_rejects_impossible_sizes():
         plan(4, adapter_layers=4)
     with pytest.raises(ValueError, match="adapter_layers"):
         plan(4, adapter_layers=0)
-
-
-@pytest.fixture(scope="module")
-def tok():
-    from cotune.lm.tokenizers import load_tokenizer
-
-    return load_tokenizer(TOKENIZER)
 
 
 @pytest.fixture(scope="module")

@@ -38,13 +38,6 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def tok():
-    from cotune.lm.tokenizers import load_tokenizer
-
-    return load_tokenizer(TOKENIZER)
-
-
-@pytest.fixture(scope="module")
 def tiny_dirs(tmp_path_factory, tok):
     root = tmp_path_factory.mktemp("heal-src")
     return {a: make_tiny_model(tok, root / a, arch=a, hidden=32, heads=2, layers=LAYERS, seed=5)

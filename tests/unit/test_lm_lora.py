@@ -16,16 +16,9 @@ from cotune.lm.lora import (
     lora_to_bytes,
 )
 from cotune.lm.tiny import make_tiny_model
-from tests.unit.lm_fixtures import TOKENIZER, load_cached, needs_tokenizer
+from tests.unit.lm_fixtures import load_cached, needs_tokenizer
 
 pytestmark = needs_tokenizer
-
-
-@pytest.fixture(scope="module")
-def tok():
-    from cotune.lm.tokenizers import load_tokenizer
-
-    return load_tokenizer(TOKENIZER)
 
 
 @pytest.fixture(scope="module")

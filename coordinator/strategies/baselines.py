@@ -41,12 +41,20 @@ class Standalone(Strategy):
     def validate(self, spec, llm_info, client_infos) -> None:
         pass
 
+    def trainees(self, d: RunDriver) -> list:
+        return d.clients
+
+    def label(self, d: RunDriver, rnd: int) -> None:
+        """A note for the round record before the round runs (none here)."""
+
     def execute(self, d: RunDriver) -> None:
+        self.label(d, 0)
         d.set_step(0, "evaluate")
         lora_fed.evaluate(d, [d.llm, *d.clients], 0)
         for rnd in range(1, d.spec.rounds + 1):
             d.check_cancelled()
-            active, _ = lora_fed.train_local(d, d.clients, rnd)
+            self.label(d, rnd)
+            active, _ = lora_fed.train_local(d, self.trainees(d), rnd)
             d.set_step(rnd, "evaluate")
             lora_fed.evaluate(d, active, rnd)
             d.emit("metrics", round=rnd, message=f"round {rnd} complete")
@@ -89,7 +97,10 @@ class LLMToSLM(FedMKT):
         super().execute(d)
 
 
-class Centralized(Strategy):
+class Centralized(Standalone):
+    """Standalone's loop on different data: the one client holds the union (and the LLM server trains if it holds
+    private data), and every round record says so."""
+
     name = "centralized"
     LABEL = ("centralized: NON-FEDERATED reference - one party trains on the union of the private shards; "
              "no privacy boundary holds in this run")
@@ -103,15 +114,8 @@ class Centralized(Strategy):
         if not info.private_set_size:
             raise InvalidInput(f"centralized: client {cid} holds no private data to train on")
 
-    def execute(self, d: RunDriver) -> None:
-        trainees = [*([d.llm] if d.llm.info.private_set_size else []), *d.clients]
-        d.note(0, self.LABEL, kind="info")
-        d.set_step(0, "evaluate")
-        lora_fed.evaluate(d, [d.llm, *d.clients], 0)
-        for rnd in range(1, d.spec.rounds + 1):
-            d.check_cancelled()
-            d.note(rnd, self.LABEL, kind="info")
-            active, _ = lora_fed.train_local(d, trainees, rnd)
-            d.set_step(rnd, "evaluate")
-            lora_fed.evaluate(d, active, rnd)
-            d.emit("metrics", round=rnd, message=f"round {rnd} complete")
+    def trainees(self, d: RunDriver) -> list:
+        return [*([d.llm] if d.llm.info.private_set_size else []), *d.clients]
+
+    def label(self, d: RunDriver, rnd: int) -> None:
+        d.note(rnd, self.LABEL, kind="info")

@@ -68,13 +68,13 @@ PRESETS = {
                     pre_align_steps=10, align_steps=4),
 }
 NUM_CLIENTS = 2
-# Tiny preset models: (party, tokenizer file under shared/data/tokenizers, architecture)
+# Tiny models: (party, tokenizer file under shared/data/tokenizers, architecture, hidden, layers, seed)
 TINY_MODELS = [
-    ("llm", "mistral-7b-hf/tokenizer.json", "llama"),
-    ("client-1", "gpt2/gpt2.vocab", "gpt2"),
-    ("client-2", "gpt-neox-20b/20B_tokenizer.json", "llama"),
+    ("llm", "mistral-7b-hf/tokenizer.json", "llama", 64, 2, 0),
+    ("client-1", "gpt2/gpt2.vocab", "gpt2", 64, 2, 1),
+    ("client-2", "gpt-neox-20b/20B_tokenizer.json", "llama", 64, 2, 2),
 ]
-# Tiny same-tokenizer family (FedCoLLM and the LoRA baselines): (party, tokenizer, arch, hidden, layers, seed)
+# Tiny same-tokenizer family (FedCoLLM and the LoRA baselines)
 TINY_SHARED_MODELS = [
     ("llm", "mistral-7b-hf/tokenizer.json", "llama", 128, 4, 10),
     ("slm", "mistral-7b-hf/tokenizer.json", "llama", 64, 2, 11),
@@ -105,6 +105,11 @@ def prepare_data(preset: Preset, workdir: Path, seed: int = 0) -> dict[str, Path
     return paths
 
 
+def model_cache_dir(workdir: Path) -> Path:
+    """Where converted GGUF models and built SLMs live: beside the presets' workdirs, shared by them."""
+    return (workdir.parent / "model-cache").resolve()
+
+
 def _tiny(spec: tuple, workdir: Path, prefix: str) -> str:
     """A random-init tiny model directory, built once: spec = (party, tokenizer file, arch, hidden, layers, seed)."""
     from cotune.lm.tiny import make_tiny_model
@@ -126,7 +131,7 @@ def healed_gemma_slm(workdir: Path) -> Path:
     from cotune.lm.heal import layer_reduced_copy
     from cotune.lm.model import real_model_path
 
-    cache = (workdir.parent / "model-cache").resolve()
+    cache = model_cache_dir(workdir)
     data = workdir / "data"
     seen = {ex for path in data.glob("*.jsonl") for ex in read_jsonl(path)}
     train = [ex for ex in load_task("arc_easy", "train", data_dir=require_shared_data()) if ex not in seen]
@@ -165,24 +170,14 @@ def prepare_models(preset_name: str, workdir: Path, *, algorithm: str = "fedmkt"
     if preset_name == "small":
         slm = str(real_model_path("smollm2-135m"))
         return {"llm": str(real_model_path("gemma3-270m")), **{c: slm for c in clients}}
-    from cotune.lm.tiny import make_tiny_model
-    from cotune.lm.tokenizers import load_tokenizer
-
-    tokenizers = require_shared_data() / "tokenizers"
-    models = {}
-    for seed, (party, tok_file, arch) in enumerate(TINY_MODELS):
-        out = workdir / "models" / f"tiny-{party}-{arch}"
-        if not (out / "config.json").exists():
-            make_tiny_model(load_tokenizer(tokenizers / tok_file), out, arch=arch, seed=seed)
-        models[party] = str(out)
-    return models
+    return {spec[0]: _tiny(spec, workdir, f"tiny-{spec[0]}") for spec in TINY_MODELS}
 
 
 def cluster_config(preset_name: str, preset: Preset, workdir: Path, data: dict[str, Path], models: dict[str, str], *,
                    algorithm: str = "fedmkt", cross_tokenizer: bool = False) -> ClusterConfig:
     """The local cluster for a demo: the LLM server, one client per private shard (centralized: one client holding
     their union, which the LLM server also trains on), and the alignment service where tokenizers differ."""
-    cache = str((workdir.parent / "model-cache").resolve())
+    cache = str(model_cache_dir(workdir))
     training = {"lr": preset.lr, "batch_size": preset.batch_size, "max_length": preset.max_length}
 
     def party(name: str, private: Path | None) -> dict:

@@ -164,12 +164,12 @@ class FedBiOTTasks:
         sha = blob.sha256
 
         def work(ctx):
-            from cotune.lm.compress import INITIAL_LORA_FILE, unpack_dir
+            from cotune.lm.compress import INITIAL_LORA_FILE
             from cotune.lm.lora import load_lora_state_dict, lora_from_bytes
 
             if self.loaded_model != sha:
                 ctx.progress(0, 2, "unpack")
-                model_dir = self._unpacked(sha, members, unpack_dir)
+                model_dir = self._unpacked(sha, members)
                 lora = LoraConfig(**json.loads((model_dir / LORA_CONFIG_FILE).read_text())) \
                     if LORA_CONFIG_FILE in members else self.cfg.lora
                 ctx.progress(1, 2, "load")
@@ -184,8 +184,10 @@ class FedBiOTTasks:
                                      "trainable_params": sum(p.numel() for p in self.model.parameters() if p.requires_grad)})
         return work
 
-    def _unpacked(self, sha: str, members: dict[str, int], unpack_dir) -> Path:
+    def _unpacked(self, sha: str, members: dict[str, int]) -> Path:
         """<workdir>/models/<sha>, unpacked once: a directory is renamed into place only when complete."""
+        from cotune.lm.compress import unpack_dir
+
         root = Path(self.cfg.workdir) / "models"
         final = root / sha
         if final.is_dir() and all((final / n).is_file() and (final / n).stat().st_size == s for n, s in members.items()):

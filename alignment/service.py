@@ -16,7 +16,7 @@ from pathlib import Path
 
 from cotune.config import AlignmentConfig
 from cotune.data import read_jsonl_bytes
-from cotune.rpc.errors import InvalidInput, NotFound, Precondition, rpc_method
+from cotune.errors import InvalidInput, NotFound, Precondition, rpc_method
 from cotune.rpc.operations import OperationManager, OpResult
 from cotune.rpc.server import ServiceHost, tls_files
 from cotune.v1 import alignment_pb2, alignment_pb2_grpc
@@ -43,8 +43,8 @@ class AlignmentService:
 
     # -- registry ---------------------------------------------------------------------------------------------
     def register(self, ref) -> alignment_pb2.TokenizerInfo:
-        from alignment.normalize import tokenizer_family
-        from cotune.lm.tokenizers import TokenizerLoadError, tokenizer_from_bundle
+        from cotune.align.normalize import tokenizer_family
+        from cotune.align.tokenizers import TokenizerLoadError, tokenizer_from_bundle
 
         blob = Blob.from_ref(ref)
         if not self.store.has(blob.sha256):
@@ -64,7 +64,7 @@ class AlignmentService:
         if tok is None:
             if not self.store.has(sha):
                 raise NotFound(f"tokenizer {sha[:16]}… is not registered; call RegisterTokenizer first")
-            from cotune.lm.tokenizers import tokenizer_from_bundle
+            from cotune.align.tokenizers import tokenizer_from_bundle
 
             tok = tokenizer_from_bundle(self.store.read_bytes(sha, max_bytes=MAX_BUNDLE_BYTES))
             with self._lock:
@@ -101,8 +101,8 @@ class AlignmentService:
 
     # -- builds -----------------------------------------------------------------------------------------------
     def build_vocab_map(self, req):
-        from alignment.mined import build_vocab_map
-        from alignment.vocabmap import ALGORITHM_VERSION
+        from cotune.align.mined import build_vocab_map
+        from cotune.align.vocabmap import ALGORITHM_VERSION
 
         src, dst = self.tokenizer(req.src_hash), self.tokenizer(req.dst_hash)
         key = f"vocab-map/{ALGORITHM_VERSION}/{req.src_hash}/{req.dst_hash}"
@@ -114,7 +114,7 @@ class AlignmentService:
         return self._cached_op("vocab_map", key, "map", build)
 
     def build_sequence_alignment(self, req):
-        from alignment.seqalign import align_public_set
+        from cotune.align.seqalign import align_public_set
 
         method = req.method or "offsets"
         if method not in ALIGNMENT_METHODS:

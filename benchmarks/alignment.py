@@ -29,12 +29,12 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from alignment.mined import agreement_sample, build_vocab_map
-from alignment.normalize import control_mask, normalized_forms, tokenizer_family
-from alignment.projection import project_topk
-from alignment.seqalign import align_pair
+from cotune.align.mined import agreement_sample, build_vocab_map
+from cotune.align.normalize import control_mask, normalized_forms, tokenizer_family
+from cotune.align.projection import project_topk
+from cotune.align.seqalign import align_pair
 from cotune.data import shared_data_dir
-from cotune.lm.tokenizers import encode_pair, encode_pairs, load_tokenizer
+from cotune.align.tokenizers import encode_pair, encode_pairs, load_tokenizer
 
 PAIRS = [("llama2", "gpt2"), ("gemma3-real", "smollm2"), ("qwen3", "mistral"), ("gemma3", "llama3")]
 LABELS = {
@@ -193,13 +193,13 @@ def arc_samples(n):
 
 
 def bench_seqalign(src_name, dst_name, n):
-    from alignment.seqalign import align_public_set
+    from cotune.align.seqalign import align_public_set
 
     src, _, _ = get_tokenizer(src_name)
     dst, _, _ = get_tokenizer(dst_name)
     samples = arc_samples(n)
     sf, df = normalized_forms(src), normalized_forms(dst)
-    from cotune.lm.tokenizers import tokenizer_hash
+    from cotune.align.tokenizers import tokenizer_hash
 
     t0 = time.perf_counter()
     encode_pair(src, *samples[0])  # first call per tokenizer: builds the cached byte forms

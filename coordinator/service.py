@@ -13,14 +13,14 @@ import grpc
 from cotune.config import CoordinatorConfig
 from cotune.rpc.channel import TlsFiles
 from cotune.rpc.clients import AlignmentClient, PartyClient
-from cotune.rpc.errors import InvalidInput, NotFound, Precondition, rpc_method, status_for
+from cotune.errors import InvalidInput, NotFound, Precondition, rpc_method, status_for
 from cotune.rpc.server import ServiceHost, tls_files
 from cotune.v1 import coordinator_pb2 as pb
 from cotune.v1 import coordinator_pb2_grpc
 from cotune.wire.blobs import BlobStore
 from coordinator.store import StateStore
-from coordinator.strategies.base import Party, RunCancelled, RunDriver
-from coordinator.strategies.registry import get_strategy
+from coordinator.driver import Party, RunCancelled, RunDriver
+from cotune.algorithms.registry import get_strategy
 
 log = logging.getLogger(__name__)
 TERMINAL = (pb.RUN_SUCCEEDED, pb.RUN_FAILED, pb.RUN_CANCELLED)

@@ -184,8 +184,8 @@ def cmd_clients(args) -> int:
 def cmd_align_build(args) -> int:
     from tqdm import tqdm
 
-    from alignment.mined import build_vocab_map
-    from cotune.lm.tokenizers import load_tokenizer, tokenizer_hash
+    from cotune.align.mined import build_vocab_map
+    from cotune.align.tokenizers import load_tokenizer, tokenizer_hash
 
     src, dst = load_tokenizer(args.src), load_tokenizer(args.dst)
     bar = tqdm(desc="MinED", unit="tok", file=sys.stderr)
@@ -205,8 +205,8 @@ def cmd_align_build(args) -> int:
 
 
 def cmd_align_normalize(args) -> int:
-    from alignment.normalize import normalized_forms
-    from cotune.lm.tokenizers import load_tokenizer
+    from cotune.align.normalize import normalized_forms
+    from cotune.align.tokenizers import load_tokenizer
 
     forms = normalized_forms(load_tokenizer(args.tokenizer))
     with open(args.out, "w") as f:
@@ -315,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
         import grpc
 
         from cotune.config import ConfigError
-        from cotune.lm.tokenizers import TokenizerLoadError
+        from cotune.align.tokenizers import TokenizerLoadError
 
         if isinstance(exc, grpc.RpcError) and hasattr(exc, "code"):
             print(f"cotune: {exc.code().name}: {exc.details()}", file=sys.stderr)

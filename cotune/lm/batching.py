@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from cotune.lm.losses import IGNORE_INDEX
-from cotune.lm.tokenizers import EncodedPair
+from cotune.align.tokenizers import EncodedPair
 
 
 def collate(pairs: Sequence[EncodedPair], pad_id: int) -> dict[str, torch.Tensor]:

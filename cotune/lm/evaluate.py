@@ -11,7 +11,7 @@ import torch
 
 from cotune.data.example import Example
 from cotune.lm.batching import model_device, next_token_scores, sorted_batches
-from cotune.lm.tokenizers import EncodedPair, encode_pair
+from cotune.align.tokenizers import EncodedPair, encode_pair
 
 LN2 = math.log(2.0)
 

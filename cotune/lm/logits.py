@@ -19,7 +19,7 @@ from cotune.lm.batching import (
     to_device,
     vocab_size,
 )
-from cotune.lm.tokenizers import encode_pair
+from cotune.align.tokenizers import encode_pair
 from cotune.wire.topk_types import SampleLogits
 
 LN2 = math.log(2.0)

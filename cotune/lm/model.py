@@ -193,7 +193,7 @@ def ensure_hf_dir(path: str | Path, cache_dir: Path | None = None) -> Path:
 def load_model_tokenizer(model_dir: Path):
     """The tokenizer of an HF directory, through the shared loader (so bundles encode identically);
     fast, with bos/eos/pad set (pad := eos when missing)."""
-    from cotune.lm.tokenizers import load_tokenizer
+    from cotune.align.tokenizers import load_tokenizer
 
     tok = load_tokenizer(model_dir)
     if not getattr(tok, "is_fast", False):

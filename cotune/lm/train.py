@@ -29,7 +29,7 @@ from cotune.lm.batching import (
     vocab_size,
 )
 from cotune.lm.losses import sparse_kd_loss
-from cotune.lm.tokenizers import EncodedPair, encode_pair
+from cotune.align.tokenizers import EncodedPair, encode_pair
 
 STATE_FORMAT = "cotune.trainer/1"
 

@@ -18,10 +18,10 @@ import numpy as np
 
 from cotune.config import PartyConfig
 from cotune.data import canonical_jsonl_bytes, dataset_hash, read_jsonl
-from cotune.party.fedbiot import CompressedModel, FedBiOTTasks
-from cotune.party.fedcollm import FedCoLLMTasks
+from cotune.algorithms.fedbiot.tasks import CompressedModel, FedBiOTTasks
+from cotune.algorithms.fedcollm.server import FedCoLLMTasks
 from cotune.party.media import MEDIA_ADAPTER, MEDIA_DATASET, MEDIA_SHARD, MEDIA_TOKENIZER
-from cotune.rpc.errors import InvalidInput, Precondition, Unavailable
+from cotune.errors import InvalidInput, Precondition, Unavailable
 from cotune.rpc.operations import OperationContext, OperationManager, OpResult
 from cotune.v1 import party_pb2
 from cotune.wire.blobs import Blob, BlobStore
@@ -88,10 +88,10 @@ class Party(FedCoLLMTasks, FedBiOTTasks):
         """Load the model at `path` with a fresh LoRA (`lora`: a LoraConfig) and make it this party's model, replacing
         the previous one only once the new one has loaded. `archive`: the sha256 of the shipped model archive it came
         from (LoadModelTask), empty for the configured model."""
-        from cotune.lm.compress import LAYER_MAP_FILE, load_layer_map
+        from cotune.algorithms.fedbiot.compress import LAYER_MAP_FILE, load_layer_map
         from cotune.lm.lora import attach_lora
         from cotune.lm.model import load_causal_lm
-        from cotune.lm.tokenizers import tokenizer_bundle_bytes
+        from cotune.align.tokenizers import tokenizer_bundle_bytes
         from cotune.lm.train import TrainConfig, Trainer
 
         mc, tc = self.cfg.model, self.cfg.training
@@ -132,7 +132,7 @@ class Party(FedCoLLMTasks, FedBiOTTasks):
         return hashlib.sha256(layout.encode()).hexdigest()
 
     def describe(self) -> party_pb2.PartyInfo:
-        from cotune.lm.compress import num_decoder_layers
+        from cotune.algorithms.fedbiot.compress import num_decoder_layers
 
         name = self.cfg.model.name or Path(self.cfg.model.path).name
         info = party_pb2.PartyInfo(
@@ -257,9 +257,9 @@ class Party(FedCoLLMTasks, FedBiOTTasks):
         return self.store.read_bytes(blob.sha256, max_bytes=max_bytes)
 
     def _prepare_distill(self, task: party_pb2.DistillTask):
-        from alignment.seqalign import SequenceAlignment
-        from alignment.vocabmap import VocabMap
-        from cotune.distill import SELECTIONS, TeacherView
+        from cotune.align.seqalign import SequenceAlignment
+        from cotune.align.vocabmap import VocabMap
+        from cotune.algorithms.fedmkt.selection import SELECTIONS, TeacherView
         from cotune.wire.logits_shard import decode_shard
 
         selection = task.selection or "dualmince"
@@ -303,7 +303,7 @@ class Party(FedCoLLMTasks, FedBiOTTasks):
             teachers.append(TeacherView(t.sender_id or f"teacher{len(teachers)}", samples, vmap, align))
 
         def work(ctx):
-            from cotune.distill import build_targets
+            from cotune.algorithms.fedmkt.selection import build_targets
             from cotune.lm.logits import public_topk
 
             ctx.progress(0, len(examples), "own-loss")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from cotune.config import PartyConfig
 from cotune.party.core import Party
-from cotune.rpc.errors import rpc_method
+from cotune.errors import rpc_method
 from cotune.rpc.server import ServiceHost, tls_files
 from cotune.v1 import party_pb2, party_pb2_grpc
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from cotune.rpc.errors import NotFound, rpc_method, status_for
+from cotune.errors import NotFound, rpc_method, status_for
 from cotune.v1 import operations_pb2 as ops_pb2
 from cotune.v1 import operations_pb2_grpc as ops_grpc
 

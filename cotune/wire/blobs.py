@@ -33,7 +33,7 @@ from pathlib import Path
 
 import grpc
 
-from cotune.rpc.errors import InvalidInput, NotFound, Precondition, rpc_method
+from cotune.errors import InvalidInput, NotFound, Precondition, rpc_method
 from cotune.v1 import common_pb2, common_pb2_grpc
 
 CHUNK_SIZE = 1 << 20

@@ -17,7 +17,7 @@ from cotune.v1 import common_pb2_grpc
 from cotune.v1 import coordinator_pb2 as pb
 from cotune.watch import watch_run
 from cotune.wire.blobs import BlobStore, pull_blob
-from coordinator.aggregate import parse_adapter
+from cotune.algorithms.aggregate import parse_adapter
 
 TEST_PRESET = replace(PRESETS["tiny"], per_part=16, eval_size=24, max_length=96)
 

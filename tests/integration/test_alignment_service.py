@@ -12,7 +12,7 @@ import yaml
 
 from cotune.cluster import wait_healthy
 from cotune.data import canonical_jsonl_bytes, load_task
-from cotune.lm.tokenizers import load_tokenizer, tokenizer_bundle_bytes
+from cotune.align.tokenizers import load_tokenizer, tokenizer_bundle_bytes
 from cotune.rpc.clients import AlignmentClient
 from cotune.wire.blobs import BlobStore
 
@@ -48,8 +48,8 @@ def _register(client, store, tok):
 
 
 def test_concurrent_requests_share_one_build_and_results_are_cached(service):
-    from alignment.mined import build_vocab_map
-    from alignment.vocabmap import VocabMap
+    from cotune.align.mined import build_vocab_map
+    from cotune.align.vocabmap import VocabMap
 
     client, store, shared = service
     src = load_tokenizer(shared / "tokenizers" / "gpt2" / "gpt2.vocab")
@@ -71,7 +71,7 @@ def test_concurrent_requests_share_one_build_and_results_are_cached(service):
 
 
 def test_sequence_alignment_needs_the_public_set_uploaded(service):
-    from alignment.seqalign import SequenceAlignment
+    from cotune.align.seqalign import SequenceAlignment
 
     client, store, shared = service
     src = load_tokenizer(shared / "tokenizers" / "gpt2" / "gpt2.vocab")

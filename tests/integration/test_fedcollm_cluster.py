@@ -16,7 +16,7 @@ from cotune.lm.lora import lora_from_bytes, lora_to_bytes
 from cotune.v1 import coordinator_pb2 as pb
 from cotune.v1 import party_pb2
 from cotune.wire.blobs import BlobStore
-from coordinator.aggregate import aggregate_uploads, parse_adapter
+from cotune.algorithms.aggregate import aggregate_uploads, parse_adapter
 from tests.integration.cluster_fixtures import (
     check_aggregate,
     metrics_of,

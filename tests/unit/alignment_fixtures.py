@@ -50,7 +50,7 @@ def tokenizer_path(name: str) -> Path:
 
 @functools.cache
 def _load(path: str):
-    from cotune.lm.tokenizers import load_tokenizer
+    from cotune.align.tokenizers import load_tokenizer
 
     return load_tokenizer(path)
 
@@ -61,7 +61,7 @@ def tokenizer(name: str):
 
 @functools.cache
 def _forms(path: str):
-    from alignment.normalize import normalized_forms
+    from cotune.align.normalize import normalized_forms
 
     return normalized_forms(_load(path))
 

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from coordinator.aggregate import (
+from cotune.algorithms.aggregate import (
     UploadRejected,
     aggregate_uploads,
     fedavg,

@@ -5,7 +5,7 @@ from concurrent import futures
 import grpc
 import pytest
 
-from cotune.rpc.errors import InvalidInput, Precondition
+from cotune.errors import InvalidInput, Precondition
 from cotune.v1 import common_pb2, common_pb2_grpc
 from cotune.wire.blobs import CHUNK_SIZE, BlobStore, BlobStoreServicer, pull_blob, push_blob
 
@@ -100,7 +100,7 @@ def test_serialized_artifacts_are_byte_identical_across_calls():
     import numpy as np
     import torch
 
-    from alignment.seqalign import SequenceAlignment
+    from cotune.align.seqalign import SequenceAlignment
     from cotune.lm.lora import lora_from_bytes, lora_to_bytes
 
     sd = {"b.lora_B.weight": torch.zeros(4, 2), "a.lora_A.weight": torch.randn(2, 4)}

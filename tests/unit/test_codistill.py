@@ -1,4 +1,4 @@
-"""FedCoLLM's mutual distillation (cotune/lm/codistill.py): the KD term carries gradient to the model being updated
+"""FedCoLLM's mutual distillation (cotune/algorithms/fedcollm/losses.py): the KD term carries gradient to the model being updated
 and none to the other, and a short co-distillation on tiny same-tokenizer models lowers the KL."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cotune.lm.codistill import co_distill, measure, mutual_loss
+from cotune.algorithms.fedcollm.losses import co_distill, measure, mutual_loss
 from cotune.lm.losses import kl_full
 
 
@@ -37,8 +37,8 @@ def test_kl_direction_is_updated_model_first():
 @pytest.fixture(scope="module")
 def pair(shared_data):
     from cotune.lm.lora import attach_lora
-    from cotune.lm.tiny import make_tiny_model
-    from cotune.lm.tokenizers import load_tokenizer
+    from cotune.demo.tiny import make_tiny_model
+    from cotune.align.tokenizers import load_tokenizer
     from cotune.lm.train import TrainConfig, Trainer
 
     tok = load_tokenizer(shared_data / "tokenizers" / "gpt2" / "gpt2.vocab")

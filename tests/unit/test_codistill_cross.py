@@ -1,4 +1,4 @@
-"""FedCoLLM across tokenizers (cotune/lm/codistill_cross.py): tiny random-init models with two real tokenizers (GPT-2
+"""FedCoLLM across tokenizers (cotune/algorithms/fedcollm/losses_cross.py): tiny random-init models with two real tokenizers (GPT-2
 for the LLM f, Mistral for the SLM copy g), MinED maps built once per module, real ARC-Easy samples."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from alignment.projection import project_topk
-from cotune.lm.codistill_cross import co_distill_cross, project_topk_torch, sparse_kl
+from cotune.align.projection import project_topk
+from cotune.algorithms.fedcollm.losses_cross import co_distill_cross, project_topk_torch, sparse_kl
 from cotune.lm.losses import kl_full
 from tests.unit.alignment_fixtures import tokenizer
 
@@ -80,9 +80,9 @@ def test_sparse_kl_is_a_true_kl_with_gradient_to_the_student_only():
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    from alignment.mined import build_vocab_map
+    from cotune.align.mined import build_vocab_map
     from cotune.data import load_task
-    from cotune.lm.tiny import make_tiny_model
+    from cotune.demo.tiny import make_tiny_model
 
     f_tok, g_tok = tokenizer("gpt2"), tokenizer("mistral-hf")
     root = tmp_path_factory.mktemp("cross")
@@ -170,7 +170,7 @@ def test_identity_maps_reproduce_co_distill(world):
     lam = 0 both train CE only, so the whole run (batches, RNG, steps) must agree too. Tolerance: CE and training
     losses identical (rel 1e-6), KLs within rel 1e-5 (float32 renormalization of the top-k and another summation
     order; measured <= 4e-7), while the two KL directions differ here by about 3%."""
-    from cotune.lm.codistill import co_distill
+    from cotune.algorithms.fedcollm.losses import co_distill
 
     tok = world["f_tok"]
     runs = []

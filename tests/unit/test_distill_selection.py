@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from cotune.distill import TeacherView, build_targets, select_teachers
+from cotune.algorithms.fedmkt.selection import TeacherView, build_targets, select_teachers
 from cotune.wire.topk_types import SampleLogits
 
 

@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 
-from cotune.lm.compress import (
+from cotune.algorithms.fedbiot.compress import (
     LAYER_MAP_FILE,
     adapter_lora_state,
     compress,
@@ -20,7 +20,7 @@ from cotune.lm.compress import (
     plug_adapter_into_full,
     save_compressed,
 )
-from cotune.lm.tiny import make_tiny_model
+from cotune.demo.tiny import make_tiny_model
 from tests.unit.lm_fixtures import needs_tokenizer
 
 ARCHS = ("llama", "gpt2", "gemma3")
@@ -188,7 +188,7 @@ def test_compressing_a_lora_wrapped_model_uses_its_base_weights(tiny_dirs):
 
 
 def test_pack_dir_is_deterministic_and_round_trips(tmp_path):
-    from cotune.lm.compress import pack_dir, unpack_dir
+    from cotune.algorithms.fedbiot.compress import pack_dir, unpack_dir
 
     src = tmp_path / "src"
     (src / "sub").mkdir(parents=True)

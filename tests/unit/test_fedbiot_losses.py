@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cotune.lm.compress import compress, plug_adapter_into_full
-from cotune.lm.fedbiot import (
+from cotune.algorithms.fedbiot.compress import compress, plug_adapter_into_full
+from cotune.algorithms.fedbiot.losses import (
     client_loss,
     emulator_alignment_loss,
     lora_part_state,
@@ -15,7 +15,7 @@ from cotune.lm.fedbiot import (
     set_lora_trainable,
 )
 from cotune.lm.lora import _lora_params, attach_lora
-from cotune.lm.tiny import make_tiny_model
+from cotune.demo.tiny import make_tiny_model
 from tests.unit.lm_fixtures import needs_tokenizer
 
 pytestmark = needs_tokenizer
@@ -158,7 +158,7 @@ def _examples(n=8):
 
 
 def test_train_adapter_moves_only_the_adapter_and_lowers_ce(tiny_dirs, tok):
-    from cotune.lm.fedbiot import train_adapter
+    from cotune.algorithms.fedbiot.losses import train_adapter
 
     model, layer_map = _compressed(tiny_dirs)
     anchor = lora_part_state(model, layer_map, "adapter")
@@ -178,7 +178,7 @@ def test_train_adapter_moves_only_the_adapter_and_lowers_ce(tiny_dirs, tok):
 
 
 def test_align_emulator_lowers_the_alignment_loss(tiny_dirs, tok):
-    from cotune.lm.fedbiot import align_emulator
+    from cotune.algorithms.fedbiot.losses import align_emulator
 
     small, layer_map = _compressed(tiny_dirs, drop=0.5)
     full = attach_lora(_load(tiny_dirs["llama"]), r=4, dropout=0.0, seed=0)

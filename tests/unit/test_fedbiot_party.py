@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from cotune.lm.compress import compress, save_compressed
-from cotune.lm.tiny import make_tiny_model
+from cotune.algorithms.fedbiot.compress import compress, save_compressed
+from cotune.demo.tiny import make_tiny_model
 from tests.unit.lm_fixtures import TOKENIZER, needs_tokenizer
 
 pytestmark = needs_tokenizer
@@ -26,7 +26,7 @@ def setup(tmp_path_factory):
     from transformers import AutoModelForCausalLM
 
     from cotune.data.tasks import write_jsonl
-    from cotune.lm.tokenizers import load_tokenizer
+    from cotune.align.tokenizers import load_tokenizer
 
     root = tmp_path_factory.mktemp("fedbiot-party")
     tok = load_tokenizer(TOKENIZER)
@@ -70,7 +70,7 @@ def _request(**train):
 
 
 def test_train_local_with_prox_trains_only_the_adapter(setup):
-    from cotune.lm.fedbiot import lora_part_state
+    from cotune.algorithms.fedbiot.losses import lora_part_state
     from cotune.v1 import operations_pb2
 
     root, _full, comp_dir, layer_map = setup
@@ -89,7 +89,7 @@ def test_train_local_with_prox_trains_only_the_adapter(setup):
         for k, v in lora_part_state(party.model, layer_map, "emulator").items():
             torch.testing.assert_close(v, emulator0[k])
 
-        from cotune.rpc.errors import InvalidInput
+        from cotune.errors import InvalidInput
 
         with pytest.raises(InvalidInput, match="prox_eps"):
             party.start_task(_request(prox_eps=-1.0))
@@ -100,7 +100,7 @@ def test_train_local_with_prox_trains_only_the_adapter(setup):
 
 
 def test_train_local_with_prox_needs_a_compressed_model(setup):
-    from cotune.rpc.errors import Precondition
+    from cotune.errors import Precondition
 
     root, full_dir, _comp, _map = setup
     party = _party(root, full_dir, "client-full")
@@ -123,15 +123,15 @@ def _wait(party, op):
 def test_server_compresses_clients_train_server_aligns(setup, tmp_path):
     import json
 
-    from cotune.lm.compress import (
+    from cotune.algorithms.fedbiot.compress import (
         INITIAL_LORA_FILE,
         LAYER_MAP_FILE,
         decoder_layers_prefix,
         unpack_dir,
     )
-    from cotune.lm.fedbiot import lora_part_state
+    from cotune.algorithms.fedbiot.losses import lora_part_state
     from cotune.lm.lora import lora_from_bytes, lora_state_dict
-    from cotune.rpc.errors import InvalidInput, Precondition
+    from cotune.errors import InvalidInput, Precondition
     from cotune.v1 import party_pb2
 
     root, full_dir, _comp, _map = setup
@@ -194,9 +194,9 @@ def test_server_compresses_clients_train_server_aligns(setup, tmp_path):
 
 
 def test_client_installs_the_shipped_model_and_can_go_back(setup):
-    from cotune.lm.compress import INITIAL_LORA_FILE
+    from cotune.algorithms.fedbiot.compress import INITIAL_LORA_FILE
     from cotune.lm.lora import lora_from_bytes, lora_state_dict, lora_to_bytes
-    from cotune.rpc.errors import InvalidInput, Precondition
+    from cotune.errors import InvalidInput, Precondition
     from cotune.v1 import party_pb2
 
     root, full_dir, _comp, _map = setup

@@ -12,7 +12,7 @@ from tests.unit.alignment_fixtures import tokenizer
 def llm_party(tmp_path_factory):
     from cotune.config import DataConfig, LoraConfig, ModelConfig, PartyConfig, TrainingConfig
     from cotune.data import load_task, write_jsonl
-    from cotune.lm.tiny import make_tiny_model
+    from cotune.demo.tiny import make_tiny_model
     from cotune.party import Party
 
     root = tmp_path_factory.mktemp("fedcollm-party")
@@ -40,8 +40,8 @@ def _request(party, **fields):
 
 
 def test_cross_tokenizer_co_distill_needs_both_maps_the_right_way_round(llm_party):
-    from alignment.mined import build_vocab_map
-    from cotune.rpc.errors import InvalidInput
+    from cotune.align.mined import build_vocab_map
+    from cotune.errors import InvalidInput
     from cotune.v1 import operations_pb2
 
     party = llm_party

@@ -1,4 +1,4 @@
-"""Layer-reduced, healed copies of a causal LM (cotune.lm.heal): exact layer copies, healing, and the build cache."""
+"""Layer-reduced, healed copies of a causal LM (cotune.demo.heal): exact layer copies, healing, and the build cache."""
 
 from __future__ import annotations
 
@@ -10,13 +10,13 @@ import torch
 
 from cotune.data import load_task
 from cotune.lm import heal as heal_mod
-from cotune.lm.compress import (
+from cotune.algorithms.fedbiot.compress import (
     decoder_layers_prefix,
     emulator_layer_indices,
     uniform_layer_indices,
 )
-from cotune.lm.heal import MARKER_FILE, layer_reduced_copy, reduce_layers
-from cotune.lm.tiny import make_tiny_model
+from cotune.demo.heal import MARKER_FILE, layer_reduced_copy, reduce_layers
+from cotune.demo.tiny import make_tiny_model
 from tests.unit.lm_fixtures import SHARED
 
 TOKENIZER = SHARED / "tokenizers" / "mistral-7b-hf" / "tokenizer.json"

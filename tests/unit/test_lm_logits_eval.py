@@ -14,8 +14,8 @@ from cotune.lm.evaluate import evaluate_loss, evaluate_mc
 from cotune.lm.logits import public_topk
 from cotune.lm.lora import attach_lora
 from cotune.lm.model import load_causal_lm
-from cotune.lm.tiny import make_tiny_model
-from cotune.lm.tokenizers import encode_pair
+from cotune.demo.tiny import make_tiny_model
+from cotune.align.tokenizers import encode_pair
 from cotune.lm.train import TrainConfig, Trainer
 from tests.unit.lm_fixtures import TOKENIZER, needs_tokenizer
 
@@ -31,7 +31,7 @@ EXAMPLES = [
 
 @pytest.fixture(scope="module")
 def lm(tmp_path_factory):
-    from cotune.lm.tokenizers import load_tokenizer
+    from cotune.align.tokenizers import load_tokenizer
 
     tok = load_tokenizer(TOKENIZER)
     d = make_tiny_model(tok, tmp_path_factory.mktemp("tiny") / "gpt2", arch="gpt2", hidden=32, heads=2, seed=5)
@@ -47,7 +47,7 @@ def _direct_logprobs(model, tok, ex):
 
 
 def test_collate_right_pads_and_labels_only_response():
-    from cotune.lm.tokenizers import EncodedPair
+    from cotune.align.tokenizers import EncodedPair
 
     a = EncodedPair(ids=(1, 10, 11, 12), ends=(0, 2, 4, 6), response_start=2, response_bytes=4)
     b = EncodedPair(ids=(1, 20), ends=(0, 2), response_start=1, response_bytes=2)
@@ -101,7 +101,7 @@ def test_evaluate_loss_matches_direct_computation(lm):
 
 
 def test_evaluate_mc_picks_the_trained_choice(tmp_path):
-    from cotune.lm.tokenizers import load_tokenizer
+    from cotune.align.tokenizers import load_tokenizer
 
     d = make_tiny_model(load_tokenizer(TOKENIZER), tmp_path / "llama", arch="llama", hidden=32, heads=2)
     model, tok = load_causal_lm(d, device="cpu")

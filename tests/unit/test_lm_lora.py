@@ -15,7 +15,7 @@ from cotune.lm.lora import (
     lora_target_modules,
     lora_to_bytes,
 )
-from cotune.lm.tiny import make_tiny_model
+from cotune.demo.tiny import make_tiny_model
 from tests.unit.lm_fixtures import load_cached, needs_tokenizer
 
 pytestmark = needs_tokenizer

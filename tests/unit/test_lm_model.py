@@ -12,8 +12,8 @@ import torch
 from cotune.lm import model as model_mod
 from cotune.lm.device import pick_device, pick_dtype
 from cotune.lm.model import ModelNotInstalledError, load_causal_lm, real_model_path
-from cotune.lm.tiny import make_tiny_model
-from cotune.lm.tokenizers import gpt2_byte_to_unicode
+from cotune.demo.tiny import make_tiny_model
+from cotune.align.vocab_basics import gpt2_byte_to_unicode
 from tests.unit.lm_fixtures import TOKENIZER, needs_tokenizer
 
 
@@ -34,7 +34,7 @@ def test_pick_device_and_dtype():
 
 @needs_tokenizer
 def test_tiny_model_is_deterministic_and_loads(tmp_path):
-    from cotune.lm.tokenizers import load_tokenizer
+    from cotune.align.tokenizers import load_tokenizer
 
     tok = load_tokenizer(TOKENIZER)
     a = make_tiny_model(tok, tmp_path / "a", arch="llama", hidden=32, heads=2, seed=1)

@@ -9,8 +9,8 @@ import torch
 from cotune.data.example import Example
 from cotune.lm.evaluate import evaluate_loss
 from cotune.lm.lora import attach_lora, load_lora_state_dict, lora_state_dict
-from cotune.lm.tiny import make_tiny_model
-from cotune.lm.tokenizers import encode_pair
+from cotune.demo.tiny import make_tiny_model
+from cotune.align.tokenizers import encode_pair
 from cotune.lm.train import KDTarget, TrainConfig, Trainer
 from tests.unit.lm_fixtures import TOKENIZER, load_cached, needs_tokenizer
 
@@ -27,7 +27,7 @@ EXAMPLES = [
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    from cotune.lm.tokenizers import load_tokenizer
+    from cotune.align.tokenizers import load_tokenizer
 
     tok = load_tokenizer(TOKENIZER)
     return make_tiny_model(tok, tmp_path_factory.mktemp("tiny") / "llama", arch="llama", hidden=32, heads=2)
@@ -82,7 +82,7 @@ def test_load_state_bytes_rejects_garbage_and_foreign_state(tiny_dir, tmp_path):
     tr = _trainer(tiny_dir)
     with pytest.raises(ValueError):
         tr.load_state_bytes(b"not a state")
-    from cotune.lm.tokenizers import load_tokenizer
+    from cotune.align.tokenizers import load_tokenizer
 
     other_dir = make_tiny_model(load_tokenizer(TOKENIZER), tmp_path / "gpt2", arch="gpt2", hidden=32, heads=2)
     model, tok = load_cached(other_dir)

@@ -5,10 +5,10 @@ from __future__ import annotations
 import grpc
 import pytest
 
-from cotune.rpc.errors import InvalidInput, Precondition
+from cotune.errors import InvalidInput, Precondition
 from cotune.v1 import coordinator_pb2 as pb
 from cotune.v1 import party_pb2
-from coordinator.strategies.registry import STRATEGIES, get_strategy
+from cotune.algorithms.registry import STRATEGIES, get_strategy
 
 TOK, OTHER_TOK, SLM_LAYOUT, LLM_LAYOUT = "t" * 64, "u" * 64, "s" * 64, "l" * 64
 

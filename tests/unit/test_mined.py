@@ -15,15 +15,15 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from alignment import mined
-from alignment.mined import (
+from cotune.align import mined
+from cotune.align.mined import (
     agreement_sample,
     build_vocab_map,
     exhaustive_nearest,
     map_forms,
 )
-from alignment.normalize import control_mask
-from alignment.vocabmap import ALGORITHM_VERSION, VocabMap
+from cotune.align.normalize import control_mask
+from cotune.align.vocabmap import ALGORITHM_VERSION, VocabMap
 from tests.unit.alignment_fixtures import forms, token_id, tokenizer, tokenizer_path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -159,7 +159,7 @@ def test_hard_cases_gpt2_to_mistral(gpt2_to_mistral):
 
 
 def test_map_is_keyed_by_content_hashes(llama2_to_gpt2):
-    from cotune.lm.tokenizers import tokenizer_hash
+    from cotune.align.tokenizers import tokenizer_hash
 
     assert llama2_to_gpt2.src_hash == tokenizer_hash(tokenizer("llama2"))
     assert llama2_to_gpt2.dst_hash == tokenizer_hash(tokenizer("gpt2"))
@@ -170,8 +170,8 @@ def test_map_is_keyed_by_content_hashes(llama2_to_gpt2):
 def test_byte_identical_across_processes(llama2_to_gpt2):
     code = (
         "import hashlib, sys\n"
-        "from cotune.lm.tokenizers import load_tokenizer\n"
-        "from alignment.mined import build_vocab_map\n"
+        "from cotune.align.tokenizers import load_tokenizer\n"
+        "from cotune.align.mined import build_vocab_map\n"
         "m = build_vocab_map(load_tokenizer(sys.argv[1]), load_tokenizer(sys.argv[2]), workers=2)\n"
         "print(hashlib.sha256(m.to_bytes()).hexdigest())\n"
     )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from alignment.normalize import (
+from cotune.align.normalize import (
     control_mask,
     normalized_forms,
     special_roles,
@@ -83,7 +83,7 @@ def test_special_tokens_flagged_not_text():
 
 
 def test_smollm2_gguf_forms():
-    from cotune.lm.tokenizers import load_tokenizer
+    from cotune.align.tokenizers import load_tokenizer
 
     tok = load_tokenizer(smollm2_gguf())
     f = normalized_forms(tok)

@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from alignment.projection import project_topk
-from alignment.vocabmap import VocabMap
+from cotune.align.projection import project_topk
+from cotune.align.vocabmap import VocabMap
 
 
 def as_dicts(ids, probs):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from alignment.seqalign import SequenceAlignment, align_pair, align_public_set, dtw_path
-from cotune.lm.tokenizers import EncodedPair, encode_pair
+from cotune.align.seqalign import SequenceAlignment, align_pair, align_public_set, dtw_path
+from cotune.align.tokenizers import EncodedPair, encode_pair
 from tests.unit.alignment_fixtures import forms, tokenizer
 
 

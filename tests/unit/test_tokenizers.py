@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from cotune.lm.tokenizers import (
+from cotune.align.tokenizers import (
     EncodedPair,
     TokenizerLoadError,
     adds_bos,
@@ -62,7 +62,7 @@ def test_llama3_tiktoken_model_matches_tiktoken_and_hf():
     import tiktoken
     from tiktoken.load import load_tiktoken_bpe
 
-    from cotune.lm.tokenizers import LLAMA3_SPLIT_REGEX
+    from cotune.align.tokenizers import LLAMA3_SPLIT_REGEX
 
     path = tokenizer_path("llama3")
     enc = tiktoken.Encoding("llama3", pat_str=LLAMA3_SPLIT_REGEX, mergeable_ranks=load_tiktoken_bpe(str(path)),
@@ -172,7 +172,7 @@ def test_truncated_gzip_tokenizer_json(tmp_path):
 
 @pytest.mark.parametrize("name", ["llama2", "gpt2", "phi3"])
 def test_bundle_round_trip(name):
-    from alignment.normalize import control_mask, normalized_forms
+    from cotune.align.normalize import control_mask, normalized_forms
 
     tok = tokenizer(name)
     again = tokenizer_from_bundle(tokenizer_bundle_bytes(tok))
@@ -236,7 +236,7 @@ def test_encode_pair_sentencepiece_leading_spaces_and_bytes():
 
 @pytest.mark.parametrize("name", ["llama2", "gpt2", "gemma3"])
 def test_encode_pairs_batch_equals_single(name):
-    from cotune.lm.tokenizers import encode_pairs
+    from cotune.align.tokenizers import encode_pairs
 
     tok = tokenizer(name)
     samples = [(t[:7], t[7:]) for t in HARD_TEXTS] + [(p, " yes") for p in ARC_LIKE]

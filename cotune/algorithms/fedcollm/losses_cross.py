@@ -1,12 +1,12 @@
 """FedCoLLM's server-side mutual distillation ACROSS TOKENIZERS: the LLM f (LoRA ω) and the SLM copy g (LoRA θ) use
-different tokenizers, so the KL of `cotune.lm.codistill` (full vocabulary, identical positions) becomes FedMKT's
+different tokenizers, so the KL of `cotune.algorithms.fedcollm.losses` (full vocabulary, identical positions) becomes FedMKT's
 aligned, projected top-k KL.
 
-Every public sample is encoded by both tokenizers (f_pairs[i], g_pairs[i]); `alignment.seqalign.align_pair` pairs the
+Every public sample is encoded by both tokenizers (f_pairs[i], g_pairs[i]); `cotune.align.seqalign.align_pair` pairs the
 positions whose tokens end at the same character (both are response-target positions, so both predict the text after
 that boundary). At each aligned pair, the teacher's next-token distribution (softmax over its vocabulary, detached)
 keeps its top-k, goes through the MinED vocabulary map into the student's vocabulary (ids that land on one student
-id are merged, out-of-range ids dropped, the row renormalized: `alignment.projection.project_topk` semantics, here in
+id are merged, out-of-range ids dropped, the row renormalized: `cotune.align.projection.project_topk` semantics, here in
 torch on the device), and the student is trained towards it. Per batch, as in `co_distill`:
 
     θ ← step(L_g),  L_g = CE_g + λ·KL(f̃ ‖ g)      f̃  = f's top-k mapped through f2g, f detached
@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from cotune.lm.batching import collate, sorted_batches, to_device
-from cotune.lm.codistill import (
+from cotune.algorithms.fedcollm.losses import (
     _logits_at,
     _positions,
     alternate,
@@ -62,7 +62,7 @@ def lookup_table(vocab_map, device) -> torch.Tensor:
 
 
 def project_topk_torch(ids: torch.Tensor, probs: torch.Tensor, table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """`alignment.projection.project_topk` in torch, vectorized on the device: map each row's sender ids [n, k]
+    """`cotune.align.projection.project_topk` in torch, vectorized on the device: map each row's sender ids [n, k]
     through `table` (LongTensor [n_src]) and merge the probabilities of ids that land on one receiver id.
 
     Ids < 0 or >= n_src and entries with probability <= 0 are dropped. Returns (dst ids long [n, k], probs float32
@@ -126,11 +126,11 @@ class _Aligned:
     for that sample, in order)."""
 
     def __init__(self, f_pairs, g_pairs, method: str, f_tok, g_tok):
-        from alignment.seqalign import align_pair
+        from cotune.align.seqalign import align_pair
 
         forms = {}
         if method == "dtw":
-            from alignment.normalize import normalized_forms_cached
+            from cotune.align.normalize import normalized_forms_cached
 
             forms = {"src_forms": normalized_forms_cached(f_tok), "dst_forms": normalized_forms_cached(g_tok)}
         self.f_idx, self.g_idx = [], []
@@ -169,7 +169,7 @@ class _Side:
 
 
 def _check_inputs(f_trainer, g_trainer, f_pairs, g_pairs, f2g, g2f, top_k, batch_size, lam, method) -> tuple[int, int]:
-    from alignment.seqalign import METHODS
+    from cotune.align.seqalign import METHODS
 
     if len(f_pairs) != len(g_pairs):
         raise ValueError(f"f_pairs has {len(f_pairs)} samples but g_pairs {len(g_pairs)}: they must be the same public "

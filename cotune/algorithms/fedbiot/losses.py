@@ -18,7 +18,7 @@ from contextlib import contextmanager
 
 import torch
 
-from cotune.lm.compress import adapter_indices, decoder_layers_prefix, layer_of
+from cotune.algorithms.fedbiot.compress import adapter_indices, decoder_layers_prefix, layer_of
 from cotune.lm.lora import LoraMismatchError, _lora_params
 from cotune.lm.losses import ce_loss, kl_full
 
@@ -85,7 +85,7 @@ def lora_part_state(model, layer_map: dict[int, int], part: str, *, adapter_laye
 @contextmanager
 def _capture_layer_input(model, index: int):
     """Record the hidden state entering decoder layer `index` (positional or keyword hidden_states)."""
-    from cotune.lm.compress import _unwrap
+    from cotune.algorithms.fedbiot.compress import _unwrap
 
     prefix = decoder_layers_prefix(model)
     layers = _unwrap(model).get_submodule(prefix)
@@ -147,7 +147,7 @@ def _restore_flags(model, flags: dict[str, bool]) -> None:
 
 
 def _encode(tokenizer, examples, max_length: int):
-    from cotune.lm.tokenizers import encode_pair
+    from cotune.align.tokenizers import encode_pair
 
     pairs = [encode_pair(tokenizer, ex.prompt, ex.response, max_length) for ex in examples]
     return [p for p in pairs if len(p.ids) > 1]

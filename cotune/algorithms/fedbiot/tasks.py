@@ -20,7 +20,7 @@ from pathlib import Path
 
 from cotune.config import LoraConfig
 from cotune.party.media import MEDIA_MODEL_ARCHIVE
-from cotune.rpc.errors import InvalidInput, Precondition
+from cotune.errors import InvalidInput, Precondition
 from cotune.rpc.operations import OpResult
 from cotune.v1 import party_pb2
 from cotune.wire.blobs import Blob
@@ -42,7 +42,7 @@ class CompressedModel:
 
 def check_archive(path: Path) -> dict[str, int]:
     """Names and sizes of a shipped model archive's files; InvalidInput unless it is a tar of a compressed model."""
-    from cotune.lm.compress import INITIAL_LORA_FILE, LAYER_MAP_FILE
+    from cotune.algorithms.fedbiot.compress import INITIAL_LORA_FILE, LAYER_MAP_FILE
 
     try:
         with tarfile.open(str(path), mode="r:") as tar:
@@ -60,7 +60,7 @@ class FedBiOTTasks:
 
     # -- LLM server ---------------------------------------------------------------------------------------------
     def _prepare_compress(self, task: party_pb2.CompressTask):
-        from cotune.lm.compress import num_decoder_layers, plan
+        from cotune.algorithms.fedbiot.compress import num_decoder_layers, plan
 
         adapter_layers = task.adapter_layers or 2
         drop = task.drop or 0.2
@@ -74,7 +74,7 @@ class FedBiOTTasks:
         def work(ctx):
             import tempfile
 
-            from cotune.lm.compress import INITIAL_LORA_FILE, compress, pack_dir, save_compressed
+            from cotune.algorithms.fedbiot.compress import INITIAL_LORA_FILE, compress, pack_dir, save_compressed
             from cotune.lm.lora import attach_lora, lora_state_dict, lora_to_bytes
 
             lc = self.cfg.lora
@@ -120,8 +120,8 @@ class FedBiOTTasks:
         def work(ctx):
             import torch
 
-            from cotune.lm.compress import plug_adapter_into_full
-            from cotune.lm.fedbiot import align_emulator, lora_part_state
+            from cotune.algorithms.fedbiot.compress import plug_adapter_into_full
+            from cotune.algorithms.fedbiot.losses import align_emulator, lora_part_state
             from cotune.lm.lora import _lora_params
 
             tc = self.cfg.training
@@ -164,7 +164,7 @@ class FedBiOTTasks:
         sha = blob.sha256
 
         def work(ctx):
-            from cotune.lm.compress import INITIAL_LORA_FILE
+            from cotune.algorithms.fedbiot.compress import INITIAL_LORA_FILE
             from cotune.lm.lora import load_lora_state_dict, lora_from_bytes
 
             if self.loaded_model != sha:
@@ -186,7 +186,7 @@ class FedBiOTTasks:
 
     def _unpacked(self, sha: str, members: dict[str, int]) -> Path:
         """<workdir>/models/<sha>, unpacked once: a directory is renamed into place only when complete."""
-        from cotune.lm.compress import unpack_dir
+        from cotune.algorithms.fedbiot.compress import unpack_dir
 
         root = Path(self.cfg.workdir) / "models"
         final = root / sha
@@ -215,7 +215,7 @@ class FedBiOTTasks:
     def _fedbiot_train_work(self, task: party_pb2.TrainLocalTask, examples):
         """FedBiOT client step: only the adapter LoRA trains; the anchor θᵗ is the adapter held at task start
         (the round's broadcast, set by SetLora before this task)."""
-        from cotune.lm.fedbiot import lora_part_state, train_adapter
+        from cotune.algorithms.fedbiot.losses import lora_part_state, train_adapter
 
         round_ = int(self._local.ctx.round)  # a different shuffle each round
 

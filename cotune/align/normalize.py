@@ -24,7 +24,7 @@ import weakref
 
 import numpy as np
 
-from cotune.lm.tokenizers import gpt2_byte_to_unicode, special_token_ids
+from cotune.align.vocab_basics import gpt2_byte_to_unicode, special_token_ids
 
 _BYTE_PIECE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 

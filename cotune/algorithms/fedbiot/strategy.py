@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import math
 
-from cotune.rpc.errors import InvalidInput
+from cotune.errors import InvalidInput
 from cotune.v1 import coordinator_pb2 as pb
 from cotune.v1 import party_pb2
-from coordinator.strategies import lora_fed
-from coordinator.strategies.base import Party, RunDriver, Strategy
+from cotune.algorithms import steps as lora_fed
+from coordinator.driver import Party, RunDriver, Strategy
 
 DEFAULTS = {"adapter_layers": 2, "drop": 0.2, "pre_align_steps": 20, "align_steps": 10, "beta": 1.0, "prox_eps": 0.01}
 EMULATOR_SUFFIX = "/emulator"
@@ -42,7 +42,7 @@ class FedBiOT(Strategy):
     realign = True  # re-align the emulator after every aggregation
 
     def validate(self, spec, llm_info, client_infos) -> None:
-        from cotune.lm.compress import plan
+        from cotune.algorithms.fedbiot.compress import plan
 
         fb = spec.fedbiot
         for name in ("drop", "beta", "prox_eps", "align_lr"):

@@ -1,6 +1,6 @@
 """Exact MinED vocabulary maps, fast (DESIGN §4.1).
 
-For every source token: the target token whose normalized form (raw bytes, see `alignment.normalize`) has the
+For every source token: the target token whose normalized form (raw bytes, see `cotune.align.normalize`) has the
 minimum Levenshtein distance to the source's, counted over bytes. Ties break by the smallest distance, then
 the lexicographically smallest target bytes, then the smallest target id. The result equals an exhaustive
 search (`exhaustive_nearest`) exactly; only the amount of work differs:
@@ -34,8 +34,8 @@ import numpy as np
 from rapidfuzz import process
 from rapidfuzz.distance import Levenshtein
 
-from alignment.normalize import control_mask, normalized_forms, special_roles
-from alignment.vocabmap import ALGORITHM_VERSION, VocabMap
+from cotune.align.normalize import control_mask, normalized_forms, special_roles
+from cotune.align.vocabmap import ALGORITHM_VERSION, VocabMap
 
 INF = np.iinfo(np.int32).max
 
@@ -606,7 +606,7 @@ def build_vocab_map(
     stats: dict | None = None,
 ) -> VocabMap:
     """The MinED map src vocabulary -> dst vocabulary, keyed by both tokenizers' content hashes."""
-    from cotune.lm.tokenizers import tokenizer_hash
+    from cotune.align.tokenizers import tokenizer_hash
 
     ids, dist = map_forms(
         normalized_forms(src_tok),

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from cotune.rpc.clients import AlignmentClient, PartyClient
-from cotune.rpc.errors import Precondition, RpcError
+from cotune.errors import Precondition, RpcError
 from cotune.v1 import coordinator_pb2 as pb
 from cotune.v1 import operations_pb2, party_pb2
 from cotune.wire.blobs import BlobStore

@@ -112,8 +112,8 @@ def model_cache_dir(workdir: Path) -> Path:
 
 def _tiny(spec: tuple, workdir: Path, prefix: str) -> str:
     """A random-init tiny model directory, built once: spec = (party, tokenizer file, arch, hidden, layers, seed)."""
-    from cotune.lm.tiny import make_tiny_model
-    from cotune.lm.tokenizers import load_tokenizer
+    from cotune.demo.tiny import make_tiny_model
+    from cotune.align.tokenizers import load_tokenizer
 
     _name, tok_file, arch, hidden, layers, seed = spec
     out = workdir / "models" / f"{prefix}-{arch}-h{hidden}-l{layers}"
@@ -128,7 +128,7 @@ def healed_gemma_slm(workdir: Path) -> Path:
     and last kept) and healed by a short fine-tune (200 steps on ARC-Easy train, minus this demo's public set and
     private shards, so the SLM has not seen them), built once (~4 min on 2 CPU cores) and cached beside the other
     models. 201M parameters (the 262k-token embedding dominates) against the LLM's 268M, a third of its layer compute."""
-    from cotune.lm.heal import layer_reduced_copy
+    from cotune.demo.heal import layer_reduced_copy
     from cotune.lm.model import real_model_path
 
     cache = model_cache_dir(workdir)

@@ -12,7 +12,7 @@ Losses are measured over the response tokens (the positions CE trains), at exact
 models since the tokenization is shared. Each model keeps its own optimizer and LR schedule across rounds (the two
 `Trainer`s own them).
 
-The epoch/batch loop (`alternate`, `step`, `summarize`) is shared with `cotune.lm.codistill_cross`, the same
+The epoch/batch loop (`alternate`, `step`, `summarize`) is shared with `cotune.algorithms.fedcollm.losses_cross`, the same
 alternation between models with different tokenizers.
 """
 

@@ -255,8 +255,8 @@ def align_public_set(
 ) -> SequenceAlignment:
     """Encode every (prompt, response) with both tokenizers (`encode_pair`, the encoding every party uses)
     and align them."""
-    from alignment.normalize import normalized_forms_cached
-    from cotune.lm.tokenizers import encode_pairs, tokenizer_hash
+    from cotune.align.normalize import normalized_forms_cached
+    from cotune.align.tokenizers import encode_pairs, tokenizer_hash
 
     if method not in METHODS:
         raise ValueError(f"unknown alignment method {method!r}; expected one of {METHODS}")

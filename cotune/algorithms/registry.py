@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from cotune.rpc.errors import InvalidInput
-from coordinator.strategies.base import Strategy
-from coordinator.strategies.baselines import Centralized, FedAvg, LLMToSLM, Standalone, ZeroShot
-from coordinator.strategies.fedbiot import FedBiOT, FedOT
-from coordinator.strategies.fedcollm import FedCoLLM
-from coordinator.strategies.fedmkt import FedMKT
+from cotune.errors import InvalidInput
+from coordinator.driver import Strategy
+from cotune.algorithms.baselines import Centralized, FedAvg, LLMToSLM, Standalone, ZeroShot
+from cotune.algorithms.fedbiot.strategy import FedBiOT, FedOT
+from cotune.algorithms.fedcollm.strategy import FedCoLLM
+from cotune.algorithms.fedmkt.strategy import FedMKT
 
 STRATEGIES: dict[str, type[Strategy]] = {s.name: s for s in (FedMKT, FedCoLLM, FedBiOT, FedOT, ZeroShot, Standalone, FedAvg,
                                                             LLMToSLM, Centralized)}

@@ -2,8 +2,8 @@
 
 The companion is loaded from `model.companion_slm_path` beside the LLM, on its device and dtype, with the LoRA config
 `companion_lora` (which must match the clients' `lora`, so the broadcast adapter fits both). With one tokenizer the
-co-distillation is `cotune.lm.codistill.co_distill` (full-vocabulary KL); when the companion's tokenizer differs it is
-`cotune.lm.codistill_cross.co_distill_cross`, fed the two MinED maps the CoDistillTask carries.
+co-distillation is `cotune.algorithms.fedcollm.losses.co_distill` (full-vocabulary KL); when the companion's tokenizer differs it is
+`cotune.algorithms.fedcollm.losses_cross.co_distill_cross`, fed the two MinED maps the CoDistillTask carries.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import logging
 from pathlib import Path
 
 from cotune.party.media import MEDIA_ADAPTER
-from cotune.rpc.errors import InvalidInput
+from cotune.errors import InvalidInput
 from cotune.rpc.operations import OpResult
 from cotune.v1 import party_pb2
 
@@ -26,7 +26,7 @@ class FedCoLLMTasks:
     def load_companion(self) -> None:
         from cotune.lm.lora import attach_lora
         from cotune.lm.model import load_causal_lm
-        from cotune.lm.tokenizers import tokenizer_bundle_bytes
+        from cotune.align.tokenizers import tokenizer_bundle_bytes
         from cotune.lm.train import TrainConfig, Trainer
 
         mc, lc, tc = self.cfg.model, self.cfg.companion_lora, self.cfg.training
@@ -74,7 +74,7 @@ class FedCoLLMTasks:
             raise InvalidInput(f"slm_adapter does not fit the companion SLM: {exc}") from exc
 
         def work(ctx):
-            from cotune.lm.codistill import co_distill, encode_public
+            from cotune.algorithms.fedcollm.losses import co_distill, encode_public
             from cotune.lm.lora import load_lora_state_dict, lora_state_dict, lora_to_bytes
 
             load_lora_state_dict(companion, state)
@@ -89,7 +89,7 @@ class FedCoLLMTasks:
             if maps is None:
                 m = co_distill(self.trainer, self.companion_trainer, pairs, **common)
             else:
-                from cotune.lm.codistill_cross import co_distill_cross
+                from cotune.algorithms.fedcollm.losses_cross import co_distill_cross
 
                 g_pairs = encode_public(self.companion_trainer, examples, max_length)
                 m = co_distill_cross(self.trainer, self.companion_trainer, pairs, g_pairs, f2g=maps[0], g2f=maps[1],
@@ -106,7 +106,7 @@ class FedCoLLMTasks:
     def _cross_tokenizer_maps(self, task: party_pb2.CoDistillTask):
         """None with one tokenizer; else the (LLM → SLM, SLM → LLM) VocabMaps the task carries, checked against both
         tokenizers."""
-        from alignment.vocabmap import VocabMap
+        from cotune.align.vocabmap import VocabMap
 
         if self.companion_tokenizer_hash == self.tokenizer_hash:
             return None

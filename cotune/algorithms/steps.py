@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import hashlib
 
-from cotune.rpc.errors import InvalidInput, Precondition
+from cotune.errors import InvalidInput, Precondition
 from cotune.v1 import coordinator_pb2 as pb
 from cotune.v1 import party_pb2
-from coordinator.aggregate import MODES, aggregate_uploads, parse_adapter
-from coordinator.strategies.base import Party, RunDriver
+from cotune.algorithms.aggregate import MODES, aggregate_uploads, parse_adapter
+from coordinator.driver import Party, RunDriver
 
 
 def quorum(d: RunDriver) -> int:

@@ -30,7 +30,9 @@ from pathlib import Path
 
 from transformers import PreTrainedTokenizerFast
 
-SPECIAL_ROLES = ("bos", "eos", "pad", "unk")
+from cotune.align.normalize import normalized_forms_cached
+from cotune.align.vocab_basics import SPECIAL_ROLES, gpt2_byte_to_unicode, special_token_ids
+
 
 LLAMA3_SPLIT_REGEX = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
@@ -352,19 +354,6 @@ def _looks_like_tiktoken(raw: bytes) -> bool:
     return bool(lines) and all(_TIKTOKEN_LINE.match(line) for line in lines if line.strip())
 
 
-def gpt2_byte_to_unicode() -> dict[int, str]:
-    """The GPT-2 reversible byte -> printable unicode character table used by byte-level BPE vocabularies."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, (chr(c) for c in cs)))
-
-
 def _load_tiktoken(raw: bytes, where: str) -> PreTrainedTokenizerFast:
     from tokenizers import (
         AddedToken,
@@ -458,15 +447,6 @@ def _load_gguf(path: Path) -> PreTrainedTokenizerFast:
 # Bundle: the canonical, hashable description of a tokenizer that travels to the alignment service.
 
 
-def special_token_ids(tok: PreTrainedTokenizerFast) -> dict[str, int]:
-    out = {}
-    for role in SPECIAL_ROLES:
-        value = getattr(tok, f"{role}_token_id", None)
-        if value is not None:
-            out[role] = int(value)
-    return out
-
-
 def tokenizer_bundle_bytes(tok: PreTrainedTokenizerFast) -> bytes:
     """Canonical bytes: the backend tokenizer.json plus the special-token roles. Its sha256 is the tokenizer's id."""
     backend = json.loads(tok.backend_tokenizer.to_str())
@@ -558,13 +538,8 @@ class _EncodeInfo:
 
         self.bos = tok.bos_token_id
         self.adds_bos = _post_processor_adds_bos(tok)
-        try:
-            from alignment.normalize import normalized_forms_cached
-        except ImportError:  # pragma: no cover - alignment package not importable
-            self.forms = None
-        else:
-            self.forms = normalized_forms_cached(tok)
-            self.form_len = np.fromiter((len(f) for f in self.forms), dtype=np.int64, count=len(self.forms))
+        self.forms = normalized_forms_cached(tok)
+        self.form_len = np.fromiter((len(f) for f in self.forms), dtype=np.int64, count=len(self.forms))
 
 
 _INFO: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

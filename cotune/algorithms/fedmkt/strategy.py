@@ -8,9 +8,9 @@ alignments once per run (cached across runs); receivers project logits themselve
 
 from __future__ import annotations
 
-from cotune.rpc.errors import InvalidInput
+from cotune.errors import InvalidInput
 from cotune.v1 import party_pb2
-from coordinator.strategies.base import Party, RunDriver, Strategy
+from coordinator.driver import Party, RunDriver, Strategy
 
 SETTINGS = ("heterogeneous", "homogeneous", "one_to_one", "llm_to_slm")
 DEFAULT_TOP_K = 16

@@ -12,17 +12,17 @@ Every client and the LLM server's SLM copy share one tokenizer (adapters are ave
 another one when the run spec sets `align_tokenizers` (an extension: no published system does this): the coordinator
 has the alignment service build MinED maps LLM → SLM and SLM → LLM once, delivers them to the LLM server with each
 CoDistillTask, and the KL is taken at aligned positions against the other model's top-k projected through the map
-(cotune/lm/codistill_cross.py).
+(cotune/algorithms/fedcollm/losses_cross.py).
 """
 
 from __future__ import annotations
 
 import math
 
-from cotune.rpc.errors import InvalidInput, Precondition
+from cotune.errors import InvalidInput, Precondition
 from cotune.v1 import party_pb2
-from coordinator.strategies import lora_fed
-from coordinator.strategies.base import RunDriver, Strategy
+from cotune.algorithms import steps as lora_fed
+from coordinator.driver import RunDriver, Strategy
 
 DEFAULT_KD_WEIGHT = 1.0
 

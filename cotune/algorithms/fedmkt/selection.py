@@ -47,7 +47,7 @@ class TeacherView:
     sender_id: str
     samples: Sequence[SampleLogits]
     vocab_map: np.ndarray | None = None
-    alignment: object | None = None  # alignment.seqalign.SequenceAlignment
+    alignment: object | None = None  # cotune.align.seqalign.SequenceAlignment
 
     @property
     def losses(self) -> np.ndarray:
@@ -55,7 +55,7 @@ class TeacherView:
 
     def target(self, i: int) -> KDTarget | None:
         """Sample i's KD target in the receiver's tokenization, or None when no position aligns."""
-        from alignment.projection import project_topk
+        from cotune.align.projection import project_topk
 
         sample = self.samples[i]
         probs = np.exp(sample.logprobs.astype(np.float32))

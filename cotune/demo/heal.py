@@ -1,7 +1,7 @@
 """A layer-reduced copy of an LLM, healed by a short full fine-tune and cached: an SLM that shares the LLM's tokenizer.
 
 ``reduce_layers`` keeps a list of decoder layers (the layer-keeping core FedBiOT's compression uses,
-:func:`cotune.lm.compress.select_layers`); ``heal`` fine-tunes every decoder-layer and final-norm weight of the
+:func:`cotune.algorithms.fedbiot.compress.select_layers`); ``heal`` fine-tunes every decoder-layer and final-norm weight of the
 result with CE on response tokens (the project's Trainer); ``layer_reduced_copy`` does both from a model path and
 caches the result as an HF directory whose ``cotune_reduced.json`` records what it was built from, so that the same
 inputs return it at once and any change rebuilds it.
@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from cotune.data import Example, dataset_hash
-from cotune.lm.compress import (
+from cotune.algorithms.fedbiot.compress import (
     _num_layers_attr,
     _text_config,
     select_layers,
@@ -251,7 +251,7 @@ def layer_reduced_copy(
 
     src: an HF model directory or a .gguf file (converted once into ``cache_dir``, see
     :func:`cotune.lm.model.ensure_hf_dir`). The kept layers are spread uniformly with the first and the last kept
-    (:func:`cotune.lm.compress.uniform_layer_indices`, FedBiOT's emulator selection). The model is loaded in float32
+    (:func:`cotune.algorithms.fedbiot.compress.uniform_layer_indices`, FedBiOT's emulator selection). The model is loaded in float32
     on the CPU, reduced (:func:`reduce_layers`), healed (:func:`heal`, ``steps`` steps) and written as safetensors
     with the source's tokenizer files and ``cotune_reduced.json`` (format, source fingerprint, kept indices, the
     heal settings, the examples' content hash and the heal metrics).

@@ -16,10 +16,10 @@
 
 from __future__ import annotations
 
-from cotune.rpc.errors import InvalidInput
-from coordinator.strategies import lora_fed
-from coordinator.strategies.base import RunDriver, Strategy
-from coordinator.strategies.fedmkt import FedMKT
+from cotune.errors import InvalidInput
+from cotune.algorithms import steps as lora_fed
+from coordinator.driver import RunDriver, Strategy
+from cotune.algorithms.fedmkt.strategy import FedMKT
 
 
 class ZeroShot(Strategy):

@@ -67,70 +67,96 @@ class ListClientsResponse(_message.Message):
     def __init__(self, clients: _Optional[_Iterable[_Union[ClientRecord, _Mapping]]] = ...) -> None: ...
 
 class RunSpec(_message.Message):
-    __slots__ = ("name", "algorithm", "rounds", "clients", "setting", "top_k", "lam", "local_epochs", "distill_epochs", "selection", "min_clients", "step_timeout_s", "max_public_samples", "public_set_hash", "logits_bits", "alignment_method", "eval_max_samples", "max_length", "aggregation", "kd_weight", "fedbiot", "align_tokenizers")
+    __slots__ = ("name", "algorithm", "rounds", "clients", "public_set_hash", "min_clients", "step_timeout_s", "max_public_samples", "eval_max_samples", "max_length", "local_epochs", "fedmkt", "fedcollm", "fedbiot", "fedavg")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ALGORITHM_FIELD_NUMBER: _ClassVar[int]
     ROUNDS_FIELD_NUMBER: _ClassVar[int]
     CLIENTS_FIELD_NUMBER: _ClassVar[int]
-    SETTING_FIELD_NUMBER: _ClassVar[int]
-    TOP_K_FIELD_NUMBER: _ClassVar[int]
-    LAM_FIELD_NUMBER: _ClassVar[int]
-    LOCAL_EPOCHS_FIELD_NUMBER: _ClassVar[int]
-    DISTILL_EPOCHS_FIELD_NUMBER: _ClassVar[int]
-    SELECTION_FIELD_NUMBER: _ClassVar[int]
+    PUBLIC_SET_HASH_FIELD_NUMBER: _ClassVar[int]
     MIN_CLIENTS_FIELD_NUMBER: _ClassVar[int]
     STEP_TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
     MAX_PUBLIC_SAMPLES_FIELD_NUMBER: _ClassVar[int]
-    PUBLIC_SET_HASH_FIELD_NUMBER: _ClassVar[int]
-    LOGITS_BITS_FIELD_NUMBER: _ClassVar[int]
-    ALIGNMENT_METHOD_FIELD_NUMBER: _ClassVar[int]
     EVAL_MAX_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     MAX_LENGTH_FIELD_NUMBER: _ClassVar[int]
-    AGGREGATION_FIELD_NUMBER: _ClassVar[int]
-    KD_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_EPOCHS_FIELD_NUMBER: _ClassVar[int]
+    FEDMKT_FIELD_NUMBER: _ClassVar[int]
+    FEDCOLLM_FIELD_NUMBER: _ClassVar[int]
     FEDBIOT_FIELD_NUMBER: _ClassVar[int]
-    ALIGN_TOKENIZERS_FIELD_NUMBER: _ClassVar[int]
+    FEDAVG_FIELD_NUMBER: _ClassVar[int]
     name: str
     algorithm: str
     rounds: int
     clients: _containers.RepeatedScalarFieldContainer[str]
-    setting: str
-    top_k: int
-    lam: float
-    local_epochs: int
-    distill_epochs: int
-    selection: str
+    public_set_hash: str
     min_clients: int
     step_timeout_s: float
     max_public_samples: int
-    public_set_hash: str
-    logits_bits: int
-    alignment_method: str
     eval_max_samples: int
     max_length: int
-    aggregation: str
-    kd_weight: float
+    local_epochs: int
+    fedmkt: FedMKTSpec
+    fedcollm: FedCoLLMSpec
     fedbiot: FedBiOTSpec
+    fedavg: FedAvgSpec
+    def __init__(self, name: _Optional[str] = ..., algorithm: _Optional[str] = ..., rounds: _Optional[int] = ..., clients: _Optional[_Iterable[str]] = ..., public_set_hash: _Optional[str] = ..., min_clients: _Optional[int] = ..., step_timeout_s: _Optional[float] = ..., max_public_samples: _Optional[int] = ..., eval_max_samples: _Optional[int] = ..., max_length: _Optional[int] = ..., local_epochs: _Optional[int] = ..., fedmkt: _Optional[_Union[FedMKTSpec, _Mapping]] = ..., fedcollm: _Optional[_Union[FedCoLLMSpec, _Mapping]] = ..., fedbiot: _Optional[_Union[FedBiOTSpec, _Mapping]] = ..., fedavg: _Optional[_Union[FedAvgSpec, _Mapping]] = ...) -> None: ...
+
+class FedMKTSpec(_message.Message):
+    __slots__ = ("setting", "top_k", "ce_weight", "distill_epochs", "selection", "logits_bits", "alignment_method")
+    SETTING_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    CE_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    DISTILL_EPOCHS_FIELD_NUMBER: _ClassVar[int]
+    SELECTION_FIELD_NUMBER: _ClassVar[int]
+    LOGITS_BITS_FIELD_NUMBER: _ClassVar[int]
+    ALIGNMENT_METHOD_FIELD_NUMBER: _ClassVar[int]
+    setting: str
+    top_k: int
+    ce_weight: float
+    distill_epochs: int
+    selection: str
+    logits_bits: int
+    alignment_method: str
+    def __init__(self, setting: _Optional[str] = ..., top_k: _Optional[int] = ..., ce_weight: _Optional[float] = ..., distill_epochs: _Optional[int] = ..., selection: _Optional[str] = ..., logits_bits: _Optional[int] = ..., alignment_method: _Optional[str] = ...) -> None: ...
+
+class FedCoLLMSpec(_message.Message):
+    __slots__ = ("kl_weight", "distill_epochs", "aggregation", "align_tokenizers", "top_k")
+    KL_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    DISTILL_EPOCHS_FIELD_NUMBER: _ClassVar[int]
+    AGGREGATION_FIELD_NUMBER: _ClassVar[int]
+    ALIGN_TOKENIZERS_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    kl_weight: float
+    distill_epochs: int
+    aggregation: str
     align_tokenizers: bool
-    def __init__(self, name: _Optional[str] = ..., algorithm: _Optional[str] = ..., rounds: _Optional[int] = ..., clients: _Optional[_Iterable[str]] = ..., setting: _Optional[str] = ..., top_k: _Optional[int] = ..., lam: _Optional[float] = ..., local_epochs: _Optional[int] = ..., distill_epochs: _Optional[int] = ..., selection: _Optional[str] = ..., min_clients: _Optional[int] = ..., step_timeout_s: _Optional[float] = ..., max_public_samples: _Optional[int] = ..., public_set_hash: _Optional[str] = ..., logits_bits: _Optional[int] = ..., alignment_method: _Optional[str] = ..., eval_max_samples: _Optional[int] = ..., max_length: _Optional[int] = ..., aggregation: _Optional[str] = ..., kd_weight: _Optional[float] = ..., fedbiot: _Optional[_Union[FedBiOTSpec, _Mapping]] = ..., align_tokenizers: _Optional[bool] = ...) -> None: ...
+    top_k: int
+    def __init__(self, kl_weight: _Optional[float] = ..., distill_epochs: _Optional[int] = ..., aggregation: _Optional[str] = ..., align_tokenizers: _Optional[bool] = ..., top_k: _Optional[int] = ...) -> None: ...
 
 class FedBiOTSpec(_message.Message):
-    __slots__ = ("adapter_layers", "drop", "pre_align_steps", "align_steps", "beta", "prox_eps", "align_lr")
+    __slots__ = ("adapter_layers", "drop", "pre_align_steps", "align_steps", "kl_weight", "prox_eps", "align_lr", "aggregation")
     ADAPTER_LAYERS_FIELD_NUMBER: _ClassVar[int]
     DROP_FIELD_NUMBER: _ClassVar[int]
     PRE_ALIGN_STEPS_FIELD_NUMBER: _ClassVar[int]
     ALIGN_STEPS_FIELD_NUMBER: _ClassVar[int]
-    BETA_FIELD_NUMBER: _ClassVar[int]
+    KL_WEIGHT_FIELD_NUMBER: _ClassVar[int]
     PROX_EPS_FIELD_NUMBER: _ClassVar[int]
     ALIGN_LR_FIELD_NUMBER: _ClassVar[int]
+    AGGREGATION_FIELD_NUMBER: _ClassVar[int]
     adapter_layers: int
     drop: float
     pre_align_steps: int
     align_steps: int
-    beta: float
+    kl_weight: float
     prox_eps: float
     align_lr: float
-    def __init__(self, adapter_layers: _Optional[int] = ..., drop: _Optional[float] = ..., pre_align_steps: _Optional[int] = ..., align_steps: _Optional[int] = ..., beta: _Optional[float] = ..., prox_eps: _Optional[float] = ..., align_lr: _Optional[float] = ...) -> None: ...
+    aggregation: str
+    def __init__(self, adapter_layers: _Optional[int] = ..., drop: _Optional[float] = ..., pre_align_steps: _Optional[int] = ..., align_steps: _Optional[int] = ..., kl_weight: _Optional[float] = ..., prox_eps: _Optional[float] = ..., align_lr: _Optional[float] = ..., aggregation: _Optional[str] = ...) -> None: ...
+
+class FedAvgSpec(_message.Message):
+    __slots__ = ("aggregation",)
+    AGGREGATION_FIELD_NUMBER: _ClassVar[int]
+    aggregation: str
+    def __init__(self, aggregation: _Optional[str] = ...) -> None: ...
 
 class PartyMetrics(_message.Message):
     __slots__ = ("party_id", "metrics")

@@ -23,9 +23,10 @@ _sym_db = _symbol_database.Default()
 
 
 from cotune.v1 import common_pb2 as cotune_dot_v1_dot_common__pb2
+from google.protobuf import any_pb2 as google_dot_protobuf_dot_any__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x63otune/v1/operations.proto\x12\tcotune.v1\x1a\x16\x63otune/v1/common.proto\"G\n\x08Progress\x12\x0c\n\x04\x64one\x18\x01 \x01(\x03\x12\r\n\x05total\x18\x02 \x01(\x03\x12\r\n\x05stage\x18\x03 \x01(\t\x12\x0f\n\x07message\x18\x04 \x01(\t\"\xfb\x03\n\tOperation\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12(\n\x05state\x18\x03 \x01(\x0e\x32\x19.cotune.v1.OperationState\x12%\n\x08progress\x18\x04 \x01(\x0b\x32\x13.cotune.v1.Progress\x12\x12\n\nerror_code\x18\x05 \x01(\x05\x12\x15\n\rerror_message\x18\x06 \x01(\t\x12\x32\n\x07metrics\x18\x07 \x03(\x0b\x32!.cotune.v1.Operation.MetricsEntry\x12.\n\x05\x62lobs\x18\x08 \x03(\x0b\x32\x1f.cotune.v1.Operation.BlobsEntry\x12,\n\x04info\x18\t \x03(\x0b\x32\x1e.cotune.v1.Operation.InfoEntry\x12\x12\n\nstarted_at\x18\n \x01(\x01\x12\x13\n\x0b\x66inished_at\x18\x0b \x01(\x01\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a@\n\nBlobsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12!\n\x05value\x18\x02 \x01(\x0b\x32\x12.cotune.v1.BlobRef:\x02\x38\x01\x1a+\n\tInfoEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x19\n\x0bOperationId\x12\n\n\x02id\x18\x01 \x01(\t\"5\n\x14WaitOperationRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x11\n\ttimeout_s\x18\x02 \x01(\x01*\xa7\x01\n\x0eOperationState\x12\x1f\n\x1bOPERATION_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11OPERATION_PENDING\x10\x01\x12\x15\n\x11OPERATION_RUNNING\x10\x02\x12\x17\n\x13OPERATION_SUCCEEDED\x10\x03\x12\x14\n\x10OPERATION_FAILED\x10\x04\x12\x17\n\x13OPERATION_CANCELLED\x10\x05\x32\xd3\x01\n\nOperations\x12<\n\x0cGetOperation\x12\x16.cotune.v1.OperationId\x1a\x14.cotune.v1.Operation\x12\x46\n\rWaitOperation\x12\x1f.cotune.v1.WaitOperationRequest\x1a\x14.cotune.v1.Operation\x12?\n\x0f\x43\x61ncelOperation\x12\x16.cotune.v1.OperationId\x1a\x14.cotune.v1.Operationb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x63otune/v1/operations.proto\x12\tcotune.v1\x1a\x16\x63otune/v1/common.proto\x1a\x19google/protobuf/any.proto\"G\n\x08Progress\x12\x0c\n\x04\x64one\x18\x01 \x01(\x03\x12\r\n\x05total\x18\x02 \x01(\x03\x12\r\n\x05stage\x18\x03 \x01(\t\x12\x0f\n\x07message\x18\x04 \x01(\t\"\xa1\x04\n\tOperation\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12(\n\x05state\x18\x03 \x01(\x0e\x32\x19.cotune.v1.OperationState\x12%\n\x08progress\x18\x04 \x01(\x0b\x32\x13.cotune.v1.Progress\x12\x12\n\nerror_code\x18\x05 \x01(\x05\x12\x15\n\rerror_message\x18\x06 \x01(\t\x12\x32\n\x07metrics\x18\x07 \x03(\x0b\x32!.cotune.v1.Operation.MetricsEntry\x12.\n\x05\x62lobs\x18\x08 \x03(\x0b\x32\x1f.cotune.v1.Operation.BlobsEntry\x12,\n\x04info\x18\t \x03(\x0b\x32\x1e.cotune.v1.Operation.InfoEntry\x12\x12\n\nstarted_at\x18\n \x01(\x01\x12\x13\n\x0b\x66inished_at\x18\x0b \x01(\x01\x12$\n\x06result\x18\x0c \x01(\x0b\x32\x14.google.protobuf.Any\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a@\n\nBlobsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12!\n\x05value\x18\x02 \x01(\x0b\x32\x12.cotune.v1.BlobRef:\x02\x38\x01\x1a+\n\tInfoEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x19\n\x0bOperationId\x12\n\n\x02id\x18\x01 \x01(\t\"5\n\x14WaitOperationRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x11\n\ttimeout_s\x18\x02 \x01(\x01*\xa7\x01\n\x0eOperationState\x12\x1f\n\x1bOPERATION_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11OPERATION_PENDING\x10\x01\x12\x15\n\x11OPERATION_RUNNING\x10\x02\x12\x17\n\x13OPERATION_SUCCEEDED\x10\x03\x12\x14\n\x10OPERATION_FAILED\x10\x04\x12\x17\n\x13OPERATION_CANCELLED\x10\x05\x32\xd3\x01\n\nOperations\x12<\n\x0cGetOperation\x12\x16.cotune.v1.OperationId\x1a\x14.cotune.v1.Operation\x12\x46\n\rWaitOperation\x12\x1f.cotune.v1.WaitOperationRequest\x1a\x14.cotune.v1.Operation\x12?\n\x0f\x43\x61ncelOperation\x12\x16.cotune.v1.OperationId\x1a\x14.cotune.v1.Operationb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,22 +39,22 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_OPERATION_BLOBSENTRY']._serialized_options = b'8\001'
   _globals['_OPERATION_INFOENTRY']._loaded_options = None
   _globals['_OPERATION_INFOENTRY']._serialized_options = b'8\001'
-  _globals['_OPERATIONSTATE']._serialized_start=731
-  _globals['_OPERATIONSTATE']._serialized_end=898
-  _globals['_PROGRESS']._serialized_start=65
-  _globals['_PROGRESS']._serialized_end=136
-  _globals['_OPERATION']._serialized_start=139
-  _globals['_OPERATION']._serialized_end=646
-  _globals['_OPERATION_METRICSENTRY']._serialized_start=489
-  _globals['_OPERATION_METRICSENTRY']._serialized_end=535
-  _globals['_OPERATION_BLOBSENTRY']._serialized_start=537
-  _globals['_OPERATION_BLOBSENTRY']._serialized_end=601
-  _globals['_OPERATION_INFOENTRY']._serialized_start=603
-  _globals['_OPERATION_INFOENTRY']._serialized_end=646
-  _globals['_OPERATIONID']._serialized_start=648
-  _globals['_OPERATIONID']._serialized_end=673
-  _globals['_WAITOPERATIONREQUEST']._serialized_start=675
-  _globals['_WAITOPERATIONREQUEST']._serialized_end=728
-  _globals['_OPERATIONS']._serialized_start=901
-  _globals['_OPERATIONS']._serialized_end=1112
+  _globals['_OPERATIONSTATE']._serialized_start=796
+  _globals['_OPERATIONSTATE']._serialized_end=963
+  _globals['_PROGRESS']._serialized_start=92
+  _globals['_PROGRESS']._serialized_end=163
+  _globals['_OPERATION']._serialized_start=166
+  _globals['_OPERATION']._serialized_end=711
+  _globals['_OPERATION_METRICSENTRY']._serialized_start=554
+  _globals['_OPERATION_METRICSENTRY']._serialized_end=600
+  _globals['_OPERATION_BLOBSENTRY']._serialized_start=602
+  _globals['_OPERATION_BLOBSENTRY']._serialized_end=666
+  _globals['_OPERATION_INFOENTRY']._serialized_start=668
+  _globals['_OPERATION_INFOENTRY']._serialized_end=711
+  _globals['_OPERATIONID']._serialized_start=713
+  _globals['_OPERATIONID']._serialized_end=738
+  _globals['_WAITOPERATIONREQUEST']._serialized_start=740
+  _globals['_WAITOPERATIONREQUEST']._serialized_end=793
+  _globals['_OPERATIONS']._serialized_start=966
+  _globals['_OPERATIONS']._serialized_end=1177
 # @@protoc_insertion_point(module_scope)

@@ -1,4 +1,5 @@
 from cotune.v1 import common_pb2 as _common_pb2
+from google.protobuf import any_pb2 as _any_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
@@ -36,7 +37,7 @@ class Progress(_message.Message):
     def __init__(self, done: _Optional[int] = ..., total: _Optional[int] = ..., stage: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
 
 class Operation(_message.Message):
-    __slots__ = ("id", "kind", "state", "progress", "error_code", "error_message", "metrics", "blobs", "info", "started_at", "finished_at")
+    __slots__ = ("id", "kind", "state", "progress", "error_code", "error_message", "metrics", "blobs", "info", "started_at", "finished_at", "result")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -69,6 +70,7 @@ class Operation(_message.Message):
     INFO_FIELD_NUMBER: _ClassVar[int]
     STARTED_AT_FIELD_NUMBER: _ClassVar[int]
     FINISHED_AT_FIELD_NUMBER: _ClassVar[int]
+    RESULT_FIELD_NUMBER: _ClassVar[int]
     id: str
     kind: str
     state: OperationState
@@ -80,7 +82,8 @@ class Operation(_message.Message):
     info: _containers.ScalarMap[str, str]
     started_at: float
     finished_at: float
-    def __init__(self, id: _Optional[str] = ..., kind: _Optional[str] = ..., state: _Optional[_Union[OperationState, str]] = ..., progress: _Optional[_Union[Progress, _Mapping]] = ..., error_code: _Optional[int] = ..., error_message: _Optional[str] = ..., metrics: _Optional[_Mapping[str, float]] = ..., blobs: _Optional[_Mapping[str, _common_pb2.BlobRef]] = ..., info: _Optional[_Mapping[str, str]] = ..., started_at: _Optional[float] = ..., finished_at: _Optional[float] = ...) -> None: ...
+    result: _any_pb2.Any
+    def __init__(self, id: _Optional[str] = ..., kind: _Optional[str] = ..., state: _Optional[_Union[OperationState, str]] = ..., progress: _Optional[_Union[Progress, _Mapping]] = ..., error_code: _Optional[int] = ..., error_message: _Optional[str] = ..., metrics: _Optional[_Mapping[str, float]] = ..., blobs: _Optional[_Mapping[str, _common_pb2.BlobRef]] = ..., info: _Optional[_Mapping[str, str]] = ..., started_at: _Optional[float] = ..., finished_at: _Optional[float] = ..., result: _Optional[_Union[_any_pb2.Any, _Mapping]] = ...) -> None: ...
 
 class OperationId(_message.Message):
     __slots__ = ("id",)

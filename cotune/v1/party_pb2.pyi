@@ -83,18 +83,26 @@ class RunContext(_message.Message):
     def __init__(self, run_id: _Optional[str] = ..., round: _Optional[int] = ..., task_key: _Optional[str] = ..., public_set_hash: _Optional[str] = ...) -> None: ...
 
 class TrainLocalTask(_message.Message):
-    __slots__ = ("epochs", "lr", "batch_size", "max_samples", "prox_eps")
+    __slots__ = ("epochs", "lr", "batch_size", "max_samples")
     EPOCHS_FIELD_NUMBER: _ClassVar[int]
     LR_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_SAMPLES_FIELD_NUMBER: _ClassVar[int]
-    PROX_EPS_FIELD_NUMBER: _ClassVar[int]
     epochs: int
     lr: float
     batch_size: int
     max_samples: int
-    prox_eps: float
-    def __init__(self, epochs: _Optional[int] = ..., lr: _Optional[float] = ..., batch_size: _Optional[int] = ..., max_samples: _Optional[int] = ..., prox_eps: _Optional[float] = ...) -> None: ...
+    def __init__(self, epochs: _Optional[int] = ..., lr: _Optional[float] = ..., batch_size: _Optional[int] = ..., max_samples: _Optional[int] = ...) -> None: ...
+
+class TrainLocalResult(_message.Message):
+    __slots__ = ("samples", "loss_first", "loss_last")
+    SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    LOSS_FIRST_FIELD_NUMBER: _ClassVar[int]
+    LOSS_LAST_FIELD_NUMBER: _ClassVar[int]
+    samples: int
+    loss_first: float
+    loss_last: float
+    def __init__(self, samples: _Optional[int] = ..., loss_first: _Optional[float] = ..., loss_last: _Optional[float] = ...) -> None: ...
 
 class PublicLogitsTask(_message.Message):
     __slots__ = ("top_k", "max_samples", "bits", "max_length")
@@ -107,6 +115,14 @@ class PublicLogitsTask(_message.Message):
     bits: int
     max_length: int
     def __init__(self, top_k: _Optional[int] = ..., max_samples: _Optional[int] = ..., bits: _Optional[int] = ..., max_length: _Optional[int] = ...) -> None: ...
+
+class PublicLogitsResult(_message.Message):
+    __slots__ = ("shard", "public_loss_bpb")
+    SHARD_FIELD_NUMBER: _ClassVar[int]
+    PUBLIC_LOSS_BPB_FIELD_NUMBER: _ClassVar[int]
+    shard: _common_pb2.BlobRef
+    public_loss_bpb: float
+    def __init__(self, shard: _Optional[_Union[_common_pb2.BlobRef, _Mapping]] = ..., public_loss_bpb: _Optional[float] = ...) -> None: ...
 
 class TeacherShard(_message.Message):
     __slots__ = ("sender_id", "shard", "vocab_map", "sequence_alignment")
@@ -121,9 +137,9 @@ class TeacherShard(_message.Message):
     def __init__(self, sender_id: _Optional[str] = ..., shard: _Optional[_Union[_common_pb2.BlobRef, _Mapping]] = ..., vocab_map: _Optional[_Union[_common_pb2.BlobRef, _Mapping]] = ..., sequence_alignment: _Optional[_Union[_common_pb2.BlobRef, _Mapping]] = ...) -> None: ...
 
 class DistillTask(_message.Message):
-    __slots__ = ("teachers", "lam", "epochs", "selection", "max_samples", "lr", "batch_size", "max_length")
+    __slots__ = ("teachers", "ce_weight", "epochs", "selection", "max_samples", "lr", "batch_size", "max_length")
     TEACHERS_FIELD_NUMBER: _ClassVar[int]
-    LAM_FIELD_NUMBER: _ClassVar[int]
+    CE_WEIGHT_FIELD_NUMBER: _ClassVar[int]
     EPOCHS_FIELD_NUMBER: _ClassVar[int]
     SELECTION_FIELD_NUMBER: _ClassVar[int]
     MAX_SAMPLES_FIELD_NUMBER: _ClassVar[int]
@@ -131,14 +147,22 @@ class DistillTask(_message.Message):
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_LENGTH_FIELD_NUMBER: _ClassVar[int]
     teachers: _containers.RepeatedCompositeFieldContainer[TeacherShard]
-    lam: float
+    ce_weight: float
     epochs: int
     selection: str
     max_samples: int
     lr: float
     batch_size: int
     max_length: int
-    def __init__(self, teachers: _Optional[_Iterable[_Union[TeacherShard, _Mapping]]] = ..., lam: _Optional[float] = ..., epochs: _Optional[int] = ..., selection: _Optional[str] = ..., max_samples: _Optional[int] = ..., lr: _Optional[float] = ..., batch_size: _Optional[int] = ..., max_length: _Optional[int] = ...) -> None: ...
+    def __init__(self, teachers: _Optional[_Iterable[_Union[TeacherShard, _Mapping]]] = ..., ce_weight: _Optional[float] = ..., epochs: _Optional[int] = ..., selection: _Optional[str] = ..., max_samples: _Optional[int] = ..., lr: _Optional[float] = ..., batch_size: _Optional[int] = ..., max_length: _Optional[int] = ...) -> None: ...
+
+class DistillResult(_message.Message):
+    __slots__ = ("kd_before", "kd_after")
+    KD_BEFORE_FIELD_NUMBER: _ClassVar[int]
+    KD_AFTER_FIELD_NUMBER: _ClassVar[int]
+    kd_before: float
+    kd_after: float
+    def __init__(self, kd_before: _Optional[float] = ..., kd_after: _Optional[float] = ...) -> None: ...
 
 class EvaluateTask(_message.Message):
     __slots__ = ("max_samples", "target")
@@ -148,11 +172,25 @@ class EvaluateTask(_message.Message):
     target: str
     def __init__(self, max_samples: _Optional[int] = ..., target: _Optional[str] = ...) -> None: ...
 
+class EvaluateResult(_message.Message):
+    __slots__ = ("public_loss", "eval_accuracy")
+    PUBLIC_LOSS_FIELD_NUMBER: _ClassVar[int]
+    EVAL_ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    public_loss: float
+    eval_accuracy: float
+    def __init__(self, public_loss: _Optional[float] = ..., eval_accuracy: _Optional[float] = ...) -> None: ...
+
 class SetLoraTask(_message.Message):
     __slots__ = ("adapter",)
     ADAPTER_FIELD_NUMBER: _ClassVar[int]
     adapter: _common_pb2.BlobRef
     def __init__(self, adapter: _Optional[_Union[_common_pb2.BlobRef, _Mapping]] = ...) -> None: ...
+
+class SetLoraResult(_message.Message):
+    __slots__ = ("lora_hash",)
+    LORA_HASH_FIELD_NUMBER: _ClassVar[int]
+    lora_hash: str
+    def __init__(self, lora_hash: _Optional[str] = ...) -> None: ...
 
 class GetLoraTask(_message.Message):
     __slots__ = ("target", "tag")
@@ -162,10 +200,18 @@ class GetLoraTask(_message.Message):
     tag: bool
     def __init__(self, target: _Optional[str] = ..., tag: _Optional[bool] = ...) -> None: ...
 
+class GetLoraResult(_message.Message):
+    __slots__ = ("adapter", "lora_hash")
+    ADAPTER_FIELD_NUMBER: _ClassVar[int]
+    LORA_HASH_FIELD_NUMBER: _ClassVar[int]
+    adapter: _common_pb2.BlobRef
+    lora_hash: str
+    def __init__(self, adapter: _Optional[_Union[_common_pb2.BlobRef, _Mapping]] = ..., lora_hash: _Optional[str] = ...) -> None: ...
+
 class CoDistillTask(_message.Message):
-    __slots__ = ("slm_adapter", "lam", "epochs", "max_samples", "lr", "slm_lr", "batch_size", "max_length", "llm_to_slm_map", "slm_to_llm_map", "top_k")
+    __slots__ = ("slm_adapter", "kl_weight", "epochs", "max_samples", "lr", "slm_lr", "batch_size", "max_length", "llm_to_slm_map", "slm_to_llm_map", "top_k")
     SLM_ADAPTER_FIELD_NUMBER: _ClassVar[int]
-    LAM_FIELD_NUMBER: _ClassVar[int]
+    KL_WEIGHT_FIELD_NUMBER: _ClassVar[int]
     EPOCHS_FIELD_NUMBER: _ClassVar[int]
     MAX_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     LR_FIELD_NUMBER: _ClassVar[int]
@@ -176,7 +222,7 @@ class CoDistillTask(_message.Message):
     SLM_TO_LLM_MAP_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     slm_adapter: _common_pb2.BlobRef
-    lam: float
+    kl_weight: float
     epochs: int
     max_samples: int
     lr: float
@@ -186,7 +232,21 @@ class CoDistillTask(_message.Message):
     llm_to_slm_map: _common_pb2.BlobRef
     slm_to_llm_map: _common_pb2.BlobRef
     top_k: int
-    def __init__(self, slm_adapter: _Optional[_Union[_common_pb2.BlobRef, _Mapping]] = ..., lam: _Optional[float] = ..., epochs: _Optional[int] = ..., max_samples: _Optional[int] = ..., lr: _Optional[float] = ..., slm_lr: _Optional[float] = ..., batch_size: _Optional[int] = ..., max_length: _Optional[int] = ..., llm_to_slm_map: _Optional[_Union[_common_pb2.BlobRef, _Mapping]] = ..., slm_to_llm_map: _Optional[_Union[_common_pb2.BlobRef, _Mapping]] = ..., top_k: _Optional[int] = ...) -> None: ...
+    def __init__(self, slm_adapter: _Optional[_Union[_common_pb2.BlobRef, _Mapping]] = ..., kl_weight: _Optional[float] = ..., epochs: _Optional[int] = ..., max_samples: _Optional[int] = ..., lr: _Optional[float] = ..., slm_lr: _Optional[float] = ..., batch_size: _Optional[int] = ..., max_length: _Optional[int] = ..., llm_to_slm_map: _Optional[_Union[_common_pb2.BlobRef, _Mapping]] = ..., slm_to_llm_map: _Optional[_Union[_common_pb2.BlobRef, _Mapping]] = ..., top_k: _Optional[int] = ...) -> None: ...
+
+class CoDistillResult(_message.Message):
+    __slots__ = ("slm_adapter", "received_lora_hash", "llm_lora_hash", "llm_kl_before", "llm_kl_after")
+    SLM_ADAPTER_FIELD_NUMBER: _ClassVar[int]
+    RECEIVED_LORA_HASH_FIELD_NUMBER: _ClassVar[int]
+    LLM_LORA_HASH_FIELD_NUMBER: _ClassVar[int]
+    LLM_KL_BEFORE_FIELD_NUMBER: _ClassVar[int]
+    LLM_KL_AFTER_FIELD_NUMBER: _ClassVar[int]
+    slm_adapter: _common_pb2.BlobRef
+    received_lora_hash: str
+    llm_lora_hash: str
+    llm_kl_before: float
+    llm_kl_after: float
+    def __init__(self, slm_adapter: _Optional[_Union[_common_pb2.BlobRef, _Mapping]] = ..., received_lora_hash: _Optional[str] = ..., llm_lora_hash: _Optional[str] = ..., llm_kl_before: _Optional[float] = ..., llm_kl_after: _Optional[float] = ...) -> None: ...
 
 class CompressTask(_message.Message):
     __slots__ = ("adapter_layers", "drop")
@@ -196,23 +256,43 @@ class CompressTask(_message.Message):
     drop: float
     def __init__(self, adapter_layers: _Optional[int] = ..., drop: _Optional[float] = ...) -> None: ...
 
+class CompressResult(_message.Message):
+    __slots__ = ("model", "layer_map", "original_layers", "adapter_layers")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    LAYER_MAP_FIELD_NUMBER: _ClassVar[int]
+    ORIGINAL_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    model: _common_pb2.BlobRef
+    layer_map: _containers.RepeatedScalarFieldContainer[int]
+    original_layers: int
+    adapter_layers: int
+    def __init__(self, model: _Optional[_Union[_common_pb2.BlobRef, _Mapping]] = ..., layer_map: _Optional[_Iterable[int]] = ..., original_layers: _Optional[int] = ..., adapter_layers: _Optional[int] = ...) -> None: ...
+
 class AlignEmulatorTask(_message.Message):
-    __slots__ = ("adapter", "steps", "beta", "lr", "batch_size", "max_length", "max_samples")
+    __slots__ = ("adapter", "steps", "kl_weight", "lr", "batch_size", "max_length", "max_samples")
     ADAPTER_FIELD_NUMBER: _ClassVar[int]
     STEPS_FIELD_NUMBER: _ClassVar[int]
-    BETA_FIELD_NUMBER: _ClassVar[int]
+    KL_WEIGHT_FIELD_NUMBER: _ClassVar[int]
     LR_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_LENGTH_FIELD_NUMBER: _ClassVar[int]
     MAX_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     adapter: _common_pb2.BlobRef
     steps: int
-    beta: float
+    kl_weight: float
     lr: float
     batch_size: int
     max_length: int
     max_samples: int
-    def __init__(self, adapter: _Optional[_Union[_common_pb2.BlobRef, _Mapping]] = ..., steps: _Optional[int] = ..., beta: _Optional[float] = ..., lr: _Optional[float] = ..., batch_size: _Optional[int] = ..., max_length: _Optional[int] = ..., max_samples: _Optional[int] = ...) -> None: ...
+    def __init__(self, adapter: _Optional[_Union[_common_pb2.BlobRef, _Mapping]] = ..., steps: _Optional[int] = ..., kl_weight: _Optional[float] = ..., lr: _Optional[float] = ..., batch_size: _Optional[int] = ..., max_length: _Optional[int] = ..., max_samples: _Optional[int] = ...) -> None: ...
+
+class AlignEmulatorResult(_message.Message):
+    __slots__ = ("lora_hash", "full_lora_hash")
+    LORA_HASH_FIELD_NUMBER: _ClassVar[int]
+    FULL_LORA_HASH_FIELD_NUMBER: _ClassVar[int]
+    lora_hash: str
+    full_lora_hash: str
+    def __init__(self, lora_hash: _Optional[str] = ..., full_lora_hash: _Optional[str] = ...) -> None: ...
 
 class LoadModelTask(_message.Message):
     __slots__ = ("model",)
@@ -220,8 +300,32 @@ class LoadModelTask(_message.Message):
     model: _common_pb2.BlobRef
     def __init__(self, model: _Optional[_Union[_common_pb2.BlobRef, _Mapping]] = ...) -> None: ...
 
+class LoadModelResult(_message.Message):
+    __slots__ = ("model", "lora_hash", "lora_layout_hash")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    LORA_HASH_FIELD_NUMBER: _ClassVar[int]
+    LORA_LAYOUT_HASH_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    lora_hash: str
+    lora_layout_hash: str
+    def __init__(self, model: _Optional[str] = ..., lora_hash: _Optional[str] = ..., lora_layout_hash: _Optional[str] = ...) -> None: ...
+
+class TrainAdapterTask(_message.Message):
+    __slots__ = ("epochs", "prox_eps", "lr", "batch_size", "max_samples")
+    EPOCHS_FIELD_NUMBER: _ClassVar[int]
+    PROX_EPS_FIELD_NUMBER: _ClassVar[int]
+    LR_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    MAX_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    epochs: int
+    prox_eps: float
+    lr: float
+    batch_size: int
+    max_samples: int
+    def __init__(self, epochs: _Optional[int] = ..., prox_eps: _Optional[float] = ..., lr: _Optional[float] = ..., batch_size: _Optional[int] = ..., max_samples: _Optional[int] = ...) -> None: ...
+
 class TaskRequest(_message.Message):
-    __slots__ = ("ctx", "train_local", "public_logits", "distill", "evaluate", "set_lora", "get_lora", "co_distill", "compress", "align_emulator", "load_model")
+    __slots__ = ("ctx", "train_local", "public_logits", "distill", "evaluate", "set_lora", "get_lora", "co_distill", "compress", "align_emulator", "load_model", "train_adapter")
     CTX_FIELD_NUMBER: _ClassVar[int]
     TRAIN_LOCAL_FIELD_NUMBER: _ClassVar[int]
     PUBLIC_LOGITS_FIELD_NUMBER: _ClassVar[int]
@@ -233,6 +337,7 @@ class TaskRequest(_message.Message):
     COMPRESS_FIELD_NUMBER: _ClassVar[int]
     ALIGN_EMULATOR_FIELD_NUMBER: _ClassVar[int]
     LOAD_MODEL_FIELD_NUMBER: _ClassVar[int]
+    TRAIN_ADAPTER_FIELD_NUMBER: _ClassVar[int]
     ctx: RunContext
     train_local: TrainLocalTask
     public_logits: PublicLogitsTask
@@ -244,4 +349,5 @@ class TaskRequest(_message.Message):
     compress: CompressTask
     align_emulator: AlignEmulatorTask
     load_model: LoadModelTask
-    def __init__(self, ctx: _Optional[_Union[RunContext, _Mapping]] = ..., train_local: _Optional[_Union[TrainLocalTask, _Mapping]] = ..., public_logits: _Optional[_Union[PublicLogitsTask, _Mapping]] = ..., distill: _Optional[_Union[DistillTask, _Mapping]] = ..., evaluate: _Optional[_Union[EvaluateTask, _Mapping]] = ..., set_lora: _Optional[_Union[SetLoraTask, _Mapping]] = ..., get_lora: _Optional[_Union[GetLoraTask, _Mapping]] = ..., co_distill: _Optional[_Union[CoDistillTask, _Mapping]] = ..., compress: _Optional[_Union[CompressTask, _Mapping]] = ..., align_emulator: _Optional[_Union[AlignEmulatorTask, _Mapping]] = ..., load_model: _Optional[_Union[LoadModelTask, _Mapping]] = ...) -> None: ...
+    train_adapter: TrainAdapterTask
+    def __init__(self, ctx: _Optional[_Union[RunContext, _Mapping]] = ..., train_local: _Optional[_Union[TrainLocalTask, _Mapping]] = ..., public_logits: _Optional[_Union[PublicLogitsTask, _Mapping]] = ..., distill: _Optional[_Union[DistillTask, _Mapping]] = ..., evaluate: _Optional[_Union[EvaluateTask, _Mapping]] = ..., set_lora: _Optional[_Union[SetLoraTask, _Mapping]] = ..., get_lora: _Optional[_Union[GetLoraTask, _Mapping]] = ..., co_distill: _Optional[_Union[CoDistillTask, _Mapping]] = ..., compress: _Optional[_Union[CompressTask, _Mapping]] = ..., align_emulator: _Optional[_Union[AlignEmulatorTask, _Mapping]] = ..., load_model: _Optional[_Union[LoadModelTask, _Mapping]] = ..., train_adapter: _Optional[_Union[TrainAdapterTask, _Mapping]] = ...) -> None: ...

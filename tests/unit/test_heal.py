@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from cotune.data import load_task
-from cotune.lm import heal as heal_mod
+from cotune.demo import heal as heal_mod
 from cotune.algorithms.fedbiot.compress import (
     decoder_layers_prefix,
     emulator_layer_indices,

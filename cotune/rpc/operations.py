@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import grpc
+from google.protobuf.message import Message
 
 from cotune.errors import NotFound, rpc_method, status_for
 from cotune.v1 import operations_pb2 as ops_pb2
@@ -33,9 +34,10 @@ class Cancelled(Exception):
 
 @dataclass
 class OpResult:
-    metrics: dict[str, float] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)  # for the run record: every number worth keeping
     blobs: dict = field(default_factory=dict)  # name -> cotune.wire.blobs.Blob
     info: dict[str, str] = field(default_factory=dict)
+    result: Message | None = None  # the task's typed result message, packed into Operation.result
 
 
 class OperationContext:
@@ -113,6 +115,8 @@ class OperationManager:
                 op.blobs[name].CopyFrom(blob.ref())
             for name, value in result.info.items():
                 op.info[name] = str(value)
+            if result.result is not None:
+                op.result.Pack(result.result)
 
         self._update(op_id, fill)
         self._finish(op_id, State.OPERATION_SUCCEEDED)

@@ -12,7 +12,8 @@ import grpc
 import pytest
 import torch
 
-from cotune.algorithms.fedbiot.compress import INITIAL_LORA_FILE, LAYER_MAP_FILE, emulator_layer_indices, unpack_dir
+from cotune.algorithms.fedbiot.compress import INITIAL_LORA_FILE, LAYER_MAP_FILE, unpack_dir
+from cotune.algorithms.fedbiot.plan import emulator_layer_indices
 from cotune.lm.lora import lora_from_bytes, lora_to_bytes
 from cotune.v1 import coordinator_pb2 as pb
 from cotune.v1 import party_pb2

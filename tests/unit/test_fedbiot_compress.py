@@ -13,13 +13,12 @@ from cotune.algorithms.fedbiot.compress import (
     LAYER_MAP_FILE,
     adapter_lora_state,
     compress,
-    decoder_layers_prefix,
-    emulator_layer_indices,
     load_layer_map,
-    plan,
     plug_adapter_into_full,
     save_compressed,
 )
+from cotune.algorithms.fedbiot.plan import emulator_layer_indices, plan
+from cotune.lm.layers import decoder_layers_prefix
 from cotune.demo.tiny import make_tiny_model
 from tests.unit.lm_fixtures import needs_tokenizer
 

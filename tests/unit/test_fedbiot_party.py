@@ -123,12 +123,8 @@ def _wait(party, op):
 def test_server_compresses_clients_train_server_aligns(setup, tmp_path):
     import json
 
-    from cotune.algorithms.fedbiot.compress import (
-        INITIAL_LORA_FILE,
-        LAYER_MAP_FILE,
-        decoder_layers_prefix,
-        unpack_dir,
-    )
+    from cotune.algorithms.fedbiot.compress import INITIAL_LORA_FILE, LAYER_MAP_FILE, unpack_dir
+    from cotune.lm.layers import decoder_layers_prefix
     from cotune.algorithms.fedbiot.losses import lora_part_state
     from cotune.lm.lora import lora_from_bytes, lora_state_dict
     from cotune.errors import InvalidInput, Precondition

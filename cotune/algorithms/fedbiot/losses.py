@@ -18,7 +18,8 @@ from contextlib import contextmanager
 
 import torch
 
-from cotune.algorithms.fedbiot.compress import adapter_indices, decoder_layers_prefix, layer_of
+from cotune.algorithms.fedbiot.compress import adapter_indices
+from cotune.lm.layers import decoder_layers_prefix, layer_of
 from cotune.lm.lora import LoraMismatchError, _lora_params
 from cotune.lm.losses import ce_loss, kl_full
 
@@ -85,7 +86,7 @@ def lora_part_state(model, layer_map: dict[int, int], part: str, *, adapter_laye
 @contextmanager
 def _capture_layer_input(model, index: int):
     """Record the hidden state entering decoder layer `index` (positional or keyword hidden_states)."""
-    from cotune.algorithms.fedbiot.compress import _unwrap
+    from cotune.lm.layers import _unwrap
 
     prefix = decoder_layers_prefix(model)
     layers = _unwrap(model).get_submodule(prefix)

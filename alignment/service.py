@@ -15,7 +15,7 @@ import threading
 from pathlib import Path
 
 from cotune.config import AlignmentConfig
-from cotune.data import read_jsonl_bytes
+from cotune.data import MalformedDataError, read_jsonl_bytes
 from cotune.errors import InvalidInput, NotFound, Precondition, rpc_method
 from cotune.rpc.operations import OperationManager, OpResult
 from cotune.rpc.server import ServiceHost, tls_files
@@ -64,9 +64,12 @@ class AlignmentService:
         if tok is None:
             if not self.store.has(sha):
                 raise NotFound(f"tokenizer {sha[:16]}… is not registered; call RegisterTokenizer first")
-            from cotune.align.tokenizers import tokenizer_from_bundle
+            from cotune.align.tokenizers import TokenizerLoadError, tokenizer_from_bundle
 
-            tok = tokenizer_from_bundle(self.store.read_bytes(sha, max_bytes=MAX_BUNDLE_BYTES))
+            try:  # a stored blob that was never registered may be any bytes
+                tok = tokenizer_from_bundle(self.store.read_bytes(sha, max_bytes=MAX_BUNDLE_BYTES))
+            except TokenizerLoadError as exc:
+                raise InvalidInput(f"blob {sha[:16]}… is not a readable tokenizer bundle: {exc}") from exc
             with self._lock:
                 self._tokenizers[sha] = tok
         return tok
@@ -126,7 +129,10 @@ class AlignmentService:
         sha = check_sha(req.public_set_hash)
         if not self.store.has(sha):
             raise Precondition(f"public set {sha[:16]}… is not stored here; upload its canonical JSONL with PutBlob first")
-        examples = read_jsonl_bytes(self.store.read_bytes(sha))
+        try:
+            examples = read_jsonl_bytes(self.store.read_bytes(sha), name=f"public set {sha[:16]}…")
+        except MalformedDataError as exc:  # the message names the public set and the line
+            raise InvalidInput(f"{exc} (a public set is JSONL of examples)") from exc
         key = f"seq-align/{method}/{max_length}/{req.src_hash}/{req.dst_hash}/{sha}"
 
         def build(ctx):

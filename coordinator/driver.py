@@ -1,24 +1,32 @@
-"""What every strategy builds on: a `RunDriver` that runs resumable steps against the services.
+"""The run driver: runs a strategy's steps against the services, resumably, and moves every byte.
 
-A step has a key unique within its run. Its result (metrics and blob ids, JSON) is stored when it
-completes; a restarted coordinator replays the strategy and completed steps return their stored result
-at once. Tasks carry the step key to the party, so a step that was in flight when the coordinator died is
-re-attached to the same operation instead of being recomputed.
+A step has a key unique within its run. Its result is stored when it completes; a restarted coordinator replays the
+strategy and completed steps return their stored result at once. Tasks carry the step key to the party, so a step
+that was in flight when the coordinator died is re-attached to the same operation instead of being recomputed.
+
+Transport is the driver's alone: before a task starts it pushes every blob the request names (cotune.tasks), after it
+succeeds it pulls every blob the typed result names into the artifact store, and it counts the bytes of each transfer
+in the round record under `<task>.<field>` (e.g. `distill.teachers.shard` sent, `public_logits.shard` received).
+Strategies (cotune/algorithms) only decide what to run.
 """
 
 from __future__ import annotations
 
+import base64
 import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 
 import grpc
+from google.protobuf.message import Message
 
-from cotune.rpc.clients import AlignmentClient, PartyClient
+from cotune.algorithms.base import PartyRef, StepOutcome, TaskOutcome
+from cotune.algorithms.config import RunConfig
 from cotune.errors import Precondition, RpcError
+from cotune.rpc.clients import AlignmentClient, PartyClient
+from cotune.tasks import RESULT_TYPES, request_blobs, result_blobs
 from cotune.v1 import coordinator_pb2 as pb
 from cotune.v1 import operations_pb2, party_pb2
 from cotune.wire.blobs import BlobStore
@@ -31,35 +39,23 @@ class RunCancelled(Exception):
     pass
 
 
-@dataclass
-class Party:
-    party_id: str
-    role: str               # "llm" | "slm"
-    client: PartyClient
-    info: party_pb2.PartyInfo
-
-
-@dataclass
-class StepOutcome:
-    ok: dict = field(default_factory=dict)       # party_id -> result
-    failed: dict = field(default_factory=dict)   # party_id -> error message
-
-
 class RunDriver:
-    def __init__(self, *, run: pb.Run, store: StateStore, artifacts: BlobStore, llm: Party, clients: Sequence[Party],
+    def __init__(self, *, run: pb.Run, config: RunConfig, store: StateStore, artifacts: BlobStore,
+                 llm: tuple[PartyRef, PartyClient], clients: Sequence[tuple[PartyRef, PartyClient]],
                  alignment: AlignmentClient | None, cancel_event: threading.Event):
-        self.run = run
+        self.record = run
         self.run_id = run.run_id
-        self.spec = run.spec
+        self.run = config
         self.store = store
         self.artifacts = artifacts
-        self.llm = llm
-        self.clients = list(clients)
+        self.llm = llm[0]
+        self.clients = [ref for ref, _ in clients]
+        self._rpc: dict[str, PartyClient] = {ref.party_id: client for ref, client in [llm, *clients]}
         self.alignment = alignment
         self._cancel = cancel_event
         self._lock = threading.RLock()
-        self.public_set_hash = ""
-        self.timeout_s = self.spec.step_timeout_s or 1800.0
+        self.public_set_hash = run.spec.public_set_hash
+        self.timeout_s = config.step_timeout_s
 
     # -- state -------------------------------------------------------------------------------------------------
     def check_cancelled(self) -> None:
@@ -68,19 +64,19 @@ class RunDriver:
 
     def save(self) -> None:
         with self._lock:
-            self.store.put_run(self.run)
+            self.store.put_run(self.record)
 
     def emit(self, kind: str, *, round: int = 0, step: str = "", party_id: str = "", done: int = 0, total: int = 0,
              message: str = "") -> None:
         self.store.add_event(pb.RunEvent(run_id=self.run_id, kind=kind, round=round, step=step, party_id=party_id,
-                                         done=done, total=total, message=message, state=self.run.state))
+                                         done=done, total=total, message=message, state=self.record.state))
 
     def round_record(self, round: int) -> pb.RoundRecord:
         with self._lock:
-            for rec in self.run.rounds:
+            for rec in self.record.rounds:
                 if rec.round == round:
                     return rec
-            rec = self.run.rounds.add(round=round, started_at=time.time())
+            rec = self.record.rounds.add(round=round, started_at=time.time())
             return rec
 
     def record_metrics(self, round: int, party_id: str, metrics: dict) -> None:
@@ -111,14 +107,19 @@ class RunDriver:
 
     def set_step(self, round: int, step: str) -> None:
         with self._lock:
-            self.run.current_round = round
-            self.run.current_step = step
+            self.record.current_round = round
+            self.record.current_step = step
             self.save()
         self.emit("step", round=round, step=step)
 
+    def record_artifact(self, round: int, name: str, sha: str) -> None:
+        with self._lock:
+            self.round_record(round).artifacts[name] = sha
+            self.save()
+
     # -- steps -------------------------------------------------------------------------------------------------
-    def step(self, key: str, fn: Callable[[], dict]) -> dict:
-        """Run `fn` once per run: a stored result short-circuits it."""
+    def local_step(self, key: str, fn: Callable[[], dict]) -> dict:
+        """Run `fn` (work done here, on the coordinator) once per run: a stored result short-circuits it."""
         self.check_cancelled()
         done = self.store.step_result(self.run_id, key)
         if done is not None:
@@ -127,16 +128,19 @@ class RunDriver:
         self.store.put_step(self.run_id, key, result)
         return result
 
-    def task(self, party: Party, round: int, step: str, *, before: Callable[[], None] | None = None, **task) -> dict:
-        """Run one task on a party as a resumable step; returns {'metrics': {...}, 'blobs': {name: sha}, 'info': {...}}.
-        `before` runs first inside the step (e.g. delivering the blobs the task reads)."""
+    def task(self, party: PartyRef, round: int, step: str, **task: Message) -> TaskOutcome:
+        """Run one task on a party as a resumable step: push the blobs the request names, run it, pull the blobs its
+        typed result names. Returns the typed result and the party's metrics."""
+        (kind, body), = task.items()
         key = f"r{round}/{step}/{party.party_id}"
+        result_type = RESULT_TYPES[kind]
+        client = self._rpc[party.party_id]
 
-        def run_task():
-            if before is not None:
-                before()
+        def run_task() -> dict:
             ctx = party_pb2.RunContext(run_id=self.run_id, round=round, task_key=key, public_set_hash=self.public_set_hash)
-            request = party_pb2.TaskRequest(ctx=ctx, **task)
+            request = party_pb2.TaskRequest(ctx=ctx, **{kind: body})
+            for name, ref in request_blobs(request):
+                self.count_bytes(round, "sent", name, client.push(self.artifacts, ref.sha256))
 
             def on_progress(op: operations_pb2.Operation):
                 p = op.progress
@@ -144,13 +148,20 @@ class RunDriver:
                     self.emit("progress", round=round, step=step, party_id=party.party_id, done=p.done, total=p.total,
                               message=p.stage)
 
-            op = party.client.run_task(request, timeout_s=self.timeout_s, on_progress=on_progress,
-                                       should_stop=self._cancel.is_set)
-            return {"metrics": dict(op.metrics), "blobs": {n: b.sha256 for n, b in op.blobs.items()}, "info": dict(op.info)}
+            op = client.run_task(request, timeout_s=self.timeout_s, on_progress=on_progress,
+                                 should_stop=self._cancel.is_set)
+            result = result_type()
+            if not op.result.Unpack(result):
+                raise Precondition(f"{party.party_id} answered {kind} with {op.result.type_url or 'no result'}, "
+                                   f"expected {result_type.DESCRIPTOR.full_name}")
+            for name, ref in result_blobs(kind, result):
+                self.count_bytes(round, "received", name, client.pull(self.artifacts, ref.sha256))
+            return {"metrics": dict(op.metrics), "result": base64.b64encode(result.SerializeToString()).decode()}
 
-        return self.step(key, run_task)
+        stored = self.local_step(key, run_task)
+        return TaskOutcome(result_type.FromString(base64.b64decode(stored["result"])), stored["metrics"])
 
-    def on_parties(self, parties: Sequence[Party], round: int, step: str, fn: Callable[[Party], dict],
+    def on_parties(self, parties: Sequence[PartyRef], round: int, step: str, fn: Callable[[PartyRef], object],
                    *, quorum: int | None = None) -> StepOutcome:
         """Run `fn` for every party in parallel. A party that fails is dropped from the round and reported;
         the step fails only when fewer than `quorum` parties succeed."""
@@ -175,46 +186,66 @@ class RunDriver:
                                f"quorum is {needed}: " + "; ".join(f"{k}: {v}" for k, v in outcome.failed.items()))
         return outcome
 
-    # -- blobs ---------------------------------------------------------------------------------------------------
-    def fetch(self, party: Party, sha: str, round: int, kind: str) -> None:
-        """Store-and-forward, inbound: pull a party's blob into the coordinator's artifact store."""
-        self.count_bytes(round, "received", kind, party.client.pull(self.artifacts, sha))
-
-    def deliver(self, party: Party, sha: str, round: int, kind: str) -> None:
-        """Store-and-forward, outbound: push an artifact to a party (no-op when it already holds it)."""
-        self.count_bytes(round, "sent", kind, party.client.push(self.artifacts, sha))
-
+    # -- artifacts ------------------------------------------------------------------------------------------------
     def ref(self, sha: str):
         return self.artifacts.stat(sha).ref()
 
-    # -- alignment service -------------------------------------------------------------------------------------------
-    def register_tokenizers(self, bundles: Sequence[tuple[Party, str]]) -> None:
-        """Give the alignment service tokenizer bundles it may build maps between: (the party holding it, its sha)."""
-        for holder, sha in bundles:
-            self.fetch(holder, sha, 0, "tokenizer")
-            self.count_bytes(0, "sent", "tokenizer", self.alignment.push(self.artifacts, sha))
-            self.alignment.register_tokenizer(self.ref(sha))
+    def read_artifact(self, sha: str) -> bytes:
+        return self.artifacts.read_bytes(sha)
 
-    def alignment_artifact(self, op: operations_pb2.Operation, kind: str, party_id: str) -> str:
+    def put_artifact(self, data: bytes, media_type: str) -> str:
+        return self.artifacts.put_bytes(data, media_type).sha256
+
+    # -- alignment service -------------------------------------------------------------------------------------------
+    def _alignment(self) -> AlignmentClient:
+        if self.alignment is None:
+            raise Precondition("this run needs the alignment service (the parties use different tokenizers), but the "
+                               "coordinator has none configured (coordinator config: alignment)")
+        return self.alignment
+
+    def _register_tokenizer(self, holder: PartyRef, sha: str) -> None:
+        """Give the alignment service a tokenizer bundle it may build maps between, pulled from `holder`."""
+        alignment = self._alignment()
+        self.count_bytes(0, "received", "tokenizer", self._rpc[holder.party_id].pull(self.artifacts, sha))
+        self.count_bytes(0, "sent", "tokenizer", alignment.push(self.artifacts, sha))
+        alignment.register_tokenizer(self.ref(sha))
+
+    def _build(self, op: operations_pb2.Operation, kind: str, party_id: str) -> str:
         """Wait for an alignment-service build (reporting its progress), pull its result here; returns its sha."""
         def progress(o):
             if o.progress.total:
                 self.emit("progress", step=f"align:{kind}", party_id=party_id, done=o.progress.done,
                           total=o.progress.total, message=o.progress.stage)
 
-        op = self.alignment.wait(op, timeout_s=self.timeout_s, on_progress=progress)
+        op = self._alignment().wait(op, timeout_s=self.timeout_s, on_progress=progress)
         sha = next(iter(op.blobs.values())).sha256
-        self.count_bytes(0, "received", kind, self.alignment.pull(self.artifacts, sha))
+        self.count_bytes(0, "received", kind, self._alignment().pull(self.artifacts, sha))
         return sha
 
+    def vocab_map(self, src: PartyRef, dst: PartyRef) -> str:
+        """MinED map from src's tokenizer to dst's, built once per run (the alignment service caches across runs)."""
+        src_tok, dst_tok = src.info.tokenizer_hash, dst.info.tokenizer_hash
 
-class Strategy:
-    """One algorithm: validates a spec against the parties, then drives the rounds."""
+        def build():
+            self._register_tokenizer(src, src.info.tokenizer_bundle.sha256)
+            self._register_tokenizer(dst, dst.info.tokenizer_bundle.sha256)
+            return {"sha": self._build(self._alignment().build_vocab_map(src_tok, dst_tok), "vocab_map", dst.party_id)}
 
-    name = ""
+        return self.local_step(f"r0/vocab_map/{src_tok}/{dst_tok}", build)["sha"]
 
-    def validate(self, spec: pb.RunSpec, llm_info: party_pb2.PartyInfo, client_infos: dict[str, party_pb2.PartyInfo]) -> None:
-        raise NotImplementedError
+    def sequence_alignment(self, src: PartyRef, dst: PartyRef, *, method: str, max_length: int) -> str:
+        """Public-set positions of src's tokenization -> dst's, built once per run."""
+        src_tok, dst_tok = src.info.tokenizer_hash, dst.info.tokenizer_hash
 
-    def execute(self, driver: RunDriver) -> None:
-        raise NotImplementedError
+        def build():
+            alignment = self._alignment()
+            self.count_bytes(0, "received", "public_set",
+                             self._rpc[self.llm.party_id].pull(self.artifacts, self.public_set_hash))
+            self.count_bytes(0, "sent", "public_set", alignment.push(self.artifacts, self.public_set_hash))
+            self._register_tokenizer(src, src.info.tokenizer_bundle.sha256)
+            self._register_tokenizer(dst, dst.info.tokenizer_bundle.sha256)
+            op = alignment.build_sequence_alignment(src_tok, dst_tok, self.public_set_hash, method=method,
+                                                    max_length=max_length)
+            return {"sha": self._build(op, "seq_alignment", dst.party_id)}
+
+        return self.local_step(f"r0/seq_alignment/{method}/{max_length}/{src_tok}/{dst_tok}", build)["sha"]

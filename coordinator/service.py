@@ -184,9 +184,7 @@ class Coordinator:
         except RunCancelled:
             run.state = pb.RUN_CANCELLED
         except Exception as exc:  # noqa: BLE001 - recorded on the run
-            code, message = status_for(exc)
-            if code == grpc.StatusCode.INTERNAL:
-                log.exception("run %s failed", run_id)
+            _, message = status_for(exc, f"run {run_id}")  # logs an INTERNAL failure with its traceback
             run.state = pb.RUN_FAILED
             run.error = message
         finally:

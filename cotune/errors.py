@@ -42,24 +42,28 @@ class Unavailable(RpcError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
-def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
-    """The status code and message a failed piece of work reports."""
+def status_for(exc: BaseException, where: str = "") -> tuple[grpc.StatusCode, str]:
+    """The status code and message a failed piece of work reports.
+
+    Only this module's errors (RpcError subclasses: the code says what the caller did wrong) and a genuine
+    grpc.RpcError from a downstream call keep their codes. Everything else, ValueError, TypeError and KeyError
+    included, is a bug or an unexpected failure in our code: it becomes INTERNAL and is logged here with its
+    traceback (`where` names the work that failed), so a shape bug is never reported as "bad input". Code that
+    parses or validates caller input raises InvalidInput (or another RpcError) itself."""
     if isinstance(exc, RpcError):
         return exc.code, str(exc)
-    if isinstance(exc, grpc.RpcError) and hasattr(exc, "code"):
+    if isinstance(exc, grpc.RpcError) and callable(getattr(exc, "code", None)):
         return exc.code(), exc.details() or str(exc)
-    if isinstance(exc, (ValueError, TypeError)):
-        return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
-    return grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}"
+    log.error("internal error%s", f" in {where}" if where else "", exc_info=exc)
+    return grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__}): {exc}"
 
 
 def rpc_method(fn):
-    """Wrap a servicer method (unary or streaming): RpcError/ValueError become aborts with their code."""
+    """Wrap a servicer method (unary or streaming): an RpcError becomes an abort with its code, a downstream
+    grpc.RpcError keeps its code, and any other exception aborts with INTERNAL, logged with its traceback."""
 
     def _abort(context, exc):
-        code, message = status_for(exc)
-        if code == grpc.StatusCode.INTERNAL:
-            log.exception("internal error in %s", fn.__name__)
+        code, message = status_for(exc, fn.__qualname__)
         context.abort(code, message)
 
     if inspect.isgeneratorfunction(fn):

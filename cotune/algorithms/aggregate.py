@@ -14,6 +14,10 @@ Two modes (RunSpec.aggregation):
 A bad upload (wrong key set, shapes, a non-float or non-finite tensor, or tags naming another run, round or party)
 is rejected with a reason; the caller drops that client from the round and the aggregate is computed from the
 remaining ones only.
+
+Torch-free (numpy and safetensors.numpy): the coordinator aggregates without importing torch. Tensors are numpy
+arrays; `adapter_bytes` (cotune.wire.safetensors_io) turns an aggregate into the canonical adapter bytes, identical
+to what `cotune.lm.lora.lora_to_bytes` writes for the same tensors.
 """
 
 from __future__ import annotations
@@ -21,7 +25,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-import torch
+import numpy as np
+
+from cotune.wire.safetensors_io import adapter_bytes, load_arrays, read_metadata
+
+__all__ = ["MODES", "TAG_PREFIX", "AggregateResult", "UploadRejected", "adapter_bytes", "aggregate_uploads", "fedavg",
+           "lora_pairs", "parse_adapter", "refactorize", "validate_upload"]
 
 MODES = ("factors", "product")
 TAG_PREFIX = "cotune."
@@ -31,21 +40,18 @@ class UploadRejected(ValueError):
     """An adapter upload that must not enter the aggregate; the message says why."""
 
 
-def parse_adapter(data: bytes) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """(tensors, safetensors metadata) of adapter bytes; UploadRejected when they are not valid safetensors."""
-    from safetensors.torch import load
-
-    from cotune.wire.safetensors_io import read_metadata
-
+def parse_adapter(data: bytes) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """(arrays, safetensors metadata) of adapter bytes; UploadRejected when they are not valid safetensors.
+    Arrays keep their stored dtype, except BF16, which numpy lacks: it is widened (exactly) to float32."""
     try:
-        meta = read_metadata(bytes(data))
-        tensors = dict(load(bytes(data)))
+        meta = read_metadata(bytes(data), "upload")
+        tensors = load_arrays(bytes(data), "upload")
     except Exception as exc:  # noqa: BLE001 - any parse failure is a rejection
         raise UploadRejected(f"not a valid safetensors adapter: {exc}") from exc
     return tensors, meta
 
 
-def validate_upload(state: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor], *,
+def validate_upload(state: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray], *,
                     meta: Mapping[str, str] | None = None, expect: Mapping[str, str] | None = None) -> None:
     """Raise UploadRejected unless `state` has exactly the reference's keys and shapes, floating-point finite
     values, and (when `expect` is given) metadata tags equal to `expect` (e.g. {"cotune.round": "3"})."""
@@ -60,11 +66,11 @@ def validate_upload(state: Mapping[str, torch.Tensor], reference: Mapping[str, t
         raise UploadRejected("LoRA keys differ from the round's adapter: " + "; ".join(parts))
     for key in sorted(reference):
         value, ref = state[key], reference[key]
-        if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+        if not isinstance(value, np.ndarray) or not np.issubdtype(value.dtype, np.floating):
             raise UploadRejected(f"{key}: expected a floating-point tensor, got {getattr(value, 'dtype', type(value).__name__)}")
         if tuple(value.shape) != tuple(ref.shape):
             raise UploadRejected(f"{key}: shape {tuple(value.shape)}, expected {tuple(ref.shape)}")
-        if not bool(torch.isfinite(value).all()):
+        if not bool(np.isfinite(value).all()):
             raise UploadRejected(f"{key}: contains NaN or Inf")
     if expect:
         meta = meta or {}
@@ -99,9 +105,13 @@ def lora_pairs(keys) -> tuple[list[tuple[str, str]], list[str]]:
     return pairs, sorted(keys - used)
 
 
-def fedavg(states: list[Mapping[str, torch.Tensor]], weights: list[float], *, mode: str = "factors") -> dict[str, torch.Tensor]:
+def _f64(value) -> np.ndarray:
+    return np.asarray(value, dtype=np.float64)
+
+
+def fedavg(states: list[Mapping[str, np.ndarray]], weights: list[float], *, mode: str = "factors") -> dict[str, np.ndarray]:
     """Sample-weighted FedAvg of validated LoRA states (same keys and shapes). Accumulates in float64 and returns
-    tensors in the first state's dtypes. See the module docstring for the two modes."""
+    contiguous arrays in the first state's dtypes. See the module docstring for the two modes."""
     if mode not in MODES:
         raise ValueError(f"aggregation must be one of {', '.join(MODES)}, got {mode!r}")
     if len(states) != len(weights) or not states:
@@ -109,63 +119,67 @@ def fedavg(states: list[Mapping[str, torch.Tensor]], weights: list[float], *, mo
     w = _normalized(weights)
     ref = states[0]
 
-    def mean(key: str) -> torch.Tensor:
-        acc = torch.zeros(ref[key].shape, dtype=torch.float64)
+    def mean(key: str) -> np.ndarray:
+        acc = np.zeros(ref[key].shape, dtype=np.float64)
         for wk, s in zip(w, states):
-            acc += wk * s[key].detach().to("cpu", torch.float64)
+            acc += wk * _f64(s[key])
         return acc
 
-    out: dict[str, torch.Tensor] = {}
+    def cast(value: np.ndarray, key: str) -> np.ndarray:
+        return np.ascontiguousarray(value.astype(ref[key].dtype))
+
+    out: dict[str, np.ndarray] = {}
     if mode == "factors":
         for key in sorted(ref):
-            out[key] = mean(key).to(ref[key].dtype).contiguous()
+            out[key] = cast(mean(key), key)
         return out
     pairs, others = lora_pairs(ref)
     for key in others:
-        out[key] = mean(key).to(ref[key].dtype).contiguous()
+        out[key] = cast(mean(key), key)
     for a_key, b_key in pairs:
         rank = ref[a_key].shape[0]  # A: [r, in], B: [out, r]
-        delta = torch.zeros((ref[b_key].shape[0], ref[a_key].shape[1]), dtype=torch.float64)
+        delta = np.zeros((ref[b_key].shape[0], ref[a_key].shape[1]), dtype=np.float64)
         for wk, s in zip(w, states):
-            delta += wk * (s[b_key].detach().to("cpu", torch.float64) @ s[a_key].detach().to("cpu", torch.float64))
+            delta += wk * (_f64(s[b_key]) @ _f64(s[a_key]))
         a, b = refactorize(delta, rank)
-        out[a_key] = a.to(ref[a_key].dtype).contiguous()
-        out[b_key] = b.to(ref[b_key].dtype).contiguous()
+        out[a_key] = cast(a, a_key)
+        out[b_key] = cast(b, b_key)
     return out
 
 
-def refactorize(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(A [r, in], B [out, r]) with B·A the best rank-r approximation of delta [out, in] (truncated SVD, the
-    singular values split evenly between the factors). Zero delta gives zero factors. Deterministic: each
+def refactorize(delta: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
+    """(A [r, in], B [out, r]) in float64 with B·A the best rank-r approximation of delta [out, in] (truncated SVD,
+    the singular values split evenly between the factors). Zero delta gives zero factors. Deterministic: each
     singular vector pair's sign is fixed so that the largest-magnitude entry of its U column is positive."""
-    u, s, vh = torch.linalg.svd(delta.to(torch.float64), full_matrices=False)
+    u, s, vh = np.linalg.svd(_f64(delta), full_matrices=False)
     k = min(rank, s.shape[0])
     u, s, vh = u[:, :k], s[:k], vh[:k]
-    idx = u.abs().argmax(dim=0)
-    sign = torch.sign(u[idx, torch.arange(k)])
+    idx = np.abs(u).argmax(axis=0)
+    sign = np.sign(u[idx, np.arange(k)])
     sign[sign == 0] = 1
     u, vh = u * sign, vh * sign[:, None]
-    root = s.sqrt()
+    root = np.sqrt(s)
     b = u * root
     a = root[:, None] * vh
     if k < rank:  # fewer singular values than the rank (a tiny matrix): pad with zero rows/columns
-        a = torch.cat([a, a.new_zeros((rank - k, a.shape[1]))])
-        b = torch.cat([b, b.new_zeros((b.shape[0], rank - k))], dim=1)
+        a = np.concatenate([a, np.zeros((rank - k, a.shape[1]), dtype=a.dtype)])
+        b = np.concatenate([b, np.zeros((b.shape[0], rank - k), dtype=b.dtype)], axis=1)
     return a, b
 
 
 @dataclass
 class AggregateResult:
-    state: dict[str, torch.Tensor]
+    state: dict[str, np.ndarray]
     accepted: dict[str, float] = field(default_factory=dict)    # party -> weight (sample count)
     rejected: dict[str, str] = field(default_factory=dict)      # party -> reason
 
 
-def aggregate_uploads(uploads: Mapping[str, bytes], weights: Mapping[str, float], reference: Mapping[str, torch.Tensor], *,
+def aggregate_uploads(uploads: Mapping[str, bytes], weights: Mapping[str, float], reference: Mapping[str, np.ndarray], *,
                       expect: Mapping[str, Mapping[str, str]] | None = None, mode: str = "factors",
                       min_accepted: int = 1) -> AggregateResult:
     """Validate every upload against `reference` (and its expected tags), drop the bad ones with a reason, and
-    FedAvg the rest weighted by `weights`. Raises ValueError when fewer than `min_accepted` uploads survive."""
+    FedAvg the rest weighted by `weights`. Raises ValueError when fewer than `min_accepted` uploads survive.
+    `adapter_bytes(result.state)` is the aggregate's canonical adapter blob."""
     accepted_states, accepted = [], {}
     rejected: dict[str, str] = {}
     for pid in sorted(uploads):

@@ -53,7 +53,7 @@ class Preset:
     fedbiot_drop: float = 0.5
     pre_align_steps: int = 20
     align_steps: int = 5
-    align_lr: float = 0.0  # 0 = the LLM server's training lr
+    align_lr: float | None = None  # None = the LLM server's training lr
 
 
 PRESETS = {
@@ -248,6 +248,29 @@ def wait_for_clients(client: CoordinatorClient, expected: int, timeout_s: float 
         time.sleep(0.2)
 
 
+def demo_spec(name: str, p: Preset, algorithm: str, rounds: int, *, setting: str = "heterogeneous",
+              cross_tokenizer: bool = False) -> pb.RunSpec:
+    """The run spec of a demo: the preset's values for the algorithm's settings, defaults for the rest."""
+    spec = pb.RunSpec(name=f"demo-{name}", algorithm=algorithm, rounds=rounds, max_length=p.max_length)
+    if algorithm in ("fedmkt", "llm2slm"):
+        spec.fedmkt.top_k = p.top_k
+        spec.fedmkt.ce_weight = p.lam
+        if algorithm == "fedmkt":
+            spec.fedmkt.setting = setting
+    elif algorithm == "fedcollm":
+        spec.fedcollm.kl_weight = p.kd_weight
+        spec.fedcollm.top_k = p.top_k
+        spec.fedcollm.align_tokenizers = cross_tokenizer
+    elif algorithm in COMPRESSING_ALGORITHMS:
+        spec.fedbiot.drop = p.fedbiot_drop
+        spec.fedbiot.pre_align_steps = p.pre_align_steps
+        if algorithm == "fedbiot":
+            spec.fedbiot.align_steps = p.align_steps
+        if p.align_lr is not None:
+            spec.fedbiot.align_lr = p.align_lr
+    return spec
+
+
 def run_demo(*, preset: str = "small", algorithm: str = "fedmkt", rounds: int = 2, json_path: str | None = None,
              workdir: str | None = None, setting: str = "heterogeneous", cross_tokenizer: bool = False) -> int:
     if preset not in PRESETS:
@@ -272,18 +295,7 @@ def run_demo(*, preset: str = "small", algorithm: str = "fedmkt", rounds: int = 
         client = CoordinatorClient(cluster.addresses()["coordinator"])
         try:
             wait_for_clients(client, len(config.clients))
-            spec = pb.RunSpec(name=f"demo-{preset}", algorithm=algorithm, rounds=rounds, top_k=p.top_k,
-                              max_length=p.max_length, lam=p.lam)
-            if algorithm == "fedcollm":
-                spec.kd_weight = p.kd_weight
-                spec.align_tokenizers = cross_tokenizer
-            if algorithm == "fedmkt":
-                spec.setting = setting
-            if algorithm in COMPRESSING_ALGORITHMS:
-                spec.fedbiot.drop = p.fedbiot_drop
-                spec.fedbiot.pre_align_steps = p.pre_align_steps
-                spec.fedbiot.align_steps = p.align_steps if algorithm == "fedbiot" else 0
-                spec.fedbiot.align_lr = p.align_lr
+            spec = demo_spec(preset, p, algorithm, rounds, setting=setting, cross_tokenizer=cross_tokenizer)
             run = client.start_run(spec)
             run = watch_run(client, run.run_id)
         finally:

@@ -13,7 +13,8 @@ import warnings
 import torch
 from torch import nn
 
-LORA_FORMAT = "cotune.lora/1"
+from cotune.wire.safetensors_io import LORA_FORMAT  # defined torch-free, next to adapter_bytes
+
 _ATTN_PARENT_NAMES = {"attn", "attention", "self_attn", "self_attention", "selfattention"}
 
 

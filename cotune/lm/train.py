@@ -1,18 +1,28 @@
 """LoRA training: CE fine-tuning on private data and distillation (λ·CE + (1−λ)·sparse KD) on the public set.
 
-The optimizer (AdamW over the trainable parameters) and the LR schedule are created once per Trainer and persist
-across calls, i.e. across federated rounds; ``state_dict_bytes``/``load_state_bytes`` save and restore them as a
-safetensors blob with JSON metadata (no pickle).
+Every optimizer loop of the project runs through ONE method, :meth:`Trainer.fit`: the caller builds the batches and
+contributes a loss function and a named parameter selection (:class:`ParamGroup`); ``fit`` does zero_grad, backward,
+gradient clipping at ``config.grad_clip``, the non-finite loss guard, the optimizer step and the LR schedule step
+(:meth:`Trainer.step`, the only place where that happens), reports progress and honours ``should_stop``.
+
+The Trainer keeps one AdamW (and its LR schedule) PER GROUP NAME, created on first use and persisted across calls,
+i.e. across federated rounds. The group ``"default"`` holds the parameters that were trainable when the Trainer was
+built and is what ``train_ce``/``distill``/``optimizer``/``scheduler``/``set_lr`` use unless told otherwise.
+``state_dict_bytes``/``load_state_bytes`` save and restore every group as a safetensors blob with JSON metadata (no
+pickle).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import re
 import struct
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -31,10 +41,71 @@ from cotune.lm.batching import (
 from cotune.lm.losses import sparse_kd_loss
 from cotune.align.tokenizers import EncodedPair, encode_pair
 
-STATE_FORMAT = "cotune.trainer/1"
+STATE_FORMAT = "cotune.trainer/2"
+_STATE_FORMAT_V1 = "cotune.trainer/1"  # one optimizer (the default group); still loadable
+DEFAULT_GROUP = "default"
 
 Progress = Callable[[int, int], None]
 ShouldStop = Callable[[], bool]
+LossFn = Callable[[Any], "tuple[torch.Tensor | None, dict[str, float]]"]
+
+_GROUP_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+@dataclass(frozen=True)
+class ParamGroup:
+    """A named selection of parameters to train. The Trainer keeps one optimizer (and LR schedule) per name; later
+    calls with the same name must select the same parameters."""
+
+    name: str
+    params: tuple[torch.nn.Parameter, ...]
+
+    def __post_init__(self):
+        if not isinstance(self.name, str) or not _GROUP_NAME.match(self.name):
+            raise ValueError(f"a parameter group name must match {_GROUP_NAME.pattern}, got {self.name!r}")
+        params = tuple(self.params)
+        if not params:
+            raise ValueError(f"parameter group {self.name!r} selects no parameters")
+        if len({id(p) for p in params}) != len(params):
+            raise ValueError(f"parameter group {self.name!r} lists a parameter twice")
+        object.__setattr__(self, "params", params)
+
+
+@dataclass
+class FitResult:
+    """What one :meth:`Trainer.fit` call did.
+
+    steps: batches consumed (loss_fn called); optimizer_steps: updates made; skipped_steps: batches whose loss (or
+    gradient norm) was NaN/Inf, so no update was made; empty_steps: batches with nothing to learn (loss None);
+    stopped: should_stop fired; seconds: wall time. stats: one dict per batch that was not skipped, loss_fn's stats
+    plus ``loss`` (the float loss) for those that made an update."""
+
+    steps: int = 0
+    optimizer_steps: int = 0
+    skipped_steps: int = 0
+    empty_steps: int = 0
+    stopped: bool = False
+    seconds: float = 0.0
+    stats: list[dict[str, float]] = field(default_factory=list)
+
+    def values(self, key: str) -> list[float]:
+        return [s[key] for s in self.stats if key in s]
+
+    def mean(self, key: str) -> float:
+        """np.mean of the recorded values of `key` (NaN when there are none)."""
+        v = self.values(key)
+        return float(np.mean(v)) if v else float("nan")
+
+    def sum(self, key: str) -> float:
+        return float(sum(self.values(key)))
+
+    def first(self, key: str) -> float:
+        v = self.values(key)
+        return float(v[0]) if v else float("nan")
+
+    def last(self, key: str) -> float:
+        v = self.values(key)
+        return float(v[-1]) if v else float("nan")
 
 
 @dataclass
@@ -73,6 +144,30 @@ class _Target:
     probs: torch.Tensor  # float32 [m, k]
 
 
+class _Group:
+    """One parameter group's persistent optimizer state: AdamW, its LambdaLR schedule and counters."""
+
+    def __init__(self, name: str, named_params: list[tuple[str, torch.nn.Parameter]], lr: float,
+                 weight_decay: float, lr_lambda: Callable[[int], float]):
+        self.name = name
+        self.named_params = named_params
+        self.params = [p for _, p in named_params]
+        self.optimizer = torch.optim.AdamW(self.params, lr=lr, weight_decay=weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda)
+        self.steps = 0  # optimizer steps made
+        self.skipped_steps = 0  # non-finite losses / gradient norms skipped
+
+    def signature(self) -> list:
+        return [[n, list(p.shape)] for n, p in self.named_params]
+
+
+def offset_progress(progress: Progress | None, offset: int, total: int) -> Progress | None:
+    """progress(offset + done, total) for a fit call that covers part (one epoch) of a longer run."""
+    if progress is None:
+        return None
+    return lambda done, _total: progress(offset + done, total)
+
+
 class Trainer:
     def __init__(self, model, tokenizer, config: TrainConfig | None = None):
         self.model = model
@@ -84,33 +179,188 @@ class Trainer:
             raise ValueError("tokenizer has neither a pad nor an eos token")
         self.pad_id = int(pad)
         self.vocab = vocab_size(model)
-        self.named_params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        if not self.named_params:
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        if not named:
             raise ValueError("model has no trainable parameters (attach_lora first)")
-        self.optimizer = torch.optim.AdamW(
-            [p for _, p in self.named_params], lr=self.config.lr, weight_decay=self.config.weight_decay
-        )
         warmup = int(self.config.warmup_steps)
 
         def lr_lambda(step: int) -> float:
             return min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
 
         self._lr_lambda = lr_lambda
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda)
-        self.global_step = 0
+        self.groups: dict[str, _Group] = {}
+        self._new_group(DEFAULT_GROUP, named)
         self.epochs_done = 0
 
-    def set_lr(self, lr: float) -> None:
-        """Change the base learning rate (kept by the schedule; writing param_groups' lr directly would be
-        overwritten by the scheduler at the next step). Setting config.lr has the same effect at the next call."""
+    # ---------------------------------------------------------------------------------------------- groups
+    def _new_group(self, name: str, named_params, lr: float | None = None) -> _Group:
+        group = _Group(name, list(named_params), float(self.config.lr if lr is None else lr),
+                       self.config.weight_decay, self._lr_lambda)
+        self.groups[name] = group
+        return group
+
+    def _param_names(self) -> dict[int, str]:
+        return {id(p): n for n, p in self.model.named_parameters()}
+
+    def group(self, params: ParamGroup | str | None = None) -> _Group:
+        """The persistent optimizer state of a parameter selection: None = the default group, a name = an existing
+        group, a ParamGroup = that group, created (with config.lr) on first use. A ParamGroup whose name exists must
+        select the same parameters, in the same order."""
+        if params is None:
+            params = DEFAULT_GROUP
+        if isinstance(params, str):
+            if params not in self.groups:
+                raise KeyError(f"no parameter group {params!r} (have {sorted(self.groups)}); pass a ParamGroup")
+            return self.groups[params]
+        if not isinstance(params, ParamGroup):
+            raise TypeError(f"params must be a ParamGroup, a group name or None, got {type(params).__name__}")
+        group = self.groups.get(params.name)
+        if group is not None:
+            if [id(p) for p in group.params] != [id(p) for p in params.params]:
+                raise ValueError(f"parameter group {params.name!r} was created over different parameters "
+                                 f"({len(group.params)} then, {len(params.params)} now)")
+            return group
+        names = self._param_names()
+        missing = [i for i, p in enumerate(params.params) if id(p) not in names]
+        if missing:
+            raise ValueError(f"parameter group {params.name!r}: {len(missing)} parameter(s) are not this trainer's "
+                             "model's")
+        return self._new_group(params.name, [(names[id(p)], p) for p in params.params])
+
+    @property
+    def named_params(self) -> list[tuple[str, torch.nn.Parameter]]:
+        return self.groups[DEFAULT_GROUP].named_params
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        return self.groups[DEFAULT_GROUP].optimizer
+
+    @property
+    def scheduler(self):
+        return self.groups[DEFAULT_GROUP].scheduler
+
+    @property
+    def global_step(self) -> int:
+        """Optimizer steps of the default group."""
+        return self.groups[DEFAULT_GROUP].steps
+
+    @global_step.setter
+    def global_step(self, value: int) -> None:
+        self.groups[DEFAULT_GROUP].steps = int(value)
+
+    @property
+    def optimizer_steps(self) -> int:
+        return self.global_step
+
+    def set_lr(self, lr: float, params: ParamGroup | str | None = None) -> None:
+        """Change a group's base learning rate (default group unless named; a new ParamGroup is created). Kept by the
+        schedule: writing param_groups' lr directly would be overwritten by the scheduler at the next step. For the
+        default group, setting config.lr has the same effect at the next train_ce/distill call."""
         if not lr > 0:
             raise ValueError(f"learning rate must be positive, got {lr}")
-        self.config.lr = float(lr)
-        self.scheduler.base_lrs = [float(lr) for _ in self.optimizer.param_groups]
-        factor = self._lr_lambda(self.scheduler.last_epoch)
-        for group in self.optimizer.param_groups:
-            group["lr"] = float(lr) * factor
-        self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
+        group = self.group(params)
+        if group.name == DEFAULT_GROUP:
+            self.config.lr = float(lr)
+        sched, opt = group.scheduler, group.optimizer
+        sched.base_lrs = [float(lr) for _ in opt.param_groups]
+        factor = self._lr_lambda(sched.last_epoch)
+        for g in opt.param_groups:
+            g["lr"] = float(lr) * factor
+        sched._last_lr = [g["lr"] for g in opt.param_groups]
+
+    @contextlib.contextmanager
+    def seeded(self, seed: int):
+        """Fork the torch RNG (CPU and this trainer's CUDA device) and seed it: dropout draws inside are
+        reproducible and leave the global RNG untouched."""
+        cuda = [self.device.index or 0] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda):
+            torch.manual_seed(int(seed))
+            yield
+
+    # ---------------------------------------------------------------------------------------------- the loop
+    def step(self, loss: torch.Tensor, params: ParamGroup | str | None = None) -> bool:
+        """One update of a group on `loss`: zero_grad, backward, gradient clipping at config.grad_clip over the
+        group's parameters, optimizer step, schedule step. A non-finite loss (or gradient norm) makes no update:
+        parameters and optimizer state stay as they were, the group's skipped_steps counts it, and False is
+        returned. The only place in the project where an optimizer steps."""
+        group = self.group(params)
+        if not math.isfinite(float(loss.detach())):
+            group.skipped_steps += 1
+            return False
+        group.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        clip = self.config.grad_clip
+        if clip and clip > 0:
+            norm = torch.nn.utils.clip_grad_norm_(group.params, clip)
+            if not math.isfinite(float(norm)):
+                group.optimizer.zero_grad(set_to_none=True)
+                group.skipped_steps += 1
+                return False
+        group.optimizer.step()
+        group.scheduler.step()
+        group.steps += 1
+        return True
+
+    def fit(
+        self,
+        batches: Iterable,
+        loss_fn: LossFn,
+        params: ParamGroup | str | None = None,
+        steps: int | None = None,
+        *,
+        progress: Progress | None = None,
+        should_stop: ShouldStop | None = None,
+        total: int | None = None,
+    ) -> FitResult:
+        """Train a parameter group on `batches`, the one optimizer loop of the project.
+
+        For each batch (should_stop() is asked first): ``loss, stats = loss_fn(batch)``; a None loss (or one without
+        gradient) means nothing to learn (counted in empty_steps, no update), else :meth:`step` updates the group
+        (a NaN/Inf loss is skipped: skipped_steps). progress(batches done, total) after each batch; total defaults
+        to `steps`, else len(batches) when it has one, else 0. steps: stop after this many update attempts
+        (optimizer + skipped steps, so a run of non-finite losses cannot loop forever on a cycling iterable); None
+        exhausts the iterable. The model is in train mode during the call and in eval mode after; the group's
+        gradients are released (zero_grad(set_to_none=True)) however the call ends. The torch RNG is not seeded
+        here: wrap the call(s) in :meth:`seeded`."""
+        group = self.group(params)
+        if steps is not None and (isinstance(steps, bool) or int(steps) < 0):
+            raise ValueError(f"steps must be a non-negative integer or None, got {steps!r}")
+        if total is None:
+            total = int(steps) if steps is not None else (len(batches) if hasattr(batches, "__len__") else 0)
+        res = FitResult()
+        t0 = time.perf_counter()
+        self.model.train()
+        try:
+            it = iter(batches)
+            while steps is None or res.optimizer_steps + res.skipped_steps < steps:
+                if should_stop is not None and should_stop():
+                    res.stopped = True
+                    break
+                try:
+                    batch = next(it)
+                except StopIteration:
+                    break
+                loss, stats = loss_fn(batch)
+                stats = dict(stats or {})
+                res.steps += 1
+                if loss is None or not loss.requires_grad:
+                    res.empty_steps += 1
+                    res.stats.append(stats)
+                else:
+                    value = float(loss.detach())
+                    if self.step(loss, group.name):
+                        res.optimizer_steps += 1
+                        res.stats.append({"loss": value, **stats})
+                    else:
+                        res.skipped_steps += 1
+                del loss
+                if progress is not None:
+                    progress(res.steps, total)
+        finally:
+            group.optimizer.zero_grad(set_to_none=True)
+            self.model.eval()
+            res.seconds = time.perf_counter() - t0
+        return res
 
     # ---------------------------------------------------------------------------------------------- encoding
     def encode(self, examples: Sequence[Example]) -> list[EncodedPair]:
@@ -240,6 +490,8 @@ class Trainer:
         return ce, kd, ce_n, kd_n
 
     def _train_loop(self, pairs, targets, epochs, progress, should_stop) -> dict:
+        """train_ce / distill on the default group: one fit call per epoch (epoch-seeded shuffle), the torch RNG
+        seeded once per call."""
         cfg = self.config
         if any(abs(b - cfg.lr) > 1e-12 * max(1.0, cfg.lr) for b in self.scheduler.base_lrs):
             self.set_lr(cfg.lr)
@@ -247,55 +499,42 @@ class Trainer:
         lengths = [len(p.ids) for p in pairs]
         n_batches = math.ceil(len(pairs) / cfg.batch_size) if pairs else 0
         total = n_batches * max(epochs, 0)
+
+        def loss_fn(idx):
+            bt = [targets[i] for i in idx] if targets is not None else None
+            ce_sum, ce_cnt, kd_sum, kd_cnt = self._batch_losses([pairs[i] for i in idx], bt)
+            if targets is None:  # plain CE: mean over the batch's response tokens
+                n = ce_cnt.sum()
+                loss = ce_sum.sum() / n if float(n) > 0 else None
+            else:  # per sample: lam*CE + (1-lam)*KD where it has a target, else lam*CE
+                ce_i = ce_sum / ce_cnt.clamp(min=1)
+                kd_i = kd_sum / kd_cnt.clamp(min=1)
+                per = cfg.lam * ce_i + (1.0 - cfg.lam) * kd_i * (kd_cnt > 0)
+                live = (ce_cnt > 0) | (kd_cnt > 0)
+                loss = per[live].mean() if bool(live.any()) else None
+            return loss, {"tokens": int(ce_cnt.sum())}
+
         epoch_losses: list[float] = []
-        steps = 0
+        steps = tokens = skipped = 0
         stopped = False
-        tokens = 0
-        params = [p for _, p in self.named_params]
         t0 = time.perf_counter()
-        self.model.train()
-        cuda = [self.device.index or 0] if self.device.type == "cuda" else []
         try:
-            with torch.random.fork_rng(devices=cuda):
-                torch.manual_seed(cfg.seed * 1_000_003 + self.global_step)
+            with self.seeded(cfg.seed * 1_000_003 + self.global_step):
                 for _ in range(max(epochs, 0)):
                     rng = np.random.default_rng([cfg.seed, self.epochs_done])
-                    losses = []
-                    for idx in shuffled_batches(lengths, cfg.batch_size, rng):
-                        if should_stop is not None and should_stop():
-                            stopped = True
-                            break
-                        bt = [targets[i] for i in idx] if targets is not None else None
-                        ce_sum, ce_cnt, kd_sum, kd_cnt = self._batch_losses([pairs[i] for i in idx], bt)
-                        if targets is None:  # plain CE: mean over the batch's response tokens
-                            n = ce_cnt.sum()
-                            loss = ce_sum.sum() / n if float(n) > 0 else None
-                        else:  # per sample: lam*CE + (1-lam)*KD where it has a target, else lam*CE
-                            ce_i = ce_sum / ce_cnt.clamp(min=1)
-                            kd_i = kd_sum / kd_cnt.clamp(min=1)
-                            per = cfg.lam * ce_i + (1.0 - cfg.lam) * kd_i * (kd_cnt > 0)
-                            live = (ce_cnt > 0) | (kd_cnt > 0)
-                            loss = per[live].mean() if bool(live.any()) else None
-                        tokens += int(ce_cnt.sum())
-                        steps += 1
-                        if loss is not None:
-                            self.optimizer.zero_grad(set_to_none=True)
-                            loss.backward()
-                            if cfg.grad_clip and cfg.grad_clip > 0:
-                                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                            self.optimizer.step()
-                            self.scheduler.step()
-                            self.global_step += 1
-                            losses.append(float(loss.detach()))
-                        if progress is not None:
-                            progress(steps, total)
-                    if losses:
-                        epoch_losses.append(float(np.mean(losses)))
-                    if stopped:
+                    res = self.fit(shuffled_batches(lengths, cfg.batch_size, rng), loss_fn,
+                                   progress=offset_progress(progress, steps, total), should_stop=should_stop,
+                                   total=total)
+                    steps += res.steps
+                    tokens += int(res.sum("tokens"))
+                    skipped += res.skipped_steps
+                    if res.values("loss"):
+                        epoch_losses.append(res.mean("loss"))
+                    if res.stopped:
+                        stopped = True
                         break
                     self.epochs_done += 1
         finally:
-            self.optimizer.zero_grad(set_to_none=True)
             self.model.eval()
         return {
             "loss_first": epoch_losses[0] if epoch_losses else float("nan"),
@@ -360,34 +599,43 @@ class Trainer:
 
     # ---------------------------------------------------------------------------------------------- state
     def state_dict_bytes(self) -> bytes:
-        """Optimizer + LR schedule + counters as safetensors (tensors) with JSON metadata. No pickle."""
+        """Every group's optimizer + LR schedule + counters, and epochs_done, as safetensors (tensors) with JSON
+        metadata. No pickle. Tensors are named ``<group>/state.<param index>.<key>``."""
         from safetensors.torch import save
 
-        opt = self.optimizer.state_dict()
         tensors: dict[str, torch.Tensor] = {}
-        scalars: dict[str, object] = {}
-        for idx, st in opt["state"].items():
-            for key, val in st.items():
-                if torch.is_tensor(val):
-                    tensors[f"state.{idx}.{key}"] = val.detach().to("cpu").contiguous()
-                else:
-                    scalars[f"{idx}.{key}"] = val
-        groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in opt["param_groups"]]
-        sched = {k: v for k, v in self.scheduler.state_dict().items() if k != "lr_lambdas"}
+        groups_meta: dict[str, dict] = {}
+        for name, group in self.groups.items():
+            opt = group.optimizer.state_dict()
+            scalars: dict[str, object] = {}
+            for idx, st in opt["state"].items():
+                for key, val in st.items():
+                    if torch.is_tensor(val):
+                        tensors[f"{name}/state.{idx}.{key}"] = val.detach().to("cpu").contiguous()
+                    else:
+                        scalars[f"{idx}.{key}"] = val
+            groups_meta[name] = {
+                "param_groups": [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()}
+                                 for g in opt["param_groups"]],
+                "scalars": scalars,
+                "scheduler": {k: v for k, v in group.scheduler.state_dict().items() if k != "lr_lambdas"},
+                "steps": group.steps,
+                "skipped_steps": group.skipped_steps,
+                "params": group.signature(),
+            }
         meta = {
             "format": STATE_FORMAT,
-            "param_groups": groups,
-            "scalars": scalars,
-            "scheduler": sched,
+            "groups": groups_meta,
             "global_step": self.global_step,
             "epochs_done": self.epochs_done,
-            "params": [[n, list(p.shape)] for n, p in self.named_params],
             "config": asdict(self.config),
         }
         return save(tensors, metadata={"cotune": json.dumps(meta, sort_keys=True)})
 
     def load_state_bytes(self, data: bytes) -> None:
-        """Restore what state_dict_bytes saved; raises ValueError (trainer unchanged) if it does not fit."""
+        """Restore what state_dict_bytes saved (also the single-optimizer cotune.trainer/1 format); groups the blob
+        lacks are dropped, groups this trainer lacks are created over the model's parameters of those names. Raises
+        ValueError (trainer unchanged) if it does not fit."""
         from safetensors.torch import load
 
         try:
@@ -397,36 +645,64 @@ class Trainer:
             tensors = load(bytes(data))
         except Exception as exc:
             raise ValueError(f"trainer state is not a valid cotune safetensors blob: {exc}") from exc
-        if meta.get("format") != STATE_FORMAT:
-            raise ValueError(f"trainer state has format {meta.get('format')!r}, expected {STATE_FORMAT!r}")
-        mine = [[n, list(p.shape)] for n, p in self.named_params]
-        if meta["params"] != mine:
-            theirs = {n: s for n, s in meta["params"]}
-            bad = [n for n, s in mine if theirs.get(n) != s][:3]
-            raise ValueError(
-                f"trainer state is for different parameters ({len(meta['params'])} saved, {len(mine)} here; "
-                f"first mismatches: {bad})"
-            )
-        state: dict[int, dict] = {}
-        for name, val in tensors.items():
-            _, idx, key = name.split(".", 2)
-            state.setdefault(int(idx), {})[key] = val
-        for name, val in meta["scalars"].items():
-            idx, key = name.split(".", 1)
-            state.setdefault(int(idx), {})[key] = val
-        groups = []
-        for g in meta["param_groups"]:
-            g = dict(g)
-            if "betas" in g:
-                g["betas"] = tuple(g["betas"])
-            groups.append(g)
-        self.optimizer.load_state_dict({"state": state, "param_groups": groups})
-        sched = dict(meta["scheduler"])
-        sched["lr_lambdas"] = [None] * len(self.optimizer.param_groups)
-        self.scheduler.load_state_dict(sched)
-        self.global_step = int(meta["global_step"])
+        fmt = meta.get("format")
+        if fmt == _STATE_FORMAT_V1:
+            groups_meta = {DEFAULT_GROUP: {"param_groups": meta["param_groups"], "scalars": meta["scalars"],
+                                           "scheduler": meta["scheduler"], "steps": meta["global_step"],
+                                           "skipped_steps": 0, "params": meta["params"]}}
+            tensors = {f"{DEFAULT_GROUP}/{k}": v for k, v in tensors.items()}
+        elif fmt == STATE_FORMAT:
+            groups_meta = meta["groups"]
+        else:
+            raise ValueError(f"trainer state has format {fmt!r}, expected {STATE_FORMAT!r}")
+        if DEFAULT_GROUP not in groups_meta:
+            raise ValueError("trainer state has no default parameter group")
+        # Check everything before changing anything.
+        by_name = dict(self.model.named_parameters())
+        plan: dict[str, list | None] = {}
+        for name, gm in groups_meta.items():
+            if not isinstance(name, str) or not _GROUP_NAME.match(name):
+                raise ValueError(f"trainer state holds a bad parameter group name {name!r}")
+            theirs = [[n, list(s)] for n, s in gm["params"]]
+            if name in self.groups:
+                mine = self.groups[name].signature()
+                plan[name] = None
+            else:
+                mine = [[n, list(by_name[n].shape)] if n in by_name else [n, None] for n, _ in theirs]
+                plan[name] = [(n, by_name[n]) for n, _ in theirs if n in by_name]
+            if theirs != mine:
+                known = {n: s for n, s in theirs}
+                bad = [n for n, s in mine if known.get(n) != s][:3]
+                raise ValueError(
+                    f"trainer state is for different parameters (group {name!r}: {len(theirs)} saved, {len(mine)} "
+                    f"here; first mismatches: {bad})"
+                )
+        states: dict[str, dict[int, dict]] = {name: {} for name in groups_meta}
+        for tname, val in tensors.items():
+            gname, rest = tname.split("/", 1)
+            _, idx, key = rest.split(".", 2)
+            states[gname].setdefault(int(idx), {})[key] = val
+        for gname, gm in groups_meta.items():
+            for sname, val in gm["scalars"].items():
+                idx, key = sname.split(".", 1)
+                states[gname].setdefault(int(idx), {})[key] = val
+        for name, named in plan.items():
+            if named is not None:
+                self._new_group(name, named)
+        for name in [n for n in self.groups if n not in groups_meta]:
+            del self.groups[name]
+        for name, gm in groups_meta.items():
+            group = self.groups[name]
+            pgs = []
+            for g in gm["param_groups"]:
+                g = dict(g)
+                if "betas" in g:
+                    g["betas"] = tuple(g["betas"])
+                pgs.append(g)
+            group.optimizer.load_state_dict({"state": states[name], "param_groups": pgs})
+            sched = dict(gm["scheduler"])
+            sched["lr_lambdas"] = [None] * len(group.optimizer.param_groups)
+            group.scheduler.load_state_dict(sched)
+            group.steps = int(gm["steps"])
+            group.skipped_steps = int(gm.get("skipped_steps", 0))
         self.epochs_done = int(meta["epochs_done"])
-
-    @property
-    def optimizer_steps(self) -> int:
-        return self.global_step

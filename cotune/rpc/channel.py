@@ -9,6 +9,8 @@ from pathlib import Path
 
 import grpc
 
+from cotune.errors import InvalidInput
+
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024  # chunks are <= 1 MiB; everything else is small
 CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -52,8 +54,8 @@ def make_channel(address: str, *, tls: TlsFiles | None = None, token: str = "") 
         if token:
             creds = grpc.composite_channel_credentials(creds, grpc.access_token_call_credentials(token))
         return grpc.secure_channel(address, creds, options=CHANNEL_OPTIONS)
-    if not is_loopback(address):
-        raise ValueError(
+    if not is_loopback(address):  # InvalidInput (a ValueError): often an address a caller registered
+        raise InvalidInput(
             f"refusing a plaintext channel to {address}: plaintext is allowed on loopback only; "
             "configure tls.ca/tls.cert/tls.key (README: 'Deploying on separate hosts')"
         )

@@ -100,10 +100,9 @@ class OperationManager:
             self._finish(op_id, State.OPERATION_CANCELLED, code=grpc.StatusCode.CANCELLED, message="cancelled")
             return
         except Exception as exc:  # noqa: BLE001 - reported through the operation
-            code, message = status_for(exc)
-            if code == grpc.StatusCode.INTERNAL:
-                log.exception("operation %s failed", op_id)
-            else:
+            # an RpcError keeps its code; anything else is INTERNAL, logged with its traceback by status_for
+            code, message = status_for(exc, f"operation {op_id} ({self._kind(op_id)})")
+            if code != grpc.StatusCode.INTERNAL:
                 log.warning("operation %s rejected: %s", op_id, message)
             self._finish(op_id, State.OPERATION_FAILED, code=code, message=message)
             return
@@ -135,6 +134,10 @@ class OperationManager:
         with self._cond:
             fn(self._ops[op_id])
             self._cond.notify_all()
+
+    def _kind(self, op_id: str) -> str:
+        with self._cond:
+            return self._ops[op_id].kind
 
     def _is_cancelled(self, op_id: str) -> bool:
         with self._cond:

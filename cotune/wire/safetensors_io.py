@@ -13,6 +13,8 @@ import struct
 
 import numpy as np
 
+LORA_FORMAT = "cotune.lora/1"  # the `format` tag of every LoRA adapter blob (cotune.lm.lora and adapter_bytes write it)
+
 _DTYPES = {
     np.dtype("float64"): "F64", np.dtype("float32"): "F32", np.dtype("float16"): "F16",
     np.dtype("int64"): "I64", np.dtype("int32"): "I32", np.dtype("int16"): "I16", np.dtype("int8"): "I8",
@@ -49,6 +51,12 @@ def dumps(tensors: dict, metadata: dict[str, str] | None = None) -> bytes:
     text = json.dumps(header, separators=(",", ":"), ensure_ascii=True).encode("ascii")
     text += b" " * (-len(text) % 8)
     return struct.pack("<Q", len(text)) + text + b"".join(chunks)
+
+
+def adapter_bytes(state: dict[str, np.ndarray]) -> bytes:
+    """The canonical bytes of a LoRA adapter held as numpy arrays: byte for byte what `cotune.lm.lora.lora_to_bytes`
+    writes for the same tensors (the sha256 of these bytes is the adapter's identity), without importing torch."""
+    return dumps(state, {"format": LORA_FORMAT, "keys": json.dumps(len(state))})
 
 
 _DTYPE_NAMES = {"I64": "int64", "I32": "int32", "F32": "float32", "F16": "float16", "U8": "uint8"}
@@ -108,3 +116,30 @@ def load_checked(data, *, what: str, tensors: dict[str, str], metadata: tuple[st
     except Exception as exc:  # noqa: BLE001 - any parse failure is bad input
         raise ValueError(f"{what} safetensors data is corrupt: {exc}") from exc
     return arrays, meta
+
+
+def load_arrays(data, what: str = "safetensors data") -> dict[str, np.ndarray]:
+    """Every tensor of safetensors bytes as a writable numpy array, without torch. numpy has no bfloat16, so BF16
+    tensors come back widened (exactly) to float32. ValueError on malformed or corrupt data."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise ValueError(f"{what} must be bytes, got {type(data).__name__}")
+    data = bytes(data)
+    header = _read_header(data, what)
+    bf16 = [k for k, v in header.items() if k != "__metadata__" and isinstance(v, dict) and v.get("dtype") == "BF16"]
+    if bf16:  # load the raw bits as uint16 (data offsets are relative to the end of the header, so it may change size)
+        (n,) = struct.unpack("<Q", data[:8])
+        for key in bf16:
+            header[key] = {**header[key], "dtype": "U16"}
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=True).encode("ascii")
+        text += b" " * (-len(text) % 8)
+        data = struct.pack("<Q", len(text)) + text + data[8 + n :]
+    from safetensors.numpy import load
+
+    try:
+        arrays = load(data)
+    except Exception as exc:  # noqa: BLE001 - any parse failure is bad data
+        raise ValueError(f"{what} safetensors data is corrupt: {exc}") from exc
+    out = {}
+    for key, array in arrays.items():
+        out[key] = (array.astype(np.uint32) << 16).view(np.float32) if key in bf16 else array.copy()
+    return out

@@ -1,0 +1,1 @@
+"""FedBiOT (and FedOT): the server compresses its LLM into emulator + adapter; clients tune the adapter."""

@@ -10,9 +10,10 @@ KL(p‖q) = Σ p·(log p − log q), with the model being updated as p, as DESIG
 gradient to the model being updated and none to the other (the FATE reference's KD term had no gradient at all).
 Losses are measured over the response tokens (the positions CE trains), at exactly the same positions for both
 models since the tokenization is shared. Each model keeps its own optimizer and LR schedule across rounds (the two
-`Trainer`s own them).
+`Trainer`s own them). Every update goes through `Trainer.step` (g's, inside f's loss function) or `Trainer.fit` (f's):
+clipping, the non-finite loss guard and the schedule are the Trainer's.
 
-The epoch/batch loop (`alternate`, `step`, `summarize`) is shared with `cotune.algorithms.fedcollm.losses_cross`, the same
+The epoch/batch loop (`alternate`, `summarize`) is shared with `cotune.algorithms.fedcollm.losses_cross`, the same
 alternation between models with different tokenizers.
 """
 
@@ -35,7 +36,7 @@ from cotune.lm.batching import (
     to_device,
 )
 from cotune.lm.losses import kl_full
-from cotune.lm.train import Trainer
+from cotune.lm.train import Trainer, offset_progress
 
 
 def mutual_loss(own_logits: torch.Tensor, other_logits: torch.Tensor, labels: torch.Tensor, lam: float):
@@ -98,64 +99,44 @@ def same_device(f_trainer: Trainer, g_trainer: Trainer) -> torch.device:
     return f_trainer.device
 
 
-def step(trainer: Trainer, params, loss) -> None:
-    """One optimizer step of `trainer` on `loss` (its own optimizer, grad clip and LR schedule)."""
-    trainer.optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    clip = trainer.config.grad_clip
-    if clip and clip > 0:
-        torch.nn.utils.clip_grad_norm_(params, clip)
-    trainer.optimizer.step()
-    trainer.scheduler.step()
-    trainer.global_step += 1
-
-
-BatchFn = Callable[[list[int]], "tuple[torch.Tensor, torch.Tensor] | None"]
+BatchFn = Callable[[list[int]], "tuple[torch.Tensor | None, dict[str, float]]"]
 
 
 def alternate(f_trainer: Trainer, g_trainer: Trainer, lengths: Sequence[int], batch_fn: BatchFn, *, epochs: int,
               batch_size: int, seed: int, progress: Callable[[int, int], None] | None,
               should_stop: Callable[[], bool] | None) -> tuple[list[dict], int, bool]:
-    """The epoch/batch loop of the mutual distillation, shared by `co_distill` and `co_distill_cross`.
+    """The epoch/batch loop of the mutual distillation, shared by `co_distill` and `co_distill_cross`: one
+    `f_trainer.fit` per epoch over the shuffled batches, whose loss function is `batch_fn`.
 
-    `batch_fn(sample indices)` does one batch's two half-steps (θ then ω) and returns their losses (loss_g, loss_f),
-    or None when the batch has no position to train. Returns (per-epoch mean losses, batches run, stopped)."""
-    f, g = f_trainer.model, g_trainer.model
+    `batch_fn(sample indices)` is f's loss function with g's half-step inside: it updates g (θ) with
+    `g_trainer.step`, then returns (L_f or None, stats) for fit to update f (ω) with; stats carry "slm_loss" /
+    "llm_loss" (the per-epoch means reported; a side whose update was skipped as non-finite leaves its value out).
+    g is in train mode during the loop and in eval mode after, its gradients released. Returns (per-epoch mean
+    losses, batches run, stopped)."""
+    g = g_trainer.model
     n_batches = math.ceil(len(lengths) / batch_size) if len(lengths) else 0
     total = n_batches * max(epochs, 0)
-    device = f_trainer.device
-    cuda = [device.index or 0] if device.type == "cuda" else []
     epoch_stats: list[dict] = []
     steps = 0
     stopped = False
     try:
-        with torch.random.fork_rng(devices=cuda):
-            torch.manual_seed(seed * 1_000_003 + f_trainer.global_step)
+        with f_trainer.seeded(seed * 1_000_003 + f_trainer.global_step):
             for _ in range(max(epochs, 0)):
                 rng = np.random.default_rng([seed, f_trainer.epochs_done, 7])
-                acc = {"slm_loss": [], "llm_loss": []}
-                f.train()
                 g.train()
-                for idx in shuffled_batches(lengths, batch_size, rng):
-                    if should_stop is not None and should_stop():
-                        stopped = True
-                        break
-                    steps += 1
-                    losses = batch_fn(idx)
-                    if losses is not None:
-                        acc["slm_loss"].append(float(losses[0].detach()))
-                        acc["llm_loss"].append(float(losses[1].detach()))
-                    if progress is not None:
-                        progress(steps, total)
-                epoch_stats.append({k: float(np.mean(v)) if v else float("nan") for k, v in acc.items()})
-                if stopped:
+                res = f_trainer.fit(shuffled_batches(lengths, batch_size, rng), batch_fn,
+                                    progress=offset_progress(progress, steps, total), should_stop=should_stop,
+                                    total=total)
+                steps += res.steps
+                epoch_stats.append({k: res.mean(k) for k in ("slm_loss", "llm_loss")})
+                if res.stopped:
+                    stopped = True
                     break
                 f_trainer.epochs_done += 1
                 g_trainer.epochs_done += 1
     finally:
-        f_trainer.optimizer.zero_grad(set_to_none=True)
         g_trainer.optimizer.zero_grad(set_to_none=True)
-        f.eval()
+        f_trainer.model.eval()
         g.eval()
     return epoch_stats, steps, stopped
 
@@ -186,25 +167,23 @@ def co_distill(f_trainer: Trainer, g_trainer: Trainer, pairs, *, lam: float, epo
     vocab = _common_vocab(f_trainer, g_trainer)
     t0 = time.perf_counter()
     before = measure(f_trainer, g_trainer, pairs, batch_size)
-    f_params = [p for _, p in f_trainer.named_params]
-    g_params = [p for _, p in g_trainer.named_params]
 
     def batch_fn(idx):
         bp = [pairs[i] for i in idx]
         rows, cols = _positions(bp, device)
         if not len(rows):
-            return None
+            return None, {}
         batch = to_device(collate(bp, f_trainer.pad_id), device)
         labels = batch["input_ids"][rows, cols + 1]
         lf = _logits_at(f, batch, rows, cols, vocab)            # with grad: reused for ω's step
         lg = _logits_at(g, batch, rows, cols, vocab)
         loss_g, _, _ = mutual_loss(lg, lf, labels, lam)          # θ step: f detached
-        step(g_trainer, g_params, loss_g)
+        stats = {"slm_loss": float(loss_g.detach())} if g_trainer.step(loss_g) else {}
         with torch.no_grad():
             lg_new = _logits_at(g, batch, rows, cols, vocab)
-        loss_f, _, _ = mutual_loss(lf, lg_new, labels, lam)     # ω step: against the updated g
-        step(f_trainer, f_params, loss_f)
-        return loss_g, loss_f
+        loss_f, _, _ = mutual_loss(lf, lg_new, labels, lam)     # ω step (by fit): against the updated g
+        stats["llm_loss"] = float(loss_f.detach())
+        return loss_f, stats
 
     epoch_stats, steps, stopped = alternate(f_trainer, g_trainer, [len(p.ids) for p in pairs], batch_fn,
                                             epochs=epochs, batch_size=batch_size, seed=seed, progress=progress,

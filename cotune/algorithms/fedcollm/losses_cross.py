@@ -43,7 +43,6 @@ from cotune.algorithms.fedcollm.losses import (
     _positions,
     alternate,
     same_device,
-    step,
     summarize,
 )
 from cotune.lm.train import Trainer
@@ -262,14 +261,12 @@ def co_distill_cross(f_trainer: Trainer, g_trainer: Trainer, f_pairs: Sequence, 
     aligned = _Aligned(f_pairs, g_pairs, method, f_trainer.tokenizer, g_trainer.tokenizer)
     before = measure_cross(f_trainer, g_trainer, f_pairs, g_pairs, aligned, f2g_t, g2f_t, top_k=top_k,
                            batch_size=batch_size)
-    f_params = [p for _, p in f_trainer.named_params]
-    g_params = [p for _, p in g_trainer.named_params]
 
     def batch_fn(idx):
         fs = _Side(f_trainer, [f_pairs[i] for i in idx], vf, device)
         gs = _Side(g_trainer, [g_pairs[i] for i in idx], vg, device)
         if not len(fs.rows) and not len(gs.rows):
-            return None
+            return None, {}
         af, ag = aligned.batch(idx, f_pairs, g_pairs, device)
         lf = fs.logits()  # with grad: reused for ω's step
         lg = gs.logits()
@@ -277,17 +274,17 @@ def co_distill_cross(f_trainer: Trainer, g_trainer: Trainer, f_pairs: Sequence, 
         loss_g = _ce(lg, gs.labels)
         if len(af):
             loss_g = loss_g + lam * _mean(sparse_kl(lg[ag], *teacher_target(lf[af], f2g_t, top_k)))
-        if loss_g.requires_grad:
-            step(g_trainer, g_params, loss_g)
-        # ω step: f towards the UPDATED g's projected top-k
+        stats = {}
+        if not loss_g.requires_grad or g_trainer.step(loss_g):  # no g position: nothing to learn, value kept
+            stats["slm_loss"] = float(loss_g.detach())
+        # ω step (by fit): f towards the UPDATED g's projected top-k
         loss_f = _ce(lf, fs.labels)
         if len(af):
             with torch.no_grad():
                 lg_new = gs.logits(ag)
             loss_f = loss_f + lam * _mean(sparse_kl(lf[af], *teacher_target(lg_new, g2f_t, top_k)))
-        if loss_f.requires_grad:
-            step(f_trainer, f_params, loss_f)
-        return loss_g, loss_f
+        stats["llm_loss"] = float(loss_f.detach())
+        return (loss_f if loss_f.requires_grad else None), stats
 
     lengths = [max(len(a.ids), len(b.ids)) for a, b in zip(f_pairs, g_pairs)]
     epoch_stats, steps, stopped = alternate(f_trainer, g_trainer, lengths, batch_fn, epochs=epochs,

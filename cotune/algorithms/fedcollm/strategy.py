@@ -17,99 +17,73 @@ CoDistillTask, and the KL is taken at aligned positions against the other model'
 
 from __future__ import annotations
 
-import math
-
-from cotune.errors import InvalidInput, Precondition
+from cotune.algorithms import steps
+from cotune.algorithms.base import Driver, Strategy
+from cotune.algorithms.fedcollm.config import FedCoLLMConfig
 from cotune.v1 import party_pb2
-from cotune.algorithms import steps as lora_fed
-from coordinator.driver import RunDriver, Strategy
-
-DEFAULT_KD_WEIGHT = 1.0
 
 
 class FedCoLLM(Strategy):
     name = "fedcollm"
+    config_class = FedCoLLMConfig
+    summary = "FedAvg of client SLM LoRA, then server-side co-distillation of the LLM and the SLM"
 
-    def validate(self, spec, llm_info, client_infos) -> None:
-        comp = llm_info.companion if llm_info.HasField("companion") else None
+    def check(self, config: FedCoLLMConfig, run, llm, clients) -> list[str]:
+        comp = llm.companion if llm.HasField("companion") else None
         if comp is None or not comp.tokenizer_hash:
-            raise Precondition("fedcollm needs the LLM server to hold a copy of the SLM for co-distillation: set "
-                               "model.companion_slm_path in the LLM server's config (the clients' SLM model directory or GGUF)")
-        if comp.tokenizer_hash != llm_info.tokenizer_hash and not spec.align_tokenizers:
-            raise InvalidInput(f"the LLM ({llm_info.tokenizer_hash[:12]}…) and its SLM copy ({comp.tokenizer_hash[:12]}…) use "
-                               "different tokenizers: fedcollm co-distils them over one vocabulary unless the run spec sets "
-                               "align_tokenizers: true (MinED maps from the alignment service; an extension of the paper)")
-        lora_fed.validate_homogeneous(spec, client_infos, what="fedcollm",
-                                      reference=("llm server's SLM copy", comp.tokenizer_hash, comp.lora_layout_hash))
-        if not (math.isfinite(spec.kd_weight) and spec.kd_weight >= 0):
-            raise InvalidInput(f"kd_weight (λ) must be finite and >= 0 (0 = {DEFAULT_KD_WEIGHT}), got {spec.kd_weight}")
-        if not 0 <= spec.max_length <= 32768:
-            raise InvalidInput(f"max_length must be in 0..32768 (0 = the parties' default), got {spec.max_length}")
+            return ["fedcollm needs the LLM server to hold a copy of the SLM for co-distillation: set "
+                    "model.companion_slm_path in the LLM server's config (the clients' SLM model directory or GGUF)"]
+        problems = []
+        if comp.tokenizer_hash != llm.tokenizer_hash and not config.align_tokenizers:
+            problems.append(f"the LLM ({llm.tokenizer_hash[:12]}…) and its SLM copy ({comp.tokenizer_hash[:12]}…) use "
+                            "different tokenizers: fedcollm co-distils them over one vocabulary unless the run spec sets "
+                            "fedcollm.align_tokenizers: true (MinED maps from the alignment service; an extension of "
+                            "the paper)")
+        problems += steps.homogeneity_problems(clients, what="fedcollm", reference=(
+            "llm server's SLM copy", comp.tokenizer_hash, comp.lora_layout_hash))
+        return problems
 
-    def execute(self, d: RunDriver) -> None:
-        spec = d.spec
+    def execute(self, d: Driver, config: FedCoLLMConfig) -> None:
+        run = d.run
         maps = self._vocab_maps(d)
-        theta = lora_fed.initial_adapter(d, d.llm, target="companion")
-        lora_fed.broadcast(d, d.clients, 0, theta)
+        theta = steps.get_adapter(d, d.llm, 0, target="companion", record="init")
+        steps.broadcast(d, d.clients, 0, theta)
         d.set_step(0, "evaluate")
-        lora_fed.evaluate(d, [d.llm, *d.clients], 0)
+        steps.evaluate(d, [d.llm, *d.clients], 0)
 
-        for rnd in range(1, spec.rounds + 1):
+        for rnd in range(1, run.rounds + 1):
             d.check_cancelled()
-            active, samples = lora_fed.train_local(d, d.clients, rnd)
-            aggregate, _ = lora_fed.collect_and_aggregate(d, active, rnd, theta, samples)
+            active, samples = steps.train_local(d, d.clients, rnd)
+            aggregate, _ = steps.collect_and_aggregate(d, active, rnd, theta, samples, config.aggregation)
 
             d.set_step(rnd, "co_distill")
-            task = party_pb2.CoDistillTask(slm_adapter=d.ref(aggregate), lam=spec.kd_weight or DEFAULT_KD_WEIGHT,
-                                           epochs=spec.distill_epochs or 1, max_samples=spec.max_public_samples,
-                                           max_length=spec.max_length, top_k=spec.top_k)
-
-            def deliver(aggregate=aggregate, rnd=rnd):
-                d.deliver(d.llm, aggregate, rnd, "adapter_aggregate")
-                for sha in maps.values():
-                    d.deliver(d.llm, sha, rnd, "vocab_map")
-
+            task = party_pb2.CoDistillTask(slm_adapter=d.ref(aggregate), kl_weight=config.kl_weight,
+                                           epochs=config.distill_epochs, max_samples=run.max_public_samples,
+                                           max_length=run.max_length, top_k=config.top_k)
             for field, sha in maps.items():
                 getattr(task, field).CopyFrom(d.ref(sha))
-            res = d.task(d.llm, rnd, "co_distill", before=deliver, co_distill=task)
-            if res["info"].get("received_lora_hash") != aggregate:  # legitimate when the server runs in bf16
-                d.note(rnd, f"co_distill: the LLM server's SLM copy held {res['info'].get('received_lora_hash', '?')[:12]}… "
-                            f"after loading the aggregate {aggregate[:12]}… (dtype cast?)")
-            m = res["metrics"]
-            metrics = dict(m)
-            # the LLM's own KD term, in the columns every report shows: KL(f‖g) with one tokenizer; across tokenizers
-            # the forward KL(g̃‖f) (co_distill_cross names KLs by direction)
-            own = "slm" if maps else "llm"
-            metrics["distill_kd_before"] = m[f"codistill_{own}_kl_before"]
-            metrics["distill_kd_after"] = m[f"codistill_{own}_kl_after"]
-            d.record_metrics(rnd, d.llm.party_id, metrics)
-            theta = res["blobs"]["slm_adapter"]
-            d.fetch(d.llm, theta, rnd, "adapter_distilled")
-            lora_fed.record_artifact(d, rnd, "distilled", theta)
+            res = d.task(d.llm, rnd, "co_distill", co_distill=task)
+            out = res.result
+            if out.received_lora_hash != aggregate:  # legitimate when the server runs in bf16
+                d.note(rnd, f"co_distill: the LLM server's SLM copy held {out.received_lora_hash[:12]}… after loading "
+                            f"the aggregate {aggregate[:12]}… (dtype cast?)")
+            # the LLM's own distillation term, in the columns every report shows
+            d.record_metrics(rnd, d.llm.party_id, {**res.metrics, "distill_kd_before": out.llm_kl_before,
+                                                   "distill_kd_after": out.llm_kl_after})
+            theta = out.slm_adapter.sha256
+            d.record_artifact(rnd, "distilled", theta)
 
-            lora_fed.broadcast(d, d.clients, rnd, theta)
+            steps.broadcast(d, d.clients, rnd, theta)
             d.set_step(rnd, "evaluate")
-            lora_fed.evaluate(d, [d.llm, *d.clients], rnd)
+            steps.evaluate(d, [d.llm, *d.clients], rnd)
             d.emit("metrics", round=rnd, message=f"round {rnd} complete")
 
     @staticmethod
-    def _vocab_maps(d: RunDriver) -> dict[str, str]:
-        """{} with one tokenizer; else the CoDistillTask fields' MinED maps (LLM ↔ SLM), built once per run."""
-        comp = d.llm.info.companion
-        llm_tok, slm_tok = d.llm.info.tokenizer_hash, comp.tokenizer_hash
-        if llm_tok == slm_tok:
+    def _vocab_maps(d: Driver) -> dict[str, str]:
+        """{} with one tokenizer; else the CoDistillTask fields' MinED maps (LLM ↔ SLM), built once per run. Every
+        client runs the SLM, so the first client holds the SLM's tokenizer bundle."""
+        if d.llm.info.tokenizer_hash == d.llm.info.companion.tokenizer_hash:
             return {}
-        if d.alignment is None:
-            raise Precondition("fedcollm across tokenizers (align_tokenizers) needs the alignment service, but the "
-                               "coordinator has none configured (coordinator config: alignment)")
-
-        def build():
-            # the SLM's tokenizer bundle is held by every client (they run the SLM); the LLM's by the LLM server
-            d.register_tokenizers([(d.llm, d.llm.info.tokenizer_bundle.sha256),
-                                   (d.clients[0], d.clients[0].info.tokenizer_bundle.sha256)])
-            ops = {"llm_to_slm_map": d.alignment.build_vocab_map(llm_tok, slm_tok),
-                   "slm_to_llm_map": d.alignment.build_vocab_map(slm_tok, llm_tok)}
-            return {field: d.alignment_artifact(op, "vocab_map", d.llm.party_id) for field, op in ops.items()}
-
         d.set_step(0, "vocab_maps")
-        return d.step("r0/vocab_maps", build)
+        slm = d.clients[0]
+        return {"llm_to_slm_map": d.vocab_map(d.llm, slm), "slm_to_llm_map": d.vocab_map(slm, d.llm)}

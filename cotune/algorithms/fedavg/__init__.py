@@ -1,0 +1,1 @@
+"""fedavg: FedAvg of the clients' SLM LoRA, no LLM involvement."""

@@ -1,0 +1,1 @@
+"""standalone: each client trains on its own private data; nothing is exchanged."""

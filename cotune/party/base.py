@@ -1,0 +1,318 @@
+"""The model-holding party: what the LLM server and every SLM client have in common, and nothing algorithm-specific.
+
+A party loads its model with a LoRA adapter, holds the public set (and, for a client, its private data), and runs
+tasks on request as long-running operations. Which tasks a party serves is its role's table (`tasks`, filled by
+llm_server.server.LLMServer and slm_client.client.SLMClient): kind -> handler, every handler with one signature,
+
+    handler(party, task, ctx) -> work        ctx: the request's RunContext; validates synchronously
+    work(op_ctx) -> OpResult                 runs on the operation worker, one task at a time
+
+so a request is checked completely before any work starts, and a rejected request changes nothing. The generic
+tasks are in cotune.party.tasks, the algorithms' in cotune.algorithms.<name>. Algorithm state (FedCoLLM's companion
+SLM, FedBiOT's compressed model or shipped layer map) lives in state objects the algorithm modules own and attach here
+with `set_state`/`state_for`; the models a task can address by name are the `targets`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+from google.protobuf.message import Message
+
+from cotune.config import PartyConfig
+from cotune.data import canonical_jsonl_bytes, dataset_hash, read_jsonl
+from cotune.errors import InvalidInput, Precondition, RpcError, Unavailable
+from cotune.party.media import MEDIA_DATASET, MEDIA_TOKENIZER
+from cotune.rpc.operations import OperationContext, OperationManager, OpResult
+from cotune.v1 import party_pb2
+from cotune.wire.blobs import Blob, BlobStore
+
+log = logging.getLogger(__name__)
+
+MAX_LENGTH_RANGE = (8, 32768)  # tokens per public sample a task may ask for
+
+Work = Callable[[OperationContext], OpResult]
+Handler = Callable[["ModelParty", Message, party_pb2.RunContext], Work]
+
+
+@dataclass(frozen=True)
+class Target:
+    """A model a task can address by name (EvaluateTask.target, GetLoraTask.target), with its tokenizer."""
+
+    model: Any
+    tokenizer: Any
+
+
+TargetGetter = Callable[["ModelParty"], Target]
+
+
+def own_model(party: "ModelParty") -> Target:
+    with party.model_lock:
+        return Target(party.model, party.tokenizer)
+
+
+def held_elsewhere(what: str) -> TargetGetter:
+    """A target this role never holds (another role's): asking for it is a FAILED_PRECONDITION naming the role."""
+
+    def getter(party: "ModelParty") -> Target:
+        raise Precondition(f"{party.role_name} ({party.cfg.party_id}) holds no {what}")
+
+    return getter
+
+
+class ModelParty:
+    """Config, blob store, operations, data, model + tokenizer + Trainer, describe, and task dispatch.
+
+    Subclasses (the roles) set `role`, `role_name`, fill `self.tasks` (and optionally `self.not_served` hints and
+    extra `self.targets`) in __init__, and may override `setup` (after the model has loaded) and `describe_extra`."""
+
+    role: ClassVar[str] = ""       # "llm" | "slm" (PartyInfo.role, PartyConfig.validate)
+    role_name: ClassVar[str] = ""  # "the LLM server" | "an SLM client", in messages
+
+    def __init__(self, cfg: PartyConfig):
+        cfg.validate(self.role)
+        self.cfg = cfg
+        workdir = Path(cfg.workdir)
+        self.store = BlobStore(workdir / "blobs")
+        self.ops = OperationManager(workers=1)
+        self.public = read_jsonl(cfg.data.public)
+        self.private = read_jsonl(cfg.data.private) if cfg.data.private else []
+        self.eval = read_jsonl(cfg.data.eval) if cfg.data.eval else []
+        self.public_hash = dataset_hash(self.public)
+        self.public_blob = self.store.put_bytes(canonical_jsonl_bytes(self.public), MEDIA_DATASET)
+        self.model = self.tokenizer = self.trainer = None
+        self.tokenizer_blob: Blob | None = None
+        self.tokenizer_hash = ""
+        self.vocab_size = 0
+        self.device = ""
+        self.model_path = cfg.model.path
+        self.loaded_model = ""  # sha256 of the shipped archive the model came from; "" = the configured model
+        self.model_lock = threading.RLock()  # install_model swaps the model while Describe may read it
+        self._ready = threading.Event()
+        self._states: dict[str, Any] = {}
+        # the role's task table: kind -> handler(party, task, ctx) -> work
+        self.tasks: dict[str, Handler] = {}
+        # why a kind outside the table is not served here (appended to the refusal), by kind
+        self.not_served: dict[str, str] = {}
+        # models a task can name: "" (and "model") = this party's model; roles add their algorithms' targets
+        self.targets: dict[str, TargetGetter] = {"": own_model, "model": own_model}
+
+    # -- per-algorithm state -------------------------------------------------------------------------------------
+    def state_for(self, name: str, default: Any = None) -> Any:
+        """The state object the algorithm module `name` attached to this party, or `default`."""
+        return self._states.get(name, default)
+
+    def set_state(self, name: str, state: Any) -> None:
+        self._states[name] = state
+
+    # -- lifecycle --------------------------------------------------------------------------------------------
+    @property
+    def model_cache(self) -> Path:
+        mc = self.cfg.model
+        return Path(mc.cache_dir) if mc.cache_dir else Path(self.cfg.workdir) / "model-cache"
+
+    @property
+    def ready(self) -> bool:
+        return self._ready.is_set()
+
+    def load(self) -> None:
+        """Load model, tokenizer and adapter (slow), then the role's `setup`; the service reports NOT_SERVING until
+        this returns."""
+        from cotune.lm.device import configure_threads
+
+        configure_threads()  # $COTUNE_TORCH_THREADS: the cluster launcher shares the cores among model processes
+        self.install_model(self.cfg.model.path, self.cfg.lora)
+        self.setup()
+        self._ready.set()
+        log.info("%s ready: %s on %s, vocab %d, public set %s (%d samples)", self.cfg.party_id, self.cfg.model.path,
+                 self.device, self.vocab_size, self.public_hash[:12], len(self.public))
+
+    def setup(self) -> None:
+        """The role's hook after the configured model has loaded (e.g. load an algorithm's extra model)."""
+
+    def install_model(self, path, lora, *, archive: str = "") -> None:
+        """Load the model at `path` with a fresh LoRA (`lora`: a LoraConfig) and a Trainer, and make it this party's
+        model, replacing the previous one only once the new one has loaded. `archive`: the sha256 of the shipped model
+        archive it came from, empty for the configured model."""
+        from cotune.align.tokenizers import tokenizer_bundle_bytes
+        from cotune.lm.lora import attach_lora
+        from cotune.lm.model import load_causal_lm
+        from cotune.lm.train import TrainConfig, Trainer
+
+        mc, tc = self.cfg.model, self.cfg.training
+        model, tokenizer = load_causal_lm(path, cache_dir=self.model_cache, device=mc.device, dtype=mc.dtype)
+        model = attach_lora(model, r=lora.r, alpha=lora.alpha, dropout=lora.dropout, seed=lora.seed)
+        trainer = Trainer(model, tokenizer, TrainConfig(lr=tc.lr, batch_size=tc.batch_size, max_length=tc.max_length,
+                                                        seed=tc.seed))
+        tokenizer_blob = self.store.put_bytes(tokenizer_bundle_bytes(tokenizer), MEDIA_TOKENIZER)
+        head = model.get_output_embeddings()
+        with self.model_lock:
+            self.model, self.tokenizer, self.trainer = model, tokenizer, trainer
+            self.tokenizer_blob, self.tokenizer_hash = tokenizer_blob, tokenizer_blob.sha256
+            self.vocab_size = int(head.weight.shape[0]) if head is not None else len(tokenizer)
+            self.device = str(next(model.parameters()).device)
+            self.model_path, self.loaded_model = str(path), archive
+
+    def require_ready(self) -> None:
+        if not self._ready.is_set():
+            raise Unavailable(f"party {self.cfg.party_id} is still loading its model; retry shortly")
+
+    # -- describe ---------------------------------------------------------------------------------------------
+    def lora_bytes(self, model=None) -> bytes:
+        from cotune.lm.lora import lora_state_dict, lora_to_bytes
+
+        return lora_to_bytes(lora_state_dict(self.model if model is None else model))
+
+    def lora_hash(self, model=None) -> str:
+        """sha256 of the canonical adapter bytes of `model` (default: this party's model)."""
+        return hashlib.sha256(self.lora_bytes(model)).hexdigest()
+
+    @staticmethod
+    def lora_layout_hash(model) -> str:
+        """Identity of an adapter's layout (sorted keys and shapes; dtypes are cast on load): equal layouts average."""
+        from cotune.lm.lora import lora_shapes
+
+        layout = json.dumps(sorted([k, list(v)] for k, v in lora_shapes(model).items()), separators=(",", ":"))
+        return hashlib.sha256(layout.encode()).hexdigest()
+
+    @staticmethod
+    def trainable_params(model) -> int:
+        return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+    def describe(self) -> party_pb2.PartyInfo:
+        from cotune.lm.layers import num_decoder_layers
+
+        name = self.cfg.model.name or Path(self.cfg.model.path).name
+        info = party_pb2.PartyInfo(
+            party_id=self.cfg.party_id, role=self.role, model_name=name,
+            public_set_hash=self.public_hash, public_set_size=len(self.public), private_set_size=len(self.private),
+            eval_set_size=len(self.eval), public_set=self.public_blob.ref(), ready=self._ready.is_set(),
+        )
+        if not self._ready.is_set():
+            return info
+        with self.model_lock:
+            if self.loaded_model:
+                info.model_name = f"shipped model {self.loaded_model[:12]} (in place of {name})"
+                info.loaded_model = self.loaded_model
+            info.tokenizer_hash = self.tokenizer_hash
+            info.vocab_size = self.vocab_size
+            info.device = self.device
+            info.trainable_params = self.trainable_params(self.model)
+            info.tokenizer_bundle.CopyFrom(self.tokenizer_blob.ref())
+            info.lora_hash = self.lora_hash()
+            info.lora_layout_hash = self.lora_layout_hash(self.model)
+            try:
+                info.num_layers = num_decoder_layers(self.model)
+            except ValueError:  # an architecture whose layer list we cannot find: FedBiOT refuses it at validation
+                info.num_layers = 0
+        self.describe_extra(info)
+        return info
+
+    def describe_extra(self, info: party_pb2.PartyInfo) -> None:
+        """The role's hook to add its algorithms' fields to a ready party's PartyInfo."""
+
+    # -- tasks --------------------------------------------------------------------------------------------------
+    def start_task(self, req: party_pb2.TaskRequest):
+        self.require_ready()
+        ctx = req.ctx
+        if not ctx.run_id:
+            raise InvalidInput("ctx.run_id is required")
+        if ctx.round < 0:
+            raise InvalidInput(f"ctx.round must be >= 0, got {ctx.round}")
+        if ctx.public_set_hash and ctx.public_set_hash != self.public_hash:
+            raise Precondition(
+                f"party {self.cfg.party_id} holds public set {self.public_hash[:16]}…, but run {ctx.run_id} uses "
+                f"{ctx.public_set_hash[:16]}…; samples are matched by position, so this party refuses the run")
+        kind = req.WhichOneof("task")
+        if kind is None:
+            raise InvalidInput("TaskRequest names no task")
+        handler = self.tasks.get(kind)
+        if handler is None:
+            hint = self.not_served.get(kind)
+            raise Precondition(f"{self.role_name} does not serve {kind}" + (f" ({hint})" if hint else ""))
+        work = handler(self, getattr(req, kind), ctx)  # validates synchronously
+        key = f"{ctx.run_id}/{ctx.round}/{ctx.task_key or kind}" if ctx.task_key else ""
+        return self.ops.start(kind, work, key=key)
+
+    def target(self, name: str) -> Target:
+        """The model (and tokenizer) a task names: InvalidInput for an unknown name, Precondition for a known one
+        this party does not hold (now)."""
+        getter = self.targets.get(name)
+        if getter is None:
+            known = ", ".join(repr(t) for t in self.targets if t)
+            raise InvalidInput(f"target must be '' (this party's model) or one of {known}, got {name!r:.40}")
+        return getter(self)
+
+    # -- helpers for task handlers --------------------------------------------------------------------------------
+    def samples(self, items, max_samples: int) -> list:
+        if max_samples < 0:
+            raise InvalidInput(f"max_samples must be >= 0, got {max_samples}")
+        return list(items[:max_samples]) if max_samples else list(items)
+
+    @staticmethod
+    def progress(ctx: OperationContext, stage: str):
+        def report(done, total):
+            ctx.check_cancelled()
+            ctx.progress(done, total, stage)
+        return report
+
+    @staticmethod
+    def epochs(value: int, what: str = "epochs") -> int:
+        if value < 1:
+            raise InvalidInput(f"{what} must be >= 1, got {value}")
+        return int(value)
+
+    def lr(self, task: Message, field: str = "lr", default: float | None = None) -> float:
+        """A task's `optional` learning rate, else `default` (else the party's training.lr); InvalidInput unless > 0."""
+        if not task.HasField(field):
+            return self.cfg.training.lr if default is None else default
+        value = getattr(task, field)
+        if not (math.isfinite(value) and value > 0):
+            raise InvalidInput(f"{field} must be a positive number, got {value}")
+        return float(value)
+
+    def batch_size(self, task: Message, field: str = "batch_size") -> int:
+        """A task's `optional` batch size, else the party's training.batch_size; InvalidInput unless >= 1."""
+        if not task.HasField(field):
+            return self.cfg.training.batch_size
+        value = getattr(task, field)
+        if value < 1:
+            raise InvalidInput(f"{field} must be >= 1, got {value}")
+        return int(value)
+
+    @staticmethod
+    def max_length(task: Message) -> int:
+        lo, hi = MAX_LENGTH_RANGE
+        if not lo <= task.max_length <= hi:
+            raise InvalidInput(f"max_length must be in {lo}..{hi} tokens, got {task.max_length}")
+        return int(task.max_length)
+
+    def set_training(self, trainer, *, lr: float, batch_size: int) -> None:
+        """A task's learning rate and batch size on `trainer` for this step."""
+        trainer.config.batch_size = batch_size
+        trainer.set_lr(lr)
+
+    def read_blob(self, ref, what: str, max_bytes: int = 4 << 30) -> bytes:
+        blob = Blob.from_ref(ref)
+        if not self.store.has(blob.sha256):
+            raise Precondition(f"{what} blob {blob.sha256} is not in party {self.cfg.party_id}'s store; "
+                               "upload it with PutBlob first")
+        return self.store.read_bytes(blob.sha256, max_bytes=max_bytes)
+
+    def parse_blob(self, ref, what: str, parse: Callable[[bytes], Any], max_bytes: int = 4 << 30) -> Any:
+        """read_blob, then `parse` its bytes: any parse failure is the caller's bad blob (InvalidInput)."""
+        data = self.read_blob(ref, what, max_bytes)
+        try:
+            return parse(data)
+        except RpcError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - whatever a parser raises on bad bytes, the blob is bad input
+            raise InvalidInput(f"{what} (blob {ref.sha256[:12]}…) cannot be read: {exc}") from exc

@@ -1,0 +1,108 @@
+"""The generic tasks every model holder can serve: CE training on private data, evaluation, adapter get/set.
+
+Each is a handler `(party, task, ctx) -> work`: it validates the request synchronously (raising InvalidInput or
+Precondition, changing nothing) and returns the work the party's operation worker runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+from cotune.errors import InvalidInput, Precondition
+from cotune.party.base import ModelParty
+from cotune.party.media import MEDIA_ADAPTER
+from cotune.rpc.operations import OpResult
+from cotune.v1 import party_pb2
+
+
+def train_local(party: ModelParty, task: party_pb2.TrainLocalTask, ctx: party_pb2.RunContext):
+    """CE fine-tuning of the party's model on its private data."""
+    if not party.private:
+        raise Precondition(f"party {party.cfg.party_id} ({party.role_name}) has no private data to train on")
+    epochs = party.epochs(task.epochs)
+    lr, batch_size = party.lr(task), party.batch_size(task)
+    examples = party.samples(party.private, task.max_samples)
+
+    def work(op):
+        trainer = party.trainer
+        party.set_training(trainer, lr=lr, batch_size=batch_size)
+        m = trainer.train_ce(examples, epochs=epochs, progress=party.progress(op, "train"), should_stop=op.cancelled)
+        return OpResult(metrics={"train_loss_first": m["loss_first"], "train_loss_last": m["loss_last"],
+                                 "train_steps": m["steps"], "train_samples": m["samples"]},
+                        result=party_pb2.TrainLocalResult(samples=int(m["samples"]), loss_first=m["loss_first"],
+                                                          loss_last=m["loss_last"]))
+    return work
+
+
+def evaluate(party: ModelParty, task: party_pb2.EvaluateTask, ctx: party_pb2.RunContext):
+    """Public-set loss and, where the eval set is multiple choice, accuracy of a target model."""
+    eval_set = party.samples(party.eval, task.max_samples)
+    public = party.samples(party.public, task.max_samples)
+    party.target(task.target)  # an unknown or absent target is refused now, not when the work runs
+
+    def work(op):
+        from cotune.lm.evaluate import evaluate_loss, evaluate_mc
+
+        target = party.target(task.target)
+        bs, ml = party.trainer.config.batch_size, party.cfg.training.max_length
+        metrics = {}
+        op.progress(0, 2, "evaluate")
+        loss = evaluate_loss(target.model, target.tokenizer, public, batch_size=bs, max_length=ml)
+        metrics.update({"public_loss": loss["loss"], "public_ppl": loss["perplexity"], "public_bpb": loss["bpb"]})
+        op.progress(1, 2, "evaluate")
+        accuracy = float("nan")
+        if eval_set and eval_set[0].choices:
+            acc = evaluate_mc(target.model, target.tokenizer, eval_set, batch_size=bs, max_length=ml)
+            accuracy = acc["accuracy"]
+            metrics.update({"eval_accuracy": acc["accuracy"], "eval_accuracy_norm": acc["accuracy_norm"],
+                            "eval_n": acc["n"]})
+        op.progress(2, 2, "evaluate")
+        return OpResult(metrics=metrics,
+                        result=party_pb2.EvaluateResult(public_loss=loss["loss"], eval_accuracy=accuracy))
+    return work
+
+
+def set_lora(party: ModelParty, task: party_pb2.SetLoraTask, ctx: party_pb2.RunContext):
+    """Load an adapter (safetensors) into the party's model."""
+    from cotune.lm.lora import LoraMismatchError, load_lora_state_dict, lora_from_bytes, validate_lora_state_dict
+
+    if not task.HasField("adapter"):
+        raise InvalidInput("set_lora needs adapter")
+    state = party.parse_blob(task.adapter, "adapter", lora_from_bytes)
+    try:
+        validate_lora_state_dict(party.model, state)
+    except LoraMismatchError as exc:
+        raise InvalidInput(f"adapter does not fit this model: {exc}") from exc
+
+    def work(op):
+        load_lora_state_dict(party.model, state)
+        lora_hash = party.lora_hash()
+        return OpResult(info={"lora_hash": lora_hash}, result=party_pb2.SetLoraResult(lora_hash=lora_hash))
+    return work
+
+
+def get_lora(party: ModelParty, task: party_pb2.GetLoraTask, ctx: party_pb2.RunContext):
+    """A target's adapter as a blob, optionally tagged with the step it answers."""
+    party.target(task.target)
+    tags = {}
+    if task.tag:
+        # the step this adapter answers travels inside it: an aggregator can tell another round's upload apart
+        tags = {"cotune.run_id": ctx.run_id, "cotune.round": str(ctx.round), "cotune.task_key": ctx.task_key,
+                "cotune.party_id": party.cfg.party_id, "cotune.target": task.target or "model"}
+
+    def work(op):
+        from cotune.lm.lora import LORA_FORMAT, lora_state_dict
+        from cotune.wire.safetensors_io import dumps
+
+        model = party.target(task.target).model
+        canonical = party.lora_bytes(model)
+        if tags:
+            sd = lora_state_dict(model)
+            data = dumps(sd, {"format": LORA_FORMAT, "keys": str(len(sd)), **tags})
+        else:
+            data = canonical
+        blob = party.store.put_bytes(data, MEDIA_ADAPTER)
+        lora_hash = hashlib.sha256(canonical).hexdigest()
+        return OpResult(blobs={"adapter": blob}, info={"lora_hash": lora_hash, "blob_sha256": blob.sha256},
+                        result=party_pb2.GetLoraResult(adapter=blob.ref(), lora_hash=lora_hash))
+    return work

@@ -19,12 +19,13 @@ from cotune.v1 import coordinator_pb2 as pb
 from cotune.v1 import coordinator_pb2_grpc
 from cotune.wire.blobs import BlobStore
 from coordinator.store import StateStore
-from coordinator.driver import Party, RunCancelled, RunDriver
+from cotune.algorithms.base import PartyRef
+from cotune.algorithms.config import SpecError, parse_spec
 from cotune.algorithms.registry import get_strategy
+from coordinator.driver import RunCancelled, RunDriver
 
 log = logging.getLogger(__name__)
 TERMINAL = (pb.RUN_SUCCEEDED, pb.RUN_FAILED, pb.RUN_CANCELLED)
-MAX_ROUNDS = 10_000
 
 
 class Coordinator:
@@ -78,29 +79,31 @@ class Coordinator:
         return run
 
     def start_run(self, spec: pb.RunSpec) -> pb.Run:
+        """Validate everything the spec can express, against the parties it names, and start the run. Every problem
+        found is reported at once (one SpecError naming each bad field); nothing is created unless there are none."""
         if not spec.algorithm:
-            raise InvalidInput("spec.algorithm is required (e.g. fedmkt)")
+            raise SpecError(["algorithm is required (`cotune algorithms` lists them)"])
         strategy = get_strategy(spec.algorithm)
-        if not 1 <= spec.rounds <= MAX_ROUNDS:
-            raise InvalidInput(f"spec.rounds must be in 1..{MAX_ROUNDS}, got {spec.rounds}")
-        for name in ("max_public_samples", "eval_max_samples", "local_epochs", "distill_epochs", "min_clients"):
-            if getattr(spec, name) < 0:
-                raise InvalidInput(f"spec.{name} must be >= 0, got {getattr(spec, name)}")
-        if spec.step_timeout_s < 0:
-            raise InvalidInput("spec.step_timeout_s must be >= 0")
-        if spec.alignment_method not in ("", "offsets", "dtw"):
-            raise InvalidInput(f"spec.alignment_method must be offsets or dtw, got {spec.alignment_method!r}")
+        problems: list[str] = []
+        run_config = algo_config = None
+        try:
+            run_config, algo_config = parse_spec(spec, strategy.config_class)
+        except SpecError as exc:
+            problems += exc.problems
         registered = {r.client.client_id: r for r in self.state.clients()}
         chosen = list(spec.clients) or sorted(registered)
         unknown = [c for c in chosen if c not in registered]
         if unknown:
-            raise InvalidInput(f"unknown client id(s) {', '.join(unknown)}; registered: {', '.join(sorted(registered)) or 'none'}")
+            problems.append(f"clients: unknown client id(s) {', '.join(unknown)[:400]}; registered: "
+                            f"{', '.join(sorted(registered))[:400] or 'none'}")
+        if len(set(chosen)) != len(chosen):
+            problems.append("clients lists a client twice")
+        if spec.HasField("min_clients") and spec.min_clients > len(chosen):
+            problems.append(f"min_clients={spec.min_clients} exceeds the {len(chosen)} selected clients")
+        if problems:
+            raise SpecError(problems)
         if not chosen:
             raise Precondition("no SLM clients are registered; register clients before starting a run")
-        if len(set(chosen)) != len(chosen):
-            raise InvalidInput("spec.clients lists a client twice")
-        if spec.min_clients > len(chosen):
-            raise InvalidInput(f"spec.min_clients={spec.min_clients} exceeds the {len(chosen)} selected clients")
         llm_info = self._describe(self.cfg.llm, "llm", "LLM server")
         infos = {c: self._describe(registered[c].client.address, "slm", f"client {c}") for c in chosen}
         public = spec.public_set_hash or llm_info.public_set_hash
@@ -108,7 +111,9 @@ class Coordinator:
         if mismatched:
             raise Precondition(f"public set {public[:16]}… differs from what {', '.join(mismatched)} hold; "
                                "every party must hold the same public set (samples are matched by position)")
-        strategy.validate(spec, llm_info, infos)
+        problems = strategy.check(algo_config, run_config, llm_info, infos)
+        if problems:
+            raise SpecError(problems)
         run = pb.Run(run_id=uuid.uuid4().hex[:16], spec=spec, state=pb.RUN_PENDING, created_at=time.time())
         run.spec.clients[:] = chosen
         run.spec.public_set_hash = public
@@ -161,24 +166,28 @@ class Coordinator:
     def _execute(self, run_id: str) -> None:
         run = self.get_run(run_id)
         cancel = self._cancel[run_id]
-        clients = []
-        llm = alignment = None
+        rpcs: list = []
+        alignment = None
         try:
+            strategy = get_strategy(run.spec.algorithm)
+            run_config, algo_config = parse_spec(run.spec, strategy.config_class)
             registered = {r.client.client_id: r for r in self.state.clients()}
-            llm_client = self.party_client(self.cfg.llm, "llm")
-            llm = Party("llm", "llm", llm_client, llm_client.describe())
-            for cid in run.spec.clients:
-                pc = self.party_client(registered[cid].client.address, "slm")
-                clients.append(Party(cid, "slm", pc, pc.describe()))
+
+            def connect(party_id: str, address: str, role: str):
+                client = self.party_client(address, role)
+                rpcs.append(client)
+                return PartyRef(party_id, role, client.describe()), client
+
+            llm = connect("llm", self.cfg.llm, "llm")
+            clients = [connect(cid, registered[cid].client.address, "slm") for cid in run.spec.clients]
             if self.cfg.alignment:
                 alignment = AlignmentClient(self.cfg.alignment, tls=self.tls, token=self.cfg.auth.token)
             run.state = pb.RUN_RUNNING
-            driver = RunDriver(run=run, store=self.state, artifacts=self.artifacts, llm=llm, clients=clients,
-                               alignment=alignment, cancel_event=cancel)
-            driver.public_set_hash = run.spec.public_set_hash
+            driver = RunDriver(run=run, config=run_config, store=self.state, artifacts=self.artifacts, llm=llm,
+                               clients=clients, alignment=alignment, cancel_event=cancel)
             driver.save()
             driver.emit("state", message="running")
-            get_strategy(run.spec.algorithm).execute(driver)
+            strategy.execute(driver, algo_config)
             run.state = pb.RUN_SUCCEEDED
             run.current_step = "done"
         except RunCancelled:
@@ -190,9 +199,8 @@ class Coordinator:
         finally:
             self.state.put_run(run)
             self.state.add_event(pb.RunEvent(run_id=run_id, kind="state", state=run.state, message=run.error or pb.RunState.Name(run.state)))
-            for party in [llm, *clients]:
-                if party is not None:
-                    party.client.close()
+            for client in rpcs:
+                client.close()
             if alignment is not None:
                 alignment.close()
 

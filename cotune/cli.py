@@ -95,15 +95,35 @@ def _coordinator(args):
 
 
 def _load_spec(path: str):
-    from google.protobuf import json_format
-
-    from cotune.config import load_yaml
-    from cotune.v1 import coordinator_pb2 as pb
+    from cotune.algorithms.config import SpecError, spec_from_dict
+    from cotune.config import ConfigError, load_yaml
 
     try:
-        return json_format.ParseDict(load_yaml(path), pb.RunSpec())
-    except json_format.ParseError as exc:
-        raise SystemExit(f"{path}: invalid run spec: {exc}") from exc
+        return spec_from_dict(load_yaml(path), where=path)
+    except (ConfigError, SpecError) as exc:
+        raise SystemExit(f"{path}: {exc}") from exc
+
+
+def cmd_algorithms(args) -> int:
+    """Every registered algorithm with its settings, defaults and their documentation."""
+    import dataclasses
+
+    from cotune.algorithms.config import RunConfig
+    from cotune.algorithms.registry import STRATEGIES
+
+    def fields(cls, indent: str) -> None:
+        for f in dataclasses.fields(cls):
+            print(f"{indent}{f.name} = {f.default!r}: {f.metadata.get('help', '')}")
+
+    print("settings every run spec takes:")
+    fields(RunConfig, "  ")
+    for name, strategy in sorted(STRATEGIES.items()):
+        config = strategy.config_class
+        print(f"\n{name}: {strategy.summary}")
+        if config.section:
+            print(f"  settings (run spec key `{config.section}`):")
+            fields(config, "    ")
+    return 0
 
 
 def cmd_run_start(args) -> int:
@@ -122,7 +142,7 @@ def _print_run(run) -> None:
     from cotune.report import bytes_table, markdown_table
     from cotune.v1 import coordinator_pb2 as pb
 
-    print(f"run {run.run_id} ({run.spec.algorithm}, {run.spec.setting or 'default'}): {pb.RunState.Name(run.state)}"
+    print(f"run {run.run_id} ({run.spec.algorithm}): {pb.RunState.Name(run.state)}"
           f", round {run.current_round}/{run.spec.rounds}, step {run.current_step or '-'}")
     if run.error:
         print(f"error: {run.error}")
@@ -289,6 +309,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_align_normalize)
 
     from cotune.demo import ALGORITHMS
+
+    p = sub.add_parser("algorithms", help="list the algorithms with their settings and defaults")
+    p.set_defaults(fn=cmd_algorithms)
 
     p = sub.add_parser("demo", help="run a complete demo on a local cluster")
     p.add_argument("--preset", choices=["small", "tiny"], default="small")

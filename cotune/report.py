@@ -29,13 +29,21 @@ def run_summary(run: pb.Run) -> dict:
     return {
         "run_id": run.run_id,
         "algorithm": run.spec.algorithm,
-        "setting": run.spec.setting,
+        "settings": _settings(run.spec),
         "state": pb.RunState.Name(run.state),
         "error": run.error,
         "clients": list(run.spec.clients),
         "public_set_hash": run.spec.public_set_hash,
         "rounds": rounds,
     }
+
+
+def _settings(spec: pb.RunSpec) -> dict:
+    """The algorithm's settings as the spec gave them (unset fields take the algorithm's defaults)."""
+    from google.protobuf import json_format
+
+    section = spec.WhichOneof("config")
+    return json_format.MessageToDict(getattr(spec, section), preserving_proto_field_name=True) if section else {}
 
 
 def _party_order(pid: str) -> tuple:

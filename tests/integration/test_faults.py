@@ -33,7 +33,8 @@ def _wait_for_step(client, run_id, round_, step, timeout=300):
 
 def test_killed_client_is_dropped_and_the_run_goes_on(cluster):
     client = _coordinator(cluster)
-    run = client.start_run(pb.RunSpec(algorithm="fedmkt", rounds=1, top_k=8, min_clients=1, max_length=TEST_PRESET.max_length, lam=TEST_PRESET.lam))
+    run = client.start_run(pb.RunSpec(algorithm="fedmkt", rounds=1, min_clients=1, max_length=TEST_PRESET.max_length,
+                                          fedmkt=pb.FedMKTSpec(top_k=8, ce_weight=TEST_PRESET.lam)))
     _wait_for_step(client, run.run_id, 1, "client_logits")
     cluster.kill("client-2")  # SIGKILL mid-round
     run = watch_run(client, run.run_id, quiet=True)
@@ -49,7 +50,8 @@ def test_killed_client_is_dropped_and_the_run_goes_on(cluster):
 
 def test_coordinator_restart_resumes_without_recomputing(cluster):
     client = _coordinator(cluster)
-    run = client.start_run(pb.RunSpec(algorithm="fedmkt", rounds=2, top_k=8, max_length=TEST_PRESET.max_length, lam=TEST_PRESET.lam))
+    run = client.start_run(pb.RunSpec(algorithm="fedmkt", rounds=2, max_length=TEST_PRESET.max_length,
+                                          fedmkt=pb.FedMKTSpec(top_k=8, ce_weight=TEST_PRESET.lam)))
     _wait_for_step(client, run.run_id, 1, "client_distill")
     before = client.get_run(run.run_id)
     client.close()

@@ -66,9 +66,9 @@ def test_the_compressed_model_is_shipped_once_and_installed(fedbiot_run, address
     archive = rounds[0].artifacts["model"]
     size = len(artifacts.read(archive))
     # pulled from the server once, pushed to each client once, never again
-    assert rounds[0].bytes_received["model_archive"] == size
-    assert rounds[0].bytes_sent["model_archive"] == 2 * size
-    assert all("model_archive" not in rounds[r].bytes_sent for r in (1, 2))
+    assert rounds[0].bytes_received["compress.model"] == size
+    assert rounds[0].bytes_sent["load_model.model"] == 2 * size
+    assert all("load_model.model" not in rounds[r].bytes_sent for r in (1, 2))
     model_dir = unpack_dir(artifacts.read(archive), tmp_path / "model")
     assert (model_dir / LAYER_MAP_FILE).is_file() and (model_dir / INITIAL_LORA_FILE).is_file()
     llm = party(addresses, "llm").describe()
@@ -127,8 +127,8 @@ def test_losses_move_in_the_right_direction(fedbiot_run):
 def test_bad_specs_and_bad_requests_get_clear_errors(coordinator, addresses, fedbiot_run, tmp_path):
     bad = [
         (dict(algorithm="fedbiot", fedbiot=pb.FedBiOTSpec(adapter_layers=8)), "8 layers"),
-        (dict(algorithm="fedbiot", fedbiot=pb.FedBiOTSpec(drop=1.5)), "drop must be in (0, 1)"),
-        (dict(algorithm="fedbiot", fedbiot=pb.FedBiOTSpec(prox_eps=float("nan"))), "prox_eps"),
+        (dict(algorithm="fedbiot", fedbiot=pb.FedBiOTSpec(drop=1.5)), "fedbiot.drop must be in (0, 1)"),
+        (dict(algorithm="fedbiot", fedbiot=pb.FedBiOTSpec(prox_eps=float("nan"))), "fedbiot.prox_eps must be finite"),
         (dict(algorithm="fedot", fedbiot=pb.FedBiOTSpec(align_steps=5)), "never re-aligns"),
         (dict(algorithm="centralized"), "exactly one client"),
     ]
@@ -162,7 +162,7 @@ def test_fedot_round_never_realigns(coordinator, addresses, fedbiot_run):
     assert rounds[1].artifacts["broadcast"] == rounds[1].artifacts["aggregate"]
     # the archive was the same as the first run's (same model, same plan): no client downloaded it again
     assert rounds[0].artifacts["model"] == rounds_of(fedbiot_run)[0].artifacts["model"]
-    assert "model_archive" not in rounds[0].bytes_sent
+    assert "load_model.model" not in rounds[0].bytes_sent
 
 
 def test_centralized_reference_is_labelled_and_trains_the_chosen_client(coordinator, fedbiot_run):

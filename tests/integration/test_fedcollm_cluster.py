@@ -33,7 +33,8 @@ _run, _rounds, _metrics = run_to_end, rounds_of, metrics_of
 
 @pytest.fixture(scope="module")
 def fedcollm_run(coordinator):
-    return _run(coordinator, algorithm="fedcollm", rounds=2, local_epochs=2, kd_weight=20.0)
+    return _run(coordinator, algorithm="fedcollm", rounds=2, local_epochs=2,
+                fedcollm=pb.FedCoLLMSpec(kl_weight=20.0))
 
 
 def _check_aggregate(rec, artifacts):
@@ -65,8 +66,8 @@ def test_two_fedcollm_rounds_complete_with_metrics(fedcollm_run):
         rec = rounds[rnd]
         assert {"aggregate", "distilled", "broadcast", "upload/client-1", "upload/client-2"} <= set(rec.artifacts)
         assert rec.artifacts["broadcast"] == rec.artifacts["distilled"]
-        assert rec.bytes_received["adapter_up"] >= 2 * 30_000  # two ~34 KiB adapters came up
-        assert rec.bytes_received["adapter_distilled"] >= 30_000
+        assert rec.bytes_received["get_lora.adapter"] >= 2 * 30_000  # two ~34 KiB adapters came up
+        assert rec.bytes_received["co_distill.slm_adapter"] >= 30_000
     # round 0: everyone starts from the LLM server's SLM copy
     assert rounds[0].artifacts["broadcast"] == rounds[0].artifacts["init"]
 
@@ -145,20 +146,33 @@ def test_co_distill_rejects_an_adapter_that_does_not_fit(fedcollm_run, addresses
 
 
 def test_bad_specs_get_clear_errors(coordinator):
+    runs_before = len(coordinator.list_runs())
     with pytest.raises(grpc.RpcError) as err:
-        coordinator.start_run(pb.RunSpec(algorithm="fedcollm", rounds=1, aggregation="median"))
-    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "aggregation must be" in err.value.details()
+        coordinator.start_run(pb.RunSpec(algorithm="fedcollm", rounds=1, fedcollm=pb.FedCoLLMSpec(aggregation="median")))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "fedcollm.aggregation must be one of" in err.value.details()
     with pytest.raises(grpc.RpcError) as err:
-        coordinator.start_run(pb.RunSpec(algorithm="llm2slm", rounds=1, setting="heterogeneous"))
+        coordinator.start_run(pb.RunSpec(algorithm="llm2slm", rounds=1, fedmkt=pb.FedMKTSpec(setting="heterogeneous")))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "llm_to_slm" in err.value.details()
     with pytest.raises(grpc.RpcError) as err:
         coordinator.start_run(pb.RunSpec(algorithm="fedcolm", rounds=1))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "fedcollm" in err.value.details()
+    # every problem of a spec in one error, each naming its field; values "0 = default" used to make impossible pass
+    with pytest.raises(grpc.RpcError) as err:
+        coordinator.start_run(pb.RunSpec(algorithm="fedcollm", rounds=0, max_length=4, fedbiot=pb.FedBiOTSpec()))
+    details = err.value.details()
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert all(f in details for f in ("rounds must be", "max_length must be", "takes `fedcollm` settings")), details
+    with pytest.raises(grpc.RpcError) as err:
+        coordinator.start_run(pb.RunSpec(algorithm="fedcollm", rounds=1, local_epochs=0,
+                                         fedcollm=pb.FedCoLLMSpec(kl_weight=-1, distill_epochs=0)))
+    details = err.value.details()
+    assert all(f in details for f in ("local_epochs", "fedcollm.kl_weight", "fedcollm.distill_epochs")), details
+    assert len(coordinator.list_runs()) == runs_before, "a refused spec created a run"
 
 
 # -- baselines on the same cluster ---------------------------------------------------------------------------------
 def test_fedavg_round_averages_and_broadcasts(coordinator, addresses, artifacts, fedcollm_run):
-    run = _run(coordinator, algorithm="fedavg", rounds=1, aggregation="factors")
+    run = _run(coordinator, algorithm="fedavg", rounds=1, fedavg=pb.FedAvgSpec(aggregation="factors"))
     assert run.state == pb.RUN_SUCCEEDED, run.error
     rounds = _rounds(run)
     assert set(_metrics(rounds[1])) == set(CLIENTS)  # no LLM involvement

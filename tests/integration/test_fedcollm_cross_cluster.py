@@ -25,12 +25,13 @@ def test_without_align_tokenizers_the_spec_is_refused(coordinator, addresses):
 
 
 def test_two_rounds_across_tokenizers(coordinator, addresses, artifacts):
-    run = run_to_end(coordinator, algorithm="fedcollm", rounds=2, kd_weight=20.0, top_k=8, align_tokenizers=True)
+    run = run_to_end(coordinator, algorithm="fedcollm", rounds=2,
+                     fedcollm=pb.FedCoLLMSpec(kl_weight=20.0, top_k=8, align_tokenizers=True))
     assert run.state == pb.RUN_SUCCEEDED, run.error
     rounds = rounds_of(run)
     # two MinED maps built once at round 0, delivered to the LLM server once
-    assert rounds[0].bytes_received["vocab_map"] > 0 and rounds[1].bytes_sent["vocab_map"] > 0
-    assert "vocab_map" not in rounds[2].bytes_sent
+    assert rounds[0].bytes_received["vocab_map"] > 0 and rounds[1].bytes_sent["co_distill.llm_to_slm_map"] > 0
+    assert "co_distill.llm_to_slm_map" not in rounds[2].bytes_sent
     for rnd in (1, 2):
         llm = metrics_of(rounds[rnd])["llm"]
         assert llm["codistill_positions"] > 0 and 0 < llm["codistill_aligned_fraction"] <= 1, llm

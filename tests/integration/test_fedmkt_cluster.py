@@ -21,7 +21,8 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def finished_run(coordinator):
-    spec = pb.RunSpec(name="it-fedmkt", algorithm="fedmkt", rounds=2, setting="heterogeneous", top_k=8, max_length=TEST_PRESET.max_length, lam=TEST_PRESET.lam, distill_epochs=2)
+    spec = pb.RunSpec(name="it-fedmkt", algorithm="fedmkt", rounds=2, max_length=TEST_PRESET.max_length,
+                      fedmkt=pb.FedMKTSpec(setting="heterogeneous", top_k=8, ce_weight=TEST_PRESET.lam, distill_epochs=2))
     run = coordinator.start_run(spec)
     return watch_run(coordinator, run.run_id, quiet=True)
 
@@ -51,8 +52,8 @@ def test_two_heterogeneous_rounds_complete_with_metrics_for_every_party(finished
     for rnd in (1, 2):
         for pid in ("client-1", "client-2"):
             assert "train_loss_last" in {k for p in rounds[rnd].parties if p.party_id == pid for k in p.metrics}
-        assert rounds[rnd].bytes_received["logits_shard"] > 0
-        assert rounds[rnd].bytes_sent["logits_shard"] > 0
+        assert rounds[rnd].bytes_received["public_logits.shard"] > 0
+        assert rounds[rnd].bytes_sent["distill.teachers.shard"] > 0
 
 
 def test_each_party_distils_towards_its_teacher(finished_run):
@@ -94,6 +95,16 @@ def test_malformed_logits_shard_is_rejected(addresses, finished_run, tmp_path):
     assert code == grpc.StatusCode.INVALID_ARGUMENT, details
     assert "shard" in details
     assert client.describe().lora_hash == before
+
+
+def test_a_task_of_the_other_role_is_refused_naming_the_role(addresses, finished_run):
+    ctx = party_pb2.RunContext(run_id="manual", round=0)
+    code, details = _code(lambda: _party(addresses, "client-1").start(
+        party_pb2.TaskRequest(ctx=ctx, compress=party_pb2.CompressTask(adapter_layers=1, drop=0.5))))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and "SLM client" in details and "compress" in details, details
+    code, details = _code(lambda: _party(addresses, "llm").start(
+        party_pb2.TaskRequest(ctx=ctx, train_adapter=party_pb2.TrainAdapterTask(epochs=1))))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and "LLM server" in details and "train_adapter" in details, details
 
 
 def test_chunk_with_wrong_hash_is_rejected_and_nothing_stored(addresses):

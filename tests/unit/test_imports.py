@@ -1,7 +1,8 @@
 """The import structure of the project packages, checked statically (ast) and, for torch, in a fresh interpreter.
 
 (a) No import cycles between project modules. Every import statement counts, at module level or inside a function
-    (a lazy import is a dependency all the same). Relative imports are resolved; ``from X import Y`` is an import of
+    (a lazy import is a dependency all the same), and so does ``importlib.import_module`` of a literal name (a name
+    computed at run time, e.g. from a registry table, cannot be seen statically). Relative imports are resolved; ``from X import Y`` is an import of
     module ``X.Y`` when that is a module file, else of ``X``; an import of a package is an import of its
     ``__init__.py``. Importing ``a.b.c`` is NOT also counted as importing its parent packages: a package's
     ``__init__`` may import its own submodules (Python initialises the package first), so such implicit edges would
@@ -68,6 +69,11 @@ def imports_of(module: str, path: Path, modules: dict[str, Path]) -> list[Import
         if isinstance(node, ast.Import):
             for alias in node.names:
                 found.append(Import((alias.name,), alias.name if alias.name in modules else None, node.lineno))
+        elif (isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant)
+              and isinstance(node.args[0].value, str) and not node.args[0].value.startswith(".")
+              and (getattr(node.func, "attr", None) == "import_module" or getattr(node.func, "id", None) in ("import_module", "__import__"))):
+            name = node.args[0].value  # importlib.import_module("a.b") with a literal name is an import too
+            found.append(Import((name,), name if name in modules else None, node.lineno))
         elif isinstance(node, ast.ImportFrom):
             if node.level:
                 package = _package_of(module, path).split(".")
@@ -204,7 +210,7 @@ def test_no_import_cycles():
         report.append("  e.g. " + " -> ".join(cycle))
         for a in component:
             for b in sorted(graph[a] & set(component)):
-                report.append(f"    {a} -> {b}  ({_relpath(a)}:{','.join(map(str, lines[(a, b)]))})")
+                report.append(f"    {a} -> {b}  ({_relpath(a)}:{','.join(map(str, sorted(set(lines[(a, b)]))))})")
     print("\n".join(report))
     assert not cycles, "import cycles between project modules:\n" + "\n".join(report)
 

@@ -1,130 +1,177 @@
-"""FedCoLLM's tasks on the LLM server (DESIGN §4.3): the companion copy of the clients' SLM and the co-distillation.
+"""FedCoLLM on the LLM server (DESIGN §4.3): the companion copy of the clients' SLM and the co-distillation task.
 
 The companion is loaded from `model.companion_slm_path` beside the LLM, on its device and dtype, with the LoRA config
-`companion_lora` (which must match the clients' `lora`, so the broadcast adapter fits both). With one tokenizer the
-co-distillation is `cotune.algorithms.fedcollm.losses.co_distill` (full-vocabulary KL); when the companion's tokenizer differs it is
+`companion_lora` (which must match the clients' `lora`, so the broadcast adapter fits both), and keeps its own
+Trainer (optimizer state persists across rounds). It is attached to the party as state "fedcollm" and addressed by
+tasks as target "companion". With one tokenizer the co-distillation is `cotune.algorithms.fedcollm.losses.co_distill`
+(full-vocabulary KL); when the companion's tokenizer differs it is
 `cotune.algorithms.fedcollm.losses_cross.co_distill_cross`, fed the two MinED maps the CoDistillTask carries.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
+import math
+from dataclasses import dataclass
 from pathlib import Path
 
+from cotune.errors import InvalidInput, Precondition
+from cotune.party.base import Target
 from cotune.party.media import MEDIA_ADAPTER
-from cotune.errors import InvalidInput
 from cotune.rpc.operations import OpResult
 from cotune.v1 import party_pb2
 
 log = logging.getLogger(__name__)
 
+STATE = "fedcollm"
+MAX_TOP_K = 1024
 
-class FedCoLLMTasks:
-    """Mixed into Party: state lives on the party (`companion`, `companion_trainer`, `companion_tokenizer_hash`, ...)."""
 
-    def load_companion(self) -> None:
-        from cotune.lm.lora import attach_lora
-        from cotune.lm.model import load_causal_lm
-        from cotune.align.tokenizers import tokenizer_bundle_bytes
-        from cotune.lm.train import TrainConfig, Trainer
+@dataclass
+class Companion:
+    """The LLM server's copy g of the clients' SLM (with LoRA θ) and its own Trainer."""
 
-        mc, lc, tc = self.cfg.model, self.cfg.companion_lora, self.cfg.training
-        model, tokenizer = load_causal_lm(mc.companion_slm_path, cache_dir=self.model_cache, device=self.device,
-                                          dtype=mc.dtype)
-        self.companion = attach_lora(model, r=lc.r, alpha=lc.alpha, dropout=lc.dropout, seed=lc.seed)
-        self.companion_tokenizer = tokenizer
-        self.companion_trainer = Trainer(self.companion, tokenizer,
-                                         TrainConfig(lr=tc.lr, batch_size=tc.batch_size, max_length=tc.max_length, seed=tc.seed))
-        self.companion_tokenizer_hash = hashlib.sha256(tokenizer_bundle_bytes(tokenizer)).hexdigest()
-        self.companion_vocab_size = int(self.companion.get_output_embeddings().weight.shape[0])
-        if self.companion_tokenizer_hash != self.tokenizer_hash:
-            log.info("%s: companion SLM %s uses another tokenizer than the LLM; co-distillation needs MinED maps "
-                     "(run spec align_tokenizers)", self.cfg.party_id, mc.companion_slm_path)
-        log.info("%s: companion SLM %s loaded (vocab %d)", self.cfg.party_id, mc.companion_slm_path, self.companion_vocab_size)
+    model: object
+    tokenizer: object
+    trainer: object  # cotune.lm.train.Trainer over `model`
+    tokenizer_hash: str
+    vocab_size: int
+    name: str
 
-    def describe_companion(self) -> party_pb2.CompanionInfo:
-        mc = self.cfg.model
-        return party_pb2.CompanionInfo(
-            model_name=mc.companion_slm_name or Path(mc.companion_slm_path).name,
-            tokenizer_hash=self.companion_tokenizer_hash, vocab_size=self.companion_vocab_size,
-            lora_hash=hashlib.sha256(self.lora_bytes(self.companion)).hexdigest(),
-            lora_layout_hash=self.lora_layout_hash(self.companion),
-            trainable_params=sum(p.numel() for p in self.companion.parameters() if p.requires_grad))
 
-    def _prepare_co_distill(self, task: party_pb2.CoDistillTask):
-        import math
+def companion_of(party) -> Companion | None:
+    return party.state_for(STATE)
 
-        from cotune.lm.lora import LoraMismatchError, lora_from_bytes, validate_lora_state_dict
 
-        companion = self._target_model("companion")
-        maps = self._cross_tokenizer_maps(task)
-        if not (math.isfinite(task.lam) and task.lam >= 0):
-            raise InvalidInput(f"lam (the KL weight) must be finite and >= 0, got {task.lam}")
-        if task.epochs < 0 or task.lr < 0 or task.slm_lr < 0 or task.batch_size < 0:
-            raise InvalidInput("epochs, lr, slm_lr and batch_size must be non-negative")
-        if not task.HasField("slm_adapter"):
-            raise InvalidInput("co_distill needs slm_adapter (the aggregated SLM LoRA)")
-        examples = self._samples(self.public, task.max_samples)
-        max_length = self._public_max_length(task)
-        try:
-            state = lora_from_bytes(self._read_blob(task.slm_adapter, "slm_adapter"))
-            validate_lora_state_dict(companion, state)
-        except (ValueError, LoraMismatchError) as exc:
-            raise InvalidInput(f"slm_adapter does not fit the companion SLM: {exc}") from exc
+def load_companion(party) -> Companion:
+    """Load `model.companion_slm_path` beside the party's model and attach it (the LLM server's setup, when
+    configured)."""
+    import hashlib
 
-        def work(ctx):
-            from cotune.algorithms.fedcollm.losses import co_distill, encode_public
-            from cotune.lm.lora import load_lora_state_dict, lora_state_dict, lora_to_bytes
+    from cotune.align.tokenizers import tokenizer_bundle_bytes
+    from cotune.lm.lora import attach_lora
+    from cotune.lm.model import load_causal_lm
+    from cotune.lm.train import TrainConfig, Trainer
 
-            load_lora_state_dict(companion, state)
-            received = hashlib.sha256(self.lora_bytes(companion)).hexdigest()
-            batch_size = task.batch_size or self.cfg.training.batch_size
-            self.trainer.set_lr(task.lr or self.cfg.training.lr)
-            self.companion_trainer.set_lr(task.slm_lr or task.lr or self.cfg.training.lr)
-            pairs = encode_public(self.trainer, examples, max_length)
-            common = dict(lam=task.lam if task.lam else 1.0, epochs=task.epochs or 1, batch_size=batch_size,
-                          seed=self.cfg.training.seed, progress=self._progress(ctx, "co-distill"),
-                          should_stop=ctx.cancelled)
-            if maps is None:
-                m = co_distill(self.trainer, self.companion_trainer, pairs, **common)
-            else:
-                from cotune.algorithms.fedcollm.losses_cross import co_distill_cross
+    mc, lc, tc = party.cfg.model, party.cfg.companion_lora, party.cfg.training
+    model, tokenizer = load_causal_lm(mc.companion_slm_path, cache_dir=party.model_cache, device=party.device,
+                                      dtype=mc.dtype)
+    model = attach_lora(model, r=lc.r, alpha=lc.alpha, dropout=lc.dropout, seed=lc.seed)
+    trainer = Trainer(model, tokenizer,
+                      TrainConfig(lr=tc.lr, batch_size=tc.batch_size, max_length=tc.max_length, seed=tc.seed))
+    companion = Companion(model=model, tokenizer=tokenizer, trainer=trainer,
+                          tokenizer_hash=hashlib.sha256(tokenizer_bundle_bytes(tokenizer)).hexdigest(),
+                          vocab_size=int(model.get_output_embeddings().weight.shape[0]),
+                          name=mc.companion_slm_name or Path(mc.companion_slm_path).name)
+    party.set_state(STATE, companion)
+    if companion.tokenizer_hash != party.tokenizer_hash:
+        log.info("%s: companion SLM %s uses another tokenizer than the LLM; co-distillation needs MinED maps "
+                 "(run spec align_tokenizers)", party.cfg.party_id, mc.companion_slm_path)
+    log.info("%s: companion SLM %s loaded (vocab %d)", party.cfg.party_id, mc.companion_slm_path, companion.vocab_size)
+    return companion
 
-                g_pairs = encode_public(self.companion_trainer, examples, max_length)
-                m = co_distill_cross(self.trainer, self.companion_trainer, pairs, g_pairs, f2g=maps[0], g2f=maps[1],
-                                     top_k=task.top_k or 32, **common)
-            # float32 on the wire whatever the server's dtype, so a client's copy hashes like the server's
-            out = lora_to_bytes({k: v.float() for k, v in lora_state_dict(companion).items()})
-            blob = self.store.put_bytes(out, MEDIA_ADAPTER)
-            metrics = {f"codistill_{k}": float(v) for k, v in m.items()}
-            return OpResult(metrics=metrics, blobs={"slm_adapter": blob},
-                            info={"lora_hash": blob.sha256, "received_lora_hash": received,
-                                  "llm_lora_hash": hashlib.sha256(self.lora_bytes()).hexdigest()})
-        return work
 
-    def _cross_tokenizer_maps(self, task: party_pb2.CoDistillTask):
-        """None with one tokenizer; else the (LLM → SLM, SLM → LLM) VocabMaps the task carries, checked against both
-        tokenizers."""
-        from cotune.align.vocabmap import VocabMap
+def describe_companion(party) -> party_pb2.CompanionInfo | None:
+    comp = companion_of(party)
+    if comp is None:
+        return None
+    return party_pb2.CompanionInfo(
+        model_name=comp.name, tokenizer_hash=comp.tokenizer_hash, vocab_size=comp.vocab_size,
+        lora_hash=party.lora_hash(comp.model), lora_layout_hash=party.lora_layout_hash(comp.model),
+        trainable_params=party.trainable_params(comp.model))
 
-        if self.companion_tokenizer_hash == self.tokenizer_hash:
-            return None
-        if not (task.HasField("llm_to_slm_map") and task.HasField("slm_to_llm_map")):
-            raise InvalidInput(f"party {self.cfg.party_id}: the companion SLM's tokenizer ({self.companion_tokenizer_hash[:12]}…) "
-                               f"differs from the LLM's ({self.tokenizer_hash[:12]}…); co-distillation across tokenizers "
-                               "needs llm_to_slm_map and slm_to_llm_map (run spec align_tokenizers)")
-        if task.top_k < 0 or task.top_k > 1024:
-            raise InvalidInput(f"top_k must be in 0..1024 (0 = 32), got {task.top_k}")
-        maps = []
-        for field, src, dst in (("llm_to_slm_map", self.tokenizer_hash, self.companion_tokenizer_hash),
-                                ("slm_to_llm_map", self.companion_tokenizer_hash, self.tokenizer_hash)):
-            try:
-                vmap = VocabMap.from_bytes(self._read_blob(getattr(task, field), field))
-            except ValueError as exc:
-                raise InvalidInput(f"{field}: {exc}") from exc
-            if (vmap.src_hash, vmap.dst_hash) != (src, dst):
-                raise InvalidInput(f"{field} maps {vmap.src_hash[:12]}… → {vmap.dst_hash[:12]}…, expected "
-                                   f"{src[:12]}… → {dst[:12]}…")
-            maps.append(vmap)
-        return tuple(maps)
+
+def _require(party) -> Companion:
+    comp = companion_of(party)
+    if comp is None:
+        raise Precondition(f"party {party.cfg.party_id} holds no companion SLM; FedCoLLM needs one on the LLM server "
+                           "(set model.companion_slm_path in its config)")
+    return comp
+
+
+def companion_target(party) -> Target:
+    """Target "companion"."""
+    comp = _require(party)
+    return Target(comp.model, comp.tokenizer)
+
+
+def co_distill(party, task: party_pb2.CoDistillTask, ctx: party_pb2.RunContext):
+    """Load the aggregated SLM adapter into the companion, then alternate θ and ω updates on the public set."""
+    from cotune.lm.lora import LoraMismatchError, lora_from_bytes, validate_lora_state_dict
+
+    comp = _require(party)
+    if not (math.isfinite(task.kl_weight) and task.kl_weight >= 0):
+        raise InvalidInput(f"kl_weight (λ) must be finite and >= 0 (0 = CE only), got {task.kl_weight}")
+    epochs = party.epochs(task.epochs)
+    lr = party.lr(task)
+    slm_lr = party.lr(task, "slm_lr", default=lr)
+    batch_size = party.batch_size(task)
+    max_length = party.max_length(task)
+    maps = _cross_tokenizer_maps(party, comp, task)
+    if not task.HasField("slm_adapter"):
+        raise InvalidInput("co_distill needs slm_adapter (the aggregated SLM LoRA)")
+    examples = party.samples(party.public, task.max_samples)
+    state = party.parse_blob(task.slm_adapter, "slm_adapter", lora_from_bytes)
+    try:
+        validate_lora_state_dict(comp.model, state)
+    except LoraMismatchError as exc:
+        raise InvalidInput(f"slm_adapter does not fit the companion SLM: {exc}") from exc
+    lam = float(task.kl_weight)
+
+    def work(op):
+        from cotune.algorithms.fedcollm.losses import co_distill as run_co_distill
+        from cotune.algorithms.fedcollm.losses import encode_public
+        from cotune.lm.lora import load_lora_state_dict, lora_state_dict, lora_to_bytes
+
+        load_lora_state_dict(comp.model, state)
+        received = party.lora_hash(comp.model)
+        party.trainer.set_lr(lr)
+        comp.trainer.set_lr(slm_lr)
+        pairs = encode_public(party.trainer, examples, max_length)
+        common = dict(lam=lam, epochs=epochs, batch_size=batch_size, seed=party.cfg.training.seed,
+                      progress=party.progress(op, "co-distill"), should_stop=op.cancelled)
+        if maps is None:
+            m = run_co_distill(party.trainer, comp.trainer, pairs, **common)
+            own = "llm"  # KL(f‖g) over the shared vocabulary
+        else:
+            from cotune.algorithms.fedcollm.losses_cross import co_distill_cross
+
+            g_pairs = encode_public(comp.trainer, examples, max_length)
+            m = co_distill_cross(party.trainer, comp.trainer, pairs, g_pairs, f2g=maps[0], g2f=maps[1],
+                                 top_k=task.top_k, **common)
+            own = "slm"  # the LLM's own term across tokenizers: KL(g̃‖f) (co_distill_cross names KLs by direction)
+        # float32 on the wire whatever the server's dtype, so a client's copy hashes like the server's
+        out = lora_to_bytes({k: v.float() for k, v in lora_state_dict(comp.model).items()})
+        blob = party.store.put_bytes(out, MEDIA_ADAPTER)
+        llm_hash = party.lora_hash()
+        metrics = {f"codistill_{k}": float(v) for k, v in m.items()}
+        return OpResult(metrics=metrics, blobs={"slm_adapter": blob},
+                        info={"lora_hash": blob.sha256, "received_lora_hash": received, "llm_lora_hash": llm_hash},
+                        result=party_pb2.CoDistillResult(
+                            slm_adapter=blob.ref(), received_lora_hash=received, llm_lora_hash=llm_hash,
+                            llm_kl_before=m[f"{own}_kl_before"], llm_kl_after=m[f"{own}_kl_after"]))
+    return work
+
+
+def _cross_tokenizer_maps(party, comp: Companion, task: party_pb2.CoDistillTask):
+    """None with one tokenizer; else the (LLM → SLM, SLM → LLM) VocabMaps the task carries, checked against both
+    tokenizers."""
+    from cotune.align.vocabmap import VocabMap
+
+    if comp.tokenizer_hash == party.tokenizer_hash:
+        return None
+    if not (task.HasField("llm_to_slm_map") and task.HasField("slm_to_llm_map")):
+        raise InvalidInput(f"party {party.cfg.party_id}: the companion SLM's tokenizer ({comp.tokenizer_hash[:12]}…) "
+                           f"differs from the LLM's ({party.tokenizer_hash[:12]}…); co-distillation across tokenizers "
+                           "needs llm_to_slm_map and slm_to_llm_map (run spec align_tokenizers)")
+    if not 1 <= task.top_k <= MAX_TOP_K:
+        raise InvalidInput(f"top_k must be in 1..{MAX_TOP_K} across tokenizers, got {task.top_k}")
+    maps = []
+    for field, src, dst in (("llm_to_slm_map", party.tokenizer_hash, comp.tokenizer_hash),
+                            ("slm_to_llm_map", comp.tokenizer_hash, party.tokenizer_hash)):
+        vmap = party.parse_blob(getattr(task, field), field, VocabMap.from_bytes)
+        if (vmap.src_hash, vmap.dst_hash) != (src, dst):
+            raise InvalidInput(f"{field} maps {vmap.src_hash[:12]}… → {vmap.dst_hash[:12]}…, expected "
+                               f"{src[:12]}… → {dst[:12]}…")
+        maps.append(vmap)
+    return tuple(maps)

@@ -1,0 +1,152 @@
+"""FedBiOT on the LLM server (DESIGN §4.4): compress the model into emulator + adapter, and align the emulator.
+
+CompressTask builds emulator + adapter from the party's model, attaches LoRA, keeps it (with its own Trainer, so the
+emulator's optimizer state persists across rounds) as state "fedbiot.server", addressed by tasks as target
+"compressed", and publishes it as a model archive: a tar of the HF directory (config, weights, tokenizer, layer map,
+LoRA config, initial LoRA) that clients install with LoadModelTask (cotune.algorithms.fedbiot.client).
+AlignEmulatorTask loads the aggregated adapter into it, plugs the adapter into the full model by the layer map and
+aligns the emulator on the public set.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from cotune.errors import InvalidInput, Precondition
+from cotune.party.base import Target
+from cotune.party.media import MEDIA_MODEL_ARCHIVE
+from cotune.rpc.operations import OpResult
+from cotune.v1 import party_pb2
+
+STATE = "fedbiot.server"
+LORA_CONFIG_FILE = "cotune_lora.json"  # in the archive: the LoRA config the initial adapter was made with
+
+
+@dataclass
+class CompressedModel:
+    """The LLM server's emulator + adapter (a peft model with LoRA), its Trainer and compressed → original layer map."""
+
+    model: object
+    trainer: object  # cotune.lm.train.Trainer over `model`
+    layer_map: dict[int, int]
+    adapter_layers: int
+    original_layers: int
+    archive: str  # sha256 of the published archive
+
+
+def compressed_of(party) -> CompressedModel | None:
+    return party.state_for(STATE)
+
+
+def _require(party) -> CompressedModel:
+    comp = compressed_of(party)
+    if comp is None:
+        raise Precondition(f"party {party.cfg.party_id} holds no compressed model; run a CompressTask first")
+    return comp
+
+
+def compressed_target(party) -> Target:
+    """Target "compressed": the emulator + adapter (the party's tokenizer: compression keeps the vocabulary)."""
+    return Target(_require(party).model, party.tokenizer)
+
+
+def compress(party, task: party_pb2.CompressTask, ctx: party_pb2.RunContext):
+    from cotune.algorithms.fedbiot.plan import plan
+    from cotune.lm.layers import num_decoder_layers
+
+    adapter_layers, drop = int(task.adapter_layers), float(task.drop)
+    if adapter_layers < 1 or not (math.isfinite(drop) and 0 < drop < 1):
+        raise InvalidInput(f"adapter_layers must be >= 1 and drop in (0, 1), got {adapter_layers}, {drop}")
+    try:
+        original_layers = num_decoder_layers(party.model)
+    except ValueError as exc:
+        raise Precondition(f"party {party.cfg.party_id}'s model cannot be compressed: {exc}") from exc
+    try:
+        plan(original_layers, adapter_layers=adapter_layers, drop=drop)
+    except ValueError as exc:
+        raise InvalidInput(str(exc)) from exc
+
+    def work(op):
+        import tempfile
+
+        from cotune.algorithms.fedbiot.compress import INITIAL_LORA_FILE, compress as build, pack_dir, save_compressed
+        from cotune.lm.lora import attach_lora, lora_state_dict, lora_to_bytes
+        from cotune.lm.train import TrainConfig, Trainer
+
+        lc, tc = party.cfg.lora, party.cfg.training
+        op.progress(0, 2, "compress")
+        small, layer_map = build(party.model, adapter_layers=adapter_layers, drop=drop)  # base weights, no LoRA
+        op.progress(1, 2, "pack")
+        with tempfile.TemporaryDirectory(dir=party.cfg.workdir) as tmp:
+            # saved before LoRA is attached: peft wraps the layers in place and would rename their weights
+            out = save_compressed(small, layer_map, Path(tmp) / "compressed", tokenizer=party.tokenizer,
+                                  adapter_layers=adapter_layers, drop=drop, original_num_layers=original_layers)
+            small = attach_lora(small, r=lc.r, alpha=lc.alpha, dropout=lc.dropout, seed=lc.seed)
+            (out / INITIAL_LORA_FILE).write_bytes(lora_to_bytes(lora_state_dict(small)))
+            (out / LORA_CONFIG_FILE).write_text(json.dumps(
+                {"r": lc.r, "alpha": lc.alpha, "dropout": lc.dropout, "seed": lc.seed}, sort_keys=True) + "\n")
+            blob = party.store.put_bytes(pack_dir(out), MEDIA_MODEL_ARCHIVE)
+        trainer = Trainer(small, party.tokenizer, TrainConfig(lr=tc.lr, batch_size=tc.batch_size,
+                                                              max_length=tc.max_length, seed=tc.seed))
+        party.set_state(STATE, CompressedModel(small, trainer, layer_map, adapter_layers, original_layers, blob.sha256))
+        op.progress(2, 2, "pack")
+        order = [int(layer_map[j]) for j in sorted(layer_map)]
+        return OpResult(blobs={"model": blob},
+                        info={"layer_map": json.dumps({str(k): v for k, v in sorted(layer_map.items())}),
+                              "lora_hash": party.lora_hash(small)},
+                        metrics={"compressed_layers": len(layer_map), "adapter_layers": adapter_layers,
+                                 "original_layers": original_layers, "model_archive_bytes": blob.size,
+                                 "compressed_params": sum(p.numel() for p in small.parameters())},
+                        result=party_pb2.CompressResult(model=blob.ref(), layer_map=order,
+                                                        original_layers=original_layers,
+                                                        adapter_layers=adapter_layers))
+    return work
+
+
+def align_emulator(party, task: party_pb2.AlignEmulatorTask, ctx: party_pb2.RunContext):
+    from cotune.lm.lora import LoraMismatchError, lora_from_bytes, validate_lora_state_dict
+
+    comp = _require(party)
+    if task.steps < 0:
+        raise InvalidInput(f"steps must be >= 0 (0 = plug only), got {task.steps}")
+    if not (math.isfinite(task.kl_weight) and task.kl_weight >= 0):
+        raise InvalidInput(f"kl_weight (β) must be finite and >= 0, got {task.kl_weight}")
+    lr, batch_size = party.lr(task), party.batch_size(task)
+    max_length = party.max_length(task)
+    state = None
+    if task.HasField("adapter"):
+        state = party.parse_blob(task.adapter, "adapter", lora_from_bytes)
+        try:
+            validate_lora_state_dict(comp.model, state)
+        except LoraMismatchError as exc:
+            raise InvalidInput(f"adapter does not fit the compressed model: {exc}") from exc
+    examples = party.samples(party.public, task.max_samples)
+    seed = party.cfg.training.seed * 1_000_003 + int(ctx.round)
+
+    def work(op):
+        import torch
+
+        from cotune.algorithms.fedbiot.compress import plug_adapter_into_full
+        from cotune.algorithms.fedbiot.losses import align_emulator as run_align, lora_part_state
+        from cotune.lm.lora import _lora_params
+
+        small, layer_map, n = comp.model, comp.layer_map, comp.adapter_layers
+        if state is not None:  # only the adapter layers; the emulator LoRA stays the server's
+            params = _lora_params(small)
+            with torch.no_grad():
+                for key in lora_part_state(small, layer_map, "adapter", adapter_layers=n):
+                    params[key].copy_(state[key].to(device=params[key].device, dtype=params[key].dtype))
+        plug_adapter_into_full(party.model, small, layer_map, adapter_layers=n)
+        m = {}
+        if task.steps:
+            m = run_align(comp.trainer, party.model, examples, layer_map, steps=task.steps, beta=task.kl_weight,
+                          adapter_layers=n, lr=lr, batch_size=batch_size, max_length=max_length, seed=seed,
+                          should_stop=op.cancelled)
+        lora_hash, full_hash = party.lora_hash(small), party.lora_hash()
+        return OpResult(metrics={k: float(v) for k, v in m.items()},
+                        info={"lora_hash": lora_hash, "full_lora_hash": full_hash},
+                        result=party_pb2.AlignEmulatorResult(lora_hash=lora_hash, full_lora_hash=full_hash))
+    return work

@@ -1,10 +1,12 @@
-"""The LLM server: the party that holds the large model (CUDA when present) and no private data."""
+"""The LLM server's gRPC service (cotune.v1.LLMServer)."""
 
 from __future__ import annotations
 
 from cotune.config import PartyConfig
-from cotune.party import serve_party
+from cotune.party.service import serve_party
+from cotune.v1 import party_pb2_grpc
+from llm_server.server import LLMServer
 
 
 def serve(cfg: PartyConfig, port_file: str | None = None) -> None:
-    serve_party(cfg, "llm", port_file)
+    serve_party(LLMServer(cfg), party_pb2_grpc.add_LLMServerServicer_to_server, "LLMServer", port_file)

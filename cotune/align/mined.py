@@ -1,4 +1,4 @@
-"""Exact MinED vocabulary maps, fast (DESIGN §4.1).
+"""Exact MinED vocabulary maps, fast.
 
 For every source token: the target token whose normalized form (raw bytes, see `cotune.align.normalize`) has the
 minimum Levenshtein distance to the source's, counted over bytes. Ties break by the smallest distance, then

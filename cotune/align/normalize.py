@@ -1,4 +1,4 @@
-"""Every token of a tokenizer as the raw bytes it stands for (DESIGN §4.1, "normalize tokens to bytes").
+"""Every token of a tokenizer as the raw bytes it stands for (see docs/alignment.md).
 
 How a token string is read depends on the tokenizer's own pipeline, which we read from its backend config
 (model type, pre-tokenizer, decoder, normalizer), never from the look of the strings alone:

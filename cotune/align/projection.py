@@ -1,4 +1,4 @@
-"""Projection of top-k distributions from a sender's vocabulary into a receiver's (DESIGN §4.1), fully
+"""Projection of top-k distributions from a sender's vocabulary into a receiver's, fully
 vectorized: no per-token Python loop.
 
 Each row's ids go through the MinED vocabulary map; probabilities of ids that land on the same receiver id

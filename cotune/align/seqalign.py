@@ -1,4 +1,4 @@
-"""Sequence alignment of the public set between two tokenizations (DESIGN §4.1), computed once per
+"""Sequence alignment of the public set between two tokenizations, computed once per
 (public set, tokenizer pair) and served.
 
 Default, method="offsets": exact alignment by character offsets. The sender's next-token distribution at

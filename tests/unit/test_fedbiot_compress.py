@@ -1,4 +1,4 @@
-"""FedBiOT compression (DESIGN §4.4): emulator layer indices, compressed HF model, adapter plugged back via the map."""
+"""FedBiOT compression: emulator layer indices, compressed HF model, adapter plugged back via the map."""
 
 from __future__ import annotations
 

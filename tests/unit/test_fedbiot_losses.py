@@ -157,35 +157,76 @@ def _examples(n=8):
     return [Example(prompt=f"Q: name {i} is", response=f" {words[i % 8]} {words[(i + 3) % 8]}.") for i in range(n)]
 
 
+def _trainer(model, tok):
+    from cotune.lm.train import TrainConfig, Trainer
+
+    return Trainer(model, tok, TrainConfig())
+
+
 def test_train_adapter_moves_only_the_adapter_and_lowers_ce(tiny_dirs, tok):
     from cotune.algorithms.fedbiot.losses import train_adapter
 
     model, layer_map = _compressed(tiny_dirs)
+    trainer = _trainer(model, tok)
     anchor = lora_part_state(model, layer_map, "adapter")
     emulator_before = lora_part_state(model, layer_map, "emulator")
     seen = []
-    m = train_adapter(model, tok, _examples(), layer_map, anchor, eps=0.1, epochs=6, lr=5e-3, batch_size=4,
+    m = train_adapter(trainer, _examples(), layer_map, anchor, eps=0.1, epochs=6, lr=5e-3, batch_size=4,
                       max_length=32, progress=lambda d, t: seen.append((d, t)))
     assert seen[-1] == (12, 12)
     assert all(p.requires_grad for p in _lora_params(model).values())  # trainability restored for other tasks
     assert m["steps"] == 12 and m["ce_last"] < m["ce_first"] and m["prox_last"] > 0
+    assert m["skipped_steps"] == 0
     after = lora_part_state(model, layer_map, "adapter")
     assert any(not torch.equal(after[k], anchor[k]) for k in anchor)
     for k, v in lora_part_state(model, layer_map, "emulator").items():
         torch.testing.assert_close(v, emulator_before[k])
     with pytest.raises(ValueError, match="adapter"):
-        train_adapter(model, tok, _examples(), layer_map, {}, eps=0.1)
+        train_adapter(trainer, _examples(), layer_map, {}, eps=0.1)
+    assert all(p.requires_grad for p in _lora_params(model).values())
+
+
+def test_train_adapter_keeps_its_optimizer_across_rounds(tiny_dirs, tok):
+    from cotune.algorithms.fedbiot.losses import train_adapter
+
+    model, layer_map = _compressed(tiny_dirs)
+    trainer = _trainer(model, tok)
+    for rnd in (1, 2):
+        anchor = lora_part_state(model, layer_map, "adapter")
+        m = train_adapter(trainer, _examples(), layer_map, anchor, eps=0.1, epochs=1, lr=5e-3, batch_size=4,
+                          max_length=32)
+        assert m["steps"] == 2
+        group = trainer.group("adapter")
+        assert group.steps == 2 * rnd
+        assert {int(s["step"]) for s in group.optimizer.state.values()} == {2 * rnd}  # AdamW state persisted
+        assert set(group.optimizer.state) == {p for p in group.params}
+        assert group.optimizer.param_groups[0]["lr"] == pytest.approx(5e-3)
+    adapter = set(lora_part_state(model, layer_map, "adapter"))
+    params = _lora_params(model)
+    assert {id(p) for p in trainer.group("adapter").params} == {id(params[k]) for k in adapter}
+    assert trainer.global_step == 0 and not trainer.optimizer.state  # the default group is untouched
 
 
 def test_align_emulator_lowers_the_alignment_loss(tiny_dirs, tok):
     from cotune.algorithms.fedbiot.losses import align_emulator
 
     small, layer_map = _compressed(tiny_dirs, drop=0.5)
+    trainer = _trainer(small, tok)
     full = attach_lora(_load(tiny_dirs["llama"]), r=4, dropout=0.0, seed=0)
     plug_adapter_into_full(full, small, layer_map)
-    m = align_emulator(small, full, tok, _examples(), layer_map, steps=10, beta=0.5, lr=1e-2, batch_size=4,
+    adapter_before = lora_part_state(small, layer_map, "adapter")
+    m = align_emulator(trainer, full, _examples(), layer_map, steps=10, beta=0.5, lr=1e-2, batch_size=4,
                        max_length=32)
-    assert m["align_steps"] == 10 and not m["stopped"]
+    assert m["align_steps"] == 10 and not m["stopped"] and m["skipped_steps"] == 0
     assert m["align_loss_last"] < m["align_loss_first"]
-    m2 = align_emulator(small, full, tok, _examples(), layer_map, steps=10, should_stop=lambda: True)
+    for k, v in lora_part_state(small, layer_map, "adapter").items():
+        torch.testing.assert_close(v, adapter_before[k])
+    assert all(p.requires_grad for p in _lora_params(small).values())
+    group = trainer.group("emulator")
+    assert group.steps == 10 and {int(s["step"]) for s in group.optimizer.state.values()} == {10}
+    m2 = align_emulator(trainer, full, _examples(), layer_map, steps=10, should_stop=lambda: True)
     assert m2["align_steps"] == 0 and m2["stopped"]
+    assert trainer.group("emulator").steps == 10  # state kept; the next round continues from it
+    m3 = align_emulator(trainer, full, _examples(), layer_map, steps=3, beta=0.5, lr=1e-2, batch_size=4,
+                        max_length=32)
+    assert m3["align_steps"] == 3 and {int(s["step"]) for s in group.optimizer.state.values()} == {13}

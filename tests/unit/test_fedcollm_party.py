@@ -1,4 +1,4 @@
-"""FedCoLLM's co-distillation step on a Party (no gRPC) when the companion SLM's tokenizer differs from the LLM's:
+"""FedCoLLM's co-distillation step on the LLM server (no gRPC) when the companion SLM's tokenizer differs from the LLM's:
 the maps are required, checked for direction, and then used."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ def llm_party(tmp_path_factory):
     from cotune.config import DataConfig, LoraConfig, ModelConfig, PartyConfig, TrainingConfig
     from cotune.data import load_task, write_jsonl
     from cotune.demo.tiny import make_tiny_model
-    from cotune.party import Party
+    from llm_server.server import LLMServer
 
     root = tmp_path_factory.mktemp("fedcollm-party")
     llm_dir = make_tiny_model(tokenizer("mistral-hf"), root / "llm", hidden=64, layers=2, seed=1)
@@ -24,33 +24,37 @@ def llm_party(tmp_path_factory):
                       lora=LoraConfig(r=4, dropout=0.0), companion_lora=LoraConfig(r=4, dropout=0.0),
                       training=TrainingConfig(lr=1e-2, batch_size=4, max_length=64),
                       data=DataConfig(public=str(root / "public.jsonl")))
-    party = Party(cfg, "llm")
+    party = LLMServer(cfg)
     party.load()
     yield party
     party.ops.shutdown()
 
 
 def _request(party, **fields):
+    from cotune.algorithms.fedcollm.server import companion_of
     from cotune.party.media import MEDIA_ADAPTER
     from cotune.v1 import party_pb2
 
-    adapter = party.store.put_bytes(party.lora_bytes(party.companion), MEDIA_ADAPTER)
+    adapter = party.store.put_bytes(party.lora_bytes(companion_of(party).model), MEDIA_ADAPTER)
     return party_pb2.TaskRequest(ctx=party_pb2.RunContext(run_id="run", round=1),
-                                 co_distill=party_pb2.CoDistillTask(slm_adapter=adapter.ref(), lam=5.0, top_k=8, **fields))
+                                 co_distill=party_pb2.CoDistillTask(slm_adapter=adapter.ref(), kl_weight=5.0, top_k=8,
+                                                                    epochs=1, max_length=64, **fields))
 
 
 def test_cross_tokenizer_co_distill_needs_both_maps_the_right_way_round(llm_party):
+    from cotune.algorithms.fedcollm.server import companion_of
     from cotune.align.mined import build_vocab_map
     from cotune.errors import InvalidInput
-    from cotune.v1 import operations_pb2
+    from cotune.v1 import operations_pb2, party_pb2
 
     party = llm_party
-    assert party.companion_tokenizer_hash != party.tokenizer_hash
+    companion = companion_of(party)
+    assert companion.tokenizer_hash != party.tokenizer_hash
     before = (party.describe().lora_hash, party.describe().companion.lora_hash)
     with pytest.raises(InvalidInput, match="llm_to_slm_map and slm_to_llm_map"):
         party.start_task(_request(party))
-    l2s = party.store.put_bytes(build_vocab_map(party.tokenizer, party.companion_tokenizer).to_bytes()).ref()
-    s2l = party.store.put_bytes(build_vocab_map(party.companion_tokenizer, party.tokenizer).to_bytes()).ref()
+    l2s = party.store.put_bytes(build_vocab_map(party.tokenizer, companion.tokenizer).to_bytes()).ref()
+    s2l = party.store.put_bytes(build_vocab_map(companion.tokenizer, party.tokenizer).to_bytes()).ref()
     with pytest.raises(InvalidInput, match="expected"):
         party.start_task(_request(party, llm_to_slm_map=s2l, slm_to_llm_map=l2s))
     assert (party.describe().lora_hash, party.describe().companion.lora_hash) == before  # refusals changed nothing
@@ -61,3 +65,8 @@ def test_cross_tokenizer_co_distill_needs_both_maps_the_right_way_round(llm_part
     m = done.metrics
     assert m["codistill_positions"] > 0 and 0 < m["codistill_aligned_fraction"] <= 1
     assert done.info["lora_hash"] != before[1] and party.describe().lora_hash != before[0]  # both sides trained
+    result = party_pb2.CoDistillResult()
+    assert done.result.Unpack(result)
+    assert result.slm_adapter == done.blobs["slm_adapter"] and result.llm_lora_hash == party.describe().lora_hash
+    # across tokenizers the LLM's own distillation term is the forward KL(g̃‖f), co_distill_cross's slm_kl
+    assert (result.llm_kl_before, result.llm_kl_after) == (m["codistill_slm_kl_before"], m["codistill_slm_kl_after"])

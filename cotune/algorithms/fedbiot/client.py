@@ -1,4 +1,4 @@
-"""FedBiOT on an SLM client (DESIGN §4.4): install the compressed model the LLM server ships, train its adapter.
+"""FedBiOT on an SLM client: install the compressed model the LLM server ships, train its adapter.
 
 LoadModelTask installs a CompressTask archive (cotune.algorithms.fedbiot.server) as the party's model, unpacked once
 per archive under <workdir>/models/<sha256>, starting from the server's initial LoRA; an unset model goes back to the

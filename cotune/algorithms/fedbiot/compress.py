@@ -1,4 +1,4 @@
-"""FedBiOT compression (DESIGN §4.4): split a causal LM into emulator + adapter and build a smaller HF model.
+"""FedBiOT compression: split a causal LM into emulator + adapter and build a smaller HF model.
 
 The adapter is the last N decoder layers of the original model; the emulator is a uniform selection of the remaining
 n layers, keeping k = round(n·(1−drop)) of them with the first and the last kept (index int(i·stride),

@@ -1,4 +1,4 @@
-"""FedBiOT losses (DESIGN §4.4): the clients' proximal term and the server's emulator alignment.
+"""FedBiOT losses: the clients' proximal term and the server's emulator alignment.
 
 Clients train only the adapter LoRA of the compressed model with CE + (ε/2)·‖θ − θᵗ‖², where θ are the LIVE LoRA
 parameters (the reference implementation computes the term on detached copies, so it has no gradient and is a no-op)
@@ -10,6 +10,10 @@ The server aligns the emulator (trains its LoRA) on public data with
 
 where the emulator output is the hidden state entering the first adapter layer of the compressed model and the middle
 block output is the hidden state entering the same (original) adapter layer of the full model, on the same input.
+
+Both train through `cotune.lm.train.Trainer.fit` on a Trainer over the compressed model, as its parameter groups
+"adapter" (train_adapter) and "emulator" (align_emulator): each keeps its AdamW state and LR schedule across rounds,
+gradients are clipped at the Trainer's grad_clip and non-finite losses are skipped.
 """
 
 from __future__ import annotations
@@ -154,16 +158,19 @@ def _encode(tokenizer, examples, max_length: int):
     return [p for p in pairs if len(p.ids) > 1]
 
 
-def _pad_id(tokenizer) -> int:
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if pad is None:
-        raise ValueError("tokenizer has neither a pad nor an eos token")
-    return int(pad)
+def _part_group(model, layer_map: dict[int, int], part: str, adapter_layers: int):
+    """Make only `part`'s LoRA trainable; return (its ParamGroup named `part`, its canonical keys)."""
+    from cotune.lm.train import ParamGroup
+
+    keys = set_lora_trainable(model, layer_map, part, adapter_layers=adapter_layers)
+    if not keys:
+        raise LoraMismatchError(f"the model has no {part} LoRA parameters")
+    lora = _lora_params(model)
+    return ParamGroup(part, [lora[k] for k in keys]), keys
 
 
 def train_adapter(
-    model,
-    tokenizer,
+    trainer,
     examples,
     layer_map: dict[int, int],
     anchor_state: dict[str, torch.Tensor],
@@ -180,50 +187,51 @@ def train_adapter(
 ) -> dict:
     """FedBiOT client step: train only the adapter LoRA with CE (response tokens) + (ε/2)·‖θ − θᵗ‖² (live params).
 
-    anchor_state: the adapter LoRA broadcast this round (canonical keys). Returns first/last epoch mean losses.
+    trainer: a `cotune.lm.train.Trainer` over the compressed model; the adapter is its parameter group "adapter",
+    so the AdamW state and LR schedule persist across rounds; gradients are clipped at trainer.config.grad_clip and
+    non-finite losses are skipped (`Trainer.fit`). lr is set as the group's base learning rate. anchor_state: the
+    adapter LoRA broadcast this round (canonical keys). The shuffle of epoch e is seeded with (seed, e).
+
+    Returns ce_first / ce_last (mean CE of the first / last epoch), prox_last (mean proximal term of the last
+    epoch), steps (batches run), samples, skipped_steps (non-finite losses skipped).
     """
     import numpy as np
 
-    from cotune.lm.batching import collate, model_device, shuffled_batches, to_device
+    from cotune.lm.batching import collate, shuffled_batches, to_device
+    from cotune.lm.train import offset_progress
 
+    model, tokenizer = trainer.model, trainer.tokenizer
     flags = {k: p.requires_grad for k, p in _lora_params(model).items()}
-    keys = set_lora_trainable(model, layer_map, "adapter", adapter_layers=adapter_layers)
-    if set(anchor_state) != set(keys):
-        _restore_flags(model, flags)
-        raise LoraMismatchError("anchor_state must hold exactly the adapter's LoRA keys")
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    pairs = _encode(tokenizer, examples, max_length)
-    pad, dev = _pad_id(tokenizer), model_device(model)
-    epoch_ce, epoch_prox, steps = [], [], 0
-    total = max(int(epochs), 0) * ((len(pairs) + batch_size - 1) // batch_size)
-    model.train()
     try:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+        group, keys = _part_group(model, layer_map, "adapter", adapter_layers)
+        if set(anchor_state) != set(keys):
+            raise LoraMismatchError("anchor_state must hold exactly the adapter's LoRA keys")
+        trainer.set_lr(lr, group)
+        pairs = _encode(tokenizer, examples, max_length)
+        dev = trainer.device
+
+        def loss_fn(idx):
+            b = to_device(collate([pairs[i] for i in idx], trainer.pad_id), dev)
+            loss, ce, prox = client_loss(model, b["input_ids"], b["attention_mask"], b["labels"], anchor_state, eps)
+            return loss, {"ce": float(ce), "prox": float(prox)}
+
+        epoch_ce, epoch_prox = [], []
+        steps = skipped = 0
+        total = max(int(epochs), 0) * ((len(pairs) + batch_size - 1) // batch_size)
+        with trainer.seeded(seed * 1_000_003 + trainer.group("adapter").steps):
             for epoch in range(max(int(epochs), 0)):
                 rng = np.random.default_rng([seed, epoch])
-                ces, proxes = [], []
-                for idx in shuffled_batches([len(p.ids) for p in pairs], batch_size, rng):
-                    if should_stop is not None and should_stop():
-                        break
-                    b = to_device(collate([pairs[i] for i in idx], pad), dev)
-                    loss, ce, prox = client_loss(model, b["input_ids"], b["attention_mask"], b["labels"],
-                                                 anchor_state, eps)
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-                    steps += 1
-                    ces.append(float(ce))
-                    proxes.append(float(prox))
-                    if progress is not None:
-                        progress(steps, total)
-                if ces:
-                    epoch_ce.append(float(np.mean(ces)))
-                    epoch_prox.append(float(np.mean(proxes)))
+                res = trainer.fit(shuffled_batches([len(p.ids) for p in pairs], batch_size, rng), loss_fn, group,
+                                  progress=offset_progress(progress, steps, total), should_stop=should_stop,
+                                  total=total)
+                steps += res.steps
+                skipped += res.skipped_steps
+                if res.values("ce"):
+                    epoch_ce.append(res.mean("ce"))
+                    epoch_prox.append(res.mean("prox"))
+                if res.stopped:
+                    break
     finally:
-        opt.zero_grad(set_to_none=True)
-        model.eval()
         _restore_flags(model, flags)
     nan = float("nan")
     return {
@@ -232,13 +240,13 @@ def train_adapter(
         "prox_last": epoch_prox[-1] if epoch_prox else nan,
         "steps": steps,
         "samples": len(pairs),
+        "skipped_steps": skipped,
     }
 
 
 def align_emulator(
-    compressed_model,
+    trainer,
     full_model,
-    tokenizer,
     examples,
     layer_map: dict[int, int],
     *,
@@ -251,17 +259,28 @@ def align_emulator(
     seed: int = 0,
     should_stop=None,
 ) -> dict:
-    """FedBiOT server step: `steps` optimizer steps on the emulator LoRA only (public examples, cycled), minimizing
-    emulator_alignment_loss. full_model must carry the current adapter LoRA (plug_adapter_into_full). Reports the
-    loss over all examples before and after (align_*_before/after) besides the first and last training batch."""
+    """FedBiOT server step: `steps` optimizer steps on the emulator LoRA only (public examples, cycled in a shuffle
+    seeded with (seed, pass)), minimizing emulator_alignment_loss.
+
+    trainer: a `cotune.lm.train.Trainer` over the compressed model; the emulator is its parameter group "emulator"
+    (AdamW state and LR schedule persist across rounds; gradients clipped at trainer.config.grad_clip; a non-finite
+    loss is skipped and counts towards `steps`, see `Trainer.fit`). full_model must carry the current adapter LoRA
+    (plug_adapter_into_full). Reports the loss over all examples before and after (align_*_before/after) besides
+    the first and last training batch, align_steps (optimizer steps), stopped and skipped_steps."""
     import numpy as np
 
-    from cotune.lm.batching import collate, model_device, shuffled_batches, sorted_batches, to_device
+    from cotune.lm.batching import collate, shuffled_batches, sorted_batches, to_device
 
+    compressed_model, tokenizer = trainer.model, trainer.tokenizer
     pairs = _encode(tokenizer, examples, max_length)
     if not pairs:
         raise ValueError("no public examples to align the emulator on")
-    pad, dev = _pad_id(tokenizer), model_device(compressed_model)
+    pad, dev = trainer.pad_id, trainer.device
+
+    def loss_on(idx):
+        b = to_device(collate([pairs[i] for i in idx], pad), dev)
+        return emulator_alignment_loss(compressed_model, full_model, b["input_ids"], b["attention_mask"], layer_map,
+                                       adapter_layers=adapter_layers, beta=beta)
 
     @torch.no_grad()
     def measure() -> dict:
@@ -269,46 +288,28 @@ def align_emulator(
         compressed_model.eval()
         total = {"loss": 0.0, "l2": 0.0, "kl": 0.0}
         for idx in sorted_batches([len(p.ids) for p in pairs], batch_size):
-            b = to_device(collate([pairs[i] for i in idx], pad), dev)
-            loss, parts = emulator_alignment_loss(compressed_model, full_model, b["input_ids"], b["attention_mask"],
-                                                  layer_map, adapter_layers=adapter_layers, beta=beta)
+            loss, parts = loss_on(idx)
             for key, value in (("loss", float(loss)), *parts.items()):
                 total[key] += value * len(idx) / len(pairs)
         return total
 
+    def cycled():
+        epoch = 0
+        while True:
+            yield from shuffled_batches([len(p.ids) for p in pairs], batch_size, np.random.default_rng([seed, epoch]))
+            epoch += 1
+
     before = measure() if steps else None
     flags = {k: p.requires_grad for k, p in _lora_params(compressed_model).items()}
-    set_lora_trainable(compressed_model, layer_map, "emulator", adapter_layers=adapter_layers)
-    params = [p for p in compressed_model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    losses: list[dict] = []
-    done = 0
-    epoch = 0
-    stopped = False
-    compressed_model.train()
     try:
-        while done < steps and not stopped:
-            rng = np.random.default_rng([seed, epoch])
-            for idx in shuffled_batches([len(p.ids) for p in pairs], batch_size, rng):
-                if should_stop is not None and should_stop():
-                    stopped = True
-                if stopped or done >= steps:
-                    break
-                b = to_device(collate([pairs[i] for i in idx], pad), dev)
-                loss, parts = emulator_alignment_loss(compressed_model, full_model, b["input_ids"],
-                                                      b["attention_mask"], layer_map,
-                                                      adapter_layers=adapter_layers, beta=beta)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                losses.append({"loss": float(loss.detach()), **parts})
-                done += 1
-            epoch += 1
+        group, _ = _part_group(compressed_model, layer_map, "emulator", adapter_layers)
+        trainer.set_lr(lr, group)
+        with trainer.seeded(seed * 1_000_003 + trainer.group("emulator").steps):
+            res = trainer.fit(cycled(), loss_on, group, steps=int(steps), should_stop=should_stop)
     finally:
-        opt.zero_grad(set_to_none=True)
-        compressed_model.eval()
         _restore_flags(compressed_model, flags)
     nan = {"loss": float("nan"), "l2": float("nan"), "kl": float("nan")}
+    losses = [s for s in res.stats if "loss" in s]
     first, last = (losses[0], losses[-1]) if losses else (nan, nan)
     after = measure() if steps else None
     return {
@@ -318,6 +319,7 @@ def align_emulator(
         "align_kl_last": last["kl"],
         **{f"align_{k}_before": v for k, v in (before or nan).items()},
         **{f"align_{k}_after": v for k, v in (after or nan).items()},
-        "align_steps": len(losses),
-        "stopped": stopped,
+        "align_steps": res.optimizer_steps,
+        "stopped": res.stopped,
+        "skipped_steps": res.skipped_steps,
     }

@@ -1,4 +1,4 @@
-"""FedBiOT on the LLM server (DESIGN §4.4): compress the model into emulator + adapter, and align the emulator.
+"""FedBiOT on the LLM server: compress the model into emulator + adapter, and align the emulator.
 
 CompressTask builds emulator + adapter from the party's model, attaches LoRA, keeps it (with its own Trainer, so the
 emulator's optimizer state persists across rounds) as state "fedbiot.server", addressed by tasks as target

@@ -1,4 +1,4 @@
-"""FedBiOT (arXiv 2406.17706, DESIGN §4.4) and FedOT, its ablation without per-round emulator alignment.
+"""FedBiOT (arXiv 2406.17706) and FedOT, its ablation without per-round emulator alignment.
 
 Round 0: the LLM server compresses its model into emulator + adapter (CompressTask) and publishes it as a model
 archive; the coordinator pulls it once and pushes it to every client (chunked, resumable, sha256-checked; a client

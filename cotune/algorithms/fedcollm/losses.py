@@ -1,4 +1,4 @@
-"""FedCoLLM's server-side mutual distillation (DESIGN §4.3) between the LLM f (LoRA ω) and the SLM copy g (LoRA θ).
+"""FedCoLLM's server-side mutual distillation between the LLM f (LoRA ω) and the SLM copy g (LoRA θ).
 
 Both models sit on one host and share one tokenizer, so the KL is over the full vocabulary. Per batch of the public
 set, the two updates alternate:
@@ -6,7 +6,7 @@ set, the two updates alternate:
     θ ← step(L_g),  L_g = CE_g + λ·KL(g‖f)     with f's logits detached
     ω ← step(L_f),  L_f = CE_f + λ·KL(f‖g')    with g' = the updated g, detached
 
-KL(p‖q) = Σ p·(log p − log q), with the model being updated as p, as DESIGN §4.3 writes it. The KD term carries
+KL(p‖q) = Σ p·(log p − log q), with the model being updated as p, as the FedCoLLM paper writes it. The KD term carries
 gradient to the model being updated and none to the other (the FATE reference's KD term had no gradient at all).
 Losses are measured over the response tokens (the positions CE trains), at exactly the same positions for both
 models since the tokenization is shared. Each model keeps its own optimizer and LR schedule across rounds (the two

@@ -1,4 +1,4 @@
-"""FedCoLLM on the LLM server (DESIGN §4.3): the companion copy of the clients' SLM and the co-distillation task.
+"""FedCoLLM on the LLM server: the companion copy of the clients' SLM and the co-distillation task.
 
 The companion is loaded from `model.companion_slm_path` beside the LLM, on its device and dtype, with the LoRA config
 `companion_lora` (which must match the clients' `lora`, so the broadcast adapter fits both), and keeps its own

@@ -1,4 +1,4 @@
-"""FedCoLLM (arXiv 2411.11707, DESIGN §4.3): co-tuning a server LLM and client SLMs through the SLM's LoRA.
+"""FedCoLLM (arXiv 2411.11707): co-tuning a server LLM and client SLMs through the SLM's LoRA.
 
 Round 0: the initial SLM adapter θ⁰ is taken from the LLM server's copy of the SLM and set on every client, so
 all start from one init; everyone is evaluated.

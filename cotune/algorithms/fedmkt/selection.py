@@ -1,6 +1,6 @@
 """Turning received top-k shards into per-sample distillation targets in the receiver's own tokenization.
 
-This is the receiver's half of FedMKT (DESIGN §4.2): project each sender's logits into the receiver's
+This is the receiver's half of FedMKT: project each sender's logits into the receiver's
 vocabulary along the precomputed sequence alignment, then choose per sample which sender (if any) teaches.
 """
 

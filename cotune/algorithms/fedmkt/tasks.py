@@ -1,4 +1,4 @@
-"""FedMKT's tasks (DESIGN §4.2), served by both roles: a party's top-k logits on the public set, and selective
+"""FedMKT's tasks, served by both roles: a party's top-k logits on the public set, and selective
 distillation from other parties' logits (DualMinCE targets, cotune.algorithms.fedmkt.selection).
 
 Handlers `(party, task, ctx) -> work` over a cotune.party.base.ModelParty.

@@ -20,7 +20,7 @@ import math
 import re
 import struct
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -144,8 +144,9 @@ class _Target:
     probs: torch.Tensor  # float32 [m, k]
 
 
-class _Group:
-    """One parameter group's persistent optimizer state: AdamW, its LambdaLR schedule and counters."""
+class GroupState:
+    """One parameter group's persistent optimizer state (`Trainer.group(name)`): AdamW, its LambdaLR schedule, the
+    group's (name, parameter) list and counters: steps (optimizer steps made), skipped_steps (non-finite ones)."""
 
     def __init__(self, name: str, named_params: list[tuple[str, torch.nn.Parameter]], lr: float,
                  weight_decay: float, lr_lambda: Callable[[int], float]):
@@ -188,13 +189,13 @@ class Trainer:
             return min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
 
         self._lr_lambda = lr_lambda
-        self.groups: dict[str, _Group] = {}
+        self.groups: dict[str, GroupState] = {}
         self._new_group(DEFAULT_GROUP, named)
         self.epochs_done = 0
 
     # ---------------------------------------------------------------------------------------------- groups
-    def _new_group(self, name: str, named_params, lr: float | None = None) -> _Group:
-        group = _Group(name, list(named_params), float(self.config.lr if lr is None else lr),
+    def _new_group(self, name: str, named_params, lr: float | None = None) -> GroupState:
+        group = GroupState(name, list(named_params), float(self.config.lr if lr is None else lr),
                        self.config.weight_decay, self._lr_lambda)
         self.groups[name] = group
         return group
@@ -202,7 +203,7 @@ class Trainer:
     def _param_names(self) -> dict[int, str]:
         return {id(p): n for n, p in self.model.named_parameters()}
 
-    def group(self, params: ParamGroup | str | None = None) -> _Group:
+    def group(self, params: ParamGroup | str | None = None) -> GroupState:
         """The persistent optimizer state of a parameter selection: None = the default group, a name = an existing
         group, a ParamGroup = that group, created (with config.lr) on first use. A ParamGroup whose name exists must
         select the same parameters, in the same order."""
@@ -280,7 +281,8 @@ class Trainer:
     # ---------------------------------------------------------------------------------------------- the loop
     def step(self, loss: torch.Tensor, params: ParamGroup | str | None = None) -> bool:
         """One update of a group on `loss`: zero_grad, backward, gradient clipping at config.grad_clip over the
-        group's parameters, optimizer step, schedule step. A non-finite loss (or gradient norm) makes no update:
+        group's parameters, optimizer step, schedule step. A non-finite loss (or, with clipping on, a non-finite
+        gradient norm) makes no update:
         parameters and optimizer state stay as they were, the group's skipped_steps counts it, and False is
         returned. The only place in the project where an optimizer steps."""
         group = self.group(params)

@@ -70,3 +70,63 @@ def test_cross_tokenizer_co_distill_needs_both_maps_the_right_way_round(llm_part
     assert result.slm_adapter == done.blobs["slm_adapter"] and result.llm_lora_hash == party.describe().lora_hash
     # across tokenizers the LLM's own distillation term is the forward KL(g̃‖f), co_distill_cross's slm_kl
     assert (result.llm_kl_before, result.llm_kl_after) == (m["codistill_slm_kl_before"], m["codistill_slm_kl_after"])
+
+
+@pytest.fixture(scope="module")
+def same_tokenizer_party(tmp_path_factory):
+    from cotune.config import DataConfig, LoraConfig, ModelConfig, PartyConfig, TrainingConfig
+    from cotune.data import load_task, write_jsonl
+    from cotune.demo.tiny import make_tiny_model
+    from llm_server.server import LLMServer
+
+    root = tmp_path_factory.mktemp("fedcollm-party-same")
+    llm_dir = make_tiny_model(tokenizer("gpt2"), root / "llm", hidden=64, layers=2, seed=1)
+    slm_dir = make_tiny_model(tokenizer("gpt2"), root / "slm", hidden=32, layers=1, seed=2)
+    write_jsonl(root / "public.jsonl", load_task("arc_easy", "train", limit=8))
+    cfg = PartyConfig(party_id="llm-same", workdir=str(root / "llm-work"),
+                      model=ModelConfig(path=str(llm_dir), device="cpu", dtype="fp32", companion_slm_path=str(slm_dir)),
+                      lora=LoraConfig(r=4, dropout=0.0), companion_lora=LoraConfig(r=4, dropout=0.0),
+                      training=TrainingConfig(lr=1e-2, batch_size=4, max_length=64),
+                      data=DataConfig(public=str(root / "public.jsonl")))
+    party = LLMServer(cfg)
+    party.load()
+    yield party
+    party.ops.shutdown()
+
+
+def test_one_tokenizer_co_distill_reports_the_llm_kl_and_takes_kl_weight_as_given(same_tokenizer_party, monkeypatch):
+    import cotune.algorithms.fedcollm.losses as losses
+    from cotune.algorithms.fedcollm.server import companion_of
+    from cotune.errors import InvalidInput
+    from cotune.v1 import operations_pb2, party_pb2
+
+    party = same_tokenizer_party
+    assert companion_of(party).tokenizer_hash == party.tokenizer_hash
+    info = party.describe()
+    assert info.companion.tokenizer_hash == info.tokenizer_hash and info.companion.lora_hash
+    with pytest.raises(InvalidInput, match="kl_weight"):
+        party.start_task(_with(party, kl_weight=-1.0))
+
+    seen = []
+    real = losses.co_distill
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["lam"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(losses, "co_distill", spy)
+    done = party.ops.wait(party.start_task(_with(party, kl_weight=0.0)).id, 120)
+    assert done.state == operations_pb2.OPERATION_SUCCEEDED, done.error_message
+    assert seen == [0.0]  # 0 = CE only, passed through as given
+    result = party_pb2.CoDistillResult()
+    assert done.result.Unpack(result)
+    m = done.metrics
+    assert (result.llm_kl_before, result.llm_kl_after) == (m["codistill_llm_kl_before"], m["codistill_llm_kl_after"])
+    assert result.received_lora_hash == done.info["received_lora_hash"] and result.slm_adapter == done.blobs["slm_adapter"]
+
+
+def _with(party, **fields):
+    request = _request(party)
+    for name, value in fields.items():
+        setattr(request.co_distill, name, value)
+    return request

@@ -162,3 +162,175 @@ def test_warmup_schedule_persists_across_calls(tiny_dir):
         tr.train_ce(EXAMPLES)
         lrs.append(tr.optimizer.param_groups[0]["lr"])
     assert lrs == pytest.approx([5e-3, 7.5e-3, 1e-2, 1e-2, 1e-2])
+
+
+# --------------------------------------------------------------------------------------------- Trainer.fit
+
+
+def _lora_groups(tr):
+    """Two disjoint halves of the LoRA parameters as groups "a" and "b"."""
+    from cotune.lm.train import ParamGroup
+
+    params = [p for _, p in tr.named_params]
+    half = len(params) // 2
+    return ParamGroup("a", params[:half]), ParamGroup("b", params[half:])
+
+
+def _pull(group, scale=1.0, target=0.5):
+    """A loss over `group`'s parameters only: scale·Σ(p − target)²."""
+
+    def loss_fn(_batch):
+        loss = sum(((p - target) ** 2).sum() for p in group.params) * scale
+        return loss, {"seen": 1.0}
+
+    return loss_fn
+
+
+def _snapshot(tr, name):
+    g = tr.group(name)
+    return ([p.detach().clone() for p in g.params],
+            {id(p): {k: v.clone() if torch.is_tensor(v) else v for k, v in st.items()}
+             for p, st in g.optimizer.state.items()},
+            g.scheduler.last_epoch, g.steps)
+
+
+def test_fit_clips_gradients_at_grad_clip(tiny_dir):
+    norms = {}
+    for clip in (1.0, 0.0):
+        tr = _trainer(tiny_dir, grad_clip=clip)
+        a, _ = _lora_groups(tr)
+        tr.group(a).optimizer.register_step_pre_hook(
+            lambda opt, *_: norms.setdefault(clip, []).append(
+                float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in a.params if p.grad is not None])))))
+        res = tr.fit([0, 1], _pull(a, scale=1e3), a)
+        assert res.optimizer_steps == 2 and res.skipped_steps == 0
+    assert max(norms[1.0]) == pytest.approx(1.0, rel=1e-4)  # clipped to the configured norm
+    assert min(norms[0.0]) > 10.0  # unclipped, the same loss has a far larger gradient
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_fit_skips_a_non_finite_loss_without_touching_params_or_optimizer(tiny_dir, bad):
+    tr = _trainer(tiny_dir)
+    a, _ = _lora_groups(tr)
+    tr.fit([0, 1], _pull(a), a)  # some optimizer state to protect
+    before = _snapshot(tr, "a")
+    calls = []
+
+    def loss_fn(batch):
+        loss, stats = _pull(a)(batch)
+        calls.append(batch)
+        return (loss * bad if batch == "bad" else loss), stats
+
+    res = tr.fit(["bad", "bad"], loss_fn, a)
+    assert res.steps == 2 and res.skipped_steps == 2 and res.optimizer_steps == 0 and res.stats == []
+    after = _snapshot(tr, "a")
+    assert all(torch.equal(x, y) for x, y in zip(before[0], after[0]))
+    assert before[1].keys() == after[1].keys()
+    for pid, st in before[1].items():
+        assert all(torch.equal(v, after[1][pid][k]) if torch.is_tensor(v) else v == after[1][pid][k]
+                   for k, v in st.items())
+    assert before[2:] == after[2:]  # schedule and step counter unchanged
+    assert all(p.grad is None for p in a.params)
+    assert tr.group("a").skipped_steps == 2
+    # a finite batch after a skipped one steps normally; its stats are kept, the skipped one's are not
+    res = tr.fit(["bad", "ok"], loss_fn, a)
+    assert (res.skipped_steps, res.optimizer_steps, len(res.stats)) == (1, 1, 1) and np.isfinite(res.mean("loss"))
+    assert tr.group("a").steps == before[3] + 1
+
+
+def test_fit_counts_batches_with_nothing_to_learn(tiny_dir):
+    tr = _trainer(tiny_dir)
+    a, _ = _lora_groups(tr)
+    res = tr.fit([0, 1, 2], lambda b: (None, {"tokens": 0.0}) if b == 1 else _pull(a)(b), a)
+    assert (res.steps, res.optimizer_steps, res.empty_steps, res.skipped_steps) == (3, 2, 1, 0)
+    assert len(res.stats) == 3 and len(res.values("loss")) == 2 and res.sum("seen") == 2.0
+
+
+def test_fit_optimizer_state_persists_per_group_and_groups_are_independent(tiny_dir):
+    from cotune.lm.train import ParamGroup
+
+    tr = _trainer(tiny_dir, lr=1e-3)
+    a, b = _lora_groups(tr)
+    tr.set_lr(5e-2, a)
+    tr.set_lr(1e-3, b)
+    tr.fit([0, 1], _pull(a), a)
+    b_before = [p.detach().clone() for p in b.params]
+    assert tr.group("a").steps == 2 and tr.group("b").steps == 0 and not tr.group("b").optimizer.state
+    assert {int(s["step"]) for s in tr.group("a").optimizer.state.values()} == {2}
+    assert all(torch.equal(p, q) for p, q in zip(b.params, b_before))  # b's parameters did not move
+    tr.fit([0, 1, 2], _pull(a), "a")  # by name: the same optimizer continues
+    assert {int(s["step"]) for s in tr.group("a").optimizer.state.values()} == {5}
+    tr.fit([0], _pull(b), b)
+    assert {int(s["step"]) for s in tr.group("b").optimizer.state.values()} == {1}
+    assert tr.group("a").steps == 5 and tr.global_step == 0 and not tr.optimizer.state  # default group untouched
+    assert tr.group("a").optimizer.param_groups[0]["lr"] == pytest.approx(5e-2)
+    assert tr.group("b").optimizer.param_groups[0]["lr"] == pytest.approx(1e-3)
+    assert tr.config.lr == pytest.approx(1e-3)  # a group's lr is not the default group's
+    with pytest.raises(ValueError, match="different parameters"):
+        tr.fit([0], _pull(a), ParamGroup("a", b.params))
+    with pytest.raises(KeyError):
+        tr.fit([0], _pull(a), "nope")
+
+
+def test_fit_should_stop_progress_steps_and_modes(tiny_dir):
+    import itertools
+
+    tr = _trainer(tiny_dir)
+    a, _ = _lora_groups(tr)
+    seen, modes = [], []
+
+    def loss_fn(batch):
+        modes.append(tr.model.training)
+        return _pull(a)(batch)
+
+    res = tr.fit(range(5), loss_fn, a, progress=lambda d, t: seen.append((d, t)))
+    assert seen == [(i, 5) for i in range(1, 6)] and res.steps == 5 and not res.stopped
+    assert all(modes) and not tr.model.training  # train mode during, eval mode after
+
+    seen.clear()
+    res = tr.fit(range(5), loss_fn, a, progress=lambda d, t: seen.append((d, t)), should_stop=lambda: len(seen) >= 2)
+    assert res.stopped and res.steps == 2 and res.optimizer_steps == 2 and seen[-1] == (2, 5)
+
+    seen.clear()
+    res = tr.fit(itertools.count(), loss_fn, a, steps=3, progress=lambda d, t: seen.append((d, t)))
+    assert res.steps == 3 and res.optimizer_steps == 3 and seen[-1] == (3, 3) and not res.stopped
+
+    def boom(batch):
+        loss, _ = _pull(a)(batch)
+        loss.backward()  # leaves gradients behind, then fails
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        tr.fit([0], boom, a)
+    assert all(p.grad is None for p in a.params) and not tr.model.training
+
+
+def test_state_round_trips_every_group(tiny_dir):
+    tr = _trainer(tiny_dir)
+    a, _ = _lora_groups(tr)
+    tr.train_ce(EXAMPLES[:4])
+    tr.set_lr(3e-2, a)
+    tr.fit([0, 1, 2], _pull(a), a)
+    blob = tr.state_dict_bytes()
+    assert b"pickle" not in blob
+
+    other = _trainer(tiny_dir)
+    load_lora_state_dict(other.model, lora_state_dict(tr.model))
+    other.load_state_bytes(blob)  # creates group "a" over the parameters of the same names
+    assert sorted(other.groups) == ["a", "default"] and other.global_step == 2 and other.group("a").steps == 3
+    ga, oa = tr.group("a"), other.group("a")
+    assert [n for n, _ in ga.named_params] == [n for n, _ in oa.named_params]
+    assert oa.optimizer.param_groups[0]["lr"] == pytest.approx(3e-2)
+    for p_a, p_b in zip(ga.params, oa.params):
+        assert torch.equal(ga.optimizer.state[p_a]["exp_avg"], oa.optimizer.state[p_b]["exp_avg"])
+    a2, _ = _lora_groups(other)
+    tr.fit([0, 1], _pull(a), a)
+    other.fit([0, 1], _pull(a2), a2)
+    assert all(torch.equal(x, y) for x, y in zip(a.params, a2.params))
+
+    # a trainer with a group the blob lacks drops it (restoring means becoming the saved trainer)
+    third = _trainer(tiny_dir)
+    third.group(_lora_groups(third)[1])
+    assert sorted(third.groups) == ["b", "default"]
+    third.load_state_bytes(_trainer(tiny_dir).state_dict_bytes())
+    assert sorted(third.groups) == ["default"]

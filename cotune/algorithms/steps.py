@@ -17,8 +17,9 @@ from cotune.wire.media import MEDIA_ADAPTER
 from cotune.wire.safetensors_io import adapter_bytes
 
 
-def quorum(d: Driver) -> int:
-    return d.run.quorum(len(d.clients))
+def quorum(d: Driver, parties: Sequence[PartyRef] | None = None) -> int:
+    """How many of `parties` (default: the run's clients) must succeed: all of them unless min_clients is set."""
+    return d.run.quorum(len(d.clients if parties is None else parties))
 
 
 def evaluate(d: Driver, parties: Sequence[PartyRef], rnd: int, *, target: str = "", suffix: str = "") -> None:
@@ -38,7 +39,7 @@ def train_local(d: Driver, clients: Sequence[PartyRef], rnd: int, *, task=None) 
     kind = "train_adapter" if isinstance(task, party_pb2.TrainAdapterTask) else "train_local"
     d.set_step(rnd, "train_local")
     out = d.on_parties(clients, rnd, "train_local", lambda c: d.task(c, rnd, "train_local", **{kind: task}),
-                       quorum=quorum(d))
+                       quorum=quorum(d, clients))
     for pid, res in out.ok.items():
         d.record_metrics(rnd, pid, res.metrics)
     return [c for c in clients if c.party_id in out.ok], {pid: float(res.result.samples) for pid, res in out.ok.items()}

@@ -90,7 +90,8 @@ def test_malformed_logits_shard_is_rejected(addresses, finished_run, tmp_path):
     client.push(local, garbage.sha256)
     task = party_pb2.TaskRequest(
         ctx=party_pb2.RunContext(run_id="manual", round=1),
-        distill=party_pb2.DistillTask(teachers=[party_pb2.TeacherShard(sender_id="x", shard=garbage.ref())]))
+        distill=party_pb2.DistillTask(teachers=[party_pb2.TeacherShard(sender_id="x", shard=garbage.ref())], ce_weight=0.5,
+                                      epochs=1, selection="dualmince", max_length=TEST_PRESET.max_length))
     code, details = _code(lambda: client.start(task))
     assert code == grpc.StatusCode.INVALID_ARGUMENT, details
     assert "shard" in details

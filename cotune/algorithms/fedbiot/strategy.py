@@ -60,13 +60,14 @@ class FedBiOT(Strategy):
                   f"layers (original layers {', '.join(map(str, res.result.layer_map))})", kind="info")
 
         d.set_step(0, "load_model")
-        d.on_parties(clients, 0, "load_model",
-                     lambda c: d.task(c, 0, "load_model", load_model=party_pb2.LoadModelTask(model=archive)),
-                     quorum=steps.quorum(d))
+        out = d.on_parties(clients, 0, "load_model",
+                           lambda c: d.task(c, 0, "load_model", load_model=party_pb2.LoadModelTask(model=archive)),
+                           quorum=steps.quorum(d))
+        clients = [c for c in clients if c.party_id in out.ok]  # without the compressed model a client cannot take part
         self.align(d, config, 0, steps=config.pre_align_steps, aggregate="")
         theta = steps.get_adapter(d, llm, 0, target="compressed", record="aligned")
         steps.broadcast(d, clients, 0, theta)
-        self.evaluate(d, 0)
+        self.evaluate(d, clients, 0)
 
         train = party_pb2.TrainAdapterTask(epochs=d.run.local_epochs, prox_eps=config.prox_eps)
         for rnd in range(1, d.run.rounds + 1):
@@ -76,7 +77,7 @@ class FedBiOT(Strategy):
             self.align(d, config, rnd, steps=config.align_steps if self.realign else 0, aggregate=aggregate)
             theta = steps.get_adapter(d, llm, rnd, target="compressed", record="aligned")
             steps.broadcast(d, clients, rnd, theta)
-            self.evaluate(d, rnd)
+            self.evaluate(d, clients, rnd)
             d.emit("metrics", round=rnd, message=f"round {rnd} complete")
 
     @staticmethod
@@ -94,11 +95,11 @@ class FedBiOT(Strategy):
         d.record_metrics(rnd, d.llm.party_id, res.metrics)
 
     @staticmethod
-    def evaluate(d: Driver, rnd: int) -> None:
+    def evaluate(d: Driver, clients, rnd: int) -> None:
         """The clients' emulator + adapter; on the LLM server both the adapter plugged into the full model (party
         `llm`) and the emulator + adapter (party `llm/emulator`)."""
         d.set_step(rnd, "evaluate")
-        steps.evaluate(d, [d.llm, *d.clients], rnd)
+        steps.evaluate(d, [d.llm, *clients], rnd)
         steps.evaluate(d, [d.llm], rnd, target="compressed", suffix=EMULATOR_SUFFIX)
 
 

@@ -37,7 +37,7 @@ class FedMKT(Strategy):
                        max_samples=run.max_public_samples, max_length=run.max_length)
 
         d.set_step(0, "align")
-        links = {c.party_id: self._links(d, c, config) for c in d.clients
+        links = {c.party_id: self._links(d, c, config, mutual=config.mutual) for c in d.clients
                  if c.info.tokenizer_hash != d.llm.info.tokenizer_hash}
         d.set_step(0, "evaluate")
         steps.evaluate(d, [d.llm, *d.clients], 0)
@@ -73,6 +73,7 @@ class FedMKT(Strategy):
             out = d.on_parties(active, rnd, "distill", client_distill, quorum=steps.quorum(d))
             for pid, res in out.ok.items():
                 d.record_metrics(rnd, pid, res.metrics)
+            active = [c for c in active if c.party_id in out.ok]
 
             d.set_step(rnd, "evaluate")
             steps.evaluate(d, [d.llm, *active], rnd)
@@ -87,14 +88,15 @@ class FedMKT(Strategy):
         return teacher
 
     @staticmethod
-    def _links(d: Driver, client: PartyRef, config: FedMKTConfig) -> dict:
-        """A client whose tokenizer differs from the LLM's: vocab maps and sequence alignments both ways."""
+    def _links(d: Driver, client: PartyRef, config: FedMKTConfig, *, mutual: bool) -> dict:
+        """A client whose tokenizer differs from the LLM's: vocab maps and sequence alignments from the LLM, and to
+        it when knowledge flows both ways."""
         def pair(src: PartyRef, dst: PartyRef) -> dict:
             return {"vocab_map": d.vocab_map(src, dst),
                     "seq_alignment": d.sequence_alignment(src, dst, method=config.alignment_method,
                                                           max_length=d.run.max_length)}
 
-        return {"to_llm": pair(client, d.llm), "from_llm": pair(d.llm, client)}
+        return {"from_llm": pair(d.llm, client), **({"to_llm": pair(client, d.llm)} if mutual else {})}
 
 
 class LLMToSLM(FedMKT):

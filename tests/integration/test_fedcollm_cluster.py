@@ -18,6 +18,7 @@ from cotune.v1 import party_pb2
 from cotune.wire.blobs import BlobStore
 from cotune.algorithms.aggregate import aggregate_uploads, parse_adapter
 from tests.integration.cluster_fixtures import (
+    TEST_PRESET,
     check_aggregate,
     metrics_of,
     rounds_of,
@@ -137,7 +138,8 @@ def test_co_distill_rejects_an_adapter_that_does_not_fit(fedcollm_run, addresses
         blob = store.put_bytes(lora_to_bytes(state))
         llm.push(store, blob.sha256)
         req = party_pb2.TaskRequest(ctx=party_pb2.RunContext(run_id="manual", round=0),
-                                    co_distill=party_pb2.CoDistillTask(slm_adapter=blob.ref()))
+                                    co_distill=party_pb2.CoDistillTask(slm_adapter=blob.ref(), kl_weight=1.0, epochs=1,
+                                                                           max_length=TEST_PRESET.max_length))
         with pytest.raises(grpc.RpcError) as err:
             llm.start(req)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and message in err.value.details(), err.value.details()

@@ -30,7 +30,7 @@ from google.protobuf.message import Message
 from cotune.config import PartyConfig
 from cotune.data import canonical_jsonl_bytes, dataset_hash, read_jsonl
 from cotune.errors import InvalidInput, Precondition, RpcError, Unavailable
-from cotune.party.media import MEDIA_DATASET, MEDIA_TOKENIZER
+from cotune.wire.media import MEDIA_DATASET, MEDIA_TOKENIZER
 from cotune.rpc.operations import OperationContext, OperationManager, OpResult
 from cotune.v1 import party_pb2
 from cotune.wire.blobs import Blob, BlobStore
@@ -312,7 +312,5 @@ class ModelParty:
         data = self.read_blob(ref, what, max_bytes)
         try:
             return parse(data)
-        except RpcError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - whatever a parser raises on bad bytes, the blob is bad input
+        except (ValueError, KeyError, IndexError, OSError) as exc:  # what parsers raise on bad bytes; others are bugs
             raise InvalidInput(f"{what} (blob {ref.sha256[:12]}…) cannot be read: {exc}") from exc

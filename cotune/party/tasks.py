@@ -10,7 +10,7 @@ import hashlib
 
 from cotune.errors import InvalidInput, Precondition
 from cotune.party.base import ModelParty
-from cotune.party.media import MEDIA_ADAPTER
+from cotune.wire.media import MEDIA_ADAPTER
 from cotune.rpc.operations import OpResult
 from cotune.v1 import party_pb2
 
@@ -77,7 +77,7 @@ def set_lora(party: ModelParty, task: party_pb2.SetLoraTask, ctx: party_pb2.RunC
     def work(op):
         load_lora_state_dict(party.model, state)
         lora_hash = party.lora_hash()
-        return OpResult(info={"lora_hash": lora_hash}, result=party_pb2.SetLoraResult(lora_hash=lora_hash))
+        return OpResult(result=party_pb2.SetLoraResult(lora_hash=lora_hash))
     return work
 
 
@@ -103,6 +103,5 @@ def get_lora(party: ModelParty, task: party_pb2.GetLoraTask, ctx: party_pb2.RunC
             data = canonical
         blob = party.store.put_bytes(data, MEDIA_ADAPTER)
         lora_hash = hashlib.sha256(canonical).hexdigest()
-        return OpResult(blobs={"adapter": blob}, info={"lora_hash": lora_hash, "blob_sha256": blob.sha256},
-                        result=party_pb2.GetLoraResult(adapter=blob.ref(), lora_hash=lora_hash))
+        return OpResult(result=party_pb2.GetLoraResult(adapter=blob.ref(), lora_hash=lora_hash))
     return work

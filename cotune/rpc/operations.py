@@ -20,6 +20,7 @@ import grpc
 from google.protobuf.message import Message
 
 from cotune.errors import NotFound, rpc_method, status_for
+from cotune.tasks import blob_refs
 from cotune.v1 import operations_pb2 as ops_pb2
 from cotune.v1 import operations_pb2_grpc as ops_grpc
 
@@ -116,6 +117,8 @@ class OperationManager:
                 op.info[name] = str(value)
             if result.result is not None:
                 op.result.Pack(result.result)
+                for name, ref in blob_refs(result.result):  # the typed result's blobs, also listed by name
+                    op.blobs[name].CopyFrom(ref)
 
         self._update(op_id, fill)
         self._finish(op_id, State.OPERATION_SUCCEEDED)

@@ -1,4 +1,4 @@
-"""What the model-runtime tests share: the real tokenizer they use, its skip mark, and a cached model loader."""
+"""What the model-runtime tests share: the real tokenizer they use, its skip mark, a cached model loader and toy examples."""
 
 from __future__ import annotations
 
@@ -24,3 +24,11 @@ def load_cached(model_dir):
     if key not in _TOKENIZERS:
         _TOKENIZERS[key] = load_causal_lm(model_dir, device="cpu")[1]
     return AutoModelForCausalLM.from_pretrained(key).eval(), _TOKENIZERS[key]
+
+
+def toy_examples(n: int):
+    """n short (prompt, response) examples a tiny model can fit."""
+    from cotune.data.example import Example
+
+    words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta"]
+    return [Example(prompt=f"Q: name {i} is", response=f" {words[i % 8]} {words[(i + 3) % 8]}.") for i in range(n)]

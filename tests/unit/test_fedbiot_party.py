@@ -10,16 +10,12 @@ import torch
 
 from cotune.algorithms.fedbiot.compress import compress, save_compressed
 from cotune.demo.tiny import make_tiny_model
-from tests.unit.lm_fixtures import TOKENIZER, needs_tokenizer
+from tests.unit.lm_fixtures import TOKENIZER, needs_tokenizer, toy_examples
 
 pytestmark = needs_tokenizer
 
 
-def _examples(n):
-    from cotune.data.example import Example
-
-    words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta"]
-    return [Example(prompt=f"Q: name {i} is", response=f" {words[i % 8]} {words[(i + 3) % 8]}.") for i in range(n)]
+_examples = toy_examples
 
 
 @pytest.fixture(scope="module")
@@ -157,10 +153,9 @@ def test_server_compresses_clients_train_server_aligns(setup, tmp_path):
             server.start_task(party_pb2.TaskRequest(ctx=ctx, compress=party_pb2.CompressTask(adapter_layers=8, drop=0.5)))
         done = _wait(server, server.start_task(
             party_pb2.TaskRequest(ctx=ctx, compress=party_pb2.CompressTask(adapter_layers=2, drop=0.5))))
-        layer_map = {int(k): v for k, v in json.loads(done.info["layer_map"]).items()}
-        assert [layer_map[j] for j in sorted(layer_map)] == [0, 2, 5, 6, 7]
         compressed = _result(done, "compress")
         assert list(compressed.layer_map) == [0, 2, 5, 6, 7] and compressed.model == done.blobs["model"]
+        layer_map = dict(enumerate(compressed.layer_map))
         assert (compressed.original_layers, compressed.adapter_layers) == (8, 2)
         model_dir = unpack_dir(server.store.read_bytes(done.blobs["model"].sha256), tmp_path / "downloaded")
         assert (model_dir / LAYER_MAP_FILE).exists() and (model_dir / "config.json").exists()
@@ -244,7 +239,7 @@ def test_client_installs_the_shipped_model_and_can_go_back(setup):
 
         loaded = _wait(client, client.start_task(party_pb2.TaskRequest(ctx=ctx, load_model=party_pb2.LoadModelTask(model=ref))))
         info = client.describe()
-        assert info.loaded_model == sha and loaded.info["model"] == sha
+        assert info.loaded_model == sha
         assert _result(loaded, "load_model").model == sha
         assert _result(loaded, "load_model").lora_layout_hash == info.lora_layout_hash
         assert layers_of(client).layer_map == compressed_of(server).layer_map and layers_of(client).adapter_layers == 2

@@ -8,31 +8,36 @@ import pytest
 from tests.unit.alignment_fixtures import tokenizer
 
 
-@pytest.fixture(scope="module")
-def llm_party(tmp_path_factory):
+def _llm_server(root, llm_tok: str, slm_tok: str, party_id: str):
+    """A tiny LLM server holding a companion SLM (its tokenizer may differ from the LLM's), loaded."""
     from cotune.config import DataConfig, LoraConfig, ModelConfig, PartyConfig, TrainingConfig
     from cotune.data import load_task, write_jsonl
     from cotune.demo.tiny import make_tiny_model
     from llm_server.server import LLMServer
 
-    root = tmp_path_factory.mktemp("fedcollm-party")
-    llm_dir = make_tiny_model(tokenizer("mistral-hf"), root / "llm", hidden=64, layers=2, seed=1)
-    slm_dir = make_tiny_model(tokenizer("gpt2"), root / "slm", hidden=32, layers=1, seed=2)
+    llm_dir = make_tiny_model(tokenizer(llm_tok), root / "llm", hidden=64, layers=2, seed=1)
+    slm_dir = make_tiny_model(tokenizer(slm_tok), root / "slm", hidden=32, layers=1, seed=2)
     write_jsonl(root / "public.jsonl", load_task("arc_easy", "train", limit=8))
-    cfg = PartyConfig(party_id="llm", workdir=str(root / "llm-work"),
+    cfg = PartyConfig(party_id=party_id, workdir=str(root / "llm-work"),
                       model=ModelConfig(path=str(llm_dir), device="cpu", dtype="fp32", companion_slm_path=str(slm_dir)),
                       lora=LoraConfig(r=4, dropout=0.0), companion_lora=LoraConfig(r=4, dropout=0.0),
                       training=TrainingConfig(lr=1e-2, batch_size=4, max_length=64),
                       data=DataConfig(public=str(root / "public.jsonl")))
     party = LLMServer(cfg)
     party.load()
+    return party
+
+
+@pytest.fixture(scope="module")
+def llm_party(tmp_path_factory):
+    party = _llm_server(tmp_path_factory.mktemp("fedcollm-party"), "mistral-hf", "gpt2", "llm")
     yield party
     party.ops.shutdown()
 
 
 def _request(party, **fields):
     from cotune.algorithms.fedcollm.server import companion_of
-    from cotune.party.media import MEDIA_ADAPTER
+    from cotune.wire.media import MEDIA_ADAPTER
     from cotune.v1 import party_pb2
 
     adapter = party.store.put_bytes(party.lora_bytes(companion_of(party).model), MEDIA_ADAPTER)
@@ -64,9 +69,9 @@ def test_cross_tokenizer_co_distill_needs_both_maps_the_right_way_round(llm_part
     assert done.state == operations_pb2.OPERATION_SUCCEEDED, done.error_message
     m = done.metrics
     assert m["codistill_positions"] > 0 and 0 < m["codistill_aligned_fraction"] <= 1
-    assert done.info["lora_hash"] != before[1] and party.describe().lora_hash != before[0]  # both sides trained
     result = party_pb2.CoDistillResult()
     assert done.result.Unpack(result)
+    assert result.slm_adapter.sha256 != before[1] and party.describe().lora_hash != before[0]  # both sides trained
     assert result.slm_adapter == done.blobs["slm_adapter"] and result.llm_lora_hash == party.describe().lora_hash
     # across tokenizers the LLM's own distillation term is the forward KL(g̃‖f), co_distill_cross's slm_kl
     assert (result.llm_kl_before, result.llm_kl_after) == (m["codistill_slm_kl_before"], m["codistill_slm_kl_after"])
@@ -74,22 +79,7 @@ def test_cross_tokenizer_co_distill_needs_both_maps_the_right_way_round(llm_part
 
 @pytest.fixture(scope="module")
 def same_tokenizer_party(tmp_path_factory):
-    from cotune.config import DataConfig, LoraConfig, ModelConfig, PartyConfig, TrainingConfig
-    from cotune.data import load_task, write_jsonl
-    from cotune.demo.tiny import make_tiny_model
-    from llm_server.server import LLMServer
-
-    root = tmp_path_factory.mktemp("fedcollm-party-same")
-    llm_dir = make_tiny_model(tokenizer("gpt2"), root / "llm", hidden=64, layers=2, seed=1)
-    slm_dir = make_tiny_model(tokenizer("gpt2"), root / "slm", hidden=32, layers=1, seed=2)
-    write_jsonl(root / "public.jsonl", load_task("arc_easy", "train", limit=8))
-    cfg = PartyConfig(party_id="llm-same", workdir=str(root / "llm-work"),
-                      model=ModelConfig(path=str(llm_dir), device="cpu", dtype="fp32", companion_slm_path=str(slm_dir)),
-                      lora=LoraConfig(r=4, dropout=0.0), companion_lora=LoraConfig(r=4, dropout=0.0),
-                      training=TrainingConfig(lr=1e-2, batch_size=4, max_length=64),
-                      data=DataConfig(public=str(root / "public.jsonl")))
-    party = LLMServer(cfg)
-    party.load()
+    party = _llm_server(tmp_path_factory.mktemp("fedcollm-party-same"), "gpt2", "gpt2", "llm-same")
     yield party
     party.ops.shutdown()
 
@@ -122,7 +112,7 @@ def test_one_tokenizer_co_distill_reports_the_llm_kl_and_takes_kl_weight_as_give
     assert done.result.Unpack(result)
     m = done.metrics
     assert (result.llm_kl_before, result.llm_kl_after) == (m["codistill_llm_kl_before"], m["codistill_llm_kl_after"])
-    assert result.received_lora_hash == done.info["received_lora_hash"] and result.slm_adapter == done.blobs["slm_adapter"]
+    assert result.slm_adapter == done.blobs["slm_adapter"]
 
 
 def _with(party, **fields):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.unit.lm_fixtures import TOKENIZER, needs_tokenizer
+from tests.unit.lm_fixtures import TOKENIZER, needs_tokenizer, toy_examples
 
 LLM_TASKS = {"evaluate", "get_lora", "set_lora", "public_logits", "distill", "co_distill", "compress", "align_emulator"}
 SLM_TASKS = {"train_local", "evaluate", "get_lora", "set_lora", "public_logits", "distill", "load_model", "train_adapter"}
@@ -33,11 +33,7 @@ def test_cotune_party_imports_no_algorithm():
     assert not offending, f"cotune/party imports algorithm modules: {offending}"
 
 
-def _examples(n):
-    from cotune.data.example import Example
-
-    words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta"]
-    return [Example(prompt=f"Q: name {i} is", response=f" {words[i % 8]} {words[(i + 3) % 8]}.") for i in range(n)]
+_examples = toy_examples
 
 
 @pytest.fixture(scope="module")
@@ -177,7 +173,7 @@ def test_targets_unknown_absent_and_held(parties):
     with pytest.raises(Precondition, match="an SLM client"):
         slm.start_task(_request("get_lora", target="companion"))
     done = _done(slm, slm.start_task(_request("get_lora", target="model")))
-    assert _result(done).lora_hash == slm.describe().lora_hash == done.info["lora_hash"]
+    assert _result(done).lora_hash == slm.describe().lora_hash
     assert _result(done).adapter == done.blobs["adapter"]
 
 

@@ -120,7 +120,7 @@ def load_model(party, task: party_pb2.LoadModelTask, ctx: party_pb2.RunContext):
 
 def _loaded(party, sha: str, metrics: dict | None = None) -> OpResult:
     lora_hash, layout = party.lora_hash(), party.lora_layout_hash(party.model)
-    return OpResult(info={"model": sha, "lora_hash": lora_hash, "lora_layout_hash": layout}, metrics=metrics or {},
+    return OpResult(metrics=metrics or {},
                     result=party_pb2.LoadModelResult(model=sha, lora_hash=lora_hash, lora_layout_hash=layout))
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from cotune.errors import InvalidInput, Precondition
 from cotune.party.base import Target
-from cotune.party.media import MEDIA_MODEL_ARCHIVE
+from cotune.wire.media import MEDIA_MODEL_ARCHIVE
 from cotune.rpc.operations import OpResult
 from cotune.v1 import party_pb2
 
@@ -94,10 +94,7 @@ def compress(party, task: party_pb2.CompressTask, ctx: party_pb2.RunContext):
         party.set_state(STATE, CompressedModel(small, trainer, layer_map, adapter_layers, original_layers, blob.sha256))
         op.progress(2, 2, "pack")
         order = [int(layer_map[j]) for j in sorted(layer_map)]
-        return OpResult(blobs={"model": blob},
-                        info={"layer_map": json.dumps({str(k): v for k, v in sorted(layer_map.items())}),
-                              "lora_hash": party.lora_hash(small)},
-                        metrics={"compressed_layers": len(layer_map), "adapter_layers": adapter_layers,
+        return OpResult(metrics={"compressed_layers": len(layer_map), "adapter_layers": adapter_layers,
                                  "original_layers": original_layers, "model_archive_bytes": blob.size,
                                  "compressed_params": sum(p.numel() for p in small.parameters())},
                         result=party_pb2.CompressResult(model=blob.ref(), layer_map=order,
@@ -147,6 +144,5 @@ def align_emulator(party, task: party_pb2.AlignEmulatorTask, ctx: party_pb2.RunC
                           should_stop=op.cancelled)
         lora_hash, full_hash = party.lora_hash(small), party.lora_hash()
         return OpResult(metrics={k: float(v) for k, v in m.items()},
-                        info={"lora_hash": lora_hash, "full_lora_hash": full_hash},
                         result=party_pb2.AlignEmulatorResult(lora_hash=lora_hash, full_lora_hash=full_hash))
     return work

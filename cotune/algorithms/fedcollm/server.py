@@ -17,7 +17,7 @@ from pathlib import Path
 
 from cotune.errors import InvalidInput, Precondition
 from cotune.party.base import Target
-from cotune.party.media import MEDIA_ADAPTER
+from cotune.wire.media import MEDIA_ADAPTER
 from cotune.rpc.operations import OpResult
 from cotune.v1 import party_pb2
 
@@ -145,8 +145,7 @@ def co_distill(party, task: party_pb2.CoDistillTask, ctx: party_pb2.RunContext):
         blob = party.store.put_bytes(out, MEDIA_ADAPTER)
         llm_hash = party.lora_hash()
         metrics = {f"codistill_{k}": float(v) for k, v in m.items()}
-        return OpResult(metrics=metrics, blobs={"slm_adapter": blob},
-                        info={"lora_hash": blob.sha256, "received_lora_hash": received, "llm_lora_hash": llm_hash},
+        return OpResult(metrics=metrics,
                         result=party_pb2.CoDistillResult(
                             slm_adapter=blob.ref(), received_lora_hash=received, llm_lora_hash=llm_hash,
                             llm_kl_before=m[f"{own}_kl_before"], llm_kl_after=m[f"{own}_kl_after"]))

@@ -11,7 +11,7 @@ import math
 import numpy as np
 
 from cotune.errors import InvalidInput, Precondition
-from cotune.party.media import MEDIA_SHARD
+from cotune.wire.media import MEDIA_SHARD
 from cotune.rpc.operations import OpResult
 from cotune.v1 import party_pb2
 
@@ -43,7 +43,6 @@ def public_logits(party, task: party_pb2.PublicLogitsTask, ctx: party_pb2.RunCon
         loss_bpb = float(np.mean([s.loss_bpb for s in samples]))
         return OpResult(metrics={"public_loss_bpb": loss_bpb, "shard_bytes": len(data), "shard_positions": positions,
                                  "bytes_per_position": len(data) / max(positions, 1)},
-                        blobs={"shard": blob},
                         result=party_pb2.PublicLogitsResult(shard=blob.ref(), public_loss_bpb=loss_bpb))
     return work
 

@@ -104,14 +104,17 @@ class AlignmentService:
 
     # -- builds -----------------------------------------------------------------------------------------------
     def build_vocab_map(self, req):
-        from cotune.align.mined import build_vocab_map
+        from cotune.align.mined import UnmappableTokenizer, build_vocab_map
         from cotune.align.vocabmap import ALGORITHM_VERSION
 
         src, dst = self.tokenizer(req.src_hash), self.tokenizer(req.dst_hash)
         key = f"vocab-map/{ALGORITHM_VERSION}/{req.src_hash}/{req.dst_hash}"
 
         def build(ctx):
-            vmap = build_vocab_map(src, dst, progress=lambda done, total: ctx.progress(done, total, "mined"))
+            try:
+                vmap = build_vocab_map(src, dst, progress=lambda done, total: ctx.progress(done, total, "mined"))
+            except UnmappableTokenizer as exc:
+                raise InvalidInput(f"no vocabulary map from {req.src_hash[:12]}… to {req.dst_hash[:12]}…: {exc}") from exc
             vmap = dataclasses.replace(vmap, src_hash=req.src_hash, dst_hash=req.dst_hash)
             return self.store.put_bytes(vmap.to_bytes(), MEDIA_MAP)
         return self._cached_op("vocab_map", key, "map", build)

@@ -33,8 +33,8 @@ from cotune.align.mined import agreement_sample, build_vocab_map
 from cotune.align.normalize import control_mask, normalized_forms, tokenizer_family
 from cotune.align.projection import project_topk
 from cotune.align.seqalign import align_pair
-from cotune.data import shared_data_dir
 from cotune.align.tokenizers import encode_pair, encode_pairs, load_tokenizer
+from cotune.data import shared_data_dir
 
 PAIRS = [("llama2", "gpt2"), ("gemma3-real", "smollm2"), ("qwen3", "mistral"), ("gemma3", "llama3")]
 LABELS = {

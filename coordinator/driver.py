@@ -22,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 from google.protobuf.message import Message
 
+from coordinator.store import StateStore
 from cotune.algorithms.base import PartyRef, StepOutcome, TaskOutcome
 from cotune.algorithms.config import RunConfig
 from cotune.errors import Precondition, RpcError
@@ -30,7 +31,6 @@ from cotune.tasks import RESULT_TYPES, request_blobs, result_blobs
 from cotune.v1 import coordinator_pb2 as pb
 from cotune.v1 import operations_pb2, party_pb2
 from cotune.wire.blobs import BlobStore
-from coordinator.store import StateStore
 
 log = logging.getLogger(__name__)
 

@@ -10,19 +10,19 @@ from pathlib import Path
 
 import grpc
 
-from cotune.config import CoordinatorConfig
-from cotune.rpc.channel import TlsFiles
-from cotune.rpc.clients import AlignmentClient, PartyClient
-from cotune.errors import InvalidInput, NotFound, Precondition, rpc_method, status_for
-from cotune.rpc.server import ServiceHost, tls_files
-from cotune.v1 import coordinator_pb2 as pb
-from cotune.v1 import coordinator_pb2_grpc
-from cotune.wire.blobs import BlobStore
+from coordinator.driver import RunCancelled, RunDriver
 from coordinator.store import StateStore
 from cotune.algorithms.base import PartyRef
 from cotune.algorithms.config import SpecError, parse_spec
 from cotune.algorithms.registry import get_strategy
-from coordinator.driver import RunCancelled, RunDriver
+from cotune.config import CoordinatorConfig
+from cotune.errors import InvalidInput, NotFound, Precondition, rpc_method, status_for
+from cotune.rpc.channel import TlsFiles
+from cotune.rpc.clients import AlignmentClient, PartyClient
+from cotune.rpc.server import ServiceHost, tls_files
+from cotune.v1 import coordinator_pb2 as pb
+from cotune.v1 import coordinator_pb2_grpc
+from cotune.wire.blobs import BlobStore
 
 log = logging.getLogger(__name__)
 TERMINAL = (pb.RUN_SUCCEEDED, pb.RUN_FAILED, pb.RUN_CANCELLED)

@@ -337,8 +337,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - one clear line instead of a traceback for user errors
         import grpc
 
-        from cotune.config import ConfigError
         from cotune.align.tokenizers import TokenizerLoadError
+        from cotune.config import ConfigError
 
         if isinstance(exc, grpc.RpcError) and hasattr(exc, "code"):
             print(f"cotune: {exc.code().name}: {exc.details()}", file=sys.stderr)

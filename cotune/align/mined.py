@@ -52,6 +52,10 @@ ROLE_FALLBACK = {
 ROLE_PRIORITY = ("eos", "bos", "pad", "unk")
 
 
+class UnmappableTokenizer(ValueError):
+    """A tokenizer pair no map can be built for (the caller's input, not a bug)."""
+
+
 def _s(form: bytes) -> str:
     return form.decode("latin-1")  # one char per byte: rapidfuzz then counts edits over bytes
 
@@ -585,7 +589,7 @@ def map_forms(
 
     if text_src:
         if not targets:
-            raise ValueError("the target tokenizer has no text tokens to map onto")
+            raise UnmappableTokenizer("the target tokenizer has no text tokens to map onto")
         uniq: dict[bytes, int] = {}
         for i in text_src:
             uniq.setdefault(src_forms[i], len(uniq))

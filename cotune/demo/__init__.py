@@ -112,8 +112,8 @@ def model_cache_dir(workdir: Path) -> Path:
 
 def _tiny(spec: tuple, workdir: Path, prefix: str) -> str:
     """A random-init tiny model directory, built once: spec = (party, tokenizer file, arch, hidden, layers, seed)."""
-    from cotune.demo.tiny import make_tiny_model
     from cotune.align.tokenizers import load_tokenizer
+    from cotune.demo.tiny import make_tiny_model
 
     _name, tok_file, arch, hidden, layers, seed = spec
     out = workdir / "models" / f"{prefix}-{arch}-h{hidden}-l{layers}"

@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cotune.data import Example, dataset_hash
 from cotune.algorithms.fedbiot.plan import uniform_layer_indices
+from cotune.data import Example, dataset_hash
 from cotune.lm.layers import _num_layers_attr, _text_config, select_layers
 
 log = logging.getLogger(__name__)

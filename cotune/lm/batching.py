@@ -12,8 +12,8 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import torch
 
-from cotune.lm.losses import IGNORE_INDEX
 from cotune.align.tokenizers import EncodedPair
+from cotune.lm.losses import IGNORE_INDEX
 
 
 def collate(pairs: Sequence[EncodedPair], pad_id: int) -> dict[str, torch.Tensor]:

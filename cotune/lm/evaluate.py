@@ -9,9 +9,9 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from cotune.align.tokenizers import EncodedPair, encode_pair
 from cotune.data.example import Example
 from cotune.lm.batching import model_device, next_token_scores, sorted_batches
-from cotune.align.tokenizers import EncodedPair, encode_pair
 
 LN2 = math.log(2.0)
 

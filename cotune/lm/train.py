@@ -38,8 +38,8 @@ from cotune.lm.batching import (
     to_device,
     vocab_size,
 )
-from cotune.lm.losses import sparse_kd_loss
 from cotune.align.tokenizers import EncodedPair, encode_pair
+from cotune.lm.losses import sparse_kd_loss
 
 STATE_FORMAT = "cotune.trainer/2"
 _STATE_FORMAT_V1 = "cotune.trainer/1"  # one optimizer (the default group); still loadable

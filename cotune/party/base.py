@@ -29,11 +29,11 @@ from google.protobuf.message import Message
 
 from cotune.config import PartyConfig
 from cotune.data import canonical_jsonl_bytes, dataset_hash, read_jsonl
-from cotune.errors import InvalidInput, Precondition, RpcError, Unavailable
-from cotune.wire.media import MEDIA_DATASET, MEDIA_TOKENIZER
+from cotune.errors import InvalidInput, Precondition, Unavailable
 from cotune.rpc.operations import OperationContext, OperationManager, OpResult
 from cotune.v1 import party_pb2
 from cotune.wire.blobs import Blob, BlobStore
+from cotune.wire.media import MEDIA_DATASET, MEDIA_TOKENIZER
 
 log = logging.getLogger(__name__)
 

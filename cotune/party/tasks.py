@@ -10,9 +10,9 @@ import hashlib
 
 from cotune.errors import InvalidInput, Precondition
 from cotune.party.base import ModelParty
-from cotune.wire.media import MEDIA_ADAPTER
 from cotune.rpc.operations import OpResult
 from cotune.v1 import party_pb2
+from cotune.wire.media import MEDIA_ADAPTER
 
 
 def train_local(party: ModelParty, task: party_pb2.TrainLocalTask, ctx: party_pb2.RunContext):

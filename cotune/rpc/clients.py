@@ -7,8 +7,8 @@ from collections.abc import Callable
 
 import grpc
 
-from cotune.rpc.channel import TlsFiles, call, make_channel
 from cotune.errors import RpcError
+from cotune.rpc.channel import TlsFiles, call, make_channel
 from cotune.v1 import (
     alignment_pb2,
     alignment_pb2_grpc,

@@ -9,6 +9,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 
+from cotune.algorithms.aggregate import parse_adapter
 from cotune.cluster import LocalCluster
 from cotune.demo import PRESETS, cluster_config, prepare_data, prepare_models, wait_for_clients
 from cotune.lm.lora import lora_from_bytes
@@ -17,7 +18,6 @@ from cotune.v1 import common_pb2_grpc
 from cotune.v1 import coordinator_pb2 as pb
 from cotune.watch import watch_run
 from cotune.wire.blobs import BlobStore, pull_blob
-from cotune.algorithms.aggregate import parse_adapter
 
 TEST_PRESET = replace(PRESETS["tiny"], per_part=16, eval_size=24, max_length=96)
 

@@ -10,9 +10,9 @@ import grpc
 import pytest
 import yaml
 
+from cotune.align.tokenizers import load_tokenizer, tokenizer_bundle_bytes
 from cotune.cluster import wait_healthy
 from cotune.data import canonical_jsonl_bytes, load_task
-from cotune.align.tokenizers import load_tokenizer, tokenizer_bundle_bytes
 from cotune.rpc.clients import AlignmentClient
 from cotune.wire.blobs import BlobStore
 

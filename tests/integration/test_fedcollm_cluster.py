@@ -12,11 +12,11 @@ from __future__ import annotations
 import grpc
 import pytest
 
+from cotune.algorithms.aggregate import aggregate_uploads, parse_adapter
 from cotune.lm.lora import lora_from_bytes, lora_to_bytes
 from cotune.v1 import coordinator_pb2 as pb
 from cotune.v1 import party_pb2
 from cotune.wire.blobs import BlobStore
-from cotune.algorithms.aggregate import aggregate_uploads, parse_adapter
 from tests.integration.cluster_fixtures import (
     TEST_PRESET,
     check_aggregate,

@@ -36,9 +36,9 @@ def test_kl_direction_is_updated_model_first():
 
 @pytest.fixture(scope="module")
 def pair(shared_data):
-    from cotune.lm.lora import attach_lora
-    from cotune.demo.tiny import make_tiny_model
     from cotune.align.tokenizers import load_tokenizer
+    from cotune.demo.tiny import make_tiny_model
+    from cotune.lm.lora import attach_lora
     from cotune.lm.train import TrainConfig, Trainer
 
     tok = load_tokenizer(shared_data / "tokenizers" / "gpt2" / "gpt2.vocab")

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from cotune.align.projection import project_topk
 from cotune.algorithms.fedcollm.losses_cross import co_distill_cross, project_topk_torch, sparse_kl
+from cotune.align.projection import project_topk
 from cotune.lm.losses import kl_full
 from tests.unit.alignment_fixtures import tokenizer
 

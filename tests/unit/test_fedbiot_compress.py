@@ -18,8 +18,8 @@ from cotune.algorithms.fedbiot.compress import (
     save_compressed,
 )
 from cotune.algorithms.fedbiot.plan import emulator_layer_indices, plan
-from cotune.lm.layers import decoder_layers_prefix
 from cotune.demo.tiny import make_tiny_model
+from cotune.lm.layers import decoder_layers_prefix
 from tests.unit.lm_fixtures import needs_tokenizer
 
 ARCHS = ("llama", "gpt2", "gemma3")

@@ -14,8 +14,8 @@ from cotune.algorithms.fedbiot.losses import (
     proximal_term,
     set_lora_trainable,
 )
-from cotune.lm.lora import _lora_params, attach_lora
 from cotune.demo.tiny import make_tiny_model
+from cotune.lm.lora import _lora_params, attach_lora
 from tests.unit.lm_fixtures import needs_tokenizer
 
 pytestmark = needs_tokenizer

@@ -22,8 +22,8 @@ _examples = toy_examples
 def setup(tmp_path_factory):
     from transformers import AutoModelForCausalLM
 
-    from cotune.data.tasks import write_jsonl
     from cotune.align.tokenizers import load_tokenizer
+    from cotune.data.tasks import write_jsonl
 
     root = tmp_path_factory.mktemp("fedbiot-party")
     tok = load_tokenizer(TOKENIZER)
@@ -132,14 +132,12 @@ def _wait(party, op):
 
 
 def test_server_compresses_clients_train_server_aligns(setup, tmp_path):
-    import json
-
     from cotune.algorithms.fedbiot.compress import INITIAL_LORA_FILE, LAYER_MAP_FILE, unpack_dir
-    from cotune.algorithms.fedbiot.server import compressed_of
-    from cotune.lm.layers import decoder_layers_prefix
     from cotune.algorithms.fedbiot.losses import lora_part_state
-    from cotune.lm.lora import lora_from_bytes, lora_state_dict
+    from cotune.algorithms.fedbiot.server import compressed_of
     from cotune.errors import InvalidInput, Precondition
+    from cotune.lm.layers import decoder_layers_prefix
+    from cotune.lm.lora import lora_from_bytes, lora_state_dict
     from cotune.v1 import party_pb2
 
     root, full_dir, _comp, _map = setup
@@ -210,8 +208,8 @@ def test_client_installs_the_shipped_model_and_can_go_back(setup):
     from cotune.algorithms.fedbiot.client import layers_of
     from cotune.algorithms.fedbiot.compress import INITIAL_LORA_FILE
     from cotune.algorithms.fedbiot.server import compressed_of
-    from cotune.lm.lora import lora_from_bytes, lora_state_dict, lora_to_bytes
     from cotune.errors import InvalidInput, Precondition
+    from cotune.lm.lora import lora_from_bytes, lora_state_dict, lora_to_bytes
     from cotune.v1 import party_pb2
 
     root, full_dir, _comp, _map = setup

@@ -37,8 +37,8 @@ def llm_party(tmp_path_factory):
 
 def _request(party, **fields):
     from cotune.algorithms.fedcollm.server import companion_of
-    from cotune.wire.media import MEDIA_ADAPTER
     from cotune.v1 import party_pb2
+    from cotune.wire.media import MEDIA_ADAPTER
 
     adapter = party.store.put_bytes(party.lora_bytes(companion_of(party).model), MEDIA_ADAPTER)
     return party_pb2.TaskRequest(ctx=party_pb2.RunContext(run_id="run", round=1),

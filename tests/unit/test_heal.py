@@ -8,12 +8,12 @@ import os
 import pytest
 import torch
 
+from cotune.algorithms.fedbiot.plan import emulator_layer_indices, uniform_layer_indices
 from cotune.data import load_task
 from cotune.demo import heal as heal_mod
-from cotune.algorithms.fedbiot.plan import emulator_layer_indices, uniform_layer_indices
-from cotune.lm.layers import decoder_layers_prefix
 from cotune.demo.heal import MARKER_FILE, layer_reduced_copy, reduce_layers
 from cotune.demo.tiny import make_tiny_model
+from cotune.lm.layers import decoder_layers_prefix
 from tests.unit.lm_fixtures import SHARED
 
 TOKENIZER = SHARED / "tokenizers" / "mistral-7b-hf" / "tokenizer.json"

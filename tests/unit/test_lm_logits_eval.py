@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 import torch
 
+from cotune.align.tokenizers import encode_pair
 from cotune.data.example import Example
+from cotune.demo.tiny import make_tiny_model
 from cotune.lm.batching import collate
 from cotune.lm.evaluate import evaluate_loss, evaluate_mc
 from cotune.lm.logits import public_topk
 from cotune.lm.lora import attach_lora
 from cotune.lm.model import load_causal_lm
-from cotune.demo.tiny import make_tiny_model
-from cotune.align.tokenizers import encode_pair
 from cotune.lm.train import TrainConfig, Trainer
 from tests.unit.lm_fixtures import TOKENIZER, needs_tokenizer
 

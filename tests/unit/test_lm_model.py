@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
+from cotune.align.vocab_basics import gpt2_byte_to_unicode
+from cotune.demo.tiny import make_tiny_model
 from cotune.lm import model as model_mod
 from cotune.lm.device import pick_device, pick_dtype
 from cotune.lm.model import ModelNotInstalledError, load_causal_lm, real_model_path
-from cotune.demo.tiny import make_tiny_model
-from cotune.align.vocab_basics import gpt2_byte_to_unicode
 from tests.unit.lm_fixtures import TOKENIZER, needs_tokenizer
 
 

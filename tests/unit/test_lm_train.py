@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
+from cotune.align.tokenizers import encode_pair
 from cotune.data.example import Example
+from cotune.demo.tiny import make_tiny_model
 from cotune.lm.evaluate import evaluate_loss
 from cotune.lm.lora import attach_lora, load_lora_state_dict, lora_state_dict
-from cotune.demo.tiny import make_tiny_model
-from cotune.align.tokenizers import encode_pair
 from cotune.lm.train import KDTarget, TrainConfig, Trainer
 from tests.unit.lm_fixtures import TOKENIZER, load_cached, needs_tokenizer
 

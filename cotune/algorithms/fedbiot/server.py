@@ -17,9 +17,9 @@ from pathlib import Path
 
 from cotune.errors import InvalidInput, Precondition
 from cotune.party.base import Target
-from cotune.wire.media import MEDIA_MODEL_ARCHIVE
 from cotune.rpc.operations import OpResult
 from cotune.v1 import party_pb2
+from cotune.wire.media import MEDIA_MODEL_ARCHIVE
 
 STATE = "fedbiot.server"
 LORA_CONFIG_FILE = "cotune_lora.json"  # in the archive: the LoRA config the initial adapter was made with

@@ -11,9 +11,9 @@ import math
 import numpy as np
 
 from cotune.errors import InvalidInput, Precondition
-from cotune.wire.media import MEDIA_SHARD
 from cotune.rpc.operations import OpResult
 from cotune.v1 import party_pb2
+from cotune.wire.media import MEDIA_SHARD
 
 MAX_TOP_K = 1024
 
@@ -49,9 +49,9 @@ def public_logits(party, task: party_pb2.PublicLogitsTask, ctx: party_pb2.RunCon
 
 def _teacher(party, t: party_pb2.TeacherShard, index: int, n_examples: int):
     """One TeacherShard read and checked against this party's public set, tokenizer and vocabulary."""
+    from cotune.algorithms.fedmkt.selection import TeacherView
     from cotune.align.seqalign import SequenceAlignment
     from cotune.align.vocabmap import VocabMap
-    from cotune.algorithms.fedmkt.selection import TeacherView
     from cotune.wire.logits_shard import decode_shard
 
     where = f"shard from {t.sender_id or '?'}"

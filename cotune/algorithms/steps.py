@@ -7,7 +7,9 @@ in the round record's artifacts for audit (and for tests that recompute the aggr
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from cotune.algorithms.aggregate import aggregate_uploads, parse_adapter
 from cotune.algorithms.base import Driver, PartyRef
@@ -15,6 +17,16 @@ from cotune.errors import Precondition
 from cotune.v1 import party_pb2
 from cotune.wire.media import MEDIA_ADAPTER
 from cotune.wire.safetensors_io import adapter_bytes
+
+
+@dataclass(frozen=True)
+class Aggregate:
+    """A round's FedAvg: the aggregate's sha in the artifact store, the accepted clients' weights, and why the
+    others were rejected."""
+
+    sha: str
+    accepted: dict[str, float]
+    rejected: dict[str, str]
 
 
 def quorum(d: Driver, parties: Sequence[PartyRef] | None = None) -> int:
@@ -97,18 +109,18 @@ def collect_and_aggregate(d: Driver, clients: Sequence[PartyRef], rnd: int, refe
         except ValueError as exc:
             raise Precondition(f"round {rnd} aggregation: {exc}") from exc
         sha = d.put_artifact(adapter_bytes(result.state), MEDIA_ADAPTER)
-        return {"aggregate": sha, "accepted": result.accepted, "rejected": result.rejected}
+        return dataclasses.asdict(Aggregate(sha, dict(result.accepted), dict(result.rejected)))
 
     d.set_step(rnd, "aggregate")
-    res = d.local_step(f"r{rnd}/aggregate", aggregate)
-    for pid, reason in res["rejected"].items():
+    res = Aggregate(**d.local_step(f"r{rnd}/aggregate", aggregate))  # stored as JSON: a restart replays it
+    for pid, reason in res.rejected.items():
         d.note(rnd, f"aggregate: {pid} dropped from round {rnd}: upload rejected: {reason}", dropped=pid)
-    for pid, weight in res["accepted"].items():
+    for pid, weight in res.accepted.items():
         d.record_metrics(rnd, pid, {"fedavg_weight": weight})
-    d.record_artifact(rnd, "aggregate", res["aggregate"])
+    d.record_artifact(rnd, "aggregate", res.sha)
     d.emit("metrics", round=rnd, step="aggregate",
-           message=f"aggregate {res['aggregate'][:12]} ({mode}) of {', '.join(sorted(res['accepted']))}")
-    return res["aggregate"], [c for c in clients if c.party_id in res["accepted"]]
+           message=f"aggregate {res.sha[:12]} ({mode}) of {', '.join(sorted(res.accepted))}")
+    return res.sha, [c for c in clients if c.party_id in res.accepted]
 
 
 def homogeneity_problems(client_infos: dict, *, what: str, reference: tuple[str, str, str] | None = None) -> list[str]:

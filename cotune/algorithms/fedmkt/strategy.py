@@ -9,10 +9,29 @@ llm2slm is the same strategy with the LLM frozen (setting llm_to_slm).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from cotune.algorithms import steps
 from cotune.algorithms.base import Driver, PartyRef, Strategy
 from cotune.algorithms.fedmkt.config import FedMKTConfig, LLMToSLMConfig
 from cotune.v1 import party_pb2
+
+
+@dataclass(frozen=True)
+class Link:
+    """What a receiver needs to read a sender on another tokenizer: artifact shas of the MinED vocabulary map and
+    the public-set sequence alignment, sender -> receiver."""
+
+    vocab_map: str
+    seq_alignment: str
+
+
+@dataclass(frozen=True)
+class Links:
+    """A client on another tokenizer than the LLM's: the link from the LLM, and to it when knowledge flows both ways."""
+
+    from_llm: Link
+    to_llm: Link | None
 
 
 class FedMKT(Strategy):
@@ -54,7 +73,8 @@ class FedMKT(Strategy):
                     d.record_metrics(rnd, pid, {"public_loss_bpb": res.result.public_loss_bpb})
                 active = [c for c in active if c.party_id in out.ok]
                 d.set_step(rnd, "llm_distill")
-                teachers = [self._teacher(d, c, out.ok[c.party_id].result.shard, links.get(c.party_id), "to_llm")
+                teachers = [self._teacher(c, out.ok[c.party_id].result.shard,
+                                          links[c.party_id].to_llm if c.party_id in links else None, d)
                             for c in active]
                 res = d.task(d.llm, rnd, "distill", distill=party_pb2.DistillTask(teachers=teachers, **distill))
                 d.record_metrics(rnd, d.llm.party_id, res.metrics)
@@ -67,7 +87,7 @@ class FedMKT(Strategy):
             d.set_step(rnd, "client_distill")
 
             def client_distill(c: PartyRef):
-                teacher = self._teacher(d, d.llm, llm_shard, links.get(c.party_id), "from_llm")
+                teacher = self._teacher(d.llm, llm_shard, links[c.party_id].from_llm if c.party_id in links else None, d)
                 return d.task(c, rnd, "distill", distill=party_pb2.DistillTask(teachers=[teacher], **distill))
 
             out = d.on_parties(active, rnd, "distill", client_distill, quorum=steps.quorum(d))
@@ -80,23 +100,22 @@ class FedMKT(Strategy):
             d.emit("metrics", round=rnd, message=f"round {rnd} complete")
 
     @staticmethod
-    def _teacher(d: Driver, sender: PartyRef, shard, link: dict | None, direction: str) -> party_pb2.TeacherShard:
+    def _teacher(sender: PartyRef, shard, link: Link | None, d: Driver) -> party_pb2.TeacherShard:
         teacher = party_pb2.TeacherShard(sender_id=sender.party_id, shard=shard)
-        if link:
-            teacher.vocab_map.CopyFrom(d.ref(link[direction]["vocab_map"]))
-            teacher.sequence_alignment.CopyFrom(d.ref(link[direction]["seq_alignment"]))
+        if link is not None:
+            teacher.vocab_map.CopyFrom(d.ref(link.vocab_map))
+            teacher.sequence_alignment.CopyFrom(d.ref(link.seq_alignment))
         return teacher
 
     @staticmethod
-    def _links(d: Driver, client: PartyRef, config: FedMKTConfig, *, mutual: bool) -> dict:
+    def _links(d: Driver, client: PartyRef, config: FedMKTConfig, *, mutual: bool) -> Links:
         """A client whose tokenizer differs from the LLM's: vocab maps and sequence alignments from the LLM, and to
         it when knowledge flows both ways."""
-        def pair(src: PartyRef, dst: PartyRef) -> dict:
-            return {"vocab_map": d.vocab_map(src, dst),
-                    "seq_alignment": d.sequence_alignment(src, dst, method=config.alignment_method,
-                                                          max_length=d.run.max_length)}
+        def link(src: PartyRef, dst: PartyRef) -> Link:
+            return Link(d.vocab_map(src, dst), d.sequence_alignment(src, dst, method=config.alignment_method,
+                                                                    max_length=d.run.max_length))
 
-        return {"from_llm": pair(d.llm, client), **({"to_llm": pair(client, d.llm)} if mutual else {})}
+        return Links(from_llm=link(d.llm, client), to_llm=link(client, d.llm) if mutual else None)
 
 
 class LLMToSLM(FedMKT):

@@ -19,6 +19,7 @@ from cotune.data import MalformedDataError, read_jsonl_bytes
 from cotune.errors import InvalidInput, NotFound, Precondition, rpc_method
 from cotune.rpc.operations import OperationManager, OpResult
 from cotune.rpc.server import ServiceHost, tls_files
+from cotune.tasks import MAX_LENGTH_RANGE
 from cotune.v1 import alignment_pb2, alignment_pb2_grpc
 from cotune.wire.blobs import Blob, BlobStore, check_sha
 
@@ -125,9 +126,11 @@ class AlignmentService:
         method = req.method or "offsets"
         if method not in ALIGNMENT_METHODS:
             raise InvalidInput(f"method must be one of {', '.join(ALIGNMENT_METHODS)}, got {method!r}")
-        max_length = req.max_length or 512
-        if not 8 <= max_length <= 32768:
-            raise InvalidInput(f"max_length must be in 8..32768, got {max_length}")
+        max_length = req.max_length
+        lo, hi = MAX_LENGTH_RANGE
+        if not lo <= max_length <= hi:
+            raise InvalidInput(f"max_length (tokens per public sample, the run's max_length) must be in {lo}..{hi}, "
+                               f"got {max_length}")
         src, dst = self.tokenizer(req.src_hash), self.tokenizer(req.dst_hash)
         sha = check_sha(req.public_set_hash)
         if not self.store.has(sha):

@@ -14,6 +14,10 @@ from google.protobuf.message import Message
 
 from cotune.v1 import common_pb2, party_pb2
 
+# Limits every party, the alignment service and the run configs apply to task fields (one definition).
+MAX_LENGTH_RANGE = (8, 32768)  # tokens per public sample
+MAX_TOP_K = 1024               # logits kept per position
+
 RESULT_TYPES: dict[str, type[Message]] = {
     "train_local": party_pb2.TrainLocalResult,
     "train_adapter": party_pb2.TrainLocalResult,

@@ -17,10 +17,10 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from cotune.errors import InvalidInput
+from cotune.tasks import MAX_LENGTH_RANGE
 from cotune.v1 import coordinator_pb2 as pb
 
 MAX_ROUNDS = 10_000
-MAX_LENGTH_RANGE = (8, 32768)  # the alignment service and the parties accept exactly this range
 
 
 class SpecError(InvalidInput):

@@ -133,7 +133,6 @@ class TrainConfig:
     warmup_steps: int = 0
     grad_clip: float = 1.0
     seed: int = 0
-    lam: float = 0.9  # weight of CE in distillation: lam*CE + (1-lam)*KD
     temperature: float = 1.0
 
 
@@ -491,7 +490,7 @@ class Trainer:
         kd = kd_s / kd_n if kd_n else float("nan")
         return ce, kd, ce_n, kd_n
 
-    def _train_loop(self, pairs, targets, epochs, progress, should_stop) -> dict:
+    def _train_loop(self, pairs, targets, epochs, progress, should_stop, ce_weight: float = 1.0) -> dict:
         """train_ce / distill on the default group: one fit call per epoch (epoch-seeded shuffle), the torch RNG
         seeded once per call."""
         cfg = self.config
@@ -508,10 +507,10 @@ class Trainer:
             if targets is None:  # plain CE: mean over the batch's response tokens
                 n = ce_cnt.sum()
                 loss = ce_sum.sum() / n if float(n) > 0 else None
-            else:  # per sample: lam*CE + (1-lam)*KD where it has a target, else lam*CE
+            else:  # per sample: λ·CE + (1−λ)·KD where it has a target, else λ·CE (λ = ce_weight)
                 ce_i = ce_sum / ce_cnt.clamp(min=1)
                 kd_i = kd_sum / kd_cnt.clamp(min=1)
-                per = cfg.lam * ce_i + (1.0 - cfg.lam) * kd_i * (kd_cnt > 0)
+                per = ce_weight * ce_i + (1.0 - ce_weight) * kd_i * (kd_cnt > 0)
                 live = (ce_cnt > 0) | (kd_cnt > 0)
                 loss = per[live].mean() if bool(live.any()) else None
             return loss, {"tokens": int(ce_cnt.sum())}
@@ -569,17 +568,20 @@ class Trainer:
         examples: Sequence[Example],
         targets: Sequence[KDTarget | None],
         *,
+        ce_weight: float,
         epochs: int | None = None,
         progress: Progress | None = None,
         should_stop: ShouldStop | None = None,
     ) -> dict:
-        """λ·CE + (1−λ)·KD per sample (λ·CE alone where the target is None), KD = sparse_kd_loss at the target
+        """λ·CE + (1−λ)·KD per sample, λ = ce_weight in [0, 1] (λ·CE alone where the target is None), KD = sparse_kd_loss at the target
         positions. kd_before/kd_after: mean KD per targeted position, and ce_before/ce_after: mean CE per response
         token, both measured without grad in eval mode (NaN when there is nothing to measure)."""
         pairs = self.encode(examples)
         prepared = self._prepare_targets(pairs, targets)
         ce_b, kd_b, _, kd_n = self._eval_pass(pairs, prepared)
-        result = self._train_loop(pairs, prepared, epochs, progress, should_stop)
+        if not 0.0 <= ce_weight <= 1.0:
+            raise ValueError(f"ce_weight must be in [0, 1], got {ce_weight}")
+        result = self._train_loop(pairs, prepared, epochs, progress, should_stop, ce_weight)
         ce_a, kd_a, _, _ = self._eval_pass(pairs, prepared)
         result.update(
             kd_before=kd_b,

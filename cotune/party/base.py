@@ -31,13 +31,13 @@ from cotune.config import PartyConfig
 from cotune.data import canonical_jsonl_bytes, dataset_hash, read_jsonl
 from cotune.errors import InvalidInput, Precondition, Unavailable
 from cotune.rpc.operations import OperationContext, OperationManager, OpResult
+from cotune.tasks import MAX_LENGTH_RANGE
 from cotune.v1 import party_pb2
 from cotune.wire.blobs import Blob, BlobStore
 from cotune.wire.media import MEDIA_DATASET, MEDIA_TOKENIZER
 
 log = logging.getLogger(__name__)
 
-MAX_LENGTH_RANGE = (8, 32768)  # tokens per public sample a task may ask for
 
 Work = Callable[[OperationContext], OpResult]
 Handler = Callable[["ModelParty", Message, party_pb2.RunContext], Work]

@@ -109,7 +109,7 @@ class AlignmentClient(_ServiceClient):
         return call(self.stub.BuildVocabMap, alignment_pb2.VocabMapRequest(src_hash=src_hash, dst_hash=dst_hash))
 
     def build_sequence_alignment(self, src_hash: str, dst_hash: str, public_set_hash: str, *, method: str = "offsets",
-                                 max_length: int = 0) -> operations_pb2.Operation:
+                                 max_length: int) -> operations_pb2.Operation:
         req = alignment_pb2.SequenceAlignmentRequest(src_hash=src_hash, dst_hash=dst_hash, public_set_hash=public_set_hash,
                                                      method=method, max_length=max_length)
         return call(self.stub.BuildSequenceAlignment, req)

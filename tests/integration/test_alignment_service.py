@@ -79,7 +79,7 @@ def test_sequence_alignment_needs_the_public_set_uploaded(service):
     s, d = _register(client, store, src), _register(client, store, dst)
     public = store.put_bytes(canonical_jsonl_bytes(load_task("arc_easy", "validation", data_dir=shared, limit=20)))
     with pytest.raises(grpc.RpcError) as err:
-        client.build_sequence_alignment(s.tokenizer_hash, d.tokenizer_hash, public.sha256)
+        client.build_sequence_alignment(s.tokenizer_hash, d.tokenizer_hash, public.sha256, max_length=128)
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "PutBlob" in err.value.details()
     client.push(store, public.sha256)
     op = client.wait(client.build_sequence_alignment(s.tokenizer_hash, d.tokenizer_hash, public.sha256, max_length=128),

@@ -47,9 +47,9 @@ def test_plan_appends_the_adapter_and_rejects_impossible_sizes():
     lm = plan(32, adapter_layers=2, drop=0.5)
     assert [lm[j] for j in sorted(lm)] == emulator_layer_indices(30, 0.5) + [30, 31]
     with pytest.raises(ValueError, match="smaller than"):
-        plan(4, adapter_layers=4)
+        plan(4, adapter_layers=4, drop=0.2)
     with pytest.raises(ValueError, match="adapter_layers"):
-        plan(4, adapter_layers=0)
+        plan(4, adapter_layers=0, drop=0.2)
 
 
 @pytest.fixture(scope="module")
@@ -168,17 +168,17 @@ def test_plugged_adapter_lands_in_the_mapped_original_layers(tiny_dirs, arch):
     wrong = dict(layer_map)
     wrong[k - 1] = 0
     with pytest.raises(ValueError, match="last 2"):
-        plug_adapter_into_full(attach_lora(_load(tiny_dirs[arch]), r=4, dropout=0.0), small, wrong)
+        plug_adapter_into_full(attach_lora(_load(tiny_dirs[arch]), r=4, dropout=0.0), small, wrong, adapter_layers=2)
 
 
 @needs_tokenizer
 def test_compressing_a_lora_wrapped_model_uses_its_base_weights(tiny_dirs):
     from cotune.lm.lora import attach_lora
 
-    plain, map_a = compress(_load(tiny_dirs["gpt2"]), drop=0.5)
+    plain, map_a = compress(_load(tiny_dirs["gpt2"]), drop=0.5, adapter_layers=2)
     wrapped = attach_lora(_load(tiny_dirs["gpt2"]), r=4, dropout=0.0)
     _randomize_lora(wrapped, seed=1)
-    small, map_b = compress(wrapped, drop=0.5)
+    small, map_b = compress(wrapped, drop=0.5, adapter_layers=2)
     assert map_a == map_b
     sd_a, sd_b = plain.state_dict(), small.state_dict()
     assert sd_a.keys() == sd_b.keys() and not any("lora" in k for k in sd_b)
@@ -206,5 +206,5 @@ def test_saving_a_lora_wrapped_compressed_model_is_refused(tiny_dirs, tok, tmp_p
 
     small, layer_map = compress(_load(tiny_dirs[ARCHS[0]]), adapter_layers=2, drop=0.5)
     with pytest.raises(ValueError, match="without LoRA"):
-        save_compressed(attach_lora(small, r=4, dropout=0.0), layer_map, tmp_path / "c", tokenizer=tok)
+        save_compressed(attach_lora(small, r=4, dropout=0.0), layer_map, tmp_path / "c", tokenizer=tok, adapter_layers=2)
     assert not (tmp_path / "c" / "model.safetensors").exists()

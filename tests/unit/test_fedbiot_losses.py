@@ -40,8 +40,8 @@ def _compressed(tiny_dirs, arch="llama", drop=0.5):
 
 def test_proximal_term_is_zero_with_zero_grad_at_the_anchor_and_pulls_back_when_moved(tiny_dirs):
     model, layer_map = _compressed(tiny_dirs)
-    set_lora_trainable(model, layer_map, "adapter")
-    anchor = lora_part_state(model, layer_map, "adapter")
+    set_lora_trainable(model, layer_map, "adapter", adapter_layers=2)
+    anchor = lora_part_state(model, layer_map, "adapter", adapter_layers=2)
     assert anchor
     params = _lora_params(model)
 
@@ -64,7 +64,7 @@ def test_proximal_term_is_zero_with_zero_grad_at_the_anchor_and_pulls_back_when_
         torch.testing.assert_close(params[k].grad, expected)
         assert float(params[k].grad.abs().max()) > 0
     # the emulator's LoRA is not in the term and not trainable
-    emulator = lora_part_state(model, layer_map, "emulator")
+    emulator = lora_part_state(model, layer_map, "emulator", adapter_layers=2)
     assert emulator and not set(emulator) & set(anchor)
     assert all(not params[k].requires_grad and params[k].grad is None for k in emulator)
 
@@ -74,8 +74,8 @@ def test_proximal_term_is_zero_with_zero_grad_at_the_anchor_and_pulls_back_when_
 
 def test_client_loss_adds_the_proximal_term_and_its_gradient(tiny_dirs, tok):
     model, layer_map = _compressed(tiny_dirs)
-    set_lora_trainable(model, layer_map, "adapter")
-    anchor = lora_part_state(model, layer_map, "adapter")
+    set_lora_trainable(model, layer_map, "adapter", adapter_layers=2)
+    anchor = lora_part_state(model, layer_map, "adapter", adapter_layers=2)
     params = _lora_params(model)
     with torch.no_grad():
         for k in anchor:
@@ -105,10 +105,10 @@ def test_normalized_l2_is_scale_free_and_masked():
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma3"])
 def test_emulator_alignment_training_lowers_the_loss(tiny_dirs, tok, arch):
     small, layer_map = _compressed(tiny_dirs, arch=arch, drop=0.5)
-    trainable = set_lora_trainable(small, layer_map, "emulator")
+    trainable = set_lora_trainable(small, layer_map, "emulator", adapter_layers=2)
     assert trainable
     full = attach_lora(_load(tiny_dirs[arch]), r=4, dropout=0.0, seed=0)
-    plug_adapter_into_full(full, small, layer_map)
+    plug_adapter_into_full(full, small, layer_map, adapter_layers=2)
     for p in full.parameters():
         p.requires_grad_(False)
 
@@ -116,24 +116,24 @@ def test_emulator_alignment_training_lowers_the_loss(tiny_dirs, tok, arch):
     ids = torch.randint(0, len(tok), (4, 16), generator=g)
     mask = torch.ones_like(ids)
     mask[1, 12:] = 0
-    adapter_before = lora_part_state(small, layer_map, "adapter")
+    adapter_before = lora_part_state(small, layer_map, "adapter", adapter_layers=2)
 
     params = [p for p in small.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=1e-2)
     with torch.no_grad():
-        first, parts0 = emulator_alignment_loss(small, full, ids, mask, layer_map, beta=0.5)
+        first, parts0 = emulator_alignment_loss(small, full, ids, mask, layer_map, beta=0.5, adapter_layers=2)
     assert parts0["l2"] > 0 and parts0["kl"] > 0
     for _ in range(15):
         opt.zero_grad()
-        loss, _ = emulator_alignment_loss(small, full, ids, mask, layer_map, beta=0.5)
+        loss, _ = emulator_alignment_loss(small, full, ids, mask, layer_map, beta=0.5, adapter_layers=2)
         loss.backward()
         opt.step()
     with torch.no_grad():
-        last, parts = emulator_alignment_loss(small, full, ids, mask, layer_map, beta=0.5)
+        last, parts = emulator_alignment_loss(small, full, ids, mask, layer_map, beta=0.5, adapter_layers=2)
     assert float(last) < 0.9 * float(first), (float(first), float(last))
     assert parts["l2"] < parts0["l2"]
     # only the emulator moved
-    for k, v in lora_part_state(small, layer_map, "adapter").items():
+    for k, v in lora_part_state(small, layer_map, "adapter", adapter_layers=2).items():
         torch.testing.assert_close(v, adapter_before[k])
 
 
@@ -143,10 +143,10 @@ def test_alignment_loss_is_zero_when_nothing_was_dropped(tiny_dirs, tok, arch):
     small, layer_map = _compressed(tiny_dirs, arch=arch, drop=0.0)
     assert [layer_map[j] for j in sorted(layer_map)] == list(range(8))
     full = attach_lora(_load(tiny_dirs[arch]), r=4, dropout=0.0, seed=0)
-    plug_adapter_into_full(full, small, layer_map)
+    plug_adapter_into_full(full, small, layer_map, adapter_layers=2)
     ids = torch.randint(0, len(tok), (2, 9), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
-        _loss, parts = emulator_alignment_loss(small, full, ids, None, layer_map, beta=1.0)
+        _loss, parts = emulator_alignment_loss(small, full, ids, None, layer_map, beta=1.0, adapter_layers=2)
     assert parts["l2"] < 1e-10 and abs(parts["kl"]) < 1e-6, parts
 
 
@@ -168,21 +168,21 @@ def test_train_adapter_moves_only_the_adapter_and_lowers_ce(tiny_dirs, tok):
 
     model, layer_map = _compressed(tiny_dirs)
     trainer = _trainer(model, tok)
-    anchor = lora_part_state(model, layer_map, "adapter")
-    emulator_before = lora_part_state(model, layer_map, "emulator")
+    anchor = lora_part_state(model, layer_map, "adapter", adapter_layers=2)
+    emulator_before = lora_part_state(model, layer_map, "emulator", adapter_layers=2)
     seen = []
     m = train_adapter(trainer, _examples(), layer_map, anchor, eps=0.1, epochs=6, lr=5e-3, batch_size=4,
-                      max_length=32, progress=lambda d, t: seen.append((d, t)))
+                      max_length=32, progress=lambda d, t: seen.append((d, t)), adapter_layers=2)
     assert seen[-1] == (12, 12)
     assert all(p.requires_grad for p in _lora_params(model).values())  # trainability restored for other tasks
     assert m["steps"] == 12 and m["ce_last"] < m["ce_first"] and m["prox_last"] > 0
     assert m["skipped_steps"] == 0
-    after = lora_part_state(model, layer_map, "adapter")
+    after = lora_part_state(model, layer_map, "adapter", adapter_layers=2)
     assert any(not torch.equal(after[k], anchor[k]) for k in anchor)
-    for k, v in lora_part_state(model, layer_map, "emulator").items():
+    for k, v in lora_part_state(model, layer_map, "emulator", adapter_layers=2).items():
         torch.testing.assert_close(v, emulator_before[k])
     with pytest.raises(ValueError, match="adapter"):
-        train_adapter(trainer, _examples(), layer_map, {}, eps=0.1)
+        train_adapter(trainer, _examples(), layer_map, {}, eps=0.1, adapter_layers=2)
     assert all(p.requires_grad for p in _lora_params(model).values())
 
 
@@ -192,16 +192,16 @@ def test_train_adapter_keeps_its_optimizer_across_rounds(tiny_dirs, tok):
     model, layer_map = _compressed(tiny_dirs)
     trainer = _trainer(model, tok)
     for rnd in (1, 2):
-        anchor = lora_part_state(model, layer_map, "adapter")
+        anchor = lora_part_state(model, layer_map, "adapter", adapter_layers=2)
         m = train_adapter(trainer, _examples(), layer_map, anchor, eps=0.1, epochs=1, lr=5e-3, batch_size=4,
-                          max_length=32)
+                          max_length=32, adapter_layers=2)
         assert m["steps"] == 2
         group = trainer.group("adapter")
         assert group.steps == 2 * rnd
         assert {int(s["step"]) for s in group.optimizer.state.values()} == {2 * rnd}  # AdamW state persisted
         assert set(group.optimizer.state) == {p for p in group.params}
         assert group.optimizer.param_groups[0]["lr"] == pytest.approx(5e-3)
-    adapter = set(lora_part_state(model, layer_map, "adapter"))
+    adapter = set(lora_part_state(model, layer_map, "adapter", adapter_layers=2))
     params = _lora_params(model)
     assert {id(p) for p in trainer.group("adapter").params} == {id(params[k]) for k in adapter}
     assert trainer.global_step == 0 and not trainer.optimizer.state  # the default group is untouched
@@ -213,20 +213,20 @@ def test_align_emulator_lowers_the_alignment_loss(tiny_dirs, tok):
     small, layer_map = _compressed(tiny_dirs, drop=0.5)
     trainer = _trainer(small, tok)
     full = attach_lora(_load(tiny_dirs["llama"]), r=4, dropout=0.0, seed=0)
-    plug_adapter_into_full(full, small, layer_map)
-    adapter_before = lora_part_state(small, layer_map, "adapter")
+    plug_adapter_into_full(full, small, layer_map, adapter_layers=2)
+    adapter_before = lora_part_state(small, layer_map, "adapter", adapter_layers=2)
     m = align_emulator(trainer, full, _examples(), layer_map, steps=10, beta=0.5, lr=1e-2, batch_size=4,
-                       max_length=32)
+                       max_length=32, adapter_layers=2)
     assert m["align_steps"] == 10 and not m["stopped"] and m["skipped_steps"] == 0
     assert m["align_loss_last"] < m["align_loss_first"]
-    for k, v in lora_part_state(small, layer_map, "adapter").items():
+    for k, v in lora_part_state(small, layer_map, "adapter", adapter_layers=2).items():
         torch.testing.assert_close(v, adapter_before[k])
     assert all(p.requires_grad for p in _lora_params(small).values())
     group = trainer.group("emulator")
     assert group.steps == 10 and {int(s["step"]) for s in group.optimizer.state.values()} == {10}
-    m2 = align_emulator(trainer, full, _examples(), layer_map, steps=10, should_stop=lambda: True)
+    m2 = align_emulator(trainer, full, _examples(), layer_map, steps=10, should_stop=lambda: True, adapter_layers=2, beta=1.0)
     assert m2["align_steps"] == 0 and m2["stopped"]
     assert trainer.group("emulator").steps == 10  # state kept; the next round continues from it
     m3 = align_emulator(trainer, full, _examples(), layer_map, steps=3, beta=0.5, lr=1e-2, batch_size=4,
-                        max_length=32)
+                        max_length=32, adapter_layers=2)
     assert m3["align_steps"] == 3 and {int(s["step"]) for s in group.optimizer.state.values()} == {13}

@@ -84,8 +84,8 @@ def test_train_adapter_trains_only_the_adapter(setup):
     party = _party(root, comp_dir, "client-a")
     try:
         assert layers_of(party).layer_map == layer_map and layers_of(party).adapter_layers == 2
-        adapter0 = lora_part_state(party.model, layer_map, "adapter")
-        emulator0 = lora_part_state(party.model, layer_map, "emulator")
+        adapter0 = lora_part_state(party.model, layer_map, "adapter", adapter_layers=2)
+        emulator0 = lora_part_state(party.model, layer_map, "emulator", adapter_layers=2)
         op = party.start_task(_request(epochs=3, prox_eps=0.1))
         done = party.ops.wait(op.id, 120)
         assert done.state == operations_pb2.OPERATION_SUCCEEDED, done.error_message
@@ -94,9 +94,9 @@ def test_train_adapter_trains_only_the_adapter(setup):
         result = _result(done, "train_adapter")
         assert result.samples == done.metrics["train_samples"] == 8
         assert (result.loss_first, result.loss_last) == (done.metrics["train_loss_first"], done.metrics["train_loss_last"])
-        adapter1 = lora_part_state(party.model, layer_map, "adapter")
+        adapter1 = lora_part_state(party.model, layer_map, "adapter", adapter_layers=2)
         assert any(not torch.equal(adapter1[k], adapter0[k]) for k in adapter0)
-        for k, v in lora_part_state(party.model, layer_map, "emulator").items():
+        for k, v in lora_part_state(party.model, layer_map, "emulator", adapter_layers=2).items():
             torch.testing.assert_close(v, emulator0[k])
 
         from cotune.errors import InvalidInput
@@ -170,18 +170,18 @@ def test_server_compresses_clients_train_server_aligns(setup, tmp_path):
         up = _wait(client, client.start_task(party_pb2.TaskRequest(ctx=ctx, get_lora=party_pb2.GetLoraTask())))
         uploaded = client.store.read_bytes(up.blobs["adapter"].sha256)
         ref = server.store.put_bytes(uploaded, "application/safetensors+lora").ref()
-        client_adapter = lora_part_state(client.model, layer_map, "adapter")
+        client_adapter = lora_part_state(client.model, layer_map, "adapter", adapter_layers=2)
 
-        emulator0 = lora_part_state(compressed_of(server).model, layer_map, "emulator")
+        emulator0 = lora_part_state(compressed_of(server).model, layer_map, "emulator", adapter_layers=2)
         req = party_pb2.TaskRequest(ctx=ctx, align_emulator=party_pb2.AlignEmulatorTask(
             adapter=ref, steps=4, kl_weight=0.5, lr=1e-2, max_length=32))
         aligned = _wait(server, server.start_task(req))
         m = aligned.metrics
         assert m["align_steps"] == 4
         # the server's compressed adapter is the client's; the emulator moved; the full model holds the adapter
-        for k, v in lora_part_state(compressed_of(server).model, layer_map, "adapter").items():
+        for k, v in lora_part_state(compressed_of(server).model, layer_map, "adapter", adapter_layers=2).items():
             torch.testing.assert_close(v, client_adapter[k])
-        emulator1 = lora_part_state(compressed_of(server).model, layer_map, "emulator")
+        emulator1 = lora_part_state(compressed_of(server).model, layer_map, "emulator", adapter_layers=2)
         assert any(not torch.equal(emulator1[k], emulator0[k]) for k in emulator0)
         prefix = decoder_layers_prefix(server.model)
         full_lora = lora_state_dict(server.model)

@@ -114,10 +114,10 @@ def _peaked_targets(tr, examples, token_id, k=4):
 
 
 def test_distill_lowers_kd_loss_and_counts_targets(tiny_dir):
-    tr = _trainer(tiny_dir, lam=0.2)
+    tr = _trainer(tiny_dir)
     targets = _peaked_targets(tr, EXAMPLES, token_id=4242)
     targets[1] = None  # DualMinCE: no KD for this sample
-    out = tr.distill(EXAMPLES, targets, epochs=8)
+    out = tr.distill(EXAMPLES, targets, ce_weight=0.2, epochs=8)
     assert out["kd_samples"] == 4
     assert out["kd_after"] < out["kd_before"] - 0.3
     assert np.isfinite(out["ce_before"]) and np.isfinite(out["ce_after"])
@@ -128,13 +128,13 @@ def test_distill_rejects_malformed_targets(tiny_dir):
     tr = _trainer(tiny_dir)
     good = _peaked_targets(tr, EXAMPLES[:1], token_id=7)[0]
     with pytest.raises(ValueError, match="KD targets for"):
-        tr.distill(EXAMPLES[:2], [good])
+        tr.distill(EXAMPLES[:2], [good], ce_weight=0.9)
     far = KDTarget(np.array([999]), good.ids[:1], good.probs[:1])
     with pytest.raises(ValueError, match="positions must lie"):
-        tr.distill(EXAMPLES[:1], [far])
+        tr.distill(EXAMPLES[:1], [far], ce_weight=0.9)
     big_id = KDTarget(good.positions, np.full_like(good.ids, 10**7), good.probs)
     with pytest.raises(ValueError, match="outside the vocabulary"):
-        tr.distill(EXAMPLES[:1], [big_id])
+        tr.distill(EXAMPLES[:1], [big_id], ce_weight=0.9)
     assert tr.global_step == 0
 
 

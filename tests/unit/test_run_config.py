@@ -114,13 +114,13 @@ def test_run_config_accepts(field_name, value):
 def test_max_length_range_is_the_alignment_services_and_the_parties():
     """max_length 1..7 is refused at StartRun, as the alignment service and the parties refuse it."""
     from alignment.service import AlignmentService
-    from cotune.party.base import MAX_LENGTH_RANGE as PARTY_RANGE
+    from cotune.tasks import MAX_LENGTH_RANGE as PARTY_RANGE
     from cotune.v1 import alignment_pb2
 
     assert MAX_LENGTH_RANGE == PARTY_RANGE == (8, 32768)
     for n in range(1, 8):
         refused(RunConfig, "max_length", n)
-        with pytest.raises(InvalidInput, match="max_length must be in 8..32768"):
+        with pytest.raises(InvalidInput, match="must be in 8..32768"):
             AlignmentService.build_sequence_alignment(object(), alignment_pb2.SequenceAlignmentRequest(max_length=n))
 
 

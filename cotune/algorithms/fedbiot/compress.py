@@ -21,7 +21,7 @@ LAYER_MAP_FILE = "cotune_layer_map.json"
 LAYER_MAP_FORMAT = "cotune.fedbiot-layer-map/1"
 
 
-def compress(model, *, adapter_layers: int = 2, drop: float = 0.2):
+def compress(model, *, adapter_layers: int, drop: float):
     """Build the compressed model (fresh HF model of the same class, fewer layers, copied weights) and its layer map.
 
     Returns (compressed_model, layer_map) with layer_map[compressed index] = original index. The input model is not
@@ -39,7 +39,7 @@ def adapter_indices(layer_map: dict[int, int], adapter_layers: int) -> list[int]
     return keys[-adapter_layers:]
 
 
-def save_compressed(model, layer_map: dict[int, int], out_dir, *, tokenizer=None, adapter_layers: int = 2,
+def save_compressed(model, layer_map: dict[int, int], out_dir, *, tokenizer=None, adapter_layers: int,
                     drop: float | None = None, original_num_layers: int | None = None) -> Path:
     """Write an HF model directory (config.json, model.safetensors, tokenizer when given) plus cotune_layer_map.json.
 
@@ -79,7 +79,7 @@ def _lora_named(model) -> dict[str, torch.nn.Parameter]:
     return _lora_params(model)
 
 
-def adapter_lora_state(compressed_model, layer_map: dict[int, int], *, adapter_layers: int = 2) -> dict:
+def adapter_lora_state(compressed_model, layer_map: dict[int, int], *, adapter_layers: int) -> dict:
     """The adapter's LoRA tensors of a compressed peft model (canonical keys, compressed numbering), CPU copies."""
     prefix = decoder_layers_prefix(compressed_model)
     adapter = set(adapter_indices(layer_map, adapter_layers))
@@ -90,7 +90,7 @@ def adapter_lora_state(compressed_model, layer_map: dict[int, int], *, adapter_l
     }
 
 
-def plug_adapter_into_full(full_model, compressed_model, layer_map: dict[int, int], *, adapter_layers: int = 2) -> list[str]:
+def plug_adapter_into_full(full_model, compressed_model, layer_map: dict[int, int], *, adapter_layers: int) -> list[str]:
     """Copy the adapter layers' LoRA weights of compressed_model into full_model's layers layer_map[j].
 
     Both models must carry LoRA of the same config (attach_lora). Only the adapter entries of the map are used, and

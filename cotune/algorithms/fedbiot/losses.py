@@ -56,7 +56,7 @@ def client_loss(model, input_ids, attention_mask, labels, anchor_state, eps: flo
     return ce + prox, ce.detach(), prox.detach()
 
 
-def set_lora_trainable(model, layer_map: dict[int, int], part: str, *, adapter_layers: int = 2) -> list[str]:
+def set_lora_trainable(model, layer_map: dict[int, int], part: str, *, adapter_layers: int) -> list[str]:
     """Make only the LoRA parameters of 'adapter' or 'emulator' layers of the compressed model trainable.
 
     Returns the canonical keys left trainable.
@@ -75,7 +75,7 @@ def set_lora_trainable(model, layer_map: dict[int, int], part: str, *, adapter_l
     return sorted(trainable)
 
 
-def lora_part_state(model, layer_map: dict[int, int], part: str, *, adapter_layers: int = 2) -> dict:
+def lora_part_state(model, layer_map: dict[int, int], part: str, *, adapter_layers: int) -> dict:
     """CPU copies of the 'adapter' or 'emulator' LoRA of the compressed model (canonical keys)."""
     prefix = decoder_layers_prefix(model)
     adapter = set(adapter_indices(layer_map, adapter_layers))
@@ -124,8 +124,8 @@ def emulator_alignment_loss(
     attention_mask: torch.Tensor | None,
     layer_map: dict[int, int],
     *,
-    adapter_layers: int = 2,
-    beta: float = 1.0,
+    adapter_layers: int,
+    beta: float,
 ):
     """normalized-L2(emulator output, original middle block output) + β·KL(full+adapter ‖ emulator+adapter).
 
@@ -176,7 +176,7 @@ def train_adapter(
     anchor_state: dict[str, torch.Tensor],
     *,
     eps: float,
-    adapter_layers: int = 2,
+    adapter_layers: int,
     epochs: int = 1,
     lr: float = 1e-4,
     batch_size: int = 4,
@@ -251,8 +251,8 @@ def align_emulator(
     layer_map: dict[int, int],
     *,
     steps: int,
-    beta: float = 1.0,
-    adapter_layers: int = 2,
+    beta: float,
+    adapter_layers: int,
     lr: float = 1e-4,
     batch_size: int = 4,
     max_length: int = 256,

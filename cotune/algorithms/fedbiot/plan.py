@@ -36,7 +36,7 @@ def uniform_layer_indices(n: int, k: int) -> list[int]:
     return out
 
 
-def plan(num_layers: int, *, adapter_layers: int = 2, drop: float = 0.2) -> dict[int, int]:
+def plan(num_layers: int, *, adapter_layers: int, drop: float) -> dict[int, int]:
     """compressed index -> original index: emulator layers (uniform selection) then the last adapter_layers."""
     if adapter_layers < 1:
         raise ValueError(f"adapter_layers must be >= 1, got {adapter_layers}")

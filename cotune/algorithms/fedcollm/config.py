@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from cotune.algorithms.aggregate import MODES as AGGREGATION_MODES
 from cotune.algorithms.config import Config, Problems, help_field
+from cotune.tasks import MAX_TOP_K
 
 
 @dataclass(frozen=True)
@@ -24,4 +25,4 @@ class FedCoLLMConfig(Config):
         p.range(self.name("kl_weight"), self.kl_weight, 0.0, 1e6)
         p.range(self.name("distill_epochs"), self.distill_epochs, 1, 1000)
         p.choice(self.name("aggregation"), self.aggregation, AGGREGATION_MODES)
-        p.range(self.name("top_k"), self.top_k, 1, 1024)
+        p.range(self.name("top_k"), self.top_k, 1, MAX_TOP_K)

@@ -18,13 +18,13 @@ from pathlib import Path
 from cotune.errors import InvalidInput, Precondition
 from cotune.party.base import Target
 from cotune.rpc.operations import OpResult
+from cotune.tasks import MAX_TOP_K
 from cotune.v1 import party_pb2
 from cotune.wire.media import MEDIA_ADAPTER
 
 log = logging.getLogger(__name__)
 
 STATE = "fedcollm"
-MAX_TOP_K = 1024
 
 
 @dataclass

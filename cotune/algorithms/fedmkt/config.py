@@ -6,10 +6,10 @@ from dataclasses import dataclass
 
 from cotune.algorithms.config import Config, Problems, help_field
 from cotune.align.seqalign import METHODS as ALIGNMENT_METHODS
+from cotune.tasks import MAX_TOP_K
 
 SETTINGS = ("heterogeneous", "homogeneous", "one_to_one", "llm_to_slm")
 SELECTIONS = ("dualmince", "fate_self")
-MAX_TOP_K = 1024
 
 
 @dataclass(frozen=True)

@@ -12,10 +12,10 @@ import numpy as np
 
 from cotune.errors import InvalidInput, Precondition
 from cotune.rpc.operations import OpResult
+from cotune.tasks import MAX_TOP_K
 from cotune.v1 import party_pb2
 from cotune.wire.media import MEDIA_SHARD
 
-MAX_TOP_K = 1024
 
 
 def public_logits(party, task: party_pb2.PublicLogitsTask, ctx: party_pb2.RunContext):
@@ -122,14 +122,13 @@ def distill(party, task: party_pb2.DistillTask, ctx: party_pb2.RunContext):
                           progress=party.progress(op, "own-loss"))
         targets, summary = build_targets(own, teachers, selection=selection)
         party.set_training(trainer, lr=lr, batch_size=batch_size)
-        saved = trainer.config.lam, trainer.config.max_length
-        # KD positions come from alignments made at this length: distil at exactly the same length
-        trainer.config.lam, trainer.config.max_length = ce_weight, max_length
+        saved = trainer.config.max_length
+        trainer.config.max_length = max_length  # KD positions come from alignments made at this length
         try:
-            m = trainer.distill(examples, targets, epochs=epochs, progress=party.progress(op, "distill"),
-                                should_stop=op.cancelled)
+            m = trainer.distill(examples, targets, ce_weight=ce_weight, epochs=epochs,
+                                progress=party.progress(op, "distill"), should_stop=op.cancelled)
         finally:
-            trainer.config.lam, trainer.config.max_length = saved
+            trainer.config.max_length = saved
         metrics = {f"distill_{k}": float(v) for k, v in m.items()}
         metrics.update(summary)
         metrics["own_loss_bpb"] = float(np.mean([s.loss_bpb for s in own]))

@@ -4,7 +4,7 @@ Round 0: the initial SLM adapter θ⁰ is taken from the LLM server's copy of th
 all start from one init; everyone is evaluated.
 Round t: clients train θ_k for E epochs on private data (CE) → the coordinator pulls each θ_k (tagged with its
 run/round/step) and FedAvgs them by sample count (A and B separately, or the exact product mean; see
-coordinator/aggregate.py), rejecting bad uploads → the aggregate goes to the LLM server, which loads it into its
+cotune/algorithms/aggregate.py), rejecting bad uploads → the aggregate goes to the LLM server, which loads it into its
 SLM copy g and co-distils with the LLM f on the public set (θ with CE_g + λ·KL(g‖f), ω with CE_f + λ·KL(f‖g),
 alternating per batch) → the distilled θᵗ is broadcast to every client → everyone is evaluated.
 

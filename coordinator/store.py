@@ -12,6 +12,7 @@ import threading
 import time
 from pathlib import Path
 
+from cotune.config import ConfigError
 from cotune.v1 import coordinator_pb2 as pb
 from cotune.v1 import party_pb2
 
@@ -27,13 +28,26 @@ CREATE TABLE IF NOT EXISTS events (run_id TEXT NOT NULL, seq INTEGER NOT NULL, e
 """
 
 
+# Bumped whenever stored runs or step results stop being readable by the code (2: RunSpec with per-algorithm
+# settings, typed task results in step records).
+FORMAT_VERSION = 2
+
+
 class StateStore:
     def __init__(self, path: str | Path):
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        version = self._db.execute("PRAGMA user_version").fetchone()[0]
+        has_tables = self._db.execute("SELECT count(*) FROM sqlite_master WHERE type = 'table'").fetchone()[0]
+        if has_tables and version != FORMAT_VERSION:
+            self._db.close()
+            raise ConfigError(f"{path} holds coordinator state in format {version or 1}; this Cotune reads format "
+                             f"{FORMAT_VERSION} (its runs cannot be resumed by this version). Move the file aside to "
+                             "start with an empty state, or run the Cotune version that wrote it")
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(SCHEMA)
+        self._db.execute(f"PRAGMA user_version = {FORMAT_VERSION}")
         self._lock = threading.RLock()
         self.events_changed = threading.Condition(self._lock)
 

@@ -308,7 +308,7 @@ class ModelParty:
         return self.store.read_bytes(blob.sha256, max_bytes=max_bytes)
 
     def parse_blob(self, ref, what: str, parse: Callable[[bytes], Any], max_bytes: int = 4 << 30) -> Any:
-        """read_blob, then `parse` its bytes: any parse failure is the caller's bad blob (InvalidInput)."""
+        """read_blob, then `parse` its bytes: a parser's error on bad bytes is the caller's bad blob (InvalidInput)."""
         data = self.read_blob(ref, what, max_bytes)
         try:
             return parse(data)

@@ -27,6 +27,7 @@ from cotune.algorithms.base import PartyRef, StepOutcome, TaskOutcome
 from cotune.algorithms.config import RunConfig
 from cotune.errors import Precondition, RpcError
 from cotune.rpc.clients import AlignmentClient, PartyClient
+from cotune.rpc.operations import TIME_PREFIX
 from cotune.tasks import RESULT_TYPES, request_blobs, result_blobs
 from cotune.v1 import coordinator_pb2 as pb
 from cotune.v1 import operations_pb2, party_pb2
@@ -139,8 +140,10 @@ class RunDriver:
         def run_task() -> dict:
             ctx = party_pb2.RunContext(run_id=self.run_id, round=round, task_key=key, public_set_hash=self.public_set_hash)
             request = party_pb2.TaskRequest(ctx=ctx, **{kind: body})
+            started = time.perf_counter()
             for name, ref in request_blobs(request):
                 self.count_bytes(round, "sent", name, client.push(self.artifacts, ref.sha256))
+            pushed = time.perf_counter()
 
             def on_progress(op: operations_pb2.Operation):
                 p = op.progress
@@ -150,16 +153,29 @@ class RunDriver:
 
             op = client.run_task(request, timeout_s=self.timeout_s, on_progress=on_progress,
                                  should_stop=self._cancel.is_set)
+            ran = time.perf_counter()
             result = result_type()
             if not op.result.Unpack(result):
                 raise Precondition(f"{party.party_id} answered {kind} with {op.result.type_url or 'no result'}, "
                                    f"expected {result_type.DESCRIPTOR.full_name}")
             for name, ref in result_blobs(kind, result):
                 self.count_bytes(round, "received", name, client.pull(self.artifacts, ref.sha256))
-            return {"metrics": dict(op.metrics), "result": base64.b64encode(result.SerializeToString()).decode()}
+            done = time.perf_counter()
+            metrics = {k: v for k, v in op.metrics.items() if not k.startswith(TIME_PREFIX)}
+            profile = {k[len(TIME_PREFIX):-2]: v for k, v in op.metrics.items()
+                       if k.startswith(TIME_PREFIX) and k.endswith("_s")}
+            # beyond the party's own work: moving blobs, and waiting for its worker (queue) and for the answer
+            profile["transfer"] = (pushed - started) + (done - ran)
+            profile["queue"] = max(0.0, (ran - pushed) - profile.get("total", 0.0))
+            profile["wall"] = done - started
+            return {"metrics": metrics, "profile": profile,
+                    "result": base64.b64encode(result.SerializeToString()).decode()}
 
         stored = self.local_step(key, run_task)
-        return TaskOutcome(result_type.FromString(base64.b64decode(stored["result"])), stored["metrics"])
+        profile = stored.get("profile", {})
+        self.record_metrics(round, party.party_id, {f"time/{step}/{name}": s for name, s in profile.items()})
+        return TaskOutcome(result_type.FromString(base64.b64decode(stored["result"])), stored["metrics"],
+                           profile.get("wall", 0.0))
 
     def on_parties(self, parties: Sequence[PartyRef], round: int, step: str, fn: Callable[[PartyRef], object],
                    *, quorum: int | None = None) -> StepOutcome:
@@ -180,6 +196,12 @@ class RunDriver:
                     outcome.failed[pid] = message
                     self.note(round, f"{step}: {pid} dropped from round {round}: {message}", dropped=pid)
         self.check_cancelled()
+        # how long each party then waited for the slowest one (from the steps' recorded wall times, so a replay agrees)
+        walls = {pid: res.seconds for pid, res in outcome.ok.items() if isinstance(res, TaskOutcome)}
+        if len(walls) > 1:
+            slowest = max(walls.values())
+            for pid, wall in walls.items():
+                self.record_metrics(round, pid, {f"time/{step}/wait": slowest - wall})
         needed = len(parties) if quorum is None else quorum
         if len(outcome.ok) < needed:
             raise Precondition(f"round {round} {step}: only {len(outcome.ok)} of {len(parties)} parties succeeded, "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from cotune.profile import PHASES
 from cotune.v1 import coordinator_pb2 as pb
 
 # (metric key, column title, format)
@@ -68,6 +69,41 @@ def bytes_table(run: pb.Run) -> str:
     for rec in sorted(run.rounds, key=lambda r: r.round):
         cells = [f"{_human(rec.bytes_sent.get(k, 0))} / {_human(rec.bytes_received.get(k, 0))}" for k in kinds]
         lines.append(f"| {rec.round} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+PROFILE_COLUMNS = ("wall", "data", "forward", "backward", "optimizer", "codec", "other", "transfer", "queue", "wait")
+
+
+def step_profiles(run: pb.Run) -> list[tuple[int, str, str, dict[str, float]]]:
+    """(round, step, party, seconds by phase) of every task the run recorded, in order. Phases: the party's
+    `data`/`forward`/`backward`/`optimizer`/`codec` (cotune.profile) and `other` (the rest of its work), the
+    coordinator's `transfer` (moving the task's blobs), `queue` (waiting for the party's worker and its answer),
+    `wait` (for the slowest party of the step) and `wall` (the step on this party, transfers included)."""
+    rows = []
+    for rec in sorted(run.rounds, key=lambda r: r.round):
+        for party in sorted(rec.parties, key=lambda p: _party_order(p.party_id)):
+            steps: dict[str, dict[str, float]] = {}
+            for key, value in party.metrics.items():
+                if key.startswith("time/"):
+                    _, step, name = key.split("/", 2)
+                    steps.setdefault(step, {})[name] = value
+            for step, seconds in steps.items():
+                work = seconds.get("total", 0.0)
+                seconds["other"] = max(0.0, work - sum(seconds.get(p, 0.0) for p in PHASES))
+                rows.append((rec.round, step, party.party_id, seconds))
+    return sorted(rows, key=lambda r: (r[0], -r[3].get("wall", 0.0)))
+
+
+def profile_table(run: pb.Run) -> str:
+    """Where each step's time went, per party, seconds (the slowest steps of each round first)."""
+    rows = step_profiles(run)
+    if not rows:
+        return ""
+    lines = ["| round | step | party | " + " | ".join(PROFILE_COLUMNS) + " |", "|---:|---|---|" + "---:|" * len(PROFILE_COLUMNS)]
+    for rnd, step, pid, seconds in rows:
+        cells = [f"{seconds[c]:.1f}" if c in seconds else "" for c in PROFILE_COLUMNS]
+        lines.append(f"| {rnd} | {step} | {pid} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -33,6 +33,7 @@ class PartyRef:
 class TaskOutcome(Generic[R]):
     result: R                        # the task's typed result (cotune.tasks.RESULT_TYPES)
     metrics: dict[str, float]        # what the party reported for the run record
+    seconds: float = 0.0             # wall time of the step when it ran (transfers included)
 
 
 @dataclass

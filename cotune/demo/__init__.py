@@ -32,7 +32,7 @@ import yaml
 
 from cotune.cluster import ClusterConfig, LocalCluster
 from cotune.data import federated_split, load_task, read_jsonl, require_shared_data, write_jsonl
-from cotune.report import bytes_table, markdown_table, run_summary
+from cotune.report import bytes_table, markdown_table, profile_table, run_summary
 from cotune.rpc.clients import CoordinatorClient
 from cotune.v1 import coordinator_pb2 as pb
 from cotune.watch import watch_run
@@ -314,6 +314,10 @@ def run_demo(*, preset: str = "small", algorithm: str = "fedmkt", rounds: int = 
     if traffic:
         print()
         print(traffic)
+    profile = profile_table(run)
+    if profile:
+        print("\nwhere the time went (seconds per step and party):")
+        print(profile)
     print(f"\nrun {run.run_id}: {pb.RunState.Name(run.state)} in {elapsed:.0f}s" + (f" - {run.error}" if run.error else ""))
     if json_path:
         Path(json_path).write_text(json.dumps(summary, indent=2))

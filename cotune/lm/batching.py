@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from cotune.align.tokenizers import EncodedPair
+from cotune.profile import phase
 from cotune.lm.losses import IGNORE_INDEX
 
 
@@ -89,14 +90,16 @@ def decoder_and_head(model):
 def hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Final hidden states [B, L, H] (after the final norm) of the decoder."""
     decoder, _, _ = decoder_and_head(model)
-    out = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    with phase("forward"):
+        out = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 
 
 def head_logits(model, hidden: torch.Tensor) -> torch.Tensor:
     """LM head on hidden states [..., H] -> fp32 logits [..., V], with the model's final soft-capping / scaling."""
     _, head, config = decoder_and_head(model)
-    logits = head(hidden).float()
+    with phase("forward"):
+        logits = head(hidden).float()
     cap = getattr(config, "final_logit_softcapping", None)
     if cap:
         logits = torch.tanh(logits / cap) * cap

@@ -12,6 +12,7 @@ import torch
 from cotune.align.tokenizers import EncodedPair, encode_pair
 from cotune.data.example import Example
 from cotune.lm.batching import model_device, next_token_scores, sorted_batches
+from cotune.profile import phase
 
 LN2 = math.log(2.0)
 
@@ -44,10 +45,11 @@ def choice_loglikelihoods(
 ) -> list[np.ndarray]:
     """For each example, the summed log-likelihood of every choice continuation given the prompt."""
     pairs, owner = [], []
-    for e, ex in enumerate(examples):
-        for c in ex.choices:
-            pairs.append(encode_pair(tokenizer, ex.prompt, c, max_length))
-            owner.append(e)
+    with phase("data"):
+        for e, ex in enumerate(examples):
+            for c in ex.choices:
+                pairs.append(encode_pair(tokenizer, ex.prompt, c, max_length))
+                owner.append(e)
     scores = _score(model, tokenizer, pairs, batch_size)
     out = [np.zeros(len(ex.choices)) for ex in examples]
     counters = [0] * len(examples)
@@ -76,7 +78,8 @@ def evaluate_mc(model, tokenizer, examples: Sequence[Example], *, batch_size: in
 def evaluate_loss(model, tokenizer, examples: Sequence[Example], *, batch_size: int = 8, max_length: int = 512) -> dict:
     """Response-token loss: 'loss' nats/token (token-weighted over all examples), 'perplexity' = exp(loss),
     'bpb' = total nats / ln 2 / total response bytes; plus 'tokens' and 'n'."""
-    pairs = [encode_pair(tokenizer, ex.prompt, ex.response, max_length) for ex in examples]
+    with phase("data"):
+        pairs = [encode_pair(tokenizer, ex.prompt, ex.response, max_length) for ex in examples]
     scores = _score(model, tokenizer, pairs, batch_size)
     nats = -float(sum(s.sum() for s in scores))
     tokens = int(sum(len(s) for s in scores))

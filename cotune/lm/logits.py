@@ -20,6 +20,7 @@ from cotune.lm.batching import (
     vocab_size,
 )
 from cotune.align.tokenizers import encode_pair
+from cotune.profile import phase
 from cotune.wire.topk_types import SampleLogits
 
 LN2 = math.log(2.0)
@@ -48,7 +49,8 @@ def public_topk(
     pad = _pad_id(tokenizer)
     vocab = vocab_size(model)
     k_eff = min(k, vocab)
-    pairs = [encode_pair(tokenizer, ex.prompt, ex.response, max_length) for ex in examples]
+    with phase("data"):
+        pairs = [encode_pair(tokenizer, ex.prompt, ex.response, max_length) for ex in examples]
     results: list[SampleLogits | None] = [None] * len(pairs)
     batches = sorted_batches([len(p.ids) for p in pairs], batch_size)
     was_training = model.training

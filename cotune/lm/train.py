@@ -40,6 +40,7 @@ from cotune.lm.batching import (
 )
 from cotune.align.tokenizers import EncodedPair, encode_pair
 from cotune.lm.losses import sparse_kd_loss
+from cotune.profile import phase
 
 STATE_FORMAT = "cotune.trainer/2"
 _STATE_FORMAT_V1 = "cotune.trainer/1"  # one optimizer (the default group); still loadable
@@ -289,16 +290,18 @@ class Trainer:
             group.skipped_steps += 1
             return False
         group.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        clip = self.config.grad_clip
-        if clip and clip > 0:
-            norm = torch.nn.utils.clip_grad_norm_(group.params, clip)
-            if not math.isfinite(float(norm)):
-                group.optimizer.zero_grad(set_to_none=True)
-                group.skipped_steps += 1
-                return False
-        group.optimizer.step()
-        group.scheduler.step()
+        with phase("backward"):
+            loss.backward()
+        with phase("optimizer"):
+            clip = self.config.grad_clip
+            if clip and clip > 0:
+                norm = torch.nn.utils.clip_grad_norm_(group.params, clip)
+                if not math.isfinite(float(norm)):
+                    group.optimizer.zero_grad(set_to_none=True)
+                    group.skipped_steps += 1
+                    return False
+            group.optimizer.step()
+            group.scheduler.step()
         group.steps += 1
         return True
 
@@ -341,7 +344,8 @@ class Trainer:
                     batch = next(it)
                 except StopIteration:
                     break
-                loss, stats = loss_fn(batch)
+                with phase("forward"):
+                    loss, stats = loss_fn(batch)
                 stats = dict(stats or {})
                 res.steps += 1
                 if loss is None or not loss.requires_grad:
@@ -365,7 +369,8 @@ class Trainer:
 
     # ---------------------------------------------------------------------------------------------- encoding
     def encode(self, examples: Sequence[Example]) -> list[EncodedPair]:
-        return [encode_pair(self.tokenizer, ex.prompt, ex.response, self.config.max_length) for ex in examples]
+        with phase("data"):
+            return [encode_pair(self.tokenizer, ex.prompt, ex.response, self.config.max_length) for ex in examples]
 
     def _prepare_targets(self, pairs: Sequence[EncodedPair], targets: Sequence[KDTarget | None]) -> list:
         if len(targets) != len(pairs):

@@ -20,6 +20,7 @@ import grpc
 from google.protobuf.message import Message
 
 from cotune.errors import NotFound, rpc_method, status_for
+from cotune.profile import collecting
 from cotune.tasks import blob_refs
 from cotune.v1 import operations_pb2 as ops_pb2
 from cotune.v1 import operations_pb2_grpc as ops_grpc
@@ -27,6 +28,9 @@ from cotune.v1 import operations_pb2_grpc as ops_grpc
 log = logging.getLogger(__name__)
 State = ops_pb2.OperationState
 TERMINAL = (State.OPERATION_SUCCEEDED, State.OPERATION_FAILED, State.OPERATION_CANCELLED)
+
+
+TIME_PREFIX = "time_"  # metrics an operation adds about itself: time_total_s and time_<phase>_s (cotune.profile)
 
 
 class Cancelled(Exception):
@@ -93,10 +97,12 @@ class OperationManager:
     def _run(self, op_id: str, work) -> None:
         self._update(op_id, lambda op: (setattr(op, "state", State.OPERATION_RUNNING), setattr(op, "started_at", time.time())))
         ctx = OperationContext(self, op_id)
+        started = time.perf_counter()
         try:
             if ctx.cancelled():
                 raise Cancelled()
-            result = work(ctx)
+            with collecting() as profile:
+                result = work(ctx)
         except Cancelled:
             self._finish(op_id, State.OPERATION_CANCELLED, code=grpc.StatusCode.CANCELLED, message="cancelled")
             return
@@ -111,6 +117,9 @@ class OperationManager:
         def fill(op):
             for name, value in result.metrics.items():
                 op.metrics[name] = float(value)
+            for name, seconds in profile.seconds.items():  # where the time went: time_<phase>_s, time_total_s
+                op.metrics[f"{TIME_PREFIX}{name}_s"] = seconds
+            op.metrics[f"{TIME_PREFIX}total_s"] = time.perf_counter() - started
             for name, blob in result.blobs.items():
                 op.blobs[name].CopyFrom(blob.ref())
             for name, value in result.info.items():

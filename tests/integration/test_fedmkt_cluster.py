@@ -56,6 +56,20 @@ def test_two_heterogeneous_rounds_complete_with_metrics_for_every_party(finished
         assert rounds[rnd].bytes_sent["distill.teachers.shard"] > 0
 
 
+def test_every_step_records_where_its_time_went(finished_run):
+    rec = {r.round: r for r in finished_run.rounds}[1]
+    metrics = {p.party_id: dict(p.metrics) for p in rec.parties}
+    for pid in ("client-1", "client-2"):
+        m = metrics[pid]
+        for step in ("train_local", "public_logits", "distill", "evaluate"):
+            assert 0 < m[f"time/{step}/total"] <= m[f"time/{step}/wall"], (pid, step)
+            assert f"time/{step}/wait" in m and f"time/{step}/transfer" in m, (pid, step)
+        assert m["time/train_local/forward"] > 0 and m["time/train_local/backward"] > 0
+        assert m["time/train_local/optimizer"] > 0 and m["time/public_logits/codec"] > 0
+        assert "time_total_s" not in m  # the party's raw timings are filed by step, not mixed into its metrics
+    assert metrics["llm"]["time/distill/forward"] > 0 and "time/distill/wait" not in metrics["llm"]  # ran alone
+
+
 def test_each_party_distils_towards_its_teacher(finished_run):
     for rec in finished_run.rounds:
         if rec.round == 0:

@@ -12,6 +12,7 @@ import numpy as np
 
 from cotune.errors import InvalidInput, Precondition
 from cotune.rpc.operations import OpResult
+from cotune.profile import phase
 from cotune.tasks import MAX_TOP_K
 from cotune.v1 import party_pb2
 from cotune.wire.media import MEDIA_SHARD
@@ -36,8 +37,9 @@ def public_logits(party, task: party_pb2.PublicLogitsTask, ctx: party_pb2.RunCon
                               progress=party.progress(op, "logits"))
         meta = {"party_id": party.cfg.party_id, "tokenizer_hash": party.tokenizer_hash,
                 "public_set_hash": party.public_hash}
-        data = encode_shard(samples, vocab_size=party.vocab_size, metadata=meta, bits=task.bits or 8,
-                            lossless=task.bits == 0)
+        with phase("codec"):
+            data = encode_shard(samples, vocab_size=party.vocab_size, metadata=meta, bits=task.bits or 8,
+                                lossless=task.bits == 0)
         blob = party.store.put_bytes(data, MEDIA_SHARD)
         positions = sum(len(s.positions) for s in samples)
         loss_bpb = float(np.mean([s.loss_bpb for s in samples]))

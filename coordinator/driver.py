@@ -208,6 +208,19 @@ class RunDriver:
                                f"quorum is {needed}: " + "; ".join(f"{k}: {v}" for k, v in outcome.failed.items()))
         return outcome
 
+    def concurrently(self, *fns: Callable[[], object]) -> list:
+        """Run independent step sequences at once (when the run allows overlap; else one after another, in order);
+        returns their results in order, or raises the first failure after all have ended."""
+        if not self.run.overlap_steps or len(fns) < 2:
+            return [fn() for fn in fns]
+        with ThreadPoolExecutor(max_workers=len(fns)) as pool:
+            futures = [pool.submit(fn) for fn in fns]
+            errors = [f.exception() for f in futures]
+        first = next((e for e in errors if e is not None), None)
+        if first is not None:
+            raise first
+        return [f.result() for f in futures]
+
     # -- artifacts ------------------------------------------------------------------------------------------------
     def ref(self, sha: str):
         return self.artifacts.stat(sha).ref()

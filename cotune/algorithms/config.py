@@ -94,6 +94,8 @@ class RunConfig(Config):
     eval_max_samples: int = help_field(0, "evaluation items per party; 0 = all")
     max_length: int = help_field(256, "tokens per public sample (logits, sequence alignment, distillation)")
     local_epochs: int = help_field(1, "epochs of local training on private data per round")
+    overlap_steps: bool = help_field(True, "run independent steps of different parties at once (false: one step at "
+                                           "a time, the reference order)")
 
     def check(self, p: Problems) -> None:
         p.range("rounds", self.rounds, 1, MAX_ROUNDS)

@@ -52,6 +52,7 @@ class FakeDriver:
         self.store: dict[str, bytes] = {}
         self.media: dict[str, str] = {}
         self.tasks: list[tuple[int, str, str, str, Message]] = []
+        self.overlapped: list[list[set]] = []  # per concurrently() call: the (party, kind) tasks of each branch
         self.keys: set[str] = set()
         self.metrics: dict[tuple[int, str], dict[str, float]] = {}
         self.notes: list[tuple[int, str, str, str]] = []
@@ -106,6 +107,17 @@ class FakeDriver:
 
     def check_cancelled(self) -> None:
         pass
+
+    def concurrently(self, *fns):
+        """In order, one after another: the sequence tests see is the order a strategy lists the branches. Each
+        call's branches are recorded as the (party, kind) of the tasks each ran, in `overlapped`."""
+        results, branches = [], []
+        for fn in fns:
+            before = len(self.tasks)
+            results.append(fn())
+            branches.append({(p, k) for _, _, p, k, _ in self.tasks[before:]})
+        self.overlapped.append(branches)
+        return results
 
     # -- steps -----------------------------------------------------------------------------------------------------
     def local_step(self, key: str, fn: Callable[[], dict]) -> dict:
@@ -825,3 +837,20 @@ def test_defaults_reach_the_tasks():
     assert {(m.kl_weight, m.epochs, m.top_k) for m in d.requests("co_distill")} == {(1.0, 1, 32)}
     d, _ = _run("standalone", _llm(), [_client("c1")], eval_max_samples=3)
     assert {m.max_samples for m in d.requests("evaluate")} == {3}
+
+
+# -- overlap of independent steps ------------------------------------------------------------------------------------
+def test_fedmkt_evaluates_the_llm_while_the_clients_distil():
+    d, _ = _run("fedmkt", _llm(), [_client("c1", LLM_TOK), _client("c2", LLM_TOK)])
+    assert d.overlapped == [[{("c1", "distill"), ("c2", "distill")}, {("llm", "evaluate")}]] * 2
+    d, _ = _run("fedmkt", _llm(), [_client("c1", LLM_TOK), _client("c2", LLM_TOK)], overlap_steps=False)
+    # the reference order: clients distil, then everyone is evaluated in one step
+    evaluate_steps = [(r, p) for r, s, p, k in d.sequence() if k == "evaluate"]
+    assert evaluate_steps == [(0, "llm"), (0, "c1"), (0, "c2"), (1, "llm"), (1, "c1"), (1, "c2"),
+                              (2, "llm"), (2, "c1"), (2, "c2")]
+
+
+def test_llm2slm_computes_the_frozen_llms_logits_while_the_clients_train():
+    d, _ = _run("llm2slm", _llm(), [_client("c1", LLM_TOK), _client("c2", LLM_TOK)])
+    first = d.overlapped[0]
+    assert first[0] == {("c1", "train_local"), ("c2", "train_local")} and first[1] == {("llm", "public_logits")}

@@ -63,9 +63,8 @@ class FedMKT(Strategy):
 
         for rnd in range(1, run.rounds + 1):
             d.check_cancelled()
-            active, _ = steps.train_local(d, d.clients, rnd)
-
             if config.mutual:
+                active, _ = steps.train_local(d, d.clients, rnd)
                 d.set_step(rnd, "client_logits")
                 out = d.on_parties(active, rnd, "public_logits",
                                    lambda c: d.task(c, rnd, "public_logits", public_logits=logits), quorum=steps.quorum(d))
@@ -78,26 +77,38 @@ class FedMKT(Strategy):
                             for c in active]
                 res = d.task(d.llm, rnd, "distill", distill=party_pb2.DistillTask(teachers=teachers, **distill))
                 d.record_metrics(rnd, d.llm.party_id, res.metrics)
-
-            d.set_step(rnd, "llm_logits")
-            res = d.task(d.llm, rnd, "public_logits", public_logits=logits)
-            d.record_metrics(rnd, d.llm.party_id, {"public_loss_bpb": res.result.public_loss_bpb})
-            llm_shard = res.result.shard
-
-            d.set_step(rnd, "client_distill")
+                llm_shard = self._llm_logits(d, rnd, logits)
+            else:  # the LLM is frozen: its logits need nothing from this round's training, so both run at once
+                (active, _), llm_shard = d.concurrently(lambda: steps.train_local(d, d.clients, rnd),
+                                                        lambda: self._llm_logits(d, rnd, logits))
 
             def client_distill(c: PartyRef):
                 teacher = self._teacher(d.llm, llm_shard, links[c.party_id].from_llm if c.party_id in links else None, d)
                 return d.task(c, rnd, "distill", distill=party_pb2.DistillTask(teachers=[teacher], **distill))
 
-            out = d.on_parties(active, rnd, "distill", client_distill, quorum=steps.quorum(d))
-            for pid, res in out.ok.items():
-                d.record_metrics(rnd, pid, res.metrics)
-            active = [c for c in active if c.party_id in out.ok]
+            def distill_clients() -> list[PartyRef]:
+                d.set_step(rnd, "client_distill")
+                out = d.on_parties(active, rnd, "distill", client_distill, quorum=steps.quorum(d))
+                for pid, res in out.ok.items():
+                    d.record_metrics(rnd, pid, res.metrics)
+                return [c for c in active if c.party_id in out.ok]
 
-            d.set_step(rnd, "evaluate")
-            steps.evaluate(d, [d.llm, *active], rnd)
+            if d.run.overlap_steps:  # the LLM's evaluation needs nothing the clients do now: it runs while they distil
+                active, _ = d.concurrently(distill_clients, lambda: steps.evaluate(d, [d.llm], rnd))
+                d.set_step(rnd, "evaluate")
+                steps.evaluate(d, active, rnd)
+            else:
+                active = distill_clients()
+                d.set_step(rnd, "evaluate")
+                steps.evaluate(d, [d.llm, *active], rnd)
             d.emit("metrics", round=rnd, message=f"round {rnd} complete")
+
+    @staticmethod
+    def _llm_logits(d: Driver, rnd: int, task: party_pb2.PublicLogitsTask):
+        d.set_step(rnd, "llm_logits")
+        res = d.task(d.llm, rnd, "public_logits", public_logits=task)
+        d.record_metrics(rnd, d.llm.party_id, {"public_loss_bpb": res.result.public_loss_bpb})
+        return res.result.shard
 
     @staticmethod
     def _teacher(sender: PartyRef, shard, link: Link | None, d: Driver) -> party_pb2.TeacherShard:

@@ -28,7 +28,7 @@ def train_local(party: ModelParty, task: party_pb2.TrainLocalTask, ctx: party_pb
         party.set_training(trainer, lr=lr, batch_size=batch_size)
         m = trainer.train_ce(examples, epochs=epochs, progress=party.progress(op, "train"), should_stop=op.cancelled)
         return OpResult(metrics={"train_loss_first": m["loss_first"], "train_loss_last": m["loss_last"],
-                                 "train_steps": m["steps"], "train_samples": m["samples"]},
+                                 "train_steps": m["steps"], "train_samples": m["samples"], "train_tokens": m["tokens"]},
                         result=party_pb2.TrainLocalResult(samples=int(m["samples"]), loss_first=m["loss_first"],
                                                           loss_last=m["loss_last"]))
     return work
@@ -52,7 +52,8 @@ def evaluate(party: ModelParty, task: party_pb2.EvaluateTask, ctx: party_pb2.Run
         op.progress(1, 2, "evaluate")
         accuracy = float("nan")
         if eval_set and eval_set[0].choices:
-            acc = evaluate_mc(target.model, target.tokenizer, eval_set, batch_size=bs, max_length=ml)
+            acc = evaluate_mc(target.model, target.tokenizer, eval_set, batch_size=bs, max_length=ml,
+                              mc_scoring=party.cfg.evaluation.mc_scoring)
             accuracy = acc["accuracy"]
             metrics.update({"eval_accuracy": acc["accuracy"], "eval_accuracy_norm": acc["accuracy_norm"],
                             "eval_n": acc["n"]})

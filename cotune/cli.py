@@ -20,25 +20,29 @@ def _setup_logging(verbose: bool = False) -> None:
 
 # -- serve ------------------------------------------------------------------------------------------------------
 def cmd_serve(args) -> int:
-    from cotune.config import AlignmentConfig, CoordinatorConfig, PartyConfig, load_config
+    from cotune.config import AlignmentConfig, CoordinatorConfig, ConfigError, PartyConfig, load_config
 
     _setup_logging(args.verbose)
+    configs = args.config
+    if len(configs) > 1 and args.service != "slm":
+        raise ConfigError(f"serve {args.service}: one --config (only `serve slm` hosts several, one client per config)")
     if args.service == "coordinator":
         from coordinator.service import serve
 
-        serve(load_config(CoordinatorConfig, args.config), args.port_file)
+        serve(load_config(CoordinatorConfig, configs[0]), args.port_file)
     elif args.service == "alignment":
         from alignment.service import serve
 
-        serve(load_config(AlignmentConfig, args.config), args.port_file)
+        serve(load_config(AlignmentConfig, configs[0]), args.port_file)
     elif args.service == "llm":
         from llm_server.service import serve
 
-        serve(load_config(PartyConfig, args.config), args.port_file)
+        serve(load_config(PartyConfig, configs[0]), args.port_file)
     else:
         from slm_client.service import serve
 
-        serve(load_config(PartyConfig, args.config), args.port_file)
+        parties = [load_config(PartyConfig, path) for path in configs]
+        serve(parties[0] if len(parties) == 1 else parties, args.port_file)
     return 0
 
 
@@ -249,10 +253,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cotune", description="Federated co-tuning of a server LLM and client SLMs.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("serve", help="run one service until SIGTERM")
+    p = sub.add_parser("serve", help="run one service until SIGTERM (slm: one or several clients in this process)")
     p.add_argument("service", choices=["coordinator", "llm", "slm", "alignment"])
-    p.add_argument("--config", required=True, help="the service's YAML config")
-    p.add_argument("--port-file", help="write the bound port here (used by the cluster launcher)")
+    p.add_argument("--config", required=True, action="append",
+                   help="the service's YAML config; `serve slm` takes it repeatedly to host several logical clients "
+                        "in one process, each on its own port (models load one after another)")
+    p.add_argument("--port-file", help="write the bound port here (used by the cluster launcher); with several "
+                                       "--config, client i (0-based, in --config order) writes PORT_FILE.i")
     p.add_argument("-v", "--verbose", action="store_true")
     p.set_defaults(fn=cmd_serve)
 

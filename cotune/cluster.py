@@ -3,6 +3,11 @@
 Used by `cotune cluster up`, `cotune demo` and the integration tests. Each service gets its own config
 file and working directory under the cluster's workdir, listens on a free loopback port (reported through
 a port file), and the launcher waits for grpc.health.v1 to report SERVING before starting dependents.
+
+With `clients_per_process: k` (default 1) the SLM clients are packed k to a process (`cotune serve slm --config a.yaml
+--config b.yaml ...`, for scale tests): each logical client keeps its own config, workdir, port and entry in
+`services` / addresses() / cluster.json, and the clients of one process share its Popen (the same pid) and its log,
+logs/slm-<g>.log for the g-th process. Killing or restarting one of them kills or restarts its whole process.
 """
 
 from __future__ import annotations
@@ -42,11 +47,12 @@ class ClusterConfig:
     clients: list = field(default_factory=list)        # PartyConfig fields, each with its party_id
     alignment: dict | None = field(default_factory=dict)  # AlignmentConfig fields; null = no alignment service
     coordinator: dict = field(default_factory=dict)    # CoordinatorConfig fields
+    clients_per_process: int = 1                       # logical SLM clients hosted by one process (scale tests)
 
     @classmethod
     def load(cls, path: str | Path) -> "ClusterConfig":
         data = load_yaml(path)
-        unknown = sorted(set(data) - {"workdir", "llm", "clients", "alignment", "coordinator"})
+        unknown = sorted(set(data) - {"workdir", "llm", "clients", "alignment", "coordinator", "clients_per_process"})
         if unknown:
             raise ConfigError(f"{path}: unknown key(s) {', '.join(unknown)}")
         return cls(**data)
@@ -61,6 +67,7 @@ class ServiceProcess:
     port_file: Path
     process: subprocess.Popen | None = None
     address: str = ""
+    group: list[str] = field(default_factory=list)  # every client its process hosts (packed SLM clients), else empty
 
     @property
     def pid(self) -> int:
@@ -102,34 +109,68 @@ class LocalCluster:
             raise ConfigError("cluster config: llm is required")
         if not config.clients:
             raise ConfigError("cluster config: at least one client is required")
+        if not isinstance(config.clients_per_process, int) or isinstance(config.clients_per_process, bool) \
+                or config.clients_per_process < 1:
+            raise ConfigError(f"cluster config: clients_per_process must be an integer >= 1, got {config.clients_per_process!r}")
         self.config = config
         self.workdir = Path(config.workdir).resolve()
         self.start_timeout_s = start_timeout_s
         self.services: dict[str, ServiceProcess] = {}
 
     # -- lifecycle -------------------------------------------------------------------------------------------
-    def _spawn(self, name: str, kind: str, data: dict) -> ServiceProcess:
-        cfg_path = self.workdir / "configs" / f"{name}.yaml"
-        _write_config(cfg_path, data)
-        svc = ServiceProcess(name, kind, cfg_path, self.workdir / "logs" / f"{name}.log", self.workdir / "ports" / f"{name}.port")
-        svc.log_path.parent.mkdir(parents=True, exist_ok=True)
-        svc.port_file.parent.mkdir(parents=True, exist_ok=True)
-        svc.port_file.unlink(missing_ok=True)
-        log = open(svc.log_path, "ab")
+    def _model_processes(self) -> int:
+        n = len(self.config.clients)
+        return 1 + -(-n // self.config.clients_per_process)  # the LLM server + the client processes
+
+    def _popen(self, kind: str, config_paths: list[Path], port_file: Path, log_path: Path) -> subprocess.Popen:
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        port_file.parent.mkdir(parents=True, exist_ok=True)
+        log = open(log_path, "ab")
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         # fewer malloc arenas: gRPC's 1 MiB chunk buffers otherwise churn through page faults (measured in
         # docs/wire.md: transfers ~420 -> ~570 MB/s, receiver RSS bounded)
         env.setdefault("MALLOC_ARENA_MAX", "2")
         if kind in ("llm", "slm") and "COTUNE_TORCH_THREADS" not in os.environ:
             # model processes share this machine's cores instead of each spinning on all of them
-            parties = 1 + len(self.config.clients)
-            env["COTUNE_TORCH_THREADS"] = str(max(1, (os.cpu_count() or 1) // parties))
-        svc.process = subprocess.Popen(
-            [sys.executable, "-m", "cotune.cli", "serve", kind, "--config", str(cfg_path), "--port-file", str(svc.port_file)],
-            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        log.close()
+            env["COTUNE_TORCH_THREADS"] = str(max(1, (os.cpu_count() or 1) // self._model_processes()))
+        args = [sys.executable, "-m", "cotune.cli", "serve", kind]
+        for path in config_paths:
+            args += ["--config", str(path)]
+        try:
+            return subprocess.Popen(args + ["--port-file", str(port_file)],
+                                    stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        finally:
+            log.close()
+
+    def _spawn(self, name: str, kind: str, data: dict) -> ServiceProcess:
+        cfg_path = self.workdir / "configs" / f"{name}.yaml"
+        _write_config(cfg_path, data)
+        svc = ServiceProcess(name, kind, cfg_path, self.workdir / "logs" / f"{name}.log", self.workdir / "ports" / f"{name}.port")
+        svc.port_file.unlink(missing_ok=True)
+        svc.process = self._popen(kind, [cfg_path], svc.port_file, svc.log_path)
         self.services[name] = svc
         return svc
+
+    def _spawn_clients(self, process_name: str, clients: list[tuple[str, dict]]) -> list[ServiceProcess]:
+        """One process hosting several SLM clients (`cotune serve slm --config ... --config ...`): client i of the
+        process reports its port in ports/<process_name>.port.<i> (the serve command's convention)."""
+        if len(clients) == 1:
+            return [self._spawn(clients[0][0], "slm", clients[0][1])]
+        port_base = self.workdir / "ports" / f"{process_name}.port"
+        log_path = self.workdir / "logs" / f"{process_name}.log"
+        names = [name for name, _ in clients]
+        members = []
+        for i, (name, data) in enumerate(clients):
+            cfg_path = self.workdir / "configs" / f"{name}.yaml"
+            _write_config(cfg_path, data)
+            svc = ServiceProcess(name, "slm", cfg_path, log_path, Path(f"{port_base}.{i}"), group=names)
+            svc.port_file.unlink(missing_ok=True)
+            members.append(svc)
+        process = self._popen("slm", [m.config_path for m in members], port_base, log_path)
+        for svc in members:
+            svc.process = process
+            self.services[svc.name] = svc
+        return members
 
     def _await_port(self, svc: ServiceProcess) -> None:
         deadline = time.monotonic() + 120
@@ -158,9 +199,13 @@ class LocalCluster:
                 from_dict(AlignmentConfig, data, "alignment")
                 workers.append(self._spawn("alignment", "alignment", data))
             workers.append(self._spawn("llm", "llm", self._party_data("llm", self.config.llm)))
+            clients = []
             for i, client in enumerate(self.config.clients):
                 name = client.get("party_id") or f"client-{i + 1}"
-                workers.append(self._spawn(name, "slm", self._party_data(name, client)))
+                clients.append((name, self._party_data(name, client)))
+            k = self.config.clients_per_process
+            for g, start in enumerate(range(0, len(clients), k), 1):
+                workers.extend(self._spawn_clients(f"slm-{g}", clients[start:start + k]))
             for svc in workers:
                 self._await_port(svc)
             for svc in workers:
@@ -188,33 +233,53 @@ class LocalCluster:
         (self.workdir / STATE_FILE).write_text(json.dumps(state, indent=2))
 
     def restart(self, name: str) -> str:
-        """Stop one service (SIGKILL) and start it again from its config; returns its new address."""
+        """Stop one service (SIGKILL) and start it again from its config; returns its new address. A packed client
+        restarts with its whole process (every client of it gets a new address)."""
         svc = self.services[name]
         self.kill(name)
-        data = yaml.safe_load(svc.config_path.read_text())
-        new = self._spawn(name, svc.kind, data)
-        self._await_port(new)
-        wait_healthy(new.address, timeout_s=self.start_timeout_s, service=name, process=new.process, log_path=new.log_path)
+        if svc.group:
+            members = [self.services[n] for n in svc.group]
+            process_name = svc.log_path.stem
+            clients = [(m.name, yaml.safe_load(m.config_path.read_text())) for m in members]
+            restarted = self._spawn_clients(process_name, clients)
+        else:
+            data = yaml.safe_load(svc.config_path.read_text())
+            restarted = [self._spawn(name, svc.kind, data)]
+        for new in restarted:
+            self._await_port(new)
+        for new in restarted:
+            wait_healthy(new.address, timeout_s=self.start_timeout_s, service=new.name, process=new.process,
+                         log_path=new.log_path)
         self._write_state()
-        return new.address
+        return self.services[name].address
 
     def kill(self, name: str) -> None:
+        """SIGKILL a service's process (for a packed client: its process, with every client it hosts)."""
         svc = self.services[name]
         if svc.process and svc.process.poll() is None:
             svc.process.kill()
             svc.process.wait(timeout=30)
 
+    def processes(self) -> dict[int, list[str]]:
+        """The services each started process hosts, by pid (packed clients share one)."""
+        out: dict[int, list[str]] = {}
+        for name, svc in self.services.items():
+            if svc.process is not None:
+                out.setdefault(svc.pid, []).append(name)
+        return out
+
     def down(self, grace_s: float = 10.0) -> None:
-        running = [s for s in self.services.values() if s.process and s.process.poll() is None]
-        for svc in running:
-            svc.process.send_signal(signal.SIGTERM)
+        running = list({id(s.process): s.process for s in self.services.values()
+                        if s.process and s.process.poll() is None}.values())
+        for process in running:
+            process.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + grace_s
-        for svc in running:
+        for process in running:
             try:
-                svc.process.wait(timeout=max(0.1, deadline - time.monotonic()))
+                process.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                svc.process.kill()
-                svc.process.wait(timeout=10)
+                process.kill()
+                process.wait(timeout=10)
         state = self.workdir / STATE_FILE
         state.unlink(missing_ok=True)
 
@@ -233,9 +298,12 @@ def down_detached(workdir: str | Path) -> list[str]:
         raise FileNotFoundError(f"no running cluster recorded at {state_path}")
     state = json.loads(state_path.read_text())
     stopped = []
+    signalled: set[int] = set()
     for name, entry in state.items():
         try:
-            os.kill(entry["pid"], signal.SIGTERM)
+            if entry["pid"] not in signalled:  # packed clients share their process's pid
+                os.kill(entry["pid"], signal.SIGTERM)
+                signalled.add(entry["pid"])
             stopped.append(name)
         except ProcessLookupError:
             pass

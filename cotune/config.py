@@ -68,6 +68,11 @@ class DataConfig:
 
 
 @dataclass
+class EvaluationConfig:
+    mc_scoring: str = "shared_prompt"  # multiple choice: shared_prompt (prompt run once per item) | per_choice
+
+
+@dataclass
 class PartyConfig:
     party_id: str = ""
     listen: str = "127.0.0.1:0"
@@ -79,10 +84,14 @@ class PartyConfig:
     data: DataConfig = field(default_factory=DataConfig)
     tls: TlsConfig = field(default_factory=TlsConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
 
     def validate(self, role: str) -> None:
         if not self.party_id:
             raise ConfigError("party_id is required")
+        if self.evaluation.mc_scoring not in ("shared_prompt", "per_choice"):
+            raise ConfigError("evaluation.mc_scoring must be shared_prompt or per_choice, "
+                              f"got {self.evaluation.mc_scoring!r}")
         if not self.workdir:
             raise ConfigError("workdir is required (blob store and caches live there)")
         if not self.model.path:

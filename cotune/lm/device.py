@@ -1,10 +1,15 @@
 """Device and dtype selection shared by every party.
 
-'auto' means: CUDA when present (bf16 there, fp16 on GPUs without bf16), otherwise CPU in fp32.
+'auto' means: CUDA when present (bf16 there, fp16 on GPUs without bf16), otherwise CPU: bf16 when the CPU has
+native bf16 matrix instructions (see :func:`cpu_has_native_bf16`), else fp32. Whatever the choice, only the frozen
+base weights take that dtype: LoRA parameters (the trained master weights), their gradients, the optimizer state and
+the logits that reach the losses stay fp32 (see cotune.lm.lora.attach_lora, cotune.lm.batching.head_logits and
+cotune.lm.train.Trainer.step, which adds a loss scale for fp16).
 """
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -33,8 +38,31 @@ def pick_device(pref: str | torch.device | None = "auto") -> torch.device:
     return device
 
 
+@functools.lru_cache(maxsize=1)
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 matrices natively, so a bf16 model runs faster than fp32 on it.
+
+    The check (cached once per process, microseconds, no timing involved so every run decides the same way): torch's
+    oneDNN backend is available and the CPU has AMX tiles (AMX-BF16: Sapphire Rapids and later) or the AVX512-BF16
+    instructions (Cooper Lake, Zen 4 and later), as reported by torch's own cpuinfo (``torch.cpu._is_amx_tile_supported``
+    also checks that the OS has enabled the AMX state). ``torch.ops.mkldnn._is_mkldnn_bf16_supported()`` is not used:
+    it is also true on plain AVX512 CPUs, where oneDNN emulates bf16 and is slower than fp32. Other CPUs (older x86,
+    ARM, or a torch without these probes) answer False, i.e. fp32.
+    """
+    try:
+        if not torch.backends.mkldnn.is_available():
+            return False
+        cpu = torch.cpu
+        amx = bool(getattr(cpu, "_is_amx_tile_supported", lambda: False)())
+        avx512_bf16 = bool(getattr(cpu, "_is_avx512_bf16_supported", lambda: False)())
+        return amx or avx512_bf16
+    except Exception:  # pragma: no cover - private torch probes missing or failing: be conservative
+        return False
+
+
 def pick_dtype(pref: str | torch.dtype | None, device: torch.device | str) -> torch.dtype:
-    """'auto' -> bf16 on CUDA (fp16 where the GPU lacks bf16), fp32 elsewhere; or 'fp32'/'bf16'/'fp16'."""
+    """'auto' -> on CUDA bf16 (fp16 where the GPU lacks bf16); on CPU bf16 where :func:`cpu_has_native_bf16`, else
+    fp32; other devices fp32. Or explicitly 'fp32'/'bf16'/'fp16' (or a torch.dtype), taken as given."""
     if isinstance(pref, torch.dtype):
         return pref
     device = torch.device(device) if not isinstance(device, torch.device) else device
@@ -42,6 +70,8 @@ def pick_dtype(pref: str | torch.dtype | None, device: torch.device | str) -> to
     if pref == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        if device.type == "cpu" and cpu_has_native_bf16():
+            return torch.bfloat16
         return torch.float32
     try:
         return _DTYPES[pref]

@@ -77,7 +77,14 @@ def lora_target_modules(model) -> list[str]:
 
 
 def attach_lora(model, *, r: int = 8, alpha: int = 16, dropout: float = 0.05, seed: int = 0, target_modules=None):
-    """Wrap model in a peft LoRA PeftModel; only the LoRA parameters are trainable. Deterministic for a seed."""
+    """Wrap model in a peft LoRA PeftModel; only the LoRA parameters are trainable. Deterministic for a seed.
+
+    The LoRA parameters are fp32 whatever the base model's dtype (a bf16/fp16 base keeps its frozen weights in that
+    dtype; the adapters are the fp32 master weights the optimizer updates), and their initial values are the same
+    for a seed whatever the base dtype: peft draws them in fp32, rounds them to the base dtype and casts back, so on a
+    half-precision base the fp32 draw is restored (:func:`_restore_fp32_init`). An fp32 model takes exactly the
+    plain peft path.
+    """
     from peft import LoraConfig, TaskType, get_peft_model
 
     targets = list(target_modules) if target_modules else lora_target_modules(model)
@@ -98,9 +105,57 @@ def attach_lora(model, *, r: int = 8, alpha: int = 16, dropout: float = 0.05, se
     with torch.random.fork_rng(devices=devices), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         torch.manual_seed(seed)
-        peft_model = get_peft_model(model, config)
+        # autocast_adapter_dtype (peft's default, stated here because cotune relies on it): adapters of a bf16/fp16
+        # base are kept in fp32.
+        peft_model = get_peft_model(model, config, autocast_adapter_dtype=True)
+    params = _lora_params(peft_model)
+    if any(p.dtype != torch.float32 for p in params.values()):
+        with torch.no_grad():  # a peft that did not upcast: do it here (fp32 master weights)
+            for p in params.values():
+                if p.dtype in (torch.float16, torch.bfloat16):
+                    p.data = p.data.float()
+    if any(p.dtype in (torch.float16, torch.bfloat16) for p in peft_model.parameters()):
+        _restore_fp32_init(peft_model, seed, devices)
     peft_model.eval()
     return peft_model
+
+
+def _restore_fp32_init(peft_model, seed: int, devices: list[int]) -> bool:
+    """Replace the LoRA weights of a half-precision base (peft's fp32 draw, rounded to the base dtype) by the fp32
+    draw itself, so a party's initial adapter does not depend on its precision.
+
+    The draw is replayed in peft's order (per LoRA layer, in module order: ``nn.Linear(in, r)`` and
+    ``nn.Linear(r, out)`` are built, then A gets kaiming_uniform(a=sqrt(5)) and B zeros) and used only if every
+    replayed tensor rounds to exactly what peft produced; otherwise (a peft that draws differently) peft's values stay.
+    Returns whether the fp32 draw was restored."""
+    import math
+
+    from peft.tuners.lora import LoraLayer
+
+    adapter = _adapter_name(peft_model)
+    if isinstance(adapter, (list, tuple)):
+        adapter = adapter[0]
+    layers = [m for _, m in peft_model.named_modules() if isinstance(m, LoraLayer) and adapter in m.lora_A]
+    replay: list[tuple[torch.nn.Parameter, torch.Tensor, torch.dtype]] = []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        for layer in layers:
+            a, b = layer.lora_A[adapter], layer.lora_B[adapter]
+            if not (isinstance(a, nn.Linear) and isinstance(b, nn.Linear)) or b.bias is not None:
+                return False
+            base_dtype = layer.get_base_layer().weight.dtype
+            new_a = nn.Linear(a.in_features, a.out_features, bias=False)
+            nn.Linear(b.in_features, b.out_features, bias=False)  # consumes the RNG like peft's lora_B
+            nn.init.kaiming_uniform_(new_a.weight, a=math.sqrt(5))
+            replay.append((a.weight, new_a.weight.detach(), base_dtype))
+            replay.append((b.weight, torch.zeros(b.weight.shape), base_dtype))
+    for param, value, base_dtype in replay:
+        if param.shape != value.shape or not torch.equal(value.to(base_dtype).float(), param.detach().float().cpu()):
+            return False
+    with torch.no_grad():
+        for param, value, _ in replay:
+            param.copy_(value.to(param.device))
+    return True
 
 
 def _adapter_name(model) -> str:
@@ -124,8 +179,13 @@ def _lora_params(model) -> dict[str, torch.nn.Parameter]:
 
 
 def lora_state_dict(model) -> dict[str, torch.Tensor]:
-    """LoRA weights under canonical keys, detached CPU contiguous copies."""
-    return {k: p.detach().to("cpu", copy=True).contiguous() for k, p in sorted(_lora_params(model).items())}
+    """LoRA weights under canonical keys, detached CPU contiguous fp32 copies (attach_lora keeps them fp32 on any
+    base dtype; a half-precision adapter is upcast, so adapter bytes and hashes compare across parties)."""
+    out = {}
+    for k, p in sorted(_lora_params(model).items()):
+        t = p.detach().to("cpu", copy=True).contiguous()
+        out[k] = t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+    return out
 
 
 def lora_shapes(model) -> dict[str, tuple[int, ...]]:

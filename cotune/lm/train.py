@@ -284,23 +284,56 @@ class Trainer:
         group's parameters, optimizer step, schedule step. A non-finite loss (or, with clipping on, a non-finite
         gradient norm) makes no update:
         parameters and optimizer state stay as they were, the group's skipped_steps counts it, and False is
-        returned. The only place in the project where an optimizer steps."""
+        returned. The only place in the project where an optimizer steps.
+
+        On an fp16 model (base weights in float16: GPUs without bf16) the backward runs through a per-group
+        ``torch.amp.GradScaler`` (created on the group's first step): the loss is scaled before backward, the
+        gradients unscaled before clipping, and a step whose unscaled gradients are non-finite (an fp16 overflow) is
+        skipped and counted like any other, while the scaler lowers its scale; the scale grows again after 2000 clean
+        steps. It is not part of state_dict_bytes (a restored trainer starts from the initial scale). fp32 and bf16
+        models (bf16 has fp32's exponent range) take the plain path."""
         group = self.group(params)
         if not math.isfinite(float(loss.detach())):
             group.skipped_steps += 1
             return False
+        scaler = getattr(group, "grad_scaler", False)
+        if scaler is False:  # decided once per group: a GradScaler iff the model holds fp16 weights
+            fp16 = any(p.dtype == torch.float16 for p in self.model.parameters())
+            scaler = torch.amp.GradScaler(self.device.type) if fp16 else None
+            group.grad_scaler = scaler
         group.optimizer.zero_grad(set_to_none=True)
+        if scaler is None:
+            with phase("backward"):
+                loss.backward()
+            with phase("optimizer"):
+                clip = self.config.grad_clip
+                if clip and clip > 0:
+                    norm = torch.nn.utils.clip_grad_norm_(group.params, clip)
+                    if not math.isfinite(float(norm)):
+                        group.optimizer.zero_grad(set_to_none=True)
+                        group.skipped_steps += 1
+                        return False
+                group.optimizer.step()
+                group.scheduler.step()
+            group.steps += 1
+            return True
         with phase("backward"):
-            loss.backward()
+            scaler.scale(loss).backward()
         with phase("optimizer"):
+            scaler.unscale_(group.optimizer)  # gradients in true units (fp32 master grads) before clipping
             clip = self.config.grad_clip
             if clip and clip > 0:
                 norm = torch.nn.utils.clip_grad_norm_(group.params, clip)
-                if not math.isfinite(float(norm)):
-                    group.optimizer.zero_grad(set_to_none=True)
-                    group.skipped_steps += 1
-                    return False
-            group.optimizer.step()
+                finite = math.isfinite(float(norm))
+            else:
+                finite = all(bool(torch.isfinite(p.grad).all()) for p in group.params if p.grad is not None)
+            if finite:
+                scaler.step(group.optimizer)  # the scaler found no inf either (same gradients): it steps
+            scaler.update()  # lowers the scale after an overflow, grows it after a run of clean steps
+            if not finite:
+                group.optimizer.zero_grad(set_to_none=True)
+                group.skipped_steps += 1
+                return False
             group.scheduler.step()
         group.steps += 1
         return True

@@ -3,12 +3,17 @@ the same two RPCs; which tasks are served is the party's own table)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import logging
+import signal
+import threading
+from collections.abc import Callable, Sequence
 
 from cotune.errors import rpc_method
 from cotune.party.base import ModelParty
 from cotune.rpc.server import ServiceHost, tls_files
 from cotune.v1 import party_pb2
+
+log = logging.getLogger(__name__)
 
 
 class PartyServicer:
@@ -26,16 +31,79 @@ class PartyServicer:
         return self.party.start_task(request)
 
 
-def serve_party(party: ModelParty, add_servicer: Callable, service_name: str, port_file: str | None = None) -> None:
-    """Run `party` as the gRPC service `service_name` (registered with `add_servicer`, e.g.
-    party_pb2_grpc.add_LLMServerServicer_to_server) until SIGTERM: listen at once (NOT_SERVING), load the model,
-    then SERVING."""
+def party_host(party: ModelParty, add_servicer: Callable, service_name: str) -> ServiceHost:
+    """The (not yet started) ServiceHost of one party: its own listen address, TLS and tokens, its service, blob store
+    and operations."""
     cfg = party.cfg
     host = ServiceHost(f"cotune.{party.role}", cfg.listen, tls=tls_files(cfg.tls), tokens=cfg.auth.tokens or None)
     host.add(add_servicer, PartyServicer(party), party_pb2, service_name)
     host.add_blobs_and_operations(party.store, party.ops)
+    return host
+
+
+def serve_party(party: ModelParty, add_servicer: Callable, service_name: str, port_file: str | None = None) -> None:
+    """Run `party` as the gRPC service `service_name` (registered with `add_servicer`, e.g.
+    party_pb2_grpc.add_LLMServerServicer_to_server) until SIGTERM: listen at once (NOT_SERVING), load the model,
+    then SERVING."""
+    host = party_host(party, add_servicer, service_name)
     host.start(port_file)
     party.load()
     host.set_serving(True)
     host.wait_for_termination_signal()
     party.ops.shutdown()
+
+
+class _Stopped(BaseException):
+    """Raised by the signal handler while models are loading."""
+
+
+def serve_parties(parties: Sequence[ModelParty], add_servicer: Callable, service_name: str,
+                  port_files: Sequence[str | None]) -> None:
+    """Several parties in one process (scale tests: many logical clients per process), each on its own port with its
+    own ServiceHost, until SIGTERM/SIGINT stops them all. Every host listens at once (NOT_SERVING, port written to its
+    port file); then the models load one after another, each host turning SERVING when its own model is loaded. A
+    signal during loading abandons the load in progress and stops every host at once."""
+    if len(port_files) != len(parties):
+        raise ValueError(f"{len(parties)} parties but {len(port_files)} port files")
+    ids = [p.cfg.party_id for p in parties]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"party ids must be distinct within a process: {ids}")
+    hosts = [party_host(p, add_servicer, service_name) for p in parties]
+    stop = threading.Event()
+    loading = True
+
+    def on_signal(*_):
+        stop.set()
+        if loading:  # abandon the model being loaded (as a single party's process dies on SIGTERM while loading)
+            raise _Stopped()
+
+    started: list[ServiceHost] = []
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        try:
+            for host, port_file in zip(hosts, port_files):
+                host.start(port_file)
+                started.append(host)
+            for i, (party, host) in enumerate(zip(parties, hosts)):
+                party.load()
+                host.set_serving(True)
+                log.info("%s serving (%d of %d in this process)", party.cfg.party_id, i + 1, len(parties))
+            loading = False
+            while not stop.wait(1.0):  # a timed wait, so that the main thread runs the signal handler promptly
+                pass
+        except _Stopped:
+            log.info("stopped while loading models")
+        finally:
+            loading = False
+            for host in started:
+                host.set_serving(False)
+            stoppers = [threading.Thread(target=h.stop, daemon=True) for h in started]  # drain in parallel
+            for t in stoppers:
+                t.start()
+            for t in stoppers:
+                t.join()
+            for party in parties:
+                party.ops.shutdown()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

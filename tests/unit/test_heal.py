@@ -116,7 +116,7 @@ def test_layer_reduced_copy_heals_saves_and_is_cached(tiny_dirs, tok, arc, tmp_p
     # the tokenizer is the source's, byte for byte
     for name in ("tokenizer.json", "tokenizer_config.json"):
         assert (out / name).read_bytes() == (src_dir / name).read_bytes()
-    healed, healed_tok = load_causal_lm(out, device="cpu")
+    healed, healed_tok = load_causal_lm(out, device="cpu", dtype="fp32")
     text = "Question: Which gas do plants take in?\nAnswer: carbon dioxide"
     assert healed_tok(text)["input_ids"] == tok(text)["input_ids"]
     assert len(healed.get_submodule(decoder_layers_prefix(healed))) == 3

@@ -35,7 +35,7 @@ def lm(tmp_path_factory):
 
     tok = load_tokenizer(TOKENIZER)
     d = make_tiny_model(tok, tmp_path_factory.mktemp("tiny") / "gpt2", arch="gpt2", hidden=32, heads=2, seed=5)
-    model, tok = load_causal_lm(d, device="cpu")
+    model, tok = load_causal_lm(d, device="cpu", dtype="fp32")
     return attach_lora(model, dropout=0.0), tok
 
 
@@ -104,7 +104,7 @@ def test_evaluate_mc_picks_the_trained_choice(tmp_path):
     from cotune.align.tokenizers import load_tokenizer
 
     d = make_tiny_model(load_tokenizer(TOKENIZER), tmp_path / "llama", arch="llama", hidden=32, heads=2)
-    model, tok = load_causal_lm(d, device="cpu")
+    model, tok = load_causal_lm(d, device="cpu", dtype="fp32")
     model = attach_lora(model, dropout=0.0)
     # Choices of equal byte length, so accuracy and accuracy_norm agree.
     mc = [

@@ -12,7 +12,7 @@ import torch
 from cotune.align.vocab_basics import gpt2_byte_to_unicode
 from cotune.demo.tiny import make_tiny_model
 from cotune.lm import model as model_mod
-from cotune.lm.device import pick_device, pick_dtype
+from cotune.lm.device import cpu_has_native_bf16, pick_device, pick_dtype
 from cotune.lm.model import ModelNotInstalledError, load_causal_lm, real_model_path
 from tests.unit.lm_fixtures import TOKENIZER, needs_tokenizer
 
@@ -21,7 +21,7 @@ def test_pick_device_and_dtype():
     dev = pick_device("auto")
     assert dev.type == ("cuda" if torch.cuda.is_available() else "cpu")
     assert pick_device("cpu") == torch.device("cpu")
-    assert pick_dtype("auto", torch.device("cpu")) == torch.float32
+    assert pick_dtype("auto", torch.device("cpu")) == (torch.bfloat16 if cpu_has_native_bf16() else torch.float32)
     assert pick_dtype("bf16", "cpu") == torch.bfloat16
     assert pick_dtype("fp16", "cpu") == torch.float16
     assert pick_dtype("fp32", "cpu") == torch.float32
@@ -42,7 +42,7 @@ def test_tiny_model_is_deterministic_and_loads(tmp_path):
     c = make_tiny_model(tok, tmp_path / "c", arch="llama", hidden=32, heads=2, seed=2)
     blob = lambda d: (d / "model.safetensors").read_bytes()  # noqa: E731
     assert blob(a) == blob(b) != blob(c)
-    model, mtok = load_causal_lm(a, device="cpu")
+    model, mtok = load_causal_lm(a, device="cpu", dtype="fp32")
     assert not model.training and model.dtype == torch.float32
     assert model.config.vocab_size == len(tok)
     assert mtok.is_fast and mtok.pad_token_id is not None and mtok.eos_token_id is not None
@@ -103,7 +103,7 @@ def test_gguf_is_converted_once_and_cached(tmp_path, monkeypatch):
 
     gguf_path = _write_tiny_gguf(tmp_path / "tiny.gguf")
     cache = tmp_path / "cache"
-    model, tok = load_causal_lm(gguf_path, cache_dir=cache, device="cpu")
+    model, tok = load_causal_lm(gguf_path, cache_dir=cache, device="cpu", dtype="fp32")
     entries = [p for p in cache.iterdir() if p.is_dir()]
     assert len(entries) == 1 and entries[0].name == "gguf-" + model_mod.sha256_file(gguf_path)
     cfg = json.loads((entries[0] / "config.json").read_text())
@@ -122,7 +122,7 @@ def test_gguf_is_converted_once_and_cached(tmp_path, monkeypatch):
         raise AssertionError("converted twice")
 
     monkeypatch.setattr(model_mod, "convert_gguf", boom)
-    again, _ = load_causal_lm(gguf_path, cache_dir=cache, device="cpu")
+    again, _ = load_causal_lm(gguf_path, cache_dir=cache, device="cpu", dtype="fp32")
     direct = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
     x = torch.tensor([[1, 5, 9, 200, 259]])
     with torch.no_grad():

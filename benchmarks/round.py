@@ -43,7 +43,7 @@ MODES = {
 LOSS_RTOL, LOSS_ATOL, ACC_ATOL = 0.02, 0.02, 0.05
 NOT_COMPARED = ("time/", "seconds", "_steps", "_samples", "_positions", "_bytes", "bytes_per", "_tokens", "tokens",
                 "eval_n", "fedavg_weight", "_params", "layers", "kd_targets", "kd_samples", "kd_from", "kd_none",
-                "kd_self", "global_step", "stopped")  # (kd_*: how many samples chose each teacher)
+                "kd_self", "global_step", "stopped", "_ppl")  # kd_*: samples per teacher; ppl = exp(loss), compared as loss
 
 
 def _configure(config, mode: dict, workdir: Path):

@@ -73,11 +73,12 @@ class RunDriver:
                                          done=done, total=total, message=message, state=self.record.state))
 
     def round_record(self, round: int) -> pb.RoundRecord:
+        """The round's record, created at its first change; every change stamps finished_at (its last change)."""
         with self._lock:
-            for rec in self.record.rounds:
-                if rec.round == round:
-                    return rec
-            rec = self.record.rounds.add(round=round, started_at=time.time())
+            rec = next((r for r in self.record.rounds if r.round == round), None)
+            if rec is None:
+                rec = self.record.rounds.add(round=round, started_at=time.time())
+            rec.finished_at = time.time()
             return rec
 
     def record_metrics(self, round: int, party_id: str, metrics: dict) -> None:

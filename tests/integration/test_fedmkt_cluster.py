@@ -57,6 +57,9 @@ def test_two_heterogeneous_rounds_complete_with_metrics_for_every_party(finished
 
 
 def test_every_step_records_where_its_time_went(finished_run):
+    rounds = sorted(finished_run.rounds, key=lambda r: r.round)
+    assert all(0 < r.started_at <= r.finished_at for r in rounds)
+    assert all(a.finished_at <= b.started_at for a, b in zip(rounds, rounds[1:]))  # a round ends before the next starts
     rec = {r.round: r for r in finished_run.rounds}[1]
     metrics = {p.party_id: dict(p.metrics) for p in rec.parties}
     for pid in ("client-1", "client-2"):

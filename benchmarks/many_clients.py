@@ -43,8 +43,9 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from cotune.cluster import ClusterConfig, LocalCluster  # noqa: E402
-from cotune.data import federated_split, load_task, require_shared_data, write_jsonl  # noqa: E402
-from cotune.demo import PRESETS, cluster_config, demo_spec, prepare_models, wait_for_clients  # noqa: E402
+from cotune.data import federated_split, load_task, require_shared_data  # noqa: E402
+from cotune.demo import PRESETS, cluster_config, demo_spec, prepare_models, wait_for_clients, write_split  # noqa: E402
+from tests.integration.blob_server import proc_status_kib  # noqa: E402
 
 ALGORITHMS = ("fedavg", "fedmkt")
 # The tiny preset with small private shards (ARC-Easy train holds 2,251 examples: 100 clients + the public set at 16
@@ -69,16 +70,6 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def status_kib(pid: int) -> dict[str, int]:
-    out = {}
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith(("VmRSS:", "VmHWM:")):
-                key, value = line.split(":", 1)
-                out[key] = int(value.split()[0])
-    return out
-
-
 def reset_peak_rss(pid: int) -> bool:
     """Reset VmHWM to the current RSS (Linux >= 4.0); False where the kernel refuses (then VmHWM is the lifetime peak)."""
     try:
@@ -101,14 +92,7 @@ def split_data(out: Path, n: int, *, per_part: int = BENCH_PRESET.per_part, eval
     train = load_task(BENCH_PRESET.task, "train", data_dir=shared)
     evaluation = load_task(BENCH_PRESET.task, "validation", data_dir=shared)[:eval_size]
     split = federated_split(train, n, seed=seed, eval_examples=evaluation, per_part=per_part)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {"public": out / "public.jsonl", "eval": out / "eval.jsonl"}
-    write_jsonl(paths["public"], split.public)
-    write_jsonl(paths["eval"], split.eval)
-    for i, part in enumerate(split.clients, 1):
-        paths[f"client-{i}"] = out / f"client-{i}.jsonl"
-        write_jsonl(paths[f"client-{i}"], part)
-    return paths
+    return write_split(split, out)
 
 
 def family_root(workdir: Path, algorithm: str) -> Path:
@@ -179,14 +163,14 @@ def measure(workdir: Path, n: int, algorithm: str, clients_per_process: int, *, 
             log(f"{label}: cluster up in {up_s:.0f}s, {len(registered)} clients registered; running one round")
             startup_cpu = cpu_seconds(coord_pid)
             peak_reset = reset_peak_rss(coord_pid)
-            rss_before = status_kib(coord_pid)["VmRSS"]
+            rss_before = proc_status_kib(coord_pid)["VmRSS"]
             cpu0 = cpu_seconds(coord_pid)
             w0 = time.monotonic()
             run = client.start_run(run_spec(algorithm, n))
             run = watch_run(client, run.run_id, quiet=True)
             wall = time.monotonic() - w0
             cpu1 = cpu_seconds(coord_pid)
-            status = status_kib(coord_pid)
+            status = proc_status_kib(coord_pid)
         finally:
             client.close()
         slm_pids = {cluster.services[f"client-{i}"].pid for i in range(1, n + 1)}

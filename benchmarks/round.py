@@ -32,6 +32,7 @@ from cotune.demo import PRESETS, cluster_config, demo_spec, prepare_data, prepar
 from cotune.report import step_profiles  # noqa: E402
 from cotune.rpc.clients import CoordinatorClient  # noqa: E402
 from cotune.v1 import coordinator_pb2 as pb  # noqa: E402
+from tests.integration.blob_server import proc_status_kib  # noqa: E402
 
 ALGORITHMS = ("fedmkt", "fedcollm", "fedbiot")
 MODES = {
@@ -57,12 +58,9 @@ def _configure(config, mode: dict, workdir: Path):
 
 def _peak_rss_mib(pid: int) -> float:
     try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return float("nan")
+        return proc_status_kib(pid)["VmHWM"] / 1024
+    except (OSError, KeyError):  # the process is gone
+        return float("nan")
 
 
 def run_once(algorithm: str, mode_name: str, root: Path, preset_name: str) -> dict:

@@ -87,12 +87,8 @@ SHARED_TOKENIZER_ALGORITHMS = ("fedcollm", "fedavg", "zero-shot", "standalone", 
 COMPRESSING_ALGORITHMS = ("fedbiot", "fedot")
 
 
-def prepare_data(preset: Preset, workdir: Path, seed: int = 0) -> dict[str, Path]:
-    shared = require_shared_data()
-    train = load_task(preset.task, "train", data_dir=shared)
-    evaluation = load_task(preset.task, "validation", data_dir=shared)[: preset.eval_size]
-    split = federated_split(train, NUM_CLIENTS, seed=seed, eval_examples=evaluation, per_part=preset.per_part)
-    out = workdir / "data"
+def write_split(split, out: Path) -> dict[str, Path]:
+    """A federated split as JSONL files under `out`: public, eval and client-<i> (from 1), by name."""
     out.mkdir(parents=True, exist_ok=True)
     paths = {"public": out / "public.jsonl", "eval": out / "eval.jsonl"}
     write_jsonl(paths["public"], split.public)
@@ -100,6 +96,16 @@ def prepare_data(preset: Preset, workdir: Path, seed: int = 0) -> dict[str, Path
     for i, part in enumerate(split.clients, 1):
         paths[f"client-{i}"] = out / f"client-{i}.jsonl"
         write_jsonl(paths[f"client-{i}"], part)
+    return paths
+
+
+def prepare_data(preset: Preset, workdir: Path, seed: int = 0) -> dict[str, Path]:
+    shared = require_shared_data()
+    train = load_task(preset.task, "train", data_dir=shared)
+    evaluation = load_task(preset.task, "validation", data_dir=shared)[: preset.eval_size]
+    split = federated_split(train, NUM_CLIENTS, seed=seed, eval_examples=evaluation, per_part=preset.per_part)
+    out = workdir / "data"
+    paths = write_split(split, out)
     paths["union"] = out / "union.jsonl"  # every private shard: the centralized reference trains on it
     write_jsonl(paths["union"], [ex for part in split.clients for ex in part])
     return paths

@@ -82,11 +82,17 @@ class RunDriver:
             return rec
 
     def record_metrics(self, round: int, party_id: str, metrics: dict) -> None:
+        self._record_metrics(round, {party_id: metrics})
+
+    def _record_metrics(self, round: int, by_party: dict[str, dict]) -> None:
+        """Several parties' metrics in one save of the run record."""
         with self._lock:
             rec = self.round_record(round)
-            entry = next((p for p in rec.parties if p.party_id == party_id), None) or rec.parties.add(party_id=party_id)
-            for name, value in metrics.items():
-                entry.metrics[name] = float(value)
+            for party_id, metrics in by_party.items():
+                entry = (next((p for p in rec.parties if p.party_id == party_id), None)
+                         or rec.parties.add(party_id=party_id))
+                for name, value in metrics.items():
+                    entry.metrics[name] = float(value)
             self.save()
 
     def note(self, round: int, message: str, *, dropped: str = "", kind: str = "warning") -> None:
@@ -201,8 +207,7 @@ class RunDriver:
         walls = {pid: res.seconds for pid, res in outcome.ok.items() if isinstance(res, TaskOutcome)}
         if len(walls) > 1:
             slowest = max(walls.values())
-            for pid, wall in walls.items():
-                self.record_metrics(round, pid, {f"time/{step}/wait": slowest - wall})
+            self._record_metrics(round, {pid: {f"time/{step}/wait": slowest - wall} for pid, wall in walls.items()})
         needed = len(parties) if quorum is None else quorum
         if len(outcome.ok) < needed:
             raise Precondition(f"round {round} {step}: only {len(outcome.ok)} of {len(parties)} parties succeeded, "

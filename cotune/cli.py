@@ -41,8 +41,7 @@ def cmd_serve(args) -> int:
     else:
         from slm_client.service import serve
 
-        parties = [load_config(PartyConfig, path) for path in configs]
-        serve(parties[0] if len(parties) == 1 else parties, args.port_file)
+        serve([load_config(PartyConfig, path) for path in configs], args.port_file)
     return 0
 
 

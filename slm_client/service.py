@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from cotune.config import ConfigError, PartyConfig
-from cotune.party.service import serve_parties, serve_party
+from cotune.party.service import serve_parties
 from cotune.v1 import party_pb2_grpc
 from slm_client.client import SLMClient
 
@@ -24,9 +24,6 @@ def serve(cfg: PartyConfig | Sequence[PartyConfig], port_file: str | None = None
     cfgs = [cfg] if isinstance(cfg, PartyConfig) else list(cfg)
     if not cfgs:
         raise ConfigError("no SLM client config")
-    if len(cfgs) == 1:
-        serve_party(SLMClient(cfgs[0]), party_pb2_grpc.add_SLMClientServicer_to_server, "SLMClient", port_file)
-        return
     ids = [c.party_id for c in cfgs]
     if len(set(ids)) != len(ids):
         raise ConfigError(f"the configs hosted by one process need distinct party_id values: {ids}")

@@ -233,11 +233,19 @@ def _score_shared_prompt(model, tokenizer, groups: Sequence[Sequence[EncodedPair
                     out[g] = s
     finally:
         model.train(was_training)
-    if fallback:
-        scores = _score(model, tokenizer, [groups[g][j] for g, j in fallback], batch_size)
-        for (g, j), s in zip(fallback, scores):
-            out[g][j] = float(s.sum())  # type: ignore[index]
+    _score_per_choice(model, tokenizer, groups, batch_size, fallback, out)
     return out  # type: ignore[return-value]
+
+
+def _score_per_choice(model, tokenizer, groups: Sequence[Sequence[EncodedPair]], batch_size: int,
+                      which: Sequence[tuple[int, int]], out: list[np.ndarray]) -> None:
+    """Score the pairs `which` ((group, pair) indices) each as its own sequence; their summed log-likelihoods go to
+    out[group][pair]."""
+    if not which:
+        return
+    scores = _score(model, tokenizer, [groups[g][j] for g, j in which], batch_size)
+    for (g, j), s in zip(which, scores):
+        out[g][j] = float(s.sum())
 
 
 def choice_loglikelihoods(
@@ -260,16 +268,9 @@ def choice_loglikelihoods(
         groups = [[encode_pair(tokenizer, ex.prompt, c, max_length) for c in ex.choices] for ex in examples]
     if mc_scoring == "shared_prompt":
         return _score_shared_prompt(model, tokenizer, groups, batch_size)
-    pairs, owner = [], []
-    for e, group in enumerate(groups):
-        pairs.extend(group)
-        owner.extend([e] * len(group))
-    scores = _score(model, tokenizer, pairs, batch_size)
-    out = [np.zeros(len(ex.choices)) for ex in examples]
-    counters = [0] * len(examples)
-    for e, s in zip(owner, scores):
-        out[e][counters[e]] = float(s.sum())
-        counters[e] += 1
+    out = [np.zeros(len(group)) for group in groups]
+    _score_per_choice(model, tokenizer, groups, batch_size, [(g, j) for g, group in enumerate(groups)
+                                                              for j in range(len(group))], out)
     return out
 
 

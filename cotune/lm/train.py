@@ -401,11 +401,14 @@ class Trainer:
         return res
 
     # ---------------------------------------------------------------------------------------------- encoding
-    def encode(self, examples: Sequence[Example]) -> list[EncodedPair]:
+    def encode(self, examples: Sequence[Example], max_length: int | None = None) -> list[EncodedPair]:
+        """encode_pair of every example at `max_length` tokens (default: the config's)."""
+        length = self.config.max_length if max_length is None else int(max_length)
         with phase("data"):
-            return [encode_pair(self.tokenizer, ex.prompt, ex.response, self.config.max_length) for ex in examples]
+            return [encode_pair(self.tokenizer, ex.prompt, ex.response, length) for ex in examples]
 
-    def _prepare_targets(self, pairs: Sequence[EncodedPair], targets: Sequence[KDTarget | None]) -> list:
+    def _prepare_targets(self, pairs: Sequence[EncodedPair], targets: Sequence[KDTarget | None],
+                         max_length: int | None = None) -> list:
         if len(targets) != len(pairs):
             raise ValueError(f"got {len(targets)} KD targets for {len(pairs)} examples")
         out: list[_Target | None] = []
@@ -429,7 +432,7 @@ class Trainer:
             if pos.min() < 0 or pos.max() >= len(pair.ids):
                 raise ValueError(
                     f"KD target {i}: positions must lie in [0, {len(pair.ids)}) of this party's tokenization "
-                    f"(max_length={self.config.max_length}); got range [{pos.min()}, {pos.max()}]"
+                    f"(max_length={self.config.max_length if max_length is None else max_length}); got range [{pos.min()}, {pos.max()}]"
                 )
             if len(np.unique(pos)) != pos.size:
                 raise ValueError(f"KD target {i}: duplicate positions")
@@ -608,17 +611,20 @@ class Trainer:
         *,
         ce_weight: float,
         epochs: int | None = None,
+        max_length: int | None = None,
         progress: Progress | None = None,
         should_stop: ShouldStop | None = None,
     ) -> dict:
-        """λ·CE + (1−λ)·KD per sample, λ = ce_weight in [0, 1] (λ·CE alone where the target is None), KD = sparse_kd_loss at the target
-        positions. kd_before/kd_after: mean KD per targeted position, and ce_before/ce_after: mean CE per response
-        token, both measured without grad in eval mode (NaN when there is nothing to measure)."""
-        pairs = self.encode(examples)
-        prepared = self._prepare_targets(pairs, targets)
-        ce_b, kd_b, _, kd_n = self._eval_pass(pairs, prepared)
+        """λ·CE + (1−λ)·KD per sample, λ = ce_weight in [0, 1] (λ·CE alone where the target is None), KD =
+        sparse_kd_loss at the target positions, the examples encoded at `max_length` tokens (default: the config's;
+        the targets' positions must come from the same length). kd_before/kd_after: mean KD per targeted position,
+        and ce_before/ce_after: mean CE per response token, both measured without grad in eval mode (NaN when there
+        is nothing to measure)."""
         if not 0.0 <= ce_weight <= 1.0:
             raise ValueError(f"ce_weight must be in [0, 1], got {ce_weight}")
+        pairs = self.encode(examples, max_length)
+        prepared = self._prepare_targets(pairs, targets, max_length)
+        ce_b, kd_b, _, kd_n = self._eval_pass(pairs, prepared)
         result = self._train_loop(pairs, prepared, epochs, progress, should_stop, ce_weight)
         ce_a, kd_a, _, _ = self._eval_pass(pairs, prepared)
         result.update(

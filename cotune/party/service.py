@@ -44,13 +44,8 @@ def party_host(party: ModelParty, add_servicer: Callable, service_name: str) -> 
 def serve_party(party: ModelParty, add_servicer: Callable, service_name: str, port_file: str | None = None) -> None:
     """Run `party` as the gRPC service `service_name` (registered with `add_servicer`, e.g.
     party_pb2_grpc.add_LLMServerServicer_to_server) until SIGTERM: listen at once (NOT_SERVING), load the model,
-    then SERVING."""
-    host = party_host(party, add_servicer, service_name)
-    host.start(port_file)
-    party.load()
-    host.set_serving(True)
-    host.wait_for_termination_signal()
-    party.ops.shutdown()
+    then SERVING. One party is the one-element case of serve_parties."""
+    serve_parties([party], add_servicer, service_name, [port_file])
 
 
 class _Stopped(BaseException):
@@ -65,9 +60,6 @@ def serve_parties(parties: Sequence[ModelParty], add_servicer: Callable, service
     signal during loading abandons the load in progress and stops every host at once."""
     if len(port_files) != len(parties):
         raise ValueError(f"{len(parties)} parties but {len(port_files)} port files")
-    ids = [p.cfg.party_id for p in parties]
-    if len(set(ids)) != len(ids):
-        raise ValueError(f"party ids must be distinct within a process: {ids}")
     hosts = [party_host(p, add_servicer, service_name) for p in parties]
     stop = threading.Event()
     loading = True

@@ -16,6 +16,18 @@ needs_tokenizer = pytest.mark.skipif(not TOKENIZER.exists(), reason=f"shared tok
 _TOKENIZERS: dict = {}
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Models this small gain nothing from a second thread, and lose a lot when the cores are busy. A module makes it
+    autouse with `pytestmark = pytest.mark.usefixtures("one_thread")` after importing it."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def load_cached(model_dir):
     """load_causal_lm semantics, with the (slow to parse) tokenizer loaded once per directory."""
     from transformers import AutoModelForCausalLM

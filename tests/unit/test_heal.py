@@ -14,24 +14,15 @@ from cotune.demo import heal as heal_mod
 from cotune.demo.heal import MARKER_FILE, layer_reduced_copy, reduce_layers
 from cotune.demo.tiny import make_tiny_model
 from cotune.lm.layers import decoder_layers_prefix
-from tests.unit.lm_fixtures import SHARED
+from tests.unit.lm_fixtures import SHARED, one_thread  # noqa: F401 (fixture)
 
 TOKENIZER = SHARED / "tokenizers" / "mistral-7b-hf" / "tokenizer.json"
 ARC = SHARED / "datasets" / "arc_easy"
-pytestmark = pytest.mark.skipif(
+pytestmark = [pytest.mark.skipif(
     not (TOKENIZER.exists() and ARC.exists()), reason=f"shared tokenizer/ARC data not found under {SHARED}"
-)
+), pytest.mark.usefixtures("one_thread")]
 LAYERS = 6
 SETTINGS = {"batch_size": 4, "max_length": 64, "lr": 1e-2, "holdout": 4}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Models this small gain nothing from a second thread, and lose a lot when the cores are busy."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

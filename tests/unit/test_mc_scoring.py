@@ -12,7 +12,9 @@ from cotune.data.example import Example
 from cotune.demo.tiny import make_tiny_model
 from cotune.lm.evaluate import choice_loglikelihoods, evaluate_mc
 from tests.unit.alignment_fixtures import tokenizer, tokenizer_path
-from tests.unit.lm_fixtures import load_cached
+from tests.unit.lm_fixtures import load_cached, one_thread  # noqa: F401 (fixture)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 # arch -> the real tokenizer its tiny model runs (alignment_fixtures names)
 ARCH_TOKENIZERS = {"llama": "mistral-hf", "gpt2": "gpt2", "gpt_neox": "neox", "gemma3": "gemma3"}
@@ -64,15 +66,6 @@ def _gpt_neox_dir(tok, out_dir):
     model.save_pretrained(str(out_dir), safe_serialization=True)
     tok.save_pretrained(str(out_dir))
     return out_dir
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Models this small gain nothing from a second thread, and lose a lot when the cores are busy."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

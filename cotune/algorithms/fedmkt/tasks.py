@@ -124,13 +124,9 @@ def distill(party, task: party_pb2.DistillTask, ctx: party_pb2.RunContext):
                           progress=party.progress(op, "own-loss"))
         targets, summary = build_targets(own, teachers, selection=selection)
         party.set_training(trainer, lr=lr, batch_size=batch_size)
-        saved = trainer.config.max_length
-        trainer.config.max_length = max_length  # KD positions come from alignments made at this length
-        try:
-            m = trainer.distill(examples, targets, ce_weight=ce_weight, epochs=epochs,
-                                progress=party.progress(op, "distill"), should_stop=op.cancelled)
-        finally:
-            trainer.config.max_length = saved
+        # KD positions come from alignments made at the run's length: distil at exactly that length
+        m = trainer.distill(examples, targets, ce_weight=ce_weight, epochs=epochs, max_length=max_length,
+                            progress=party.progress(op, "distill"), should_stop=op.cancelled)
         metrics = {f"distill_{k}": float(v) for k, v in m.items()}
         metrics.update(summary)
         metrics["own_loss_bpb"] = float(np.mean([s.loss_bpb for s in own]))

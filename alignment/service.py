@@ -18,7 +18,7 @@ from cotune.config import AlignmentConfig
 from cotune.data import MalformedDataError, read_jsonl_bytes
 from cotune.errors import InvalidInput, NotFound, Precondition, rpc_method
 from cotune.rpc.operations import OperationManager, OpResult
-from cotune.rpc.server import ServiceHost, tls_files
+from cotune.rpc.server import service_host
 from cotune.tasks import MAX_LENGTH_RANGE
 from cotune.v1 import alignment_pb2, alignment_pb2_grpc
 from cotune.wire.blobs import Blob, BlobStore, check_sha
@@ -169,7 +169,7 @@ class AlignmentServicer(alignment_pb2_grpc.AlignmentServicer):
 
 def serve(cfg: AlignmentConfig, port_file: str | None = None) -> None:
     service = AlignmentService(cfg)
-    host = ServiceHost("cotune.alignment", cfg.listen, tls=tls_files(cfg.tls), tokens=cfg.auth.tokens or None)
+    host = service_host("cotune.alignment", cfg, "alignment")
     host.add(alignment_pb2_grpc.add_AlignmentServicer_to_server, AlignmentServicer(service), alignment_pb2, "Alignment")
     host.add_blobs_and_operations(service.store, service.ops)
     host.start(port_file)

@@ -138,7 +138,6 @@ def run_spec(algorithm: str, n: int):
 
 
 def measure(workdir: Path, n: int, algorithm: str, clients_per_process: int, *, warmup: bool = False) -> dict:
-    from cotune.rpc.clients import CoordinatorClient
     from cotune.v1 import coordinator_pb2 as pb
     from cotune.watch import watch_run
 
@@ -153,10 +152,10 @@ def measure(workdir: Path, n: int, algorithm: str, clients_per_process: int, *, 
     cluster = LocalCluster(config, start_timeout_s=1800)
     try:
         t_up = time.monotonic()
-        addresses = cluster.up()
+        cluster.up()
         up_s = time.monotonic() - t_up
         coord_pid = cluster.services["coordinator"].pid
-        client = CoordinatorClient(addresses["coordinator"])
+        client = cluster.coordinator_client()
         try:
             wait_for_clients(client, n, timeout_s=300)
             registered = client.list_clients()

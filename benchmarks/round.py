@@ -30,7 +30,6 @@ sys.path.insert(0, str(ROOT))
 from cotune.cluster import LocalCluster  # noqa: E402
 from cotune.demo import PRESETS, cluster_config, demo_spec, prepare_data, prepare_models, wait_for_clients  # noqa: E402
 from cotune.report import step_profiles  # noqa: E402
-from cotune.rpc.clients import CoordinatorClient  # noqa: E402
 from cotune.v1 import coordinator_pb2 as pb  # noqa: E402
 from tests.integration.blob_server import proc_status_kib  # noqa: E402
 
@@ -74,7 +73,7 @@ def run_once(algorithm: str, mode_name: str, root: Path, preset_name: str) -> di
           f"overlap {mode['overlap_steps']})", file=sys.stderr, flush=True)
     started = time.time()
     with LocalCluster(config, start_timeout_s=900) as cluster:
-        client = CoordinatorClient(cluster.addresses()["coordinator"])
+        client = cluster.coordinator_client()
         try:
             wait_for_clients(client, len(config.clients))
             spec = demo_spec(preset_name, preset, algorithm, rounds=1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import logging
 import threading
 import time
@@ -16,16 +17,20 @@ from cotune.algorithms.base import PartyRef
 from cotune.algorithms.config import SpecError, parse_spec
 from cotune.algorithms.registry import get_strategy
 from cotune.config import CoordinatorConfig
-from cotune.errors import InvalidInput, NotFound, Precondition, rpc_method, status_for
-from cotune.rpc.channel import TlsFiles
+from cotune.errors import AlreadyExists, InvalidInput, NotFound, PermissionDenied, Precondition, rpc_method, status_for
+from cotune.rpc.channel import Credentials
 from cotune.rpc.clients import AlignmentClient, PartyClient
-from cotune.rpc.server import ServiceHost, tls_files
+from cotune.rpc.guard import caller
+from cotune.rpc.server import credentials, service_host
+from cotune.security.identity import NAME_RE
 from cotune.v1 import coordinator_pb2 as pb
 from cotune.v1 import coordinator_pb2_grpc
 from cotune.wire.blobs import BlobStore
 
 log = logging.getLogger(__name__)
 TERMINAL = (pb.RUN_SUCCEEDED, pb.RUN_FAILED, pb.RUN_CANCELLED)
+REGISTER_DIAL_TIMEOUT_S = 5.0  # RegisterClient dials the address it is given: briefly, so it cannot hold a worker
+WATCH_MAX_S = 600.0            # a WatchRun stream ends after this long; clients resume with after_seq
 
 
 class Coordinator:
@@ -35,24 +40,58 @@ class Coordinator:
         root = Path(cfg.workdir)
         self.state = StateStore(root / "state.sqlite3")
         self.artifacts = BlobStore(root / "artifacts")
-        self.tls: TlsFiles = tls_files(cfg.tls)
+        self.creds: Credentials = credentials(cfg)
         self._cancel: dict[str, threading.Event] = {}
         self._threads: dict[str, threading.Thread] = {}
         self._lock = threading.Lock()
 
     # -- clients ---------------------------------------------------------------------------------------------
-    def party_client(self, address: str, role: str) -> PartyClient:
-        return PartyClient(address, role=role, tls=self.tls, token=self.cfg.auth.token)
+    def party_client(self, address: str, role: str, party_id: str = "") -> PartyClient:
+        """A client of the party at `address`; over mTLS it must present the certificate of `llm` or
+        `client/<party_id>`, so an address can never stand in for another party."""
+        return PartyClient(address, role=role, party_id=party_id, creds=self.creds)
 
-    def register_client(self, desc: pb.ClientDescriptor) -> pb.ClientRecord:
+    @staticmethod
+    def _check_may_act_for(client_id: str, action: str) -> None:
+        who = caller()
+        if who is not None and who.kind == "client" and who.name != client_id:
+            raise PermissionDenied(f"{who} may {action} only itself, not client {client_id!r:.70}")
+
+    def _address_allowed(self, client_id: str, address: str) -> bool:
+        configured = {e.client_id: e.address for e in self.cfg.clients}
+        return configured.get(client_id) == address or any(fnmatch.fnmatchcase(address, pattern)
+                                                            for pattern in self.cfg.client_addresses)
+
+    def register_client(self, desc: pb.ClientDescriptor, *, dial_timeout_s: float = REGISTER_DIAL_TIMEOUT_S) -> pb.ClientRecord:
+        """Register (or re-point) client `client_id` at `address` after asking it to describe itself. A client identity
+        may register only itself; the address must be one the config allows; over mTLS the service there must hold
+        the client's own certificate, and in any mode it must call itself `client_id` and no other client may hold the
+        address (one process, one vote)."""
         if not desc.client_id or not desc.address:
             raise InvalidInput("client_id and address are both required")
-        if len(desc.client_id) > 128 or not desc.client_id.replace("-", "").replace("_", "").replace(".", "").isalnum():
-            raise InvalidInput(f"client_id must be 1-128 letters, digits, '-', '_' or '.', got {desc.client_id!r:.140}")
-        info = self._describe(desc.address, "slm", f"SLM client {desc.client_id}")
+        if not NAME_RE.match(desc.client_id):
+            raise InvalidInput(f"client_id must be 1-63 lower-case letters, digits or '-' (it names the identity "
+                               f"client/<id> in certificates), got {desc.client_id!r:.70}")
+        self._check_may_act_for(desc.client_id, "register")
+        if not self._address_allowed(desc.client_id, desc.address):
+            raise PermissionDenied(f"address {desc.address!r:.100} is not allowed for clients by this coordinator's "
+                                   "config (client_addresses)")
+        holder = next((r.client.client_id for r in self.state.clients()
+                       if r.client.address == desc.address and r.client.client_id != desc.client_id), None)
+        if holder is not None:
+            raise AlreadyExists(f"address {desc.address} is registered to client {holder}; deregister it first")
+        info = self._describe(desc.address, "slm", f"SLM client {desc.client_id}", party_id=desc.client_id,
+                              timeout=dial_timeout_s, retries=0)
         if info.role != "slm":
             raise InvalidInput(f"{desc.address} is a {info.role or 'unknown'} service, not an SLM client")
+        if info.party_id != desc.client_id:
+            raise PermissionDenied(f"the SLM client at {desc.address} is {info.party_id!r:.70}, not {desc.client_id!r}")
         return self.state.put_client(desc, info)
+
+    def deregister_client(self, client_id: str) -> None:
+        self._check_may_act_for(client_id, "deregister")
+        if not self.state.remove_client(client_id):
+            raise NotFound(f"no registered client {client_id!r:.70}; `cotune clients` lists them")
 
     def register_configured_clients(self, *, attempts_until: float = 600.0) -> list:
         """Register the clients listed in the config (their configured address wins over a stale registration),
@@ -62,7 +101,8 @@ class Coordinator:
         while pending:
             for entry in list(pending):
                 try:
-                    self.register_client(pb.ClientDescriptor(client_id=entry.client_id, address=entry.address))
+                    self.register_client(pb.ClientDescriptor(client_id=entry.client_id, address=entry.address),
+                                         dial_timeout_s=15.0)
                     pending.remove(entry)
                 except Precondition:
                     pass
@@ -105,7 +145,7 @@ class Coordinator:
         if not chosen:
             raise Precondition("no SLM clients are registered; register clients before starting a run")
         llm_info = self._describe(self.cfg.llm, "llm", "LLM server")
-        infos = {c: self._describe(registered[c].client.address, "slm", f"client {c}") for c in chosen}
+        infos = {c: self._describe(registered[c].client.address, "slm", f"client {c}", party_id=c) for c in chosen}
         public = spec.public_set_hash or llm_info.public_set_hash
         mismatched = [p for p, i in [("llm", llm_info), *infos.items()] if i.public_set_hash != public]
         if mismatched:
@@ -122,12 +162,15 @@ class Coordinator:
         self._launch(run.run_id)
         return run
 
-    def _describe(self, address: str, role: str, what: str):
-        client = self.party_client(address, role)
+    def _describe(self, address: str, role: str, what: str, *, party_id: str = "", timeout: float = 15.0,
+                  retries: int = 4):
+        client = self.party_client(address, role, party_id)
         try:
-            info = client.describe(timeout=15)
+            info = client.describe(timeout=timeout, retries=retries)
         except grpc.RpcError as exc:
-            raise Precondition(f"{what} at {address} is unreachable: {exc.details()}") from exc
+            hint = f" (or is not {client.peer}: over mTLS its certificate must name {client.peer.dns_name})" \
+                if self.creds.tls.enabled else ""
+            raise Precondition(f"{what} at {address} is unreachable{hint}: {exc.details()}") from exc
         finally:
             client.close()
         if not info.ready:
@@ -174,14 +217,14 @@ class Coordinator:
             registered = {r.client.client_id: r for r in self.state.clients()}
 
             def connect(party_id: str, address: str, role: str):
-                client = self.party_client(address, role)
+                client = self.party_client(address, role, party_id)
                 rpcs.append(client)
                 return PartyRef(party_id, role, client.describe()), client
 
             llm = connect("llm", self.cfg.llm, "llm")
             clients = [connect(cid, registered[cid].client.address, "slm") for cid in run.spec.clients]
             if self.cfg.alignment:
-                alignment = AlignmentClient(self.cfg.alignment, tls=self.tls, token=self.cfg.auth.token)
+                alignment = AlignmentClient(self.cfg.alignment, creds=self.creds)
             run.state = pb.RUN_RUNNING
             driver = RunDriver(run=run, config=run_config, store=self.state, artifacts=self.artifacts, llm=llm,
                                clients=clients, alignment=alignment, cancel_event=cancel)
@@ -214,6 +257,11 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         return self.c.register_client(request.client)
 
     @rpc_method
+    def DeregisterClient(self, request, context):
+        self.c.deregister_client(request.client_id)
+        return pb.DeregisterClientResponse()
+
+    @rpc_method
     def ListClients(self, request, context):
         return pb.ListClientsResponse(clients=self.c.state.clients())
 
@@ -241,7 +289,8 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         run_id = request.run_id
         self.c.get_run(run_id)  # NOT_FOUND for unknown ids
         seq = request.after_seq
-        while context.is_active():
+        ends = time.monotonic() + WATCH_MAX_S
+        while context.is_active() and time.monotonic() < ends:
             events = self.c.state.events_after(run_id, seq)
             for event in events:
                 seq = event.seq
@@ -255,7 +304,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
 
 def serve(cfg: CoordinatorConfig, port_file: str | None = None) -> None:
     coordinator = Coordinator(cfg)
-    host = ServiceHost("cotune.coordinator", cfg.listen, tls=tls_files(cfg.tls), tokens=cfg.auth.tokens or None)
+    host = service_host("cotune.coordinator", cfg, "coordinator")
     host.add(coordinator_pb2_grpc.add_CoordinatorServicer_to_server, CoordinatorServicer(coordinator), pb, "Coordinator")
     host.add_blobs_and_operations(coordinator.artifacts, None)
     host.start(port_file)

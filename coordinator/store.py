@@ -59,6 +59,11 @@ class StateStore:
                              (desc.client_id, desc.address, json.dumps(dict(desc.labels)), info.SerializeToString(), now))
         return pb.ClientRecord(client=desc, info=info, registered_at=now)
 
+    def remove_client(self, client_id: str) -> bool:
+        """Forget a client; False if it was not registered."""
+        with self._lock:
+            return self._db.execute("DELETE FROM clients WHERE client_id = ?", (client_id,)).rowcount > 0
+
     def clients(self) -> list[pb.ClientRecord]:
         with self._lock:
             rows = self._db.execute("SELECT client_id, address, labels, info, registered_at FROM clients ORDER BY client_id").fetchall()

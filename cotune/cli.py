@@ -10,6 +10,8 @@ import os
 import sys
 from pathlib import Path
 
+from cotune.security import certs_cli
+
 DEFAULT_CLUSTER_DIR = "var/cluster"
 
 
@@ -81,20 +83,28 @@ def cmd_cluster_down(args) -> int:
 
 # -- runs -------------------------------------------------------------------------------------------------------
 def _coordinator(args):
-    from cotune.config import TlsConfig
+    """A coordinator client from the flags, else the environment, else the local cluster in --cluster-dir (its address
+    and its operator's certificate)."""
+    from cotune.cluster import operator_credentials
+    from cotune.rpc.channel import Credentials, TlsFiles
     from cotune.rpc.clients import CoordinatorClient
-    from cotune.rpc.server import tls_files
 
-    address = args.coordinator or os.environ.get("COTUNE_COORDINATOR", "")
-    if not address:
-        state = Path(args.cluster_dir) / "cluster.json"
-        if state.exists():
-            address = json.loads(state.read_text())["coordinator"]["address"]
+    local = operator_credentials(args.cluster_dir)
+    address = args.coordinator or os.environ.get("COTUNE_COORDINATOR", "") or (local[0] if local else "")
     if not address:
         raise SystemExit("no coordinator address: pass --coordinator HOST:PORT, set COTUNE_COORDINATOR, "
                          f"or start a local cluster (`cotune cluster up --detach`) so {args.cluster_dir}/cluster.json exists")
-    tls = tls_files(TlsConfig(args.tls_ca, args.tls_cert, args.tls_key))
-    return CoordinatorClient(address, tls=tls, token=args.token or os.environ.get("COTUNE_TOKEN", ""))
+    tls = TlsFiles(*(getattr(args, f"tls_{n}") or os.environ.get(f"COTUNE_TLS_{n.upper()}", "") for n in ("ca", "cert", "key")))
+    if tls.enabled:
+        creds = Credentials(tls)
+    elif local and local[0] == address:
+        creds = local[1]
+    else:
+        creds = Credentials()
+    token = args.token or os.environ.get("COTUNE_TOKEN", "")
+    if token:
+        creds = Credentials(creds.tls, {"coordinator": token})
+    return CoordinatorClient(address, creds=creds)
 
 
 def _load_spec(path: str):
@@ -195,9 +205,11 @@ def cmd_run_cancel(args) -> int:
 
 def cmd_clients(args) -> int:
     client = _coordinator(args)
-    if args.register:
-        client_id, address = args.register
-        client.register_client(client_id, address)
+    if args.action == "register":
+        client.register_client(args.client_id, args.address)
+    elif args.action == "remove":
+        client.deregister_client(args.client_id)
+        print(f"removed {args.client_id}")
     for rec in client.list_clients():
         print(f"{rec.client.client_id:16s} {rec.client.address:22s} {rec.info.model_name} tokenizer {rec.info.tokenizer_hash[:12]}")
     return 0
@@ -274,10 +286,10 @@ def build_parser() -> argparse.ArgumentParser:
     def coordinator_args(p):
         p.add_argument("--coordinator", default="", help="HOST:PORT (default: $COTUNE_COORDINATOR or the local cluster's)")
         p.add_argument("--cluster-dir", default=DEFAULT_CLUSTER_DIR)
-        p.add_argument("--token", default="", help="bearer token (default: $COTUNE_TOKEN)")
-        p.add_argument("--tls-ca", default="")
-        p.add_argument("--tls-cert", default="")
-        p.add_argument("--tls-key", default="")
+        p.add_argument("--token", default="", help="bearer token bound to your identity (default: $COTUNE_TOKEN)")
+        p.add_argument("--tls-ca", default="", help="CA certificate (default: $COTUNE_TLS_CA, or the local cluster's)")
+        p.add_argument("--tls-cert", default="", help="your operator certificate (default: $COTUNE_TLS_CERT, ...)")
+        p.add_argument("--tls-key", default="", help="its key (default: $COTUNE_TLS_KEY, ...)")
 
     run = sub.add_parser("run", help="start and follow runs through the coordinator").add_subparsers(dest="action", required=True)
     p = run.add_parser("start", help="start a run from a YAML spec (fields of cotune.v1.RunSpec)")
@@ -298,10 +310,20 @@ def build_parser() -> argparse.ArgumentParser:
     coordinator_args(p)
     p.set_defaults(fn=cmd_run_list)
 
-    p = sub.add_parser("clients", help="list (or register) SLM clients at the coordinator")
-    p.add_argument("--register", nargs=2, metavar=("CLIENT_ID", "ADDRESS"))
-    coordinator_args(p)
-    p.set_defaults(fn=cmd_clients)
+    clients = sub.add_parser("clients", help="list, register or remove SLM clients at the coordinator "
+                             "(coordinator flags go before the action: cotune clients --coordinator H:P remove ID)")
+    clients_sub = clients.add_subparsers(dest="action")
+    for name, helptext in (("list", "list the registered clients (the default)"),
+                           ("register", "register a client (or re-point it) at HOST:PORT"),
+                           ("remove", "deregister a client (runs already started keep it)")):
+        p = clients_sub.add_parser(name, help=helptext)
+        if name != "list":
+            p.add_argument("client_id")
+        if name == "register":
+            p.add_argument("address")
+        p.set_defaults(fn=cmd_clients)
+    coordinator_args(clients)
+    clients.set_defaults(fn=cmd_clients, action="list")
 
     align = sub.add_parser("align", help="token alignment tools").add_subparsers(dest="action", required=True)
     p = align.add_parser("build", help="build a MinED vocabulary map")
@@ -331,6 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="also write the per-round results here")
     p.add_argument("--workdir", help="where data, models and cluster state go (default var/demo)")
     p.set_defaults(fn=cmd_demo)
+    certs_cli.add_parser(sub)
     return parser
 
 

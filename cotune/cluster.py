@@ -8,10 +8,16 @@ With `clients_per_process: k` (default 1) the SLM clients are packed k to a proc
 --config b.yaml ...`, for scale tests): each logical client keeps its own config, workdir, port and entry in
 `services` / addresses() / cluster.json, and the clients of one process share its Popen (the same pid) and its log,
 logs/slm-<g>.log for the g-th process. Killing or restarting one of them kills or restarts its whole process.
+
+Security: `security: mtls` (the default) makes a development CA and one certificate per service identity under
+<workdir>/certs on first use (cotune.security.certs.ensure; reused afterwards), gives every service its own, and
+records the operator's (operator/admin) in cluster.json, where `cotune run ... --cluster-dir` finds it. `security:
+insecure` runs every service in plaintext without identities (`insecure: true`), for debugging only.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -25,6 +31,8 @@ import grpc
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from cotune.rpc.channel import Credentials, TlsFiles, make_channel
+from cotune.security.identity import ALIGNMENT, COORDINATOR, LLM, Identity, client_identity
 from cotune.config import (
     AlignmentConfig,
     ClientEntry,
@@ -38,6 +46,9 @@ from cotune.config import (
 
 HOST = "127.0.0.1"
 STATE_FILE = "cluster.json"
+SECURITY_MODES = ("mtls", "insecure")
+OPERATOR = Identity("operator", "admin")  # the identity the launcher, the CLI and the tests act as
+SECURITY_KEY = "_security"  # cluster.json's entry for the operator's credentials (other entries are services)
 
 
 @dataclass
@@ -48,11 +59,12 @@ class ClusterConfig:
     alignment: dict | None = field(default_factory=dict)  # AlignmentConfig fields; null = no alignment service
     coordinator: dict = field(default_factory=dict)    # CoordinatorConfig fields
     clients_per_process: int = 1                       # logical SLM clients hosted by one process (scale tests)
+    security: str = "mtls"                             # mtls (certificates made on first use) | insecure (plaintext)
 
     @classmethod
     def load(cls, path: str | Path) -> "ClusterConfig":
         data = load_yaml(path)
-        unknown = sorted(set(data) - {"workdir", "llm", "clients", "alignment", "coordinator", "clients_per_process"})
+        unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
         if unknown:
             raise ConfigError(f"{path}: unknown key(s) {', '.join(unknown)}")
         return cls(**data)
@@ -80,8 +92,8 @@ def _write_config(path: Path, data: dict) -> None:
 
 
 def wait_healthy(address: str, *, timeout_s: float, service: str = "", process: subprocess.Popen | None = None,
-                 log_path: Path | None = None) -> None:
-    channel = grpc.insecure_channel(address)
+                 log_path: Path | None = None, creds: Credentials | None = None, peer: Identity | None = None) -> None:
+    channel = make_channel(address, creds, peer=peer)
     stub = health_pb2_grpc.HealthStub(channel)
     deadline = time.monotonic() + timeout_s
     try:
@@ -112,10 +124,70 @@ class LocalCluster:
         if not isinstance(config.clients_per_process, int) or isinstance(config.clients_per_process, bool) \
                 or config.clients_per_process < 1:
             raise ConfigError(f"cluster config: clients_per_process must be an integer >= 1, got {config.clients_per_process!r}")
+        if config.security not in SECURITY_MODES:
+            raise ConfigError(f"cluster config: security must be one of {', '.join(SECURITY_MODES)}, got {config.security!r:.40}")
         self.config = config
         self.workdir = Path(config.workdir).resolve()
         self.start_timeout_s = start_timeout_s
         self.services: dict[str, ServiceProcess] = {}
+
+    # -- security --------------------------------------------------------------------------------------------
+    @property
+    def secure(self) -> bool:
+        return self.config.security == "mtls"
+
+    @property
+    def certs_dir(self) -> Path:
+        return self.workdir / "certs"
+
+    def _client_names(self) -> list[str]:
+        return [c.get("party_id") or f"client-{i + 1}" for i, c in enumerate(self.config.clients)]
+
+    def _ensure_certs(self) -> None:
+        if self.secure:
+            from cotune.security.certs import ensure
+
+            ensure(self.certs_dir, [COORDINATOR, LLM, ALIGNMENT, OPERATOR]
+                   + [client_identity(n) for n in self._client_names()])
+
+    def _security(self, identity: Identity) -> dict:
+        """The security part of a service's config: its certificate, or plaintext."""
+        if not self.secure:
+            return {"insecure": True}
+        from cotune.security.certs import cert_files
+
+        files = cert_files(self.certs_dir, identity)
+        return {"tls": {"ca": str(files.ca), "cert": str(files.cert), "key": str(files.key)}}
+
+    def credentials(self, identity: Identity = OPERATOR) -> Credentials:
+        """What a caller acting as `identity` (default: the operator) presents to this cluster's services."""
+        if not self.secure:
+            return Credentials()
+        from cotune.security.certs import cert_files
+
+        files = cert_files(self.certs_dir, identity)
+        return Credentials(TlsFiles(str(files.ca), str(files.cert), str(files.key)))
+
+    @staticmethod
+    def identity_of(name: str) -> Identity:
+        """The identity of the service `name` (alignment, llm, coordinator or a client's name)."""
+        return {"alignment": ALIGNMENT, "llm": LLM, "coordinator": COORDINATOR}.get(name) or client_identity(name)
+
+    def coordinator_client(self, identity: Identity = OPERATOR):
+        from cotune.rpc.clients import CoordinatorClient
+
+        return CoordinatorClient(self.services["coordinator"].address, creds=self.credentials(identity))
+
+    def party_client(self, name: str, identity: Identity = COORDINATOR):
+        """A client of party `name` ("llm" or a client's name), acting as `identity` (default: the coordinator)."""
+        from cotune.rpc.clients import PartyClient
+
+        return PartyClient(self.services[name].address, role="llm" if name == "llm" else "slm", party_id=name,
+                           creds=self.credentials(identity))
+
+    def _wait_healthy(self, svc: "ServiceProcess", timeout_s: float) -> None:
+        wait_healthy(svc.address, timeout_s=timeout_s, service=svc.name, process=svc.process, log_path=svc.log_path,
+                     creds=self.credentials(), peer=self.identity_of(svc.name))
 
     # -- lifecycle -------------------------------------------------------------------------------------------
     def _model_processes(self) -> int:
@@ -186,22 +258,24 @@ class LocalCluster:
         out = dict(data)
         out.setdefault("party_id", name)
         out["listen"] = f"{HOST}:0"
+        out.update(self._security(self.identity_of(name)))
         out.setdefault("workdir", str(self.workdir / name))
         from_dict(PartyConfig, out, name)  # validate early, with the service's name in the message
         return out
 
     def up(self) -> dict[str, str]:
         try:
+            self._ensure_certs()
             workers = []
             if self.config.alignment is not None:
                 data = dict(self.config.alignment or {})
-                data.update(listen=f"{HOST}:0", workdir=data.get("workdir") or str(self.workdir / "alignment"))
+                data.update(listen=f"{HOST}:0", workdir=data.get("workdir") or str(self.workdir / "alignment"),
+                            **self._security(ALIGNMENT))
                 from_dict(AlignmentConfig, data, "alignment")
                 workers.append(self._spawn("alignment", "alignment", data))
             workers.append(self._spawn("llm", "llm", self._party_data("llm", self.config.llm)))
             clients = []
-            for i, client in enumerate(self.config.clients):
-                name = client.get("party_id") or f"client-{i + 1}"
+            for name, client in zip(self._client_names(), self.config.clients):
                 clients.append((name, self._party_data(name, client)))
             k = self.config.clients_per_process
             for g, start in enumerate(range(0, len(clients), k), 1):
@@ -209,8 +283,8 @@ class LocalCluster:
             for svc in workers:
                 self._await_port(svc)
             for svc in workers:
-                wait_healthy(svc.address, timeout_s=self.start_timeout_s, service=svc.name, process=svc.process, log_path=svc.log_path)
-            coord = dict(self.config.coordinator or {})
+                self._wait_healthy(svc, self.start_timeout_s)
+            coord = dict(self.config.coordinator or {}, **self._security(COORDINATOR))
             coord.update(listen=f"{HOST}:0", workdir=coord.get("workdir") or str(self.workdir / "coordinator"),
                          llm=self.services["llm"].address,
                          alignment=self.services["alignment"].address if "alignment" in self.services else "",
@@ -218,7 +292,7 @@ class LocalCluster:
             from_dict(CoordinatorConfig, coord, "coordinator")
             svc = self._spawn("coordinator", "coordinator", coord)
             self._await_port(svc)
-            wait_healthy(svc.address, timeout_s=60, service="coordinator", process=svc.process, log_path=svc.log_path)
+            self._wait_healthy(svc, 60)
             self._write_state()
             return self.addresses()
         except BaseException:
@@ -230,6 +304,9 @@ class LocalCluster:
 
     def _write_state(self) -> None:
         state = {name: {"kind": s.kind, "address": s.address, "pid": s.pid, "log": str(s.log_path)} for name, s in self.services.items()}
+        tls = self.credentials().tls
+        # how an operator reaches this cluster (`cotune run ... --cluster-dir`): mode and the operator's files
+        state[SECURITY_KEY] = {"mode": self.config.security, "ca": tls.ca, "cert": tls.cert, "key": tls.key}
         (self.workdir / STATE_FILE).write_text(json.dumps(state, indent=2))
 
     def restart(self, name: str) -> str:
@@ -248,8 +325,7 @@ class LocalCluster:
         for new in restarted:
             self._await_port(new)
         for new in restarted:
-            wait_healthy(new.address, timeout_s=self.start_timeout_s, service=new.name, process=new.process,
-                         log_path=new.log_path)
+            self._wait_healthy(new, self.start_timeout_s)
         self._write_state()
         return self.services[name].address
 
@@ -297,6 +373,7 @@ def down_detached(workdir: str | Path) -> list[str]:
     if not state_path.exists():
         raise FileNotFoundError(f"no running cluster recorded at {state_path}")
     state = json.loads(state_path.read_text())
+    state.pop(SECURITY_KEY, None)
     stopped = []
     signalled: set[int] = set()
     for name, entry in state.items():
@@ -322,3 +399,14 @@ def down_detached(workdir: str | Path) -> list[str]:
                 pass
     state_path.unlink()
     return stopped
+
+
+def operator_credentials(workdir: str | Path) -> tuple[str, Credentials] | None:
+    """(coordinator address, operator credentials) of the local cluster whose state is in `workdir`, or None."""
+    state_path = Path(workdir) / STATE_FILE
+    if not state_path.exists():
+        return None
+    state = json.loads(state_path.read_text())
+    security = state.get(SECURITY_KEY, {})
+    tls = TlsFiles(security.get("ca", ""), security.get("cert", ""), security.get("key", ""))
+    return state["coordinator"]["address"], Credentials(tls)

@@ -28,8 +28,36 @@ class TlsConfig:
 
 @dataclass
 class AuthConfig:
-    tokens: dict[str, str] = field(default_factory=dict)  # bearer token -> caller identity; empty = no auth
-    token: str = ""                                       # the token this service presents when it dials others
+    """Bearer tokens, each bound to one identity ('coordinator', 'client/<id>', 'operator/<name>', ...). Optional
+    beside mTLS (a token must then name the certificate's identity); the way callers identify themselves on an
+    `insecure: true` loopback host."""
+
+    tokens: dict[str, str] = field(default_factory=dict)       # tokens this service accepts: token -> its identity
+    peer_tokens: dict[str, str] = field(default_factory=dict)  # tokens it presents when dialling: peer identity -> token
+
+
+def validate_security(cfg, what: str) -> None:
+    """Secure by default: a service needs its TLS files, or the explicit `insecure: true` (plaintext, loopback only)."""
+    from cotune.security.identity import Identity, IdentityError
+
+    tls = cfg.tls
+    given = [name for name in ("ca", "cert", "key") if getattr(tls, name)]
+    if given and len(given) != 3:
+        raise ConfigError(f"{what}: tls needs ca, cert and key together (got only {', '.join(given)})")
+    if given and cfg.insecure:
+        raise ConfigError(f"{what}: `insecure: true` contradicts the tls files given; remove one of them")
+    if not given and not cfg.insecure:
+        raise ConfigError(f"{what}: no TLS configured. Set tls.ca, tls.cert and tls.key (`cotune certs` makes them), "
+                          "or `insecure: true` for plaintext on a loopback address (development on one machine only)")
+    pairs = [("auth.tokens", token, identity) for token, identity in cfg.auth.tokens.items()]
+    pairs += [("auth.peer_tokens", token, identity) for identity, token in cfg.auth.peer_tokens.items()]
+    for section, token, identity in pairs:
+        try:
+            Identity.parse(identity)
+        except IdentityError as exc:
+            raise ConfigError(f"{what}: {section}: {exc}") from exc
+        if len(token) < 16:
+            raise ConfigError(f"{what}: {section}: the token for {identity} is shorter than 16 characters")
 
 
 @dataclass
@@ -83,12 +111,20 @@ class PartyConfig:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     data: DataConfig = field(default_factory=DataConfig)
     tls: TlsConfig = field(default_factory=TlsConfig)
+    insecure: bool = False    # plaintext on a loopback address, for development only (default: mTLS required)
     auth: AuthConfig = field(default_factory=AuthConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
 
     def validate(self, role: str) -> None:
         if not self.party_id:
             raise ConfigError("party_id is required")
+        if role == "slm":
+            from cotune.security.identity import NAME_RE
+
+            if not NAME_RE.match(self.party_id):
+                raise ConfigError(f"party_id of an SLM client must be 1-63 lower-case letters, digits or '-' (it is the "
+                                  f"client's identity, client/<party_id>, carried in its certificate), got "
+                                  f"{self.party_id!r:.70}")
         if self.evaluation.mc_scoring not in ("shared_prompt", "per_choice"):
             raise ConfigError("evaluation.mc_scoring must be shared_prompt or per_choice, "
                               f"got {self.evaluation.mc_scoring!r}")
@@ -119,6 +155,7 @@ class AlignmentConfig:
     workdir: str = ""
     workers: int = 1          # concurrent builds; each build uses every core
     tls: TlsConfig = field(default_factory=TlsConfig)
+    insecure: bool = False
     auth: AuthConfig = field(default_factory=AuthConfig)
 
     def validate(self) -> None:
@@ -139,7 +176,11 @@ class CoordinatorConfig:
     llm: str = ""             # address of the LLM server
     alignment: str = ""       # address of the alignment service
     clients: list[ClientEntry] = field(default_factory=list)  # clients known at start (more can RegisterClient)
+    # where RegisterClient may point a client (fnmatch patterns of host:port); the configured clients' own addresses
+    # are always allowed. The coordinator dials what is registered, so this keeps it from being told to dial anywhere.
+    client_addresses: list[str] = field(default_factory=lambda: ["127.0.0.1:*", "[::1]:*"])
     tls: TlsConfig = field(default_factory=TlsConfig)
+    insecure: bool = False
     auth: AuthConfig = field(default_factory=AuthConfig)
 
     def validate(self) -> None:

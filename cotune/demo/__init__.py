@@ -298,7 +298,7 @@ def run_demo(*, preset: str = "small", algorithm: str = "fedmkt", rounds: int = 
     services = ("alignment, " if config.alignment is not None else "") + f"llm, {len(config.clients)} client(s), coordinator"
     print(f"starting local cluster ({services})...", file=sys.stderr, flush=True)
     with LocalCluster(config) as cluster:
-        client = CoordinatorClient(cluster.addresses()["coordinator"])
+        client = cluster.coordinator_client()
         try:
             wait_for_clients(client, len(config.clients))
             spec = demo_spec(preset, p, algorithm, rounds, setting=setting, cross_tokenizer=cross_tokenizer)

@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 
 from cotune.errors import rpc_method
 from cotune.party.base import ModelParty
-from cotune.rpc.server import ServiceHost, tls_files
+from cotune.rpc.server import ServiceHost, service_host
 from cotune.v1 import party_pb2
 
 log = logging.getLogger(__name__)
@@ -32,10 +32,9 @@ class PartyServicer:
 
 
 def party_host(party: ModelParty, add_servicer: Callable, service_name: str) -> ServiceHost:
-    """The (not yet started) ServiceHost of one party: its own listen address, TLS and tokens, its service, blob store
-    and operations."""
-    cfg = party.cfg
-    host = ServiceHost(f"cotune.{party.role}", cfg.listen, tls=tls_files(cfg.tls), tokens=cfg.auth.tokens or None)
+    """The (not yet started) ServiceHost of one party: its own listen address, TLS, tokens and authorization table,
+    its service, blob store and operations."""
+    host = service_host(f"cotune.{party.role}", party.cfg, party.role)
     host.add(add_servicer, PartyServicer(party), party_pb2, service_name)
     host.add_blobs_and_operations(party.store, party.ops)
     return host

@@ -8,7 +8,8 @@ from collections.abc import Callable
 import grpc
 
 from cotune.errors import RpcError
-from cotune.rpc.channel import TlsFiles, call, make_channel
+from cotune.rpc.channel import Credentials, call, make_channel
+from cotune.security.identity import ALIGNMENT, COORDINATOR, LLM, Identity, client_identity
 from cotune.v1 import (
     alignment_pb2,
     alignment_pb2_grpc,
@@ -38,9 +39,10 @@ class TaskFailed(RpcError):
 
 
 class _ServiceClient:
-    def __init__(self, address: str, *, tls: TlsFiles | None = None, token: str = ""):
+    def __init__(self, address: str, creds: Credentials | None, peer: Identity):
         self.address = address
-        self.channel = make_channel(address, tls=tls, token=token)
+        self.peer = peer
+        self.channel = make_channel(address, creds, peer=peer)
         self.blobs = common_pb2_grpc.BlobStoreStub(self.channel)
         self.ops = operations_pb2_grpc.OperationsStub(self.channel)
 
@@ -79,16 +81,17 @@ class _ServiceClient:
 
 
 class PartyClient(_ServiceClient):
-    """An LLM server or SLM client; both expose the same steps."""
+    """An LLM server or SLM client; both expose the same steps. `party_id`: the client's id (its identity is
+    client/<party_id>, which its certificate must carry); ignored for the LLM server."""
 
-    def __init__(self, address: str, *, role: str, tls: TlsFiles | None = None, token: str = ""):
-        super().__init__(address, tls=tls, token=token)
+    def __init__(self, address: str, *, role: str, party_id: str = "", creds: Credentials | None = None):
+        super().__init__(address, creds, LLM if role == "llm" else client_identity(party_id))
         self.role = role
         stub_cls = party_pb2_grpc.LLMServerStub if role == "llm" else party_pb2_grpc.SLMClientStub
         self.stub = stub_cls(self.channel)
 
-    def describe(self, timeout: float = 30.0) -> party_pb2.PartyInfo:
-        return call(self.stub.Describe, party_pb2.DescribeRequest(), timeout=timeout)
+    def describe(self, timeout: float = 30.0, retries: int = 4) -> party_pb2.PartyInfo:
+        return call(self.stub.Describe, party_pb2.DescribeRequest(), timeout=timeout, retries=retries)
 
     def start(self, request: party_pb2.TaskRequest) -> operations_pb2.Operation:
         return call(self.stub.StartTask, request, timeout=120.0)
@@ -98,8 +101,8 @@ class PartyClient(_ServiceClient):
 
 
 class AlignmentClient(_ServiceClient):
-    def __init__(self, address: str, *, tls: TlsFiles | None = None, token: str = ""):
-        super().__init__(address, tls=tls, token=token)
+    def __init__(self, address: str, *, creds: Credentials | None = None):
+        super().__init__(address, creds, ALIGNMENT)
         self.stub = alignment_pb2_grpc.AlignmentStub(self.channel)
 
     def register_tokenizer(self, bundle_ref) -> alignment_pb2.TokenizerInfo:
@@ -116,9 +119,9 @@ class AlignmentClient(_ServiceClient):
 
 
 class CoordinatorClient:
-    def __init__(self, address: str, *, tls: TlsFiles | None = None, token: str = ""):
+    def __init__(self, address: str, *, creds: Credentials | None = None):
         self.address = address
-        self.channel = make_channel(address, tls=tls, token=token)
+        self.channel = make_channel(address, creds, peer=COORDINATOR)
         self.stub = coordinator_pb2_grpc.CoordinatorStub(self.channel)
 
     def close(self) -> None:
@@ -127,6 +130,9 @@ class CoordinatorClient:
     def register_client(self, client_id: str, address: str, labels: dict | None = None):
         desc = coordinator_pb2.ClientDescriptor(client_id=client_id, address=address, labels=labels or {})
         return call(self.stub.RegisterClient, coordinator_pb2.RegisterClientRequest(client=desc), timeout=60)
+
+    def deregister_client(self, client_id: str) -> None:
+        call(self.stub.DeregisterClient, coordinator_pb2.DeregisterClientRequest(client_id=client_id))
 
     def list_clients(self):
         return call(self.stub.ListClients, coordinator_pb2.ListClientsRequest()).clients

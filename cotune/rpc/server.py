@@ -1,4 +1,5 @@
-"""Server bootstrap shared by every service: limits, TLS, bearer-token auth, health, reflection, shutdown."""
+"""Server bootstrap shared by every service: limits, mTLS, the guard (identities, authorization, concurrency caps),
+health, reflection, shutdown."""
 
 from __future__ import annotations
 
@@ -6,63 +7,48 @@ import logging
 import os
 import signal
 import threading
+from collections.abc import Mapping
 from concurrent import futures
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from cotune.rpc.channel import CHANNEL_OPTIONS, TlsFiles, is_loopback
+from cotune.config import validate_security
+from cotune.rpc.channel import SERVER_OPTIONS, Credentials, TlsFiles, is_loopback
+from cotune.rpc.guard import WORKERS, Guard
+from cotune.security.identity import Identity, client_identity
+from cotune.security.policy import POLICIES
 
 log = logging.getLogger(__name__)
 
-_UNAUTHENTICATED_METHODS = ("/grpc.health.v1.Health/", "/grpc.reflection.")
-
-
-class _TokenAuthInterceptor(grpc.ServerInterceptor):
-    """Rejects calls without a configured bearer token (health and reflection stay open)."""
-
-    def __init__(self, tokens: dict[str, str]):
-        self._tokens = tokens
-
-        def deny(request, context):
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or unknown bearer token (metadata 'authorization: Bearer <token>')")
-
-        self._deny = deny
-
-    def intercept_service(self, continuation, details):
-        if details.method.startswith(_UNAUTHENTICATED_METHODS):
-            return continuation(details)
-        for key, value in details.invocation_metadata or ():
-            if key == "authorization" and value.startswith("Bearer ") and value[7:] in self._tokens:
-                return continuation(details)
-        handler = continuation(details)
-        if handler is None:
-            return None
-        if handler.request_streaming and handler.response_streaming:
-            return grpc.stream_stream_rpc_method_handler(lambda it, ctx: self._deny(None, ctx))
-        if handler.request_streaming:
-            return grpc.stream_unary_rpc_method_handler(lambda it, ctx: self._deny(None, ctx))
-        if handler.response_streaming:
-            return grpc.unary_stream_rpc_method_handler(lambda req, ctx: self._deny(req, ctx))
-        return grpc.unary_unary_rpc_method_handler(self._deny)
-
 
 def tls_files(cfg) -> TlsFiles:
-    return TlsFiles(cfg.ca, cfg.cert, cfg.key)
+    return TlsFiles(cfg.tls.ca, cfg.tls.cert, cfg.tls.key)
+
+
+def credentials(cfg) -> Credentials:
+    """What a service presents when it dials others: its certificate and its per-peer tokens."""
+    return Credentials(tls_files(cfg), dict(cfg.auth.peer_tokens))
 
 
 class ServiceHost:
-    """One gRPC server process: register servicers, start NOT_SERVING, flip to SERVING when ready."""
+    """One gRPC server process: register servicers, start NOT_SERVING, flip to SERVING when ready.
 
-    def __init__(self, name: str, address: str, *, tls: TlsFiles | None = None, tokens: dict[str, str] | None = None,
-                 max_workers: int = 32):
+    `role` picks the authorization table (cotune.security.policy.POLICIES); `tls` empty means plaintext, which the
+    caller must have asked for explicitly (`insecure: true`) and which listens on a literal loopback address only.
+    `tokens`: bearer token -> the identity it is bound to."""
+
+    def __init__(self, name: str, address: str, *, role: str, tls: TlsFiles | None = None,
+                 tokens: Mapping[str, Identity] | None = None, check=None, identity: Identity | None = None):
         self.name = name
+        self.identity = identity  # with TLS, the identity this service's certificate must carry
         self.address = address
         self.tls = tls or TlsFiles()
-        interceptors = [_TokenAuthInterceptor(tokens)] if tokens else []
-        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix=name),
-                                  options=CHANNEL_OPTIONS, interceptors=interceptors)
+        self.policy = POLICIES[role]
+        self.guard = Guard(self.policy, secure=self.tls.enabled, tokens=tokens, check=check)
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix=name),
+                                  options=SERVER_OPTIONS, interceptors=[self.guard])
         self.health = health.HealthServicer(experimental_non_blocking=True)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self._service_names = [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME]
@@ -71,9 +57,15 @@ class ServiceHost:
         self.set_serving(False)
 
     def add(self, add_fn, servicer, descriptor_module, service_name: str) -> None:
-        """Register `servicer` with its generated `add_XServicer_to_server` function."""
+        """Register `servicer` with its generated `add_XServicer_to_server` function. Every method it serves must have
+        a rule in the host's authorization table."""
+        service = descriptor_module.DESCRIPTOR.services_by_name[service_name]
+        missing = [m.name for m in service.methods if f"{service.full_name}/{m.name}" not in self.policy]
+        if missing:
+            raise RuntimeError(f"{self.name}: no authorization rule for {service.full_name} {', '.join(missing)} "
+                               "(cotune/security/policy.py)")
         add_fn(servicer, self.server)
-        self._service_names.append(descriptor_module.DESCRIPTOR.services_by_name[service_name].full_name)
+        self._service_names.append(service.full_name)
 
     def add_blobs_and_operations(self, store, operations) -> None:
         """Every service serves its blob store and its long-running operations."""
@@ -90,14 +82,17 @@ class ServiceHost:
         reflection.enable_server_reflection(self._service_names, self.server)
         if self.tls.enabled:
             ca, cert, key = self.tls.read()
+            self._check_own_identity(cert)
             creds = grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=True)
             self.port = self.server.add_secure_port(self.address, creds)
         else:
             if not is_loopback(self.address):
                 raise ValueError(
-                    f"{self.name}: refusing to listen in plaintext on {self.address}; plaintext is for loopback only. "
-                    "Configure tls.ca, tls.cert and tls.key to listen on other interfaces."
-                )
+                    f"{self.name}: refusing to listen in plaintext on {self.address}; plaintext is for a literal "
+                    "loopback address only. Configure tls.ca, tls.cert and tls.key (`cotune certs` makes them).")
+            log.warning("%s: plaintext on %s (insecure: true): %s", self.name, self.address,
+                        "callers are identified by bearer token" if self.guard.enforce
+                        else "no identities, no authorization; for development on one machine only")
             self.port = self.server.add_insecure_port(self.address)
         if not self.port:
             raise OSError(f"{self.name}: could not bind {self.address}")
@@ -107,8 +102,17 @@ class ServiceHost:
             with open(tmp, "w") as f:
                 f.write(str(self.port))
             os.replace(tmp, port_file)
-        log.info("%s listening on %s (port %d)", self.name, self.address, self.port)
+        log.info("%s listening on %s (port %d, %s)", self.name, self.address, self.port,
+                 "mTLS" if self.tls.enabled else "plaintext")
         return self.port
+
+    def _check_own_identity(self, cert_pem: bytes) -> None:
+        from cotune.security.certs import identity_of_cert
+
+        found = identity_of_cert(cert_pem)
+        if self.identity is not None and found != self.identity:
+            raise ValueError(f"{self.name}: its certificate {self.tls.cert} carries identity {found or 'none'}, but this "
+                             f"service is {self.identity} (make one with `cotune certs --dir DIR {self.identity}`)")
 
     def set_serving(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
@@ -125,3 +129,12 @@ class ServiceHost:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: threading.Thread(target=self.stop, daemon=True).start())
         self._stopped.wait()
+
+
+def service_host(name: str, cfg, role: str) -> ServiceHost:
+    """The ServiceHost of a service config (PartyConfig, AlignmentConfig, CoordinatorConfig): its listen address,
+    TLS files, accepted tokens and the identity its certificate must carry."""
+    validate_security(cfg, name)  # TLS files or an explicit `insecure: true`, tokens bound to valid identities
+    tokens = {token: Identity.parse(identity) for token, identity in cfg.auth.tokens.items()}
+    identity = client_identity(cfg.party_id) if role == "slm" else Identity(role)
+    return ServiceHost(name, cfg.listen, role=role, tls=tls_files(cfg), tokens=tokens, identity=identity)

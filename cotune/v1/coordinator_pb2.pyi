@@ -56,6 +56,16 @@ class ClientRecord(_message.Message):
     registered_at: float
     def __init__(self, client: _Optional[_Union[ClientDescriptor, _Mapping]] = ..., info: _Optional[_Union[_party_pb2.PartyInfo, _Mapping]] = ..., registered_at: _Optional[float] = ...) -> None: ...
 
+class DeregisterClientRequest(_message.Message):
+    __slots__ = ("client_id",)
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    client_id: str
+    def __init__(self, client_id: _Optional[str] = ...) -> None: ...
+
+class DeregisterClientResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
 class ListClientsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

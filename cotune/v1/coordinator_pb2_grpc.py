@@ -39,6 +39,11 @@ class CoordinatorStub:
                 request_serializer=cotune_dot_v1_dot_coordinator__pb2.RegisterClientRequest.SerializeToString,
                 response_deserializer=cotune_dot_v1_dot_coordinator__pb2.ClientRecord.FromString,
                 _registered_method=True)
+        self.DeregisterClient = channel.unary_unary(
+                '/cotune.v1.Coordinator/DeregisterClient',
+                request_serializer=cotune_dot_v1_dot_coordinator__pb2.DeregisterClientRequest.SerializeToString,
+                response_deserializer=cotune_dot_v1_dot_coordinator__pb2.DeregisterClientResponse.FromString,
+                _registered_method=True)
         self.ListClients = channel.unary_unary(
                 '/cotune.v1.Coordinator/ListClients',
                 request_serializer=cotune_dot_v1_dot_coordinator__pb2.ListClientsRequest.SerializeToString,
@@ -75,6 +80,12 @@ class CoordinatorServicer:
     """Missing associated documentation comment in .proto file."""
 
     def RegisterClient(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeregisterClient(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -123,6 +134,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.RegisterClient,
                     request_deserializer=cotune_dot_v1_dot_coordinator__pb2.RegisterClientRequest.FromString,
                     response_serializer=cotune_dot_v1_dot_coordinator__pb2.ClientRecord.SerializeToString,
+            ),
+            'DeregisterClient': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeregisterClient,
+                    request_deserializer=cotune_dot_v1_dot_coordinator__pb2.DeregisterClientRequest.FromString,
+                    response_serializer=cotune_dot_v1_dot_coordinator__pb2.DeregisterClientResponse.SerializeToString,
             ),
             'ListClients': grpc.unary_unary_rpc_method_handler(
                     servicer.ListClients,
@@ -182,6 +198,33 @@ class Coordinator:
             '/cotune.v1.Coordinator/RegisterClient',
             cotune_dot_v1_dot_coordinator__pb2.RegisterClientRequest.SerializeToString,
             cotune_dot_v1_dot_coordinator__pb2.ClientRecord.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeregisterClient(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cotune.v1.Coordinator/DeregisterClient',
+            cotune_dot_v1_dot_coordinator__pb2.DeregisterClientRequest.SerializeToString,
+            cotune_dot_v1_dot_coordinator__pb2.DeregisterClientResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -6,14 +6,15 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-import grpc
 import numpy as np
 
 from cotune.algorithms.aggregate import parse_adapter
 from cotune.cluster import LocalCluster
 from cotune.demo import PRESETS, cluster_config, prepare_data, prepare_models, wait_for_clients
 from cotune.lm.lora import lora_from_bytes
+from cotune.rpc.channel import make_channel
 from cotune.rpc.clients import CoordinatorClient, PartyClient
+from cotune.security.identity import COORDINATOR
 from cotune.v1 import common_pb2_grpc
 from cotune.v1 import coordinator_pb2 as pb
 from cotune.watch import watch_run
@@ -32,8 +33,9 @@ def start_tiny_cluster(workdir: Path, algorithm: str = "fedmkt", *, cross_tokeni
     return cluster
 
 
-def coordinator_client(addresses: dict, clients: int = 2) -> CoordinatorClient:
-    client = CoordinatorClient(addresses["coordinator"])
+def coordinator_client(cluster: LocalCluster, clients: int = 2) -> CoordinatorClient:
+    """The cluster's coordinator, as its operator, once `clients` clients have registered."""
+    client = cluster.coordinator_client()
     wait_for_clients(client, clients, timeout_s=60)
     return client
 
@@ -43,8 +45,9 @@ def run_to_end(coordinator: CoordinatorClient, **spec) -> pb.Run:
     return watch_run(coordinator, run.run_id, quiet=True)
 
 
-def party(addresses: dict, name: str) -> PartyClient:
-    return PartyClient(addresses[name], role="llm" if name == "llm" else "slm")
+def party(cluster: LocalCluster, name: str) -> PartyClient:
+    """Party `name`, dialled as the coordinator (the identity its tasks and blobs answer to)."""
+    return cluster.party_client(name)
 
 
 def rounds_of(run: pb.Run) -> dict[int, pb.RoundRecord]:
@@ -56,10 +59,10 @@ def metrics_of(rec: pb.RoundRecord) -> dict[str, dict[str, float]]:
 
 
 class Artifacts:
-    """Pulls blobs from the coordinator's artifact store (it serves cotune.v1.BlobStore)."""
+    """Pulls blobs from the coordinator's artifact store (it serves cotune.v1.BlobStore), as the operator."""
 
-    def __init__(self, address, root):
-        self.channel = grpc.insecure_channel(address)
+    def __init__(self, cluster: LocalCluster, root):
+        self.channel = make_channel(cluster.addresses()["coordinator"], cluster.credentials(), peer=COORDINATOR)
         self.stub = common_pb2_grpc.BlobStoreStub(self.channel)
         self.store = BlobStore(root)
 

@@ -25,15 +25,15 @@ def addresses(cluster):
 
 
 @pytest.fixture(scope="module")
-def coordinator(addresses):
-    client = coordinator_client(addresses)
+def coordinator(cluster):
+    client = coordinator_client(cluster)
     yield client
     client.close()
 
 
 @pytest.fixture(scope="module")
-def artifacts(addresses, tmp_path_factory):
+def artifacts(cluster, tmp_path_factory):
     """The coordinator's artifact store, read over gRPC."""
-    a = Artifacts(addresses["coordinator"], tmp_path_factory.mktemp("pulled"))
+    a = Artifacts(cluster, tmp_path_factory.mktemp("pulled"))
     yield a
     a.close()

@@ -23,7 +23,7 @@ pytestmark = pytest.mark.integration
 def service(tmp_path_factory, shared_data):
     root = tmp_path_factory.mktemp("alignment")
     config = root / "alignment.yaml"
-    config.write_text(yaml.safe_dump({"listen": "127.0.0.1:0", "workdir": str(root / "work"), "workers": 2}))
+    config.write_text(yaml.safe_dump({"listen": "127.0.0.1:0", "workdir": str(root / "work"), "workers": 2, "insecure": True}))
     port_file = root / "port"
     log = open(root / "log", "wb")
     proc = subprocess.Popen([sys.executable, "-m", "cotune.cli", "serve", "alignment", "--config", str(config),

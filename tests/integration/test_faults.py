@@ -16,7 +16,7 @@ pytestmark = pytest.mark.integration
 
 
 def _coordinator(cluster) -> CoordinatorClient:
-    client = CoordinatorClient(cluster.addresses()["coordinator"])
+    client = cluster.coordinator_client()
     wait_for_clients(client, 2, timeout_s=60)
     return client
 

@@ -33,9 +33,9 @@ FEDBIOT = {"adapter_layers": 2, "drop": 0.5, "pre_align_steps": 12, "align_steps
 
 
 @pytest.fixture(scope="module")
-def configured(addresses):
+def configured(cluster, addresses):
     """What the clients hold before any run: their configured SLM."""
-    return {c: party(addresses, c).describe() for c in CLIENTS}
+    return {c: party(cluster, c).describe() for c in CLIENTS}
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +61,7 @@ def test_two_fedbiot_rounds_complete_with_both_evaluations(fedbiot_run):
             assert metrics[c]["public_loss"] == pytest.approx(metrics["llm/emulator"]["public_loss"], rel=1e-4), (rnd, c)
 
 
-def test_the_compressed_model_is_shipped_once_and_installed(fedbiot_run, addresses, artifacts, configured, tmp_path):
+def test_the_compressed_model_is_shipped_once_and_installed(cluster, fedbiot_run, addresses, artifacts, configured, tmp_path):
     rounds = rounds_of(fedbiot_run)
     archive = rounds[0].artifacts["model"]
     size = len(artifacts.read(archive))
@@ -71,10 +71,10 @@ def test_the_compressed_model_is_shipped_once_and_installed(fedbiot_run, address
     assert all("load_model.model" not in rounds[r].bytes_sent for r in (1, 2))
     model_dir = unpack_dir(artifacts.read(archive), tmp_path / "model")
     assert (model_dir / LAYER_MAP_FILE).is_file() and (model_dir / INITIAL_LORA_FILE).is_file()
-    llm = party(addresses, "llm").describe()
+    llm = party(cluster, "llm").describe()
     kept = emulator_layer_indices(llm.num_layers - 2, 0.5)
     for c in CLIENTS:
-        info = party(addresses, c).describe()
+        info = party(cluster, c).describe()
         assert info.loaded_model == archive, c
         assert info.num_layers == len(kept) + 2 < llm.num_layers, c
         assert info.tokenizer_hash == llm.tokenizer_hash  # the LLM's tokenizer came with the model
@@ -86,14 +86,14 @@ def test_aggregate_is_the_sample_weighted_mean_of_the_uploads(fedbiot_run, artif
         check_aggregate(rounds_of(fedbiot_run)[rnd], artifacts, CLIENTS)
 
 
-def test_every_client_holds_the_realigned_broadcast(fedbiot_run, addresses, artifacts):
+def test_every_client_holds_the_realigned_broadcast(cluster, fedbiot_run, addresses, artifacts):
     rounds = rounds_of(fedbiot_run)
     for rnd in (0, 1, 2):
         assert rounds[rnd].artifacts["broadcast"] == rounds[rnd].artifacts["aligned"], rnd
     last = rounds[2]
     aligned = last.artifacts["aligned"]
     for c in CLIENTS:
-        assert party(addresses, c).describe().lora_hash == aligned, c
+        assert party(cluster, c).describe().lora_hash == aligned, c
     # the server re-aligned the emulator: the broadcast differs from the aggregate only in the emulator layers,
     # and carries the aggregate's adapter layers unchanged
     aggregate = lora_from_bytes(artifacts.read(last.artifacts["aggregate"]))
@@ -103,7 +103,7 @@ def test_every_client_holds_the_realigned_broadcast(fedbiot_run, addresses, arti
     changed = set(aggregate) - same
     assert changed and same
     layers = lambda keys: {int(k.split(".layers.")[1].split(".")[0]) for k in keys}  # noqa: E731
-    n = party(addresses, "client-1").describe().num_layers
+    n = party(cluster, "client-1").describe().num_layers
     assert layers(same) == {n - 2, n - 1} and max(layers(changed)) < n - 2
 
 
@@ -124,7 +124,7 @@ def test_losses_move_in_the_right_direction(fedbiot_run):
     assert metrics_of(rounds[2])["llm"]["public_loss"] < metrics_of(rounds[0])["llm"]["public_loss"]
 
 
-def test_bad_specs_and_bad_requests_get_clear_errors(coordinator, addresses, fedbiot_run, tmp_path):
+def test_bad_specs_and_bad_requests_get_clear_errors(cluster, coordinator, addresses, fedbiot_run, tmp_path):
     bad = [
         (dict(algorithm="fedbiot", fedbiot=pb.FedBiOTSpec(adapter_layers=8)), "8 layers"),
         (dict(algorithm="fedbiot", fedbiot=pb.FedBiOTSpec(drop=1.5)), "fedbiot.drop must be in (0, 1)"),
@@ -138,7 +138,7 @@ def test_bad_specs_and_bad_requests_get_clear_errors(coordinator, addresses, fed
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and message in err.value.details(), err.value.details()
 
     # a client refuses an archive that is not a compressed model, and keeps its model
-    client = party(addresses, "client-1")
+    client = party(cluster, "client-1")
     before = client.describe()
     store = BlobStore(tmp_path / "blobs")
     junk = store.put_bytes(b"\0" * 4096, "application/x-tar")

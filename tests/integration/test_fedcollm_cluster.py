@@ -24,7 +24,7 @@ from tests.integration.cluster_fixtures import (
     rounds_of,
     run_to_end,
 )
-from tests.integration.cluster_fixtures import party as _party
+from tests.integration.cluster_fixtures import party
 
 pytestmark = pytest.mark.integration
 CLUSTER_ALGORITHM = "fedcollm"  # the cluster fixture (conftest.py) builds this algorithm's tiny cluster
@@ -43,9 +43,9 @@ def _check_aggregate(rec, artifacts):
 
 
 # -- FedCoLLM -----------------------------------------------------------------------------------------------------
-def test_parties_share_one_tokenizer_and_the_llm_holds_the_slm(addresses):
-    llm = _party(addresses, "llm").describe()
-    clients = [_party(addresses, c).describe() for c in CLIENTS]
+def test_parties_share_one_tokenizer_and_the_llm_holds_the_slm(cluster, addresses):
+    llm = party(cluster, "llm").describe()
+    clients = [party(cluster, c).describe() for c in CLIENTS]
     assert llm.HasField("companion") and llm.companion.tokenizer_hash == llm.tokenizer_hash
     assert {c.tokenizer_hash for c in clients} == {llm.tokenizer_hash}
     assert {c.lora_layout_hash for c in clients} == {llm.companion.lora_layout_hash}
@@ -78,13 +78,13 @@ def test_aggregate_is_the_sample_weighted_mean_of_the_uploads(fedcollm_run, arti
         _check_aggregate(_rounds(fedcollm_run)[rnd], artifacts)
 
 
-def test_clients_and_the_server_copy_hold_the_distilled_adapter(fedcollm_run, addresses, artifacts):
+def test_clients_and_the_server_copy_hold_the_distilled_adapter(cluster, fedcollm_run, addresses, artifacts):
     last = _rounds(fedcollm_run)[2]
     distilled = last.artifacts["distilled"]
     assert distilled != last.artifacts["aggregate"]  # the co-distillation changed θ
     for c in CLIENTS:
-        assert _party(addresses, c).describe().lora_hash == distilled, c
-    assert _party(addresses, "llm").describe().companion.lora_hash == distilled
+        assert party(cluster, c).describe().lora_hash == distilled, c
+    assert party(cluster, "llm").describe().companion.lora_hash == distilled
     # the blob is canonical adapter bytes: what a client hashes after loading it
     data = artifacts.read(distilled)
     assert lora_to_bytes(lora_from_bytes(data)) == data
@@ -105,9 +105,9 @@ def test_losses_move_in_the_right_direction(fedcollm_run):
 
 
 # -- bad input at the services -------------------------------------------------------------------------------------
-def test_another_rounds_upload_is_detected(fedcollm_run, addresses, tmp_path):
+def test_another_rounds_upload_is_detected(cluster, fedcollm_run, addresses, tmp_path):
     """A real client's tagged adapter from round 1 is rejected by an aggregation expecting round 2."""
-    client = _party(addresses, "client-1")
+    client = party(cluster, "client-1")
     ctx = party_pb2.RunContext(run_id=fedcollm_run.run_id, round=1, task_key="r1/get_lora/client-1")
     op = client.run_task(party_pb2.TaskRequest(ctx=ctx, get_lora=party_pb2.GetLoraTask(tag=True)), timeout_s=60)
     store = BlobStore(tmp_path / "blobs")
@@ -126,8 +126,8 @@ def _adapter(party, store, target=""):
     return lora_from_bytes(store.read_bytes(op.blobs["adapter"].sha256))
 
 
-def test_co_distill_rejects_an_adapter_that_does_not_fit(fedcollm_run, addresses, tmp_path):
-    llm = _party(addresses, "llm")
+def test_co_distill_rejects_an_adapter_that_does_not_fit(cluster, fedcollm_run, addresses, tmp_path):
+    llm = party(cluster, "llm")
     before = llm.describe()
     store = BlobStore(tmp_path / "blobs")
     own = _adapter(llm, store)  # the LLM's own adapter: the wrong layout for its SLM copy
@@ -173,25 +173,25 @@ def test_bad_specs_get_clear_errors(coordinator):
 
 
 # -- baselines on the same cluster ---------------------------------------------------------------------------------
-def test_fedavg_round_averages_and_broadcasts(coordinator, addresses, artifacts, fedcollm_run):
+def test_fedavg_round_averages_and_broadcasts(cluster, coordinator, addresses, artifacts, fedcollm_run):
     run = _run(coordinator, algorithm="fedavg", rounds=1, fedavg=pb.FedAvgSpec(aggregation="factors"))
     assert run.state == pb.RUN_SUCCEEDED, run.error
     rounds = _rounds(run)
     assert set(_metrics(rounds[1])) == set(CLIENTS)  # no LLM involvement
     _check_aggregate(rounds[1], artifacts)
     for c in CLIENTS:
-        assert _party(addresses, c).describe().lora_hash == rounds[1].artifacts["aggregate"]
+        assert party(cluster, c).describe().lora_hash == rounds[1].artifacts["aggregate"]
 
 
-def test_standalone_and_zero_shot_exchange_nothing(coordinator, addresses, fedcollm_run):
-    before = {c: _party(addresses, c).describe().lora_hash for c in CLIENTS}
+def test_standalone_and_zero_shot_exchange_nothing(cluster, coordinator, addresses, fedcollm_run):
+    before = {c: party(cluster, c).describe().lora_hash for c in CLIENTS}
     run = _run(coordinator, algorithm="standalone", rounds=1)
     assert run.state == pb.RUN_SUCCEEDED, run.error
     rounds = _rounds(run)
     assert sorted(rounds) == [0, 1]
     assert set(_metrics(rounds[1])) == set(CLIENTS)
     assert not any(r.bytes_sent or r.bytes_received for r in run.rounds)
-    after = {c: _party(addresses, c).describe().lora_hash for c in CLIENTS}
+    after = {c: party(cluster, c).describe().lora_hash for c in CLIENTS}
     assert after["client-1"] != after["client-2"]  # trained apart, nothing averaged
     assert all(after[c] != before[c] for c in CLIENTS)
 
@@ -199,4 +199,4 @@ def test_standalone_and_zero_shot_exchange_nothing(coordinator, addresses, fedco
     assert run.state == pb.RUN_SUCCEEDED, run.error
     assert [r.round for r in run.rounds] == [0]
     assert set(_metrics(run.rounds[0])) == {"llm", *CLIENTS}
-    assert {c: _party(addresses, c).describe().lora_hash for c in CLIENTS} == after
+    assert {c: party(cluster, c).describe().lora_hash for c in CLIENTS} == after

@@ -16,15 +16,15 @@ CLUSTER_CROSS_TOKENIZER = True
 CLIENTS = ("client-1", "client-2")
 
 
-def test_without_align_tokenizers_the_spec_is_refused(coordinator, addresses):
-    llm = party(addresses, "llm").describe()
+def test_without_align_tokenizers_the_spec_is_refused(cluster, coordinator, addresses):
+    llm = party(cluster, "llm").describe()
     assert llm.companion.tokenizer_hash != llm.tokenizer_hash
     with pytest.raises(grpc.RpcError) as err:
         coordinator.start_run(pb.RunSpec(algorithm="fedcollm", rounds=1))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "align_tokenizers" in err.value.details()
 
 
-def test_two_rounds_across_tokenizers(coordinator, addresses, artifacts):
+def test_two_rounds_across_tokenizers(cluster, coordinator, addresses, artifacts):
     run = run_to_end(coordinator, algorithm="fedcollm", rounds=2,
                      fedcollm=pb.FedCoLLMSpec(kl_weight=20.0, top_k=8, align_tokenizers=True))
     assert run.state == pb.RUN_SUCCEEDED, run.error
@@ -40,4 +40,4 @@ def test_two_rounds_across_tokenizers(coordinator, addresses, artifacts):
     distilled = rounds[2].artifacts["distilled"]
     assert distilled != rounds[2].artifacts["aggregate"]
     for c in CLIENTS:
-        assert party(addresses, c).describe().lora_hash == distilled
+        assert party(cluster, c).describe().lora_hash == distilled

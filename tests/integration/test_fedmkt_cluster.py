@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from cotune.rpc.clients import PartyClient
+from cotune.rpc.channel import make_channel
 from cotune.v1 import common_pb2, coordinator_pb2 as pb, party_pb2
 from cotune.watch import watch_run
 from cotune.wire.blobs import BlobStore
-from tests.integration.cluster_fixtures import TEST_PRESET
+from tests.integration.cluster_fixtures import TEST_PRESET, party
 
 pytestmark = pytest.mark.integration
 
@@ -27,12 +27,8 @@ def finished_run(coordinator):
     return watch_run(coordinator, run.run_id, quiet=True)
 
 
-def _party(addresses, name):
-    return PartyClient(addresses[name], role="llm" if name == "llm" else "slm")
-
-
-def test_clients_use_tokenizers_other_than_the_llms(addresses):
-    infos = {n: _party(addresses, n).describe() for n in ("llm", "client-1", "client-2")}
+def test_clients_use_tokenizers_other_than_the_llms(cluster, addresses):
+    infos = {n: party(cluster, n).describe() for n in ("llm", "client-1", "client-2")}
     hashes = {n: i.tokenizer_hash for n, i in infos.items()}
     assert len(set(hashes.values())) == 3, hashes
     assert len({i.public_set_hash for i in infos.values()}) == 1
@@ -77,10 +73,10 @@ def test_each_party_distils_towards_its_teacher(finished_run):
     for rec in finished_run.rounds:
         if rec.round == 0:
             continue
-        for party in rec.parties:
-            m = party.metrics
-            assert m["kd_targets"] > 0, (rec.round, party.party_id, dict(m))
-            assert m["distill_kd_after"] < m["distill_kd_before"], (rec.round, party.party_id, dict(m))
+        for p in rec.parties:
+            m = p.metrics
+            assert m["kd_targets"] > 0, (rec.round, p.party_id, dict(m))
+            assert m["distill_kd_after"] < m["distill_kd_before"], (rec.round, p.party_id, dict(m))
 
 
 # -- bad input: clear errors, services stay up, state unchanged ----------------------------------------------
@@ -99,8 +95,8 @@ def test_unknown_run_id(coordinator, finished_run):
     assert code == grpc.StatusCode.NOT_FOUND
 
 
-def test_malformed_logits_shard_is_rejected(addresses, finished_run, tmp_path):
-    client = _party(addresses, "client-1")
+def test_malformed_logits_shard_is_rejected(cluster, addresses, finished_run, tmp_path):
+    client = party(cluster, "client-1")
     before = client.describe().lora_hash
     local = BlobStore(tmp_path / "blobs")
     garbage = local.put_bytes(os.urandom(4096))
@@ -115,18 +111,18 @@ def test_malformed_logits_shard_is_rejected(addresses, finished_run, tmp_path):
     assert client.describe().lora_hash == before
 
 
-def test_a_task_of_the_other_role_is_refused_naming_the_role(addresses, finished_run):
+def test_a_task_of_the_other_role_is_refused_naming_the_role(cluster, addresses, finished_run):
     ctx = party_pb2.RunContext(run_id="manual", round=0)
-    code, details = _code(lambda: _party(addresses, "client-1").start(
+    code, details = _code(lambda: party(cluster, "client-1").start(
         party_pb2.TaskRequest(ctx=ctx, compress=party_pb2.CompressTask(adapter_layers=1, drop=0.5))))
     assert code == grpc.StatusCode.FAILED_PRECONDITION and "SLM client" in details and "compress" in details, details
-    code, details = _code(lambda: _party(addresses, "llm").start(
+    code, details = _code(lambda: party(cluster, "llm").start(
         party_pb2.TaskRequest(ctx=ctx, train_adapter=party_pb2.TrainAdapterTask(epochs=1))))
     assert code == grpc.StatusCode.FAILED_PRECONDITION and "LLM server" in details and "train_adapter" in details, details
 
 
-def test_chunk_with_wrong_hash_is_rejected_and_nothing_stored(addresses):
-    llm = _party(addresses, "llm")
+def test_chunk_with_wrong_hash_is_rejected_and_nothing_stored(cluster, addresses):
+    llm = party(cluster, "llm")
     declared = hashlib.sha256(b"what the sender claims").hexdigest()
     chunk = common_pb2.Chunk(sha256=declared, offset=0, data=b"what actually arrived", total_size=21)
     code, details = _code(lambda: llm.blobs.PutBlob(iter([chunk]), timeout=10))
@@ -135,10 +131,10 @@ def test_chunk_with_wrong_hash_is_rejected_and_nothing_stored(addresses):
     assert not status.complete and status.received == 0
 
 
-def test_lora_of_wrong_shape_is_rejected(addresses, finished_run, tmp_path):
+def test_lora_of_wrong_shape_is_rejected(cluster, addresses, finished_run, tmp_path):
     from cotune.lm.lora import lora_from_bytes, lora_to_bytes
 
-    client = _party(addresses, "client-2")
+    client = party(cluster, "client-2")
     before = client.describe().lora_hash
     op = client.run_task(party_pb2.TaskRequest(ctx=party_pb2.RunContext(run_id="manual", round=0), get_lora=party_pb2.GetLoraTask()),
                          timeout_s=60)
@@ -155,10 +151,10 @@ def test_lora_of_wrong_shape_is_rejected(addresses, finished_run, tmp_path):
     assert client.describe().lora_hash == before
 
 
-def test_services_stay_up_and_run_state_is_unchanged(addresses, coordinator, finished_run):
+def test_services_stay_up_and_run_state_is_unchanged(cluster, addresses, coordinator, finished_run):
     # runs after the bad-input tests (file order): every service still SERVING, the finished run untouched
     for name, address in addresses.items():
-        channel = grpc.insecure_channel(address)
+        channel = make_channel(address, cluster.credentials(), peer=cluster.identity_of(name))
         status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10).status
         channel.close()
         assert status == health_pb2.HealthCheckResponse.SERVING, name

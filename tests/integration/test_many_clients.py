@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 
 from cotune.cluster import LocalCluster
-from cotune.rpc.clients import PartyClient
 from cotune.v1 import coordinator_pb2 as pb
 from cotune.watch import watch_run
 from tests.integration.cluster_fixtures import coordinator_client, rounds_of
@@ -61,7 +60,7 @@ def test_two_processes_each_host_two_clients(packed):
 def test_every_client_registers_with_its_own_address_and_party_id(packed):
     cluster, _ = packed
     addresses = cluster.addresses()
-    coordinator = coordinator_client(addresses, clients=len(CLIENTS))
+    coordinator = coordinator_client(cluster, clients=len(CLIENTS))
     try:
         registered = {r.client.client_id: r.client.address for r in coordinator.list_clients()}
     finally:
@@ -69,7 +68,7 @@ def test_every_client_registers_with_its_own_address_and_party_id(packed):
     assert registered == {c: addresses[c] for c in CLIENTS}
     ids = set()
     for c in CLIENTS:
-        party = PartyClient(addresses[c], role="slm")
+        party = cluster.party_client(c)
         try:
             ids.add(party.describe().party_id)
         finally:
@@ -79,7 +78,7 @@ def test_every_client_registers_with_its_own_address_and_party_id(packed):
 
 def test_one_fedavg_round_succeeds_across_packed_clients(packed):
     cluster, bench = packed
-    coordinator = coordinator_client(cluster.addresses(), clients=len(CLIENTS))
+    coordinator = coordinator_client(cluster, clients=len(CLIENTS))
     try:
         run = coordinator.start_run(bench.run_spec("fedavg", len(CLIENTS)))
         run = watch_run(coordinator, run.run_id, quiet=True)

@@ -1,0 +1,1 @@
+"""Who is calling, and what they may do: service identities, certificates and the authorization table."""

@@ -30,7 +30,8 @@ from cotune.wire.blobs import BlobStore
 log = logging.getLogger(__name__)
 TERMINAL = (pb.RUN_SUCCEEDED, pb.RUN_FAILED, pb.RUN_CANCELLED)
 REGISTER_DIAL_TIMEOUT_S = 5.0  # RegisterClient dials the address it is given: briefly, so it cannot hold a worker
-WATCH_MAX_S = 600.0            # a WatchRun stream ends after this long; clients resume with after_seq
+WATCH_MAX_S = 600.0
+RESPONSE_BUDGET_BYTES = 3 << 20  # list answers stay under the 4 MiB message limit            # a WatchRun stream ends after this long; clients resume with after_seq
 
 
 class Coordinator:
@@ -248,6 +249,18 @@ class Coordinator:
                 alignment.close()
 
 
+def within_response_budget(items: list, budget: int = RESPONSE_BUDGET_BYTES) -> list:
+    """The leading `items` whose encoding fits `budget` bytes, so a list answer never outgrows the message limit
+    (however many runs or clients accumulate); a shortened answer is logged."""
+    total = 0
+    for i, item in enumerate(items):
+        total += item.ByteSize() + 8
+        if total > budget:
+            log.warning("list answer shortened to %d of %d entries (%d-byte budget)", i, len(items), budget)
+            return items[:i]
+    return items
+
+
 class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
     def __init__(self, coordinator: Coordinator):
         self.c = coordinator
@@ -263,7 +276,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
 
     @rpc_method
     def ListClients(self, request, context):
-        return pb.ListClientsResponse(clients=self.c.state.clients())
+        return pb.ListClientsResponse(clients=within_response_budget(self.c.state.clients()))
 
     @rpc_method
     def StartRun(self, request, context):
@@ -282,7 +295,11 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         limit = request.limit or 50
         if not 1 <= limit <= 10_000:
             raise InvalidInput(f"limit must be in 1..10000, got {limit}")
-        return pb.ListRunsResponse(runs=self.c.state.list_runs(limit))
+        summaries = []
+        for run in self.c.state.list_runs(limit):
+            run.ClearField("rounds")  # a list shows summaries; GetRun has the round records
+            summaries.append(run)
+        return pb.ListRunsResponse(runs=within_response_budget(summaries))
 
     @rpc_method
     def WatchRun(self, request, context):

@@ -21,7 +21,7 @@ from cotune.rpc.operations import OperationManager, OpResult
 from cotune.rpc.server import service_host
 from cotune.tasks import MAX_LENGTH_RANGE
 from cotune.v1 import alignment_pb2, alignment_pb2_grpc
-from cotune.wire.blobs import Blob, BlobStore, check_sha
+from cotune.wire.blobs import Blob, check_sha, service_store
 
 log = logging.getLogger(__name__)
 MEDIA_MAP = "application/safetensors+vocab-map"
@@ -35,7 +35,7 @@ class AlignmentService:
         cfg.validate()
         self.cfg = cfg
         self.root = Path(cfg.workdir)
-        self.store = BlobStore(self.root / "blobs")
+        self.store = service_store(self.root / "blobs", cfg.blob_quota_gib)
         self.index_dir = self.root / "index"
         self.index_dir.mkdir(parents=True, exist_ok=True)
         self.ops = OperationManager(workers=max(1, cfg.workers))

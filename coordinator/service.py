@@ -25,7 +25,7 @@ from cotune.rpc.server import credentials, service_host
 from cotune.security.identity import NAME_RE
 from cotune.v1 import coordinator_pb2 as pb
 from cotune.v1 import coordinator_pb2_grpc
-from cotune.wire.blobs import BlobStore
+from cotune.wire.blobs import service_store
 
 log = logging.getLogger(__name__)
 TERMINAL = (pb.RUN_SUCCEEDED, pb.RUN_FAILED, pb.RUN_CANCELLED)
@@ -40,7 +40,7 @@ class Coordinator:
         self.cfg = cfg
         root = Path(cfg.workdir)
         self.state = StateStore(root / "state.sqlite3")
-        self.artifacts = BlobStore(root / "artifacts")
+        self.artifacts = service_store(root / "artifacts", cfg.blob_quota_gib)
         self.creds: Credentials = credentials(cfg)
         self._cancel: dict[str, threading.Event] = {}
         self._threads: dict[str, threading.Thread] = {}

@@ -112,6 +112,7 @@ class PartyConfig:
     data: DataConfig = field(default_factory=DataConfig)
     tls: TlsConfig = field(default_factory=TlsConfig)
     insecure: bool = False    # plaintext on a loopback address, for development only (default: mTLS required)
+    blob_quota_gib: float = 0.0  # disk quota of the blob store; 0 = what it holds at start + 80% of the free space
     auth: AuthConfig = field(default_factory=AuthConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
 
@@ -156,6 +157,7 @@ class AlignmentConfig:
     workers: int = 1          # concurrent builds; each build uses every core
     tls: TlsConfig = field(default_factory=TlsConfig)
     insecure: bool = False
+    blob_quota_gib: float = 0.0
     auth: AuthConfig = field(default_factory=AuthConfig)
 
     def validate(self) -> None:
@@ -181,6 +183,7 @@ class CoordinatorConfig:
     client_addresses: list[str] = field(default_factory=lambda: ["127.0.0.1:*", "[::1]:*"])
     tls: TlsConfig = field(default_factory=TlsConfig)
     insecure: bool = False
+    blob_quota_gib: float = 0.0
     auth: AuthConfig = field(default_factory=AuthConfig)
 
     def validate(self) -> None:

@@ -60,7 +60,7 @@ class ResourceExhausted(RpcError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
-# -- safe messages ------------------------------------------------------------------------------------------------------
+# -- safe messages ---------------------------------------------------------------------------------------------------
 MAX_MESSAGE = 2000  # characters of a status message sent to a caller (gRPC carries it in a trailer)
 
 
@@ -103,7 +103,7 @@ def _cap(message: str) -> str:
     return message if len(message) <= MAX_MESSAGE else f"{message[:MAX_MESSAGE]}… ({len(message)} characters)"
 
 
-# -- quiet logs ---------------------------------------------------------------------------------------------------------
+# -- quiet logs ------------------------------------------------------------------------------------------------------
 class _RateLimit:
     """At most `n` events per `window` seconds per key; the rest are counted and reported with the next one logged."""
 
@@ -155,7 +155,8 @@ def note_refusal(method: str, code: grpc.StatusCode, message: str) -> None:
         return  # status_for logged it (with its traceback, rate-limited)
     suppressed = _refusal_log.allow((method, code))
     if suppressed is not None:
-        log.warning("refused %s: %s %s%s", method, code.name, clip(message, 200),
+        line = repr(message)[1:-1]  # one line: control characters escaped
+        log.warning("refused %s: %s %s%s", method, code.name, line if len(line) <= 300 else f"{line[:300]}…",
                     f" ({suppressed} similar suppressed)" if suppressed else "")
 
 
@@ -167,7 +168,7 @@ def _reset_limits() -> None:
         _refusals.clear()
 
 
-# -- mapping --------------------------------------------------------------------------------------------------------------
+# -- mapping ---------------------------------------------------------------------------------------------------------
 def status_for(exc: BaseException, where: str = "") -> tuple[grpc.StatusCode, str]:
     """The status code and message a failed piece of work reports.
 

@@ -6,7 +6,7 @@ For each call, before the handler runs:
    is the identity; beside a certificate it must name the same identity, so a token replayed by another party fails.
    A plaintext host without tokens (the explicit `insecure: true` development mode) has no identities and no checks.
 2. **Authorize** against the host's table (cotune.security.policy); refusals are PERMISSION_DENIED or UNAUTHENTICATED
-   naming the identity and the method, counted and logged at most once a second per method.
+   naming the identity and the method, counted and logged at most once a second per method (cotune.errors).
 3. **Limit.** Methods that hold a worker thread for long (streams, waits, registrations that dial out) have a
    per-method concurrency cap, refused with RESOURCE_EXHAUSTED when full, and the caps sum to less than the worker
    pool, so no number of slow or idle callers can starve health checks or quick calls. Streams that make no progress
@@ -23,11 +23,11 @@ import contextvars
 import logging
 import threading
 import time
-from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 
 import grpc
 
+from cotune.errors import note_refusal
 from cotune.security.identity import Identity
 from cotune.security.policy import method_key
 
@@ -53,29 +53,6 @@ STREAM_IDLE_S = 30.0  # a stream that moves no message for this long is cancelle
 def caller() -> Identity | None:
     """The identity of the caller of the RPC this thread is serving (None: insecure mode, no identities)."""
     return _CALLER.get()
-
-
-class _Refusals:
-    """Refusals by (method, code), and their log lines: at most one per second per (method, code)."""
-
-    def __init__(self):
-        self.counts: Counter = Counter()
-        self._last: dict[tuple[str, str], float] = {}
-        self._suppressed: Counter = Counter()
-        self._lock = threading.Lock()
-
-    def note(self, method: str, code: grpc.StatusCode, message: str) -> None:
-        key = (method, code.name)
-        now = time.monotonic()
-        with self._lock:
-            self.counts[key] += 1
-            if now - self._last.get(key, -1e9) < 1.0:
-                self._suppressed[key] += 1
-                return
-            self._last[key] = now
-            suppressed = self._suppressed.pop(key, 0)
-        log.warning("refused %s: %s %s%s", method, code.name, message,
-                    f" ({suppressed} similar refusals suppressed)" if suppressed else "")
 
 
 class _Watchdog:
@@ -137,7 +114,6 @@ class Guard(grpc.ServerInterceptor):
         self._slots = {m: threading.BoundedSemaphore(n) for m, n in (concurrency or CONCURRENCY).items()}
         self._limits = dict(concurrency or CONCURRENCY)
         self.watchdog = _Watchdog(stream_idle_s)
-        self.refusals = _Refusals()
 
     # -- the checks -----------------------------------------------------------------------------------------------
     def _identify(self, context, method: str) -> Identity | None:
@@ -168,7 +144,7 @@ class Guard(grpc.ServerInterceptor):
         return identity
 
     def _refuse(self, context, method: str, code: grpc.StatusCode, message: str):
-        self.refusals.note(method, code, message)
+        note_refusal(method, code, message)  # counted, and logged at most once a second per (method, code)
         context.abort(code, f"{method}: {message}")
 
     @contextlib.contextmanager

@@ -15,6 +15,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from cotune.config import validate_security
+from cotune.errors import add_private_root
+from cotune.rpc.limits import check_message
 from cotune.rpc.channel import SERVER_OPTIONS, Credentials, TlsFiles, is_loopback
 from cotune.rpc.guard import WORKERS, Guard
 from cotune.security.identity import Identity, client_identity
@@ -137,4 +139,6 @@ def service_host(name: str, cfg, role: str) -> ServiceHost:
     validate_security(cfg, name)  # TLS files or an explicit `insecure: true`, tokens bound to valid identities
     tokens = {token: Identity.parse(identity) for token, identity in cfg.auth.tokens.items()}
     identity = client_identity(cfg.party_id) if role == "slm" else Identity(role)
-    return ServiceHost(name, cfg.listen, role=role, tls=tls_files(cfg), tokens=tokens, identity=identity)
+    add_private_root(cfg.workdir)  # error messages to callers never show paths under it
+    return ServiceHost(name, cfg.listen, role=role, tls=tls_files(cfg), tokens=tokens, identity=identity,
+                       check=check_message)

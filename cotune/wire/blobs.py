@@ -15,6 +15,11 @@ it once it is on disk; the reader drops pages a window behind its position. A mu
 the page cache nor evicts a service's hot pages, and on VMs where first-touch of fresh page-cache memory is slow
 (measured: ~340 MB/s for plain buffered writes on the development VM) it runs at disk speed instead. Small blobs (logits
 shards, adapters, vocabulary maps) are written and read plainly.
+
+Hygiene: a partial blob not written for `partial_ttl_s` (1 h) is deleted, swept lazily at the start of writes (at most
+once a minute). With `quota_bytes`, the store's total (complete blobs plus the declared sizes of partial ones) never
+exceeds the quota: a write that would is refused with RESOURCE_EXHAUSTED before anything is written. Usage is a
+running total, set by one scan when the store opens.
 """
 
 from __future__ import annotations
@@ -33,12 +38,14 @@ from pathlib import Path
 
 import grpc
 
-from cotune.errors import InvalidInput, NotFound, Precondition, rpc_method
+from cotune.errors import InvalidInput, NotFound, Precondition, ResourceExhausted, rpc_method
 from cotune.v1 import common_pb2, common_pb2_grpc
 
 CHUNK_SIZE = 1 << 20
 DEFAULT_MAX_BLOB_BYTES = 64 << 30
 DEFAULT_DROP_BEHIND = 8 << 20  # flush and drop written pages of a partial blob every this many bytes (0: never)
+DEFAULT_PARTIAL_TTL_S = 3600.0  # a partial blob not written for this long is deleted
+_SWEEP_EVERY_S = 60.0
 _READ_BUFFER = 1 << 20
 _MAX_TRACKED_PARTIALS = 256  # running hashes kept in memory; others are rebuilt from disk when resumed
 _SHA_RE = re.compile(r"^[0-9a-f]{64}$")
@@ -163,17 +170,148 @@ class _DropBehind:
         os.posix_fadvise(fd, start, end - start, os.POSIX_FADV_DONTNEED)
 
 
+def _size(n: int) -> str:
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if n >= 1 << shift:
+            return f"{n / (1 << shift):.2f} {unit}"
+    return f"{n} bytes"
+
+
+def service_store(root: str | Path, quota_gib: float = 0.0, fraction: float = 0.8) -> "BlobStore":
+    """A service's blob store with its disk quota: `quota_gib` GiB, or when 0 (the default) what the store holds at
+    start plus `fraction` of its filesystem's free space, so blobs alone can never fill the disk."""
+    store = BlobStore(root)
+    if quota_gib > 0:
+        store.quota_bytes = int(quota_gib * (1 << 30))
+    else:
+        st = os.statvfs(store.root)
+        store.quota_bytes = store.usage() + int(st.f_bavail * st.f_frsize * fraction)
+    return store
+
+
 class BlobStore:
     def __init__(self, root: str | Path, *, max_blob_bytes: int = DEFAULT_MAX_BLOB_BYTES,
-                 drop_behind: int = DEFAULT_DROP_BEHIND):
+                 drop_behind: int = DEFAULT_DROP_BEHIND, quota_bytes: int | None = None,
+                 partial_ttl_s: float = DEFAULT_PARTIAL_TTL_S):
         self.root = Path(root)
         self.max_blob_bytes = max_blob_bytes
         self.drop_behind = drop_behind
+        self.quota_bytes = quota_bytes
+        self.partial_ttl_s = partial_ttl_s
         (self.root / "objects").mkdir(parents=True, exist_ok=True)
         (self.root / "partial").mkdir(parents=True, exist_ok=True)
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
         self._partials: OrderedDict[str, _Partial] = OrderedDict()  # guarded by the per-sha locks + _locks_guard
+        # disk accounting, guarded by _usage_lock: complete blobs + the declared size of each partial blob (reserved
+        # when its first chunk arrives) + bytes of put_stream temporaries written so far
+        self._usage_lock = threading.Lock()
+        self._reserved: dict[str, int] = {}  # partial sha -> bytes reserved for it
+        self._streams: set[str] = set()  # names of this process's live put_stream temporaries (the sweep skips them)
+        self._usage = self._scan()
+        self._next_sweep = 0.0
+        self._sweep_lock = threading.Lock()
+
+    # -- disk accounting and partial expiry -------------------------------------------------------------------------
+    def _scan(self) -> int:
+        total = 0
+        for sub in (self.root / "objects").iterdir():
+            if sub.is_dir():
+                total += sum(e.stat().st_size for e in os.scandir(sub) if e.is_file() and _SHA_RE.match(e.name))
+        for e in os.scandir(self.root / "partial"):
+            if e.name.endswith(".part"):
+                sha, size = e.name[:-5], e.stat().st_size
+                try:
+                    size = max(size, int(json.loads((self.root / "partial" / f"{sha}.json").read_text())["total_size"]))
+                except (OSError, ValueError, KeyError, TypeError):
+                    pass
+                self._reserved[sha] = size
+                total += size
+            elif e.name.endswith(".tmp"):
+                total += e.stat().st_size
+        return total
+
+    def usage(self) -> int:
+        """Bytes this store holds or has reserved: complete blobs, partial blobs at their declared size, temporaries."""
+        with self._usage_lock:
+            return self._usage
+
+    def _refuse(self, more: int, usage: int) -> ResourceExhausted:
+        return ResourceExhausted(
+            f"blob store quota exceeded: storing {_size(more)} more would exceed this store's quota of "
+            f"{_size(self.quota_bytes)} ({_size(usage)} in use); free space or raise `blob_quota_gib` in the service "
+            f"config")
+
+    def _add(self, n: int, *, check: bool = True) -> None:
+        """Account `n` more bytes (negative: fewer); with `check`, refuse (changing nothing) beyond the quota."""
+        with self._usage_lock:
+            if check and n > 0 and self.quota_bytes is not None and self._usage + n > self.quota_bytes:
+                raise self._refuse(n, self._usage)
+            self._usage += n
+
+    def _reserve(self, sha: str, total_size: int) -> None:
+        """Reserve room for partial blob `sha` of `total_size` bytes (caller holds the sha's lock)."""
+        self._add(total_size - self._reserved.get(sha, 0))
+        self._reserved[sha] = total_size
+
+    def _unreserve(self, sha: str) -> None:
+        self._add(-self._reserved.pop(sha, 0), check=False)
+
+    def admit(self, sha: str, total_size: int) -> None:
+        """Raise, changing nothing, unless a blob `sha` of `total_size` bytes may be stored here now."""
+        if total_size < 0 or total_size > self.max_blob_bytes:
+            raise InvalidInput(f"blob size {total_size} is outside 0..{self.max_blob_bytes}")
+        if self.quota_bytes is None or self.has(sha):
+            return
+        more = total_size - self._reserved.get(sha, 0)
+        usage = self.usage()
+        if more > 0 and usage + more > self.quota_bytes:
+            raise self._refuse(more, usage)
+
+    def sweep(self, *, force: bool = False) -> int:
+        """Delete partial blobs (and stray temporaries) not written for `partial_ttl_s`; runs at most once a minute
+        (or once per TTL if shorter) unless `force`. Returns how many were deleted."""
+        now = time.monotonic()
+        if not force and now < self._next_sweep or not self._sweep_lock.acquire(blocking=False):
+            return 0
+        try:
+            self._next_sweep = now + min(_SWEEP_EVERY_S, self.partial_ttl_s)
+            return self._sweep(time.time() - self.partial_ttl_s)
+        finally:
+            self._sweep_lock.release()
+
+    def _sweep(self, cutoff: float) -> int:
+        deleted = 0
+        for e in list(os.scandir(self.root / "partial")):
+            name = e.name
+            try:
+                if name.endswith(".tmp"):
+                    if name not in self._streams and e.stat().st_mtime < cutoff:
+                        size = e.stat().st_size
+                        os.unlink(e.path)
+                        self._add(-size, check=False)
+                        deleted += 1
+                    continue
+                sha, ext = name.rsplit(".", 1) if "." in name else (name, "")
+                if ext != "json" and not (ext == "part" and not (self.root / "partial" / f"{sha}.json").exists()):
+                    continue  # a partial is judged once, by its .json (or by a .part left without one)
+                lock = self._lock(sha)
+                if not lock.acquire(blocking=False):
+                    continue  # being written right now
+                try:
+                    part, meta = self._partial(sha), self._meta_path(sha)
+                    newest = max((p.stat().st_mtime for p in (part, meta) if p.exists()), default=0.0)
+                    if newest < cutoff:
+                        part.unlink(missing_ok=True)
+                        meta.unlink(missing_ok=True)
+                        self._forget(sha)
+                        self._unreserve(sha)
+                        deleted += 1
+                finally:
+                    lock.release()
+            except FileNotFoundError:
+                continue
+        return deleted
 
     # -- paths and locks -------------------------------------------------------------------------------------
     def path(self, sha: str) -> Path:
@@ -202,32 +340,42 @@ class BlobStore:
         return Blob(sha, path.stat().st_size, media.read_text() if media.exists() else "")
 
     def put_bytes(self, data: bytes, media_type: str = "") -> Blob:
+        self.sweep()
         sha = sha256_hex(data)
         with self._lock(sha):
             path = self.path(sha)
             if not path.exists():
-                path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_suffix(f".tmp{os.getpid()}.{threading.get_ident()}")
-                tmp.write_bytes(data)
-                if media_type:
-                    path.with_suffix(".type").write_text(media_type)
-                os.replace(tmp, path)
+                self._add(len(data))
+                try:
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    tmp = path.with_suffix(f".tmp{os.getpid()}.{threading.get_ident()}")
+                    tmp.write_bytes(data)
+                    if media_type:
+                        path.with_suffix(".type").write_text(media_type)
+                    os.replace(tmp, path)
+                except BaseException:
+                    self._add(-len(data), check=False)
+                    raise
+                self._drop_partial(sha)
         return Blob(sha, len(data), media_type)
 
     def put_stream(self, chunks: Iterable[bytes], media_type: str = "") -> Blob:
         """Store a blob given as an iterable of byte chunks, hashing while writing: memory is bounded by one chunk,
         whatever the blob size. Large blobs are written with drop-behind like received ones."""
+        self.sweep()
         tmp = self.root / "partial" / f"stream-{os.getpid()}-{threading.get_ident()}-{time.monotonic_ns()}.tmp"
         digest = hashlib.sha256()
         size = 0
         drop = _DropBehind(self.drop_behind if hasattr(os, "posix_fadvise") else 0)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        self._streams.add(tmp.name)
         try:
             try:
                 for data in chunks:
+                    self._add(len(data))  # refused beyond the quota: the temporary is deleted below
+                    size += len(data)
                     _write_all(fd, data)
                     digest.update(data)
-                    size += len(data)
                     if size > self.max_blob_bytes:
                         raise InvalidInput(f"blob exceeds the {self.max_blob_bytes}-byte limit of this store")
                     drop.wrote(fd, size)
@@ -239,14 +387,20 @@ class BlobStore:
                 path = self.path(sha)
                 if path.exists():
                     tmp.unlink()
+                    self._add(-size, check=False)
                 else:
                     path.parent.mkdir(parents=True, exist_ok=True)
                     if media_type:
                         path.with_suffix(".type").write_text(media_type)
                     os.replace(tmp, path)
+                    self._drop_partial(sha)
         except BaseException:
-            tmp.unlink(missing_ok=True)
+            if tmp.exists():
+                tmp.unlink()
+                self._add(-size, check=False)
             raise
+        finally:
+            self._streams.discard(tmp.name)
         return Blob(sha, size, media_type)
 
     def put_file(self, src: str | Path, media_type: str = "") -> Blob:
@@ -306,6 +460,7 @@ class BlobStore:
             raise InvalidInput(f"chunk of {len(data)} bytes exceeds the {CHUNK_SIZE}-byte chunk limit")
         if total_size < 0 or total_size > self.max_blob_bytes:
             raise InvalidInput(f"blob size {total_size} is outside 0..{self.max_blob_bytes}")
+        self.sweep()
         with self._lock(sha):
             if self.has(sha):
                 return self.stat(sha)
@@ -329,6 +484,7 @@ class BlobStore:
             if offset + len(data) > total_size:
                 raise InvalidInput(f"blob {sha}: chunk ends at {offset + len(data)}, beyond the declared size {total_size}")
             if not have:
+                self._reserve(sha, total_size)  # refused beyond the quota before anything is written
                 meta_path.write_text(json.dumps({"total_size": total_size, "media_type": media_type, "started": time.time()}))
             self._forget(sha)  # re-tracked below once this chunk is on disk and hashed
             fd = os.open(part, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
@@ -368,6 +524,7 @@ class BlobStore:
         if got != sha:
             part.unlink(missing_ok=True)
             meta_path.unlink(missing_ok=True)
+            self._unreserve(sha)
             raise InvalidInput(f"blob content hashes to {got}, not the declared {sha}; nothing was stored")
         media_type = state.media_type
         if meta_path.exists():
@@ -378,7 +535,17 @@ class BlobStore:
             path.with_suffix(".type").write_text(media_type)
         os.replace(part, path)
         meta_path.unlink(missing_ok=True)
-        return Blob(sha, path.stat().st_size, media_type)
+        size = path.stat().st_size
+        self._add(size - self._reserved.pop(sha, 0), check=False)  # the reservation becomes the blob
+        return Blob(sha, size, media_type)
+
+    def _drop_partial(self, sha: str) -> None:
+        """Delete a partial upload of `sha` once the blob was stored another way (caller holds the sha's lock)."""
+        if sha in self._reserved:
+            self._partial(sha).unlink(missing_ok=True)
+            self._meta_path(sha).unlink(missing_ok=True)
+            self._forget(sha)
+            self._unreserve(sha)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -401,6 +568,7 @@ class BlobStoreServicer(common_pb2_grpc.BlobStoreServicer):
         for chunk in request_iterator:
             if sha is None:
                 sha = check_sha(chunk.sha256)
+                self.store.admit(sha, chunk.total_size)  # size and quota, before anything is written
             elif chunk.sha256 != sha:
                 raise InvalidInput("all chunks of one PutBlob stream must carry the same sha256")
             if self.store.write_chunk(sha, chunk.offset, chunk.data, chunk.total_size, chunk.media_type) is not None:

@@ -25,6 +25,7 @@ import sys
 import time
 from pathlib import Path
 
+from cotune.rpc.limits import check_message
 from cotune.wire.blobs import BlobStore
 
 REPO = Path(__file__).resolve().parents[2]
@@ -205,7 +206,7 @@ def serve(args) -> None:
     from cotune.rpc.server import ServiceHost
 
     _apply_grpc_options(args.grpc_option)
-    host = ServiceHost("blobs", f"127.0.0.1:{args.port}")
+    host = ServiceHost("blobs", f"127.0.0.1:{args.port}", role="llm", check=check_message)
     host.add_blobs_and_operations(_store(args), None)
     host.set_serving(True)
     host.start(args.port_file)

@@ -5,17 +5,37 @@ reported as bad input."""
 from __future__ import annotations
 
 import logging
+import time
 
 import grpc
 import pytest
 
-from cotune.errors import AlreadyExists, InvalidInput, NotFound, Precondition, Unavailable, rpc_method, status_for
+from cotune import errors
+from cotune.errors import (
+    AlreadyExists,
+    InvalidInput,
+    NotFound,
+    Precondition,
+    ResourceExhausted,
+    Unavailable,
+    clip,
+    refusal_counts,
+    rpc_method,
+    status_for,
+)
 from cotune.rpc.operations import OperationManager
 from cotune.v1 import operations_pb2 as ops_pb2
 
 
 class _Aborted(Exception):
     pass
+
+
+@pytest.fixture(autouse=True)
+def _fresh_limits():
+    errors._reset_limits()  # rate limits are per process: earlier tests must not eat this test's log budget
+    yield
+    errors._reset_limits()
 
 
 class FakeContext:
@@ -54,11 +74,12 @@ def _tracebacks(caplog, exc_type) -> list[logging.LogRecord]:
     (NotFound("no such run"), grpc.StatusCode.NOT_FOUND),
     (AlreadyExists("exists"), grpc.StatusCode.ALREADY_EXISTS),
     (Unavailable("later"), grpc.StatusCode.UNAVAILABLE),
+    (ResourceExhausted("full"), grpc.StatusCode.RESOURCE_EXHAUSTED),
 ])
 def test_project_errors_keep_their_code_and_message_and_log_no_traceback(exc, code, caplog):
     caplog.set_level(logging.DEBUG)
     assert status_for(exc) == (code, str(exc))
-    assert str(exc) in {"bad field", "upload first", "no such run", "exists", "later"}  # NotFound is not quoted
+    assert str(exc) in {"bad field", "upload first", "no such run", "exists", "later", "full"}  # NotFound is not quoted
     assert not [r for r in caplog.records if r.exc_info]
 
 
@@ -150,3 +171,75 @@ def test_an_operation_failing_with_a_key_error_is_internal_and_logged(caplog):
         assert op.error_code == grpc.StatusCode.INVALID_ARGUMENT.value[0] and op.error_message == "bad shard"
     finally:
         manager.shutdown()
+
+
+class _Servicer:
+    @rpc_method
+    def Bad(self, request, context):
+        raise InvalidInput(f"bad request {clip(request)}")
+
+    @rpc_method
+    def Broken(self, request, context):
+        raise KeyError(request)
+
+
+def _call(method, request="x"):
+    with pytest.raises(_Aborted):
+        method(request, FakeContext())
+
+
+def test_refusals_cost_one_log_line_a_second_and_no_traceback(caplog, monkeypatch):
+    monkeypatch.setattr(errors._refusal_log, "window", 0.2)
+    servicer = _Servicer()
+    with caplog.at_level(logging.DEBUG, logger="cotune.errors"):
+        for _ in range(50):
+            _call(servicer.Bad, "y" * 10_000)
+        lines = [r.getMessage() for r in caplog.records]
+        assert len(lines) == 1 and "refused _Servicer.Bad: INVALID_ARGUMENT bad request 'yyy" in lines[0]
+        assert len(lines[0]) < 400  # a long input is clipped, in the log and in the status message
+        time.sleep(0.25)
+        _call(servicer.Bad)
+    assert len(caplog.records) == 2 and "(49 similar suppressed)" in caplog.records[1].getMessage()
+    assert not [r for r in caplog.records if r.exc_info]
+    assert refusal_counts()[("_Servicer.Bad", "INVALID_ARGUMENT")] == 51
+
+
+def test_internal_errors_log_ten_tracebacks_a_minute_then_count(caplog, monkeypatch):
+    servicer = _Servicer()
+    with caplog.at_level(logging.ERROR, logger="cotune.errors"):
+        for i in range(25):
+            _call(servicer.Broken, f"key-{i}")
+        assert len(_tracebacks(caplog, KeyError)) == 10
+        monkeypatch.setattr(errors._internal_log, "window", 0.01)
+        time.sleep(0.02)
+        _call(servicer.Broken)
+    records = _tracebacks(caplog, KeyError)
+    assert len(records) == 11 and "(15 more internal errors were not logged)" in records[-1].getMessage()
+    assert refusal_counts()[("_Servicer.Broken", "INTERNAL")] == 26
+
+
+def test_internal_messages_never_show_local_paths(tmp_path, monkeypatch):
+    monkeypatch.setattr(errors, "_private_roots", dict(errors._private_roots))
+    spaced = tmp_path / "my work dir"
+    errors.add_private_root(spaced)
+    for path in (tmp_path / "blobs" / "x.part", spaced / "sub dir" / "adapter.safetensors"):
+        try:
+            open(path)
+        except OSError as exc:
+            code, message = status_for(exc, "the test")
+        assert code == grpc.StatusCode.INTERNAL
+        assert str(tmp_path) not in message and "<path>" in message, message
+        assert message.startswith("internal error (FileNotFoundError): [Errno 2] No such file or directory: '<path>")
+    kept = "expected float32/bfloat16 at http://host/a/b, 340 MB/s, upload/client-1"
+    assert errors.scrub_paths(kept) == kept
+    assert status_for(Precondition("a message we wrote ourselves: /kept/as/is"))[1].endswith("/kept/as/is")
+
+
+def test_clip_and_message_caps():
+    assert clip("short") == "'short'"
+    assert clip("a\x1b[2Jb") == "'a\\x1b[2Jb'"  # control characters escaped
+    assert clip("z" * 1000) == f"{'z' * 80!r}… (1000 characters)"
+    assert clip("z" * 100, 10) == "'zzzzzzzzzz'… (100 characters)"
+    assert clip(list(range(1000)), 20) == "[0, 1, 2, 3, 4, 5, 6…"
+    _, message = status_for(RuntimeError("x" * 100_000))
+    assert len(message) < errors.MAX_MESSAGE + 100

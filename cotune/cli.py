@@ -58,7 +58,8 @@ def cmd_cluster_up(args) -> int:
     for name, address in addresses.items():
         print(f"{name:12s} {address}")
     print(f"state: {cluster.workdir / 'cluster.json'}; logs: {cluster.workdir / 'logs'}")
-    print(f"export COTUNE_COORDINATOR={addresses['coordinator']}   # for the `cotune run ...` commands")
+    print(f"export COTUNE_CLUSTER_DIR={cluster.workdir}   # the `cotune run ...` commands find the coordinator "
+          "and the operator's certificate there")
     if args.detach:
         return 0
     print("cluster running; Ctrl-C stops every service")
@@ -285,7 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     def coordinator_args(p):
         p.add_argument("--coordinator", default="", help="HOST:PORT (default: $COTUNE_COORDINATOR or the local cluster's)")
-        p.add_argument("--cluster-dir", default=DEFAULT_CLUSTER_DIR)
+        p.add_argument("--cluster-dir", default=os.environ.get("COTUNE_CLUSTER_DIR", DEFAULT_CLUSTER_DIR),
+                       help="a local cluster's workdir: its cluster.json names the coordinator and the operator's "
+                            f"certificate (default: $COTUNE_CLUSTER_DIR or {DEFAULT_CLUSTER_DIR})")
         p.add_argument("--token", default="", help="bearer token bound to your identity (default: $COTUNE_TOKEN)")
         p.add_argument("--tls-ca", default="", help="CA certificate (default: $COTUNE_TLS_CA, or the local cluster's)")
         p.add_argument("--tls-cert", default="", help="your operator certificate (default: $COTUNE_TLS_CERT, ...)")

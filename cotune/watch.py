@@ -10,6 +10,8 @@ from cotune.v1 import coordinator_pb2 as pb
 
 TERMINAL = (pb.RUN_SUCCEEDED, pb.RUN_FAILED, pb.RUN_CANCELLED)
 STREAM_DEADLINE_S = 300.0
+# a stream's own deadline; the coordinator restarting; its watch cap full or its watchdog ending a stuck stream
+RESUME_ON = {"DEADLINE_EXCEEDED", "UNAVAILABLE", "RESOURCE_EXHAUSTED", "CANCELLED"}
 
 
 def watch_run(client: CoordinatorClient, run_id: str, *, stream=sys.stderr, quiet: bool = False) -> pb.Run:
@@ -28,9 +30,9 @@ def watch_run(client: CoordinatorClient, run_id: str, *, stream=sys.stderr, quie
                     if not quiet:
                         bar, bar_key = _show(event, run_id, bar, bar_key, stream)
             except grpc.RpcError as exc:  # every stream has a deadline; reconnect and resume after last_seq
-                if exc.code() not in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE):
+                if exc.code().name not in RESUME_ON:
                     raise
-                time.sleep(0.5 if exc.code() == grpc.StatusCode.UNAVAILABLE else 0.0)
+                time.sleep(0.0 if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED else 1.0)
                 continue
             run = client.get_run(run_id)
             if run.state in TERMINAL:

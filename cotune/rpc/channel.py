@@ -102,7 +102,8 @@ def make_channel(address: str, creds: Credentials | None = None, *, peer: Identi
     return channel
 
 
-class _TokenInterceptor(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor, grpc.StreamUnaryClientInterceptor):
+class _TokenInterceptor(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
+                        grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
     def __init__(self, token: str):
         self._meta = ("authorization", f"Bearer {token}")
 
@@ -113,6 +114,9 @@ class _TokenInterceptor(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClient
         return continuation(_Details(details, list(details.metadata or []) + [self._meta]), request)
 
     def intercept_stream_unary(self, continuation, details, request_iterator):
+        return continuation(_Details(details, list(details.metadata or []) + [self._meta]), request_iterator)
+
+    def intercept_stream_stream(self, continuation, details, request_iterator):
         return continuation(_Details(details, list(details.metadata or []) + [self._meta]), request_iterator)
 
 

@@ -47,7 +47,11 @@ CONCURRENCY = {
     "grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo": 2,
 }
 WORKERS = 64
-STREAM_IDLE_S = 30.0  # a stream that moves no message for this long is cancelled
+STREAM_IDLE_S = 30.0  # a stream that moves no message for this long is cancelled...
+# ...except event streams, which are quiet while nothing happens: WatchRun ends itself after 10 minutes (the watchdog
+# only catches one stuck on a caller that stopped reading), health Watch only sends on a status change (its cap bounds
+# it)
+IDLE_EXEMPT = {"cotune.v1.Coordinator/WatchRun": 660.0, "grpc.health.v1.Health/Watch": None}
 
 
 def caller() -> Identity | None:
@@ -60,7 +64,7 @@ class _Watchdog:
 
     def __init__(self, idle_s: float):
         self.idle_s = idle_s
-        self._streams: dict[int, list] = {}  # id -> [context, last progress, method]
+        self._streams: dict[int, list] = {}  # id -> [context, last progress, method, idle limit or None]
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self.cancelled = 0
@@ -70,7 +74,7 @@ class _Watchdog:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._loop, name="stream-watchdog", daemon=True)
                 self._thread.start()
-            self._streams[id(context)] = [context, time.monotonic(), method]
+            self._streams[id(context)] = [context, time.monotonic(), method, IDLE_EXEMPT.get(method, self.idle_s)]
         return id(context)
 
     def touch(self, key: int) -> None:
@@ -87,12 +91,12 @@ class _Watchdog:
             time.sleep(min(1.0, self.idle_s / 4))
             now = time.monotonic()
             with self._lock:
-                idle = [(k, e) for k, e in self._streams.items() if now - e[1] > self.idle_s]
+                idle = [(k, e) for k, e in self._streams.items() if e[3] is not None and now - e[1] > e[3]]
                 for k, _ in idle:
                     del self._streams[k]
-            for _, (context, _, method) in idle:
+            for _, (context, _, method, limit) in idle:
                 self.cancelled += 1
-                log.warning("cancelled %s: no message for %.0fs", method, self.idle_s)
+                log.warning("cancelled %s: no message for %.0fs", method, limit)
                 context.cancel()
 
 

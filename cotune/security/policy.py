@@ -24,6 +24,7 @@ COORDINATOR = frozenset({"coordinator"})
 _OPEN = {  # served by every host
     "grpc.health.v1.Health/Check": ANY,
     "grpc.health.v1.Health/Watch": ANY,
+    "grpc.health.v1.Health/List": ANY,
     "grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo": ANY,
 }
 

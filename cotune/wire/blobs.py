@@ -600,8 +600,10 @@ def _chunk_stream(source: BlobStore, blob: Blob, offset: int, counter: list[int]
         offset += len(data)
 
 
+# RESOURCE_EXHAUSTED: the peer's concurrency cap for blob streams is full (cotune.rpc.guard), usually transient; a
+# full disk quota is not, and fails after the few attempts without progress
 _RESUMABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED,
-              grpc.StatusCode.FAILED_PRECONDITION)
+              grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.RESOURCE_EXHAUSTED)
 
 
 def push_blob(stub: common_pb2_grpc.BlobStoreStub, source: BlobStore, sha: str, *, timeout: float = 600.0,

@@ -22,6 +22,7 @@ from cotune.rpc.server import service_host
 from cotune.tasks import MAX_LENGTH_RANGE
 from cotune.v1 import alignment_pb2, alignment_pb2_grpc
 from cotune.wire.blobs import Blob, check_sha, service_store
+from cotune.workdir import WorkdirLock
 
 log = logging.getLogger(__name__)
 MEDIA_MAP = "application/safetensors+vocab-map"
@@ -35,6 +36,7 @@ class AlignmentService:
         cfg.validate()
         self.cfg = cfg
         self.root = Path(cfg.workdir)
+        self.workdir_lock = WorkdirLock(self.root, "alignment")
         self.store = service_store(self.root / "blobs", cfg.blob_quota_gib)
         self.index_dir = self.root / "index"
         self.index_dir.mkdir(parents=True, exist_ok=True)

@@ -26,6 +26,7 @@ from cotune.security.identity import NAME_RE
 from cotune.v1 import coordinator_pb2 as pb
 from cotune.v1 import coordinator_pb2_grpc
 from cotune.wire.blobs import service_store
+from cotune.workdir import WorkdirLock
 
 log = logging.getLogger(__name__)
 TERMINAL = (pb.RUN_SUCCEEDED, pb.RUN_FAILED, pb.RUN_CANCELLED)
@@ -39,6 +40,7 @@ class Coordinator:
         cfg.validate()
         self.cfg = cfg
         root = Path(cfg.workdir)
+        self.workdir_lock = WorkdirLock(root, "coordinator")  # one coordinator per state database
         self.state = StateStore(root / "state.sqlite3")
         self.artifacts = service_store(root / "artifacts", cfg.blob_quota_gib)
         self.creds: Credentials = credentials(cfg)

@@ -264,6 +264,10 @@ class LocalCluster:
         return out
 
     def up(self) -> dict[str, str]:
+        running = running_pids(self.workdir)
+        if running:
+            raise ConfigError(f"a cluster is already running in {self.workdir} (pids {', '.join(map(str, running))}); "
+                              f"`cotune cluster down --workdir {self.workdir}` stops it")
         try:
             self._ensure_certs()
             workers = []
@@ -399,6 +403,24 @@ def down_detached(workdir: str | Path) -> list[str]:
                 pass
     state_path.unlink()
     return stopped
+
+
+def running_pids(workdir: str | Path) -> list[int]:
+    """The live processes of the cluster recorded in `workdir`'s cluster.json (empty if none is recorded or all died)."""
+    state_path = Path(workdir) / STATE_FILE
+    if not state_path.exists():
+        return []
+    state = json.loads(state_path.read_text())
+    alive = []
+    for name, entry in state.items():
+        if name == SECURITY_KEY:
+            continue
+        try:
+            os.kill(entry["pid"], 0)
+            alive.append(entry["pid"])
+        except ProcessLookupError:
+            pass
+    return sorted(set(alive))
 
 
 def operator_credentials(workdir: str | Path) -> tuple[str, Credentials] | None:

@@ -71,3 +71,26 @@ def test_coordinator_restart_resumes_without_recomputing(cluster):
     events = [e.message for e in client.watch_run(run.run_id, timeout=30)]
     assert any("resuming" in m for m in events)
     client.close()
+
+
+def test_a_second_cluster_or_coordinator_on_a_running_workdir_is_refused(cluster, tmp_path):
+    import subprocess
+    import sys
+
+    import yaml
+
+    from cotune.cluster import LocalCluster
+    from cotune.config import ConfigError
+
+    with pytest.raises(ConfigError, match="already running"):
+        LocalCluster(cluster.config).up()
+    assert all(s.process.poll() is None for s in cluster.services.values())  # nothing of the first was touched
+    # a second coordinator on the first's workdir (its SQLite state) refuses to start, naming the holder
+    svc = cluster.services["coordinator"]
+    config = yaml.safe_load(svc.config_path.read_text())
+    path = tmp_path / "coordinator.yaml"
+    path.write_text(yaml.safe_dump(config))
+    proc = subprocess.run([sys.executable, "-m", "cotune.cli", "serve", "coordinator", "--config", str(path)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert f"in use by process {svc.pid}" in proc.stderr + proc.stdout, proc.stderr[-2000:]

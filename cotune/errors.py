@@ -196,6 +196,11 @@ def abort(context, exc: BaseException, method: str):
     context.abort(code, message)
 
 
+def _aborted(context) -> bool:
+    """True once context.abort() has run (it raises a bare Exception; the status is already set)."""
+    return bool(getattr(getattr(context, "_state", None), "aborted", False))
+
+
 def rpc_method(fn):
     """Wrap a servicer method (unary or streaming): an RpcError becomes an abort with its code, a downstream
     grpc.RpcError keeps its code, and any other exception aborts with INTERNAL, logged with its traceback."""
@@ -208,7 +213,7 @@ def rpc_method(fn):
             try:
                 yield from fn(self, request, context)
             except Exception as exc:  # noqa: BLE001 - mapped to a status
-                if isinstance(exc, grpc.RpcError) and not hasattr(exc, "code"):
+                if _aborted(context) or (isinstance(exc, grpc.RpcError) and not hasattr(exc, "code")):
                     raise
                 abort(context, exc, method)
 
@@ -219,8 +224,8 @@ def rpc_method(fn):
         try:
             return fn(self, request, context)
         except Exception as exc:  # noqa: BLE001 - mapped to a status
-            if isinstance(exc, grpc.RpcError) and not hasattr(exc, "code"):
-                raise  # context.abort's own exception
+            if _aborted(context) or (isinstance(exc, grpc.RpcError) and not hasattr(exc, "code")):
+                raise  # context.abort's own exception (e.g. the guard refusing a streamed message)
             abort(context, exc, method)
 
     return wrapper

@@ -188,10 +188,21 @@ class Guard(grpc.ServerInterceptor):
                              str(exc))
         return message
 
-    def _stream_in(self, iterator: Iterator, context, method: str, key: int) -> Iterator:
-        for message in iterator:
+    def _decode(self, raw, context, method: str, deserialize):
+        """The request message parsed from its bytes; a malformed encoding is INVALID_ARGUMENT (one rate-limited log
+        line), not gRPC's INTERNAL "Exception deserializing request!" with a traceback per message."""
+        if deserialize is None:
+            return raw
+        try:
+            return deserialize(raw)
+        except Exception as exc:  # noqa: BLE001 - DecodeError, or whatever a deserializer raises on garbage
+            self._refuse(context, method, grpc.StatusCode.INVALID_ARGUMENT,
+                         f"malformed request message ({type(exc).__name__}: {str(exc)[:200]})")
+
+    def _stream_in(self, iterator: Iterator, context, method: str, key: int, deserialize=None) -> Iterator:
+        for raw in iterator:
             self.watchdog.touch(key)
-            yield self._checked(message, context, method)
+            yield self._checked(self._decode(raw, context, method, deserialize), context, method)
 
     # -- wiring -------------------------------------------------------------------------------------------------------
     def intercept_service(self, continuation, handler_call_details):
@@ -205,10 +216,12 @@ class Guard(grpc.ServerInterceptor):
         behavior = getattr(handler, kind)
         streams = handler.request_streaming or handler.response_streaming
 
+        deserialize = handler.request_deserializer  # parsed here, after authentication, so garbage is refused cleanly
+
         def admit_request(request, context, key):
             if handler.request_streaming:
-                return self._stream_in(request, context, method, key)
-            return self._checked(request, context, method)
+                return self._stream_in(request, context, method, key, deserialize)
+            return self._checked(self._decode(request, context, method, deserialize), context, method)
 
         if handler.response_streaming:
             def wrapped(request, context):
@@ -223,5 +236,5 @@ class Guard(grpc.ServerInterceptor):
                     return behavior(admit_request(request, context, key), context)
 
         factory = getattr(grpc, f"{kind}_rpc_method_handler")
-        return factory(wrapped, request_deserializer=handler.request_deserializer,
+        return factory(wrapped, request_deserializer=None,
                        response_serializer=handler.response_serializer)

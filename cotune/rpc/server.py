@@ -34,6 +34,16 @@ def credentials(cfg) -> Credentials:
     return Credentials(tls_files(cfg), dict(cfg.auth.peer_tokens))
 
 
+class _Health(health.HealthServicer):
+    """grpc.health.v1 with List (the installed servicer predates it and answers UNIMPLEMENTED with a logged traceback
+    per call)."""
+
+    def List(self, request, context):
+        with self._lock:
+            statuses = {name: health_pb2.HealthCheckResponse(status=s) for name, s in self._server_status.items()}
+        return health_pb2.HealthListResponse(statuses=statuses)
+
+
 class ServiceHost:
     """One gRPC server process: register servicers, start NOT_SERVING, flip to SERVING when ready.
 
@@ -51,7 +61,7 @@ class ServiceHost:
         self.guard = Guard(self.policy, secure=self.tls.enabled, tokens=tokens, check=check)
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix=name),
                                   options=SERVER_OPTIONS, interceptors=[self.guard])
-        self.health = health.HealthServicer(experimental_non_blocking=True)
+        self.health = _Health(experimental_non_blocking=True)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self._service_names = [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME]
         self.port: int | None = None

@@ -20,15 +20,16 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
-from google.protobuf.message import Message
+from google.protobuf.message import DecodeError, Message
 
 from coordinator.store import StateStore
-from cotune.algorithms.base import PartyRef, StepOutcome, TaskOutcome
+from cotune.algorithms.base import MalformedResult, PartyRef, StepOutcome, TaskOutcome
 from cotune.algorithms.config import RunConfig
+from cotune.align.vocabmap import VocabMap
 from cotune.errors import Precondition, RpcError
 from cotune.rpc.clients import AlignmentClient, PartyClient
 from cotune.rpc.operations import TIME_PREFIX
-from cotune.tasks import RESULT_TYPES, request_blobs, result_blobs
+from cotune.tasks import RESULT_TYPES, request_blobs, result_blobs, result_problems
 from cotune.v1 import coordinator_pb2 as pb
 from cotune.v1 import operations_pb2, party_pb2
 from cotune.wire.blobs import BlobStore
@@ -162,9 +163,17 @@ class RunDriver:
                                  should_stop=self._cancel.is_set)
             ran = time.perf_counter()
             result = result_type()
-            if not op.result.Unpack(result):
-                raise Precondition(f"{party.party_id} answered {kind} with {op.result.type_url or 'no result'}, "
-                                   f"expected {result_type.DESCRIPTOR.full_name}")
+            try:
+                unpacked = op.result.Unpack(result)
+            except DecodeError as exc:
+                raise MalformedResult(party, round, step, f"its {result_type.DESCRIPTOR.name} does not parse: "
+                                                          f"{exc}") from exc
+            if not unpacked:
+                raise MalformedResult(party, round, step, f"{kind} answered with {op.result.type_url or 'no result'}, "
+                                                          f"expected {result_type.DESCRIPTOR.full_name}")
+            problems = result_problems(kind, result)
+            if problems:
+                raise MalformedResult(party, round, step, "; ".join(problems))
             for name, ref in result_blobs(kind, result):
                 self.count_bytes(round, "received", name, client.pull(self.artifacts, ref.sha256))
             done = time.perf_counter()
@@ -270,7 +279,14 @@ class RunDriver:
         def build():
             self._register_tokenizer(src, src.info.tokenizer_bundle.sha256)
             self._register_tokenizer(dst, dst.info.tokenizer_bundle.sha256)
-            return {"sha": self._build(self._alignment().build_vocab_map(src_tok, dst_tok), "vocab_map", dst.party_id)}
+            sha = self._build(self._alignment().build_vocab_map(src_tok, dst_tok), "vocab_map", dst.party_id)
+            # the map must cover exactly the sender's vocabulary and point into the receiver's, as each describes it
+            try:
+                VocabMap.from_bytes(self.read_artifact(sha)).check_sizes(src.info.vocab_size, dst.info.vocab_size)
+            except ValueError as exc:
+                raise Precondition(f"vocab map {src.party_id} → {dst.party_id} ({sha[:12]}…) does not fit these "
+                                   f"parties: {exc}") from exc
+            return {"sha": sha}
 
         return self.local_step(f"r0/vocab_map/{src_tok}/{dst_tok}", build)["sha"]
 

@@ -11,9 +11,11 @@ Two modes (RunSpec.aggregation):
   not the paper's method; it also changes the factors' basis (B is no longer zero-initialised), which affects
   how the next round's local training moves them.
 
-A bad upload (wrong key set, shapes, a non-float or non-finite tensor, or tags naming another run, round or party)
-is rejected with a reason; the caller drops that client from the round and the aggregate is computed from the
-remaining ones only.
+A bad upload (wrong key set, shapes, a non-float or non-finite tensor, a value beyond the magnitude bound, or tags
+naming another run, round or party) is rejected with a reason; the caller drops that client from the round and the
+aggregate is computed from the remaining ones only. The bound (`max_abs`, default cotune.tasks.MAX_ADAPTER_ABS = 1e4
+on every entry) stops one client from swamping or overflowing the mean; it does not make FedAvg robust to a client
+that stays within it (that would take a robust aggregate, e.g. a coordinate-wise median or norm clipping).
 
 Torch-free (numpy and safetensors.numpy): the coordinator aggregates without importing torch. Tensors are numpy
 arrays; `adapter_bytes` (cotune.wire.safetensors_io) turns an aggregate into the canonical adapter bytes, identical
@@ -27,6 +29,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from cotune.tasks import MAX_ADAPTER_ABS
 from cotune.wire.safetensors_io import adapter_bytes, load_arrays, read_metadata
 
 __all__ = ["MODES", "TAG_PREFIX", "AggregateResult", "UploadRejected", "adapter_bytes", "aggregate_uploads", "fedavg",
@@ -52,9 +55,11 @@ def parse_adapter(data: bytes) -> tuple[dict[str, np.ndarray], dict[str, str]]:
 
 
 def validate_upload(state: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray], *,
-                    meta: Mapping[str, str] | None = None, expect: Mapping[str, str] | None = None) -> None:
+                    meta: Mapping[str, str] | None = None, expect: Mapping[str, str] | None = None,
+                    max_abs: float = MAX_ADAPTER_ABS) -> None:
     """Raise UploadRejected unless `state` has exactly the reference's keys and shapes, floating-point finite
-    values, and (when `expect` is given) metadata tags equal to `expect` (e.g. {"cotune.round": "3"})."""
+    values no larger than `max_abs` in magnitude, and (when `expect` is given) metadata tags equal to `expect`
+    (e.g. {"cotune.round": "3"})."""
     missing = sorted(set(reference) - set(state))
     extra = sorted(set(state) - set(reference))
     if missing or extra:
@@ -72,6 +77,10 @@ def validate_upload(state: Mapping[str, np.ndarray], reference: Mapping[str, np.
             raise UploadRejected(f"{key}: shape {tuple(value.shape)}, expected {tuple(ref.shape)}")
         if not bool(np.isfinite(value).all()):
             raise UploadRejected(f"{key}: contains NaN or Inf")
+        peak = float(np.abs(value).max(initial=0.0))
+        if peak > max_abs:
+            raise UploadRejected(f"{key}: holds a value of magnitude {peak:.3g}, beyond the bound {max_abs:g} on "
+                                 "adapter values")
     if expect:
         meta = meta or {}
         for tag, want in expect.items():
@@ -176,9 +185,10 @@ class AggregateResult:
 
 def aggregate_uploads(uploads: Mapping[str, bytes], weights: Mapping[str, float], reference: Mapping[str, np.ndarray], *,
                       expect: Mapping[str, Mapping[str, str]] | None = None, mode: str = "factors",
-                      min_accepted: int = 1) -> AggregateResult:
-    """Validate every upload against `reference` (and its expected tags), drop the bad ones with a reason, and
-    FedAvg the rest weighted by `weights`. Raises ValueError when fewer than `min_accepted` uploads survive.
+                      min_accepted: int = 1, max_abs: float = MAX_ADAPTER_ABS) -> AggregateResult:
+    """Validate every upload against `reference` (its keys and shapes, finite values within `max_abs`, its expected
+    tags), drop the bad ones with a reason, and FedAvg the rest weighted by `weights`. Raises ValueError when fewer
+    than `min_accepted` uploads survive.
     `adapter_bytes(result.state)` is the aggregate's canonical adapter blob."""
     accepted_states, accepted = [], {}
     rejected: dict[str, str] = {}
@@ -188,7 +198,7 @@ def aggregate_uploads(uploads: Mapping[str, bytes], weights: Mapping[str, float]
             if not weight >= 0:
                 raise UploadRejected(f"no valid sample count (got {weights.get(pid)!r})")
             state, meta = parse_adapter(uploads[pid])
-            validate_upload(state, reference, meta=meta, expect=(expect or {}).get(pid))
+            validate_upload(state, reference, meta=meta, expect=(expect or {}).get(pid), max_abs=max_abs)
         except UploadRejected as exc:
             rejected[pid] = str(exc)
             continue

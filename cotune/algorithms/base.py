@@ -15,6 +15,7 @@ from typing import Any, ClassVar, Generic, Protocol, TypeVar
 from google.protobuf.message import Message
 
 from cotune.algorithms.config import Config, NoConfig, RunConfig
+from cotune.errors import Precondition
 from cotune.v1 import common_pb2, party_pb2
 
 R = TypeVar("R", bound=Message)
@@ -27,6 +28,17 @@ class PartyRef:
     party_id: str
     role: str
     info: party_pb2.PartyInfo
+
+
+class MalformedResult(Precondition):
+    """A party answered a step with a result that does not hold what the step must return (the wrong type, a missing
+    or unreadable blob, an impossible value). Raised wherever a result is read, so it takes the path of any failed
+    step: Driver.on_parties drops a client from the round with the reason as a note; the LLM server, which cannot be
+    dropped, fails the run with a message naming it and the step."""
+
+    def __init__(self, party: PartyRef, round: int, step: str, why: str):
+        who = f"the LLM server ({party.party_id})" if party.role == "llm" else party.party_id
+        super().__init__(f"{who} answered step {step} of round {round} with a malformed result: {why}")
 
 
 @dataclass(frozen=True)

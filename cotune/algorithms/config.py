@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from cotune.errors import InvalidInput
-from cotune.tasks import MAX_LENGTH_RANGE
+from cotune.tasks import MAX_EPOCHS, MAX_LENGTH_RANGE
 from cotune.v1 import coordinator_pb2 as pb
 
 MAX_ROUNDS = 10_000
@@ -105,7 +105,7 @@ class RunConfig(Config):
         p.range("max_public_samples", self.max_public_samples, 0)
         p.range("eval_max_samples", self.eval_max_samples, 0)
         p.range("max_length", self.max_length, *MAX_LENGTH_RANGE)
-        p.range("local_epochs", self.local_epochs, 1, 1000)
+        p.range("local_epochs", self.local_epochs, 1, MAX_EPOCHS)
 
     def quorum(self, selected: int) -> int:
         return selected if self.min_clients is None else self.min_clients

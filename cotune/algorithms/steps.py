@@ -11,8 +11,8 @@ import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from cotune.algorithms.aggregate import aggregate_uploads, parse_adapter
-from cotune.algorithms.base import Driver, PartyRef
+from cotune.algorithms.aggregate import UploadRejected, aggregate_uploads, parse_adapter, validate_upload
+from cotune.algorithms.base import Driver, MalformedResult, PartyRef
 from cotune.errors import Precondition
 from cotune.v1 import party_pb2
 from cotune.wire.media import MEDIA_ADAPTER
@@ -50,8 +50,16 @@ def train_local(d: Driver, clients: Sequence[PartyRef], rnd: int, *, task=None) 
     task = task if task is not None else party_pb2.TrainLocalTask(epochs=d.run.local_epochs)
     kind = "train_adapter" if isinstance(task, party_pb2.TrainAdapterTask) else "train_local"
     d.set_step(rnd, "train_local")
-    out = d.on_parties(clients, rnd, "train_local", lambda c: d.task(c, rnd, "train_local", **{kind: task}),
-                       quorum=quorum(d, clients))
+
+    def one(c: PartyRef):
+        res = d.task(c, rnd, "train_local", **{kind: task})
+        # the sample count is the client's FedAvg weight: no more than the private set it described
+        if not 0 <= res.result.samples <= c.info.private_set_size:
+            raise MalformedResult(c, rnd, "train_local", f"it reports {res.result.samples} training samples, but "
+                                                         f"described {c.info.private_set_size} private samples")
+        return res
+
+    out = d.on_parties(clients, rnd, "train_local", one, quorum=quorum(d, clients))
     for pid, res in out.ok.items():
         d.record_metrics(rnd, pid, res.metrics)
     return [c for c in clients if c.party_id in out.ok], {pid: float(res.result.samples) for pid, res in out.ok.items()}
@@ -81,9 +89,21 @@ def get_adapter(d: Driver, source: PartyRef, rnd: int, *, target: str = "", reco
     d.set_step(rnd, step)
     res = d.task(source, rnd, step, get_lora=party_pb2.GetLoraTask(target=target))
     sha = res.result.adapter.sha256
+    check_adapter(d, source, rnd, step, sha)
     if record:
         d.record_artifact(rnd, record, sha)
     return sha
+
+
+def check_adapter(d: Driver, party: PartyRef, rnd: int, step: str, sha: str, *, like: str = "") -> None:
+    """The adapter `party` answered `step` with (artifact `sha`) is what an upload must be (aggregate.validate_upload:
+    the keys and shapes of the adapter `like`, when given; finite values within the bound), else MalformedResult, so
+    a bad adapter is refused where it came from instead of failing every party it is sent to."""
+    try:
+        state, _ = parse_adapter(d.read_artifact(sha))
+        validate_upload(state, parse_adapter(d.read_artifact(like))[0] if like else state)
+    except UploadRejected as exc:
+        raise MalformedResult(party, rnd, step, f"its adapter {sha[:12]}…: {exc}") from exc
 
 
 def collect_and_aggregate(d: Driver, clients: Sequence[PartyRef], rnd: int, reference_sha: str,

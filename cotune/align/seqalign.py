@@ -106,12 +106,15 @@ class SequenceAlignment:
 
     @classmethod
     def from_bytes(cls, data: bytes) -> SequenceAlignment:
+        """Parse and validate the wire form; it must name the public set it was computed on."""
         from cotune.wire.safetensors_io import load_checked
 
         arrays, meta = load_checked(data, what="sequence alignment",
                                     tensors={"sample_offsets": "I64", "src_pos": "I32", "dst_pos": "I32"},
                                     metadata=("src_hash", "dst_hash", "public_set_hash", "method"),
                                     expect={"format": FORMAT})
+        if not meta["public_set_hash"]:  # positions are per public sample: one not naming its set cannot be matched
+            raise ValueError("sequence alignment names no public set (empty public_set_hash); refusing it")
         return cls(
             sample_offsets=arrays["sample_offsets"],
             src_pos=arrays["src_pos"],

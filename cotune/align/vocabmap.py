@@ -69,6 +69,17 @@ class VocabMap:
         if self.ids.size and int(self.ids.max()) >= n_dst:
             raise ValueError(f"vocab map points at dst id {int(self.ids.max())}, but the dst vocabulary has {n_dst}")
 
+    def check_sizes(self, src_vocab: int, dst_vocab: int) -> None:
+        """Raise ValueError unless the map covers exactly the sender's vocabulary (one entry per id, src_vocab of
+        them: a shorter map would silently drop the mass of the ids past its end) and maps into the receiver's
+        (every dst id < dst_vocab). Both sizes are the models' output vocabularies as the parties describe them."""
+        if self.n_src != src_vocab:
+            raise ValueError(f"vocab map has {self.n_src} source entries, but the sender's vocabulary has {src_vocab} "
+                             f"ids (receiver's: {dst_vocab}); it must cover exactly the sender's vocabulary")
+        if self.ids.size and int(self.ids.max()) >= dst_vocab:
+            raise ValueError(f"vocab map points at id {int(self.ids.max())}, outside the receiver's vocabulary of "
+                             f"{dst_vocab} ids (sender's: {src_vocab})")
+
     def to_bytes(self) -> bytes:
         from cotune.wire.safetensors_io import (
             dumps,  # deterministic bytes (safetensors' own metadata order is not)

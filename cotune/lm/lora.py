@@ -13,6 +13,7 @@ import warnings
 import torch
 from torch import nn
 
+from cotune.tasks import MAX_ADAPTER_ABS
 from cotune.wire.safetensors_io import LORA_FORMAT  # defined torch-free, next to adapter_bytes
 
 _ATTN_PARENT_NAMES = {"attn", "attention", "self_attn", "self_attention", "selfattention"}
@@ -199,7 +200,8 @@ def _names(keys, limit: int = 5) -> str:
 
 
 def validate_lora_state_dict(model, sd) -> None:
-    """Raise LoraMismatchError unless sd has exactly the model's LoRA keys, shapes, float dtypes, finite values."""
+    """Raise LoraMismatchError unless sd has exactly the model's LoRA keys, shapes, float dtypes, finite values within
+    cotune.tasks.MAX_ADAPTER_ABS."""
     if not isinstance(sd, dict):
         raise LoraMismatchError(f"LoRA state must be a dict of tensors, got {type(sd).__name__}")
     params = _lora_params(model)
@@ -224,6 +226,9 @@ def validate_lora_state_dict(model, sd) -> None:
             continue
         if not bool(torch.isfinite(value).all()):
             problems.append(f"{key}: contains NaN or Inf values")
+        elif value.numel() and float(value.abs().max()) > MAX_ADAPTER_ABS:
+            problems.append(f"{key}: holds a value of magnitude {float(value.abs().max()):.3g}, beyond the bound "
+                            f"{MAX_ADAPTER_ABS:g} on adapter values")
     if problems:
         raise LoraMismatchError("LoRA state does not fit the model: " + "; ".join(problems[:8]))
 

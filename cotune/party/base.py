@@ -31,9 +31,9 @@ from cotune.config import PartyConfig
 from cotune.data import canonical_jsonl_bytes, dataset_hash, read_jsonl
 from cotune.errors import InvalidInput, Precondition, Unavailable
 from cotune.rpc.operations import OperationContext, OperationManager, OpResult
-from cotune.tasks import MAX_LENGTH_RANGE
+from cotune.tasks import MAX_BATCH_SIZE, MAX_EPOCHS, MAX_LENGTH_RANGE, MAX_LOSS_WEIGHT, MAX_LR, MAX_STEPS, MAX_TOP_K
 from cotune.v1 import party_pb2
-from cotune.wire.blobs import Blob, BlobStore
+from cotune.wire.blobs import Blob, service_store
 from cotune.wire.media import MEDIA_DATASET, MEDIA_TOKENIZER
 
 log = logging.getLogger(__name__)
@@ -68,6 +68,18 @@ def held_elsewhere(what: str) -> TargetGetter:
     return getter
 
 
+def in_range(value, what: str, lo, hi, *, lo_open: bool = False):
+    """`value` when it is a finite number in [lo, hi] ((lo, hi] with lo_open), else InvalidInput naming the field and
+    the range. Every numeric task field goes through this before any work starts."""
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        raise InvalidInput(f"{what} must be a number, got {value!r:.40}") from None
+    if not (math.isfinite(x) and (x > lo if lo_open else x >= lo) and x <= hi):
+        raise InvalidInput(f"{what} must be in {'(' if lo_open else '['}{lo}, {hi}], got {value}")
+    return value
+
+
 class ModelParty:
     """Config, blob store, operations, data, model + tokenizer + Trainer, describe, and task dispatch.
 
@@ -81,7 +93,7 @@ class ModelParty:
         cfg.validate(self.role)
         self.cfg = cfg
         workdir = Path(cfg.workdir)
-        self.store = BlobStore(workdir / "blobs")
+        self.store = service_store(workdir / "blobs", cfg.blob_quota_gib)
         self.ops = OperationManager(workers=1)
         self.public = read_jsonl(cfg.data.public)
         self.private = read_jsonl(cfg.data.private) if cfg.data.private else []
@@ -239,8 +251,12 @@ class ModelParty:
             hint = self.not_served.get(kind)
             raise Precondition(f"{self.role_name} does not serve {kind}" + (f" ({hint})" if hint else ""))
         work = handler(self, getattr(req, kind), ctx)  # validates synchronously
-        key = f"{ctx.run_id}/{ctx.round}/{ctx.task_key or kind}" if ctx.task_key else ""
-        return self.ops.start(kind, work, key=key)
+        if not ctx.task_key:
+            return self.ops.start(kind, work)
+        # the key names the step (run, round, task_key) and is bound to the task asked (kind + serialized task): a
+        # retry re-attaches to its operation, a different task under the same key is refused
+        fingerprint = hashlib.sha256(getattr(req, kind).SerializeToString(deterministic=True)).hexdigest()
+        return self.ops.start(kind, work, key=f"{ctx.run_id}/{ctx.round}/{ctx.task_key}", fingerprint=fingerprint)
 
     def target(self, name: str) -> Target:
         """The model (and tokenizer) a task names: InvalidInput for an unknown name, Precondition for a known one
@@ -251,8 +267,9 @@ class ModelParty:
             raise InvalidInput(f"target must be '' (this party's model) or one of {known}, got {name!r:.40}")
         return getter(self)
 
-    # -- helpers for task handlers --------------------------------------------------------------------------------
-    def samples(self, items, max_samples: int) -> list:
+    # -- helpers for task handlers: every numeric task field is bounded (limits: cotune.tasks) ----------------------
+    @staticmethod
+    def samples(items, max_samples: int) -> list:
         if max_samples < 0:
             raise InvalidInput(f"max_samples must be >= 0, got {max_samples}")
         return list(items[:max_samples]) if max_samples else list(items)
@@ -266,27 +283,35 @@ class ModelParty:
 
     @staticmethod
     def epochs(value: int, what: str = "epochs") -> int:
-        if value < 1:
-            raise InvalidInput(f"{what} must be >= 1, got {value}")
-        return int(value)
+        return int(in_range(value, what, 1, MAX_EPOCHS))
+
+    @staticmethod
+    def steps(value: int, what: str = "steps") -> int:
+        """An optimizer step count, 0 (none) .. MAX_STEPS."""
+        return int(in_range(value, what, 0, MAX_STEPS))
+
+    @staticmethod
+    def weight(value: float, what: str, hi: float = MAX_LOSS_WEIGHT) -> float:
+        """A loss weight, finite and in [0, hi]."""
+        return float(in_range(value, what, 0.0, hi))
+
+    @staticmethod
+    def top_k(value: int, what: str = "top_k") -> int:
+        return int(in_range(value, what, 1, MAX_TOP_K))
 
     def lr(self, task: Message, field: str = "lr", default: float | None = None) -> float:
-        """A task's `optional` learning rate, else `default` (else the party's training.lr); InvalidInput unless > 0."""
+        """A task's `optional` learning rate, else `default` (else the party's training.lr); InvalidInput unless in
+        (0, MAX_LR]."""
         if not task.HasField(field):
             return self.cfg.training.lr if default is None else default
-        value = getattr(task, field)
-        if not (math.isfinite(value) and value > 0):
-            raise InvalidInput(f"{field} must be a positive number, got {value}")
-        return float(value)
+        return float(in_range(getattr(task, field), field, 0.0, MAX_LR, lo_open=True))
 
     def batch_size(self, task: Message, field: str = "batch_size") -> int:
-        """A task's `optional` batch size, else the party's training.batch_size; InvalidInput unless >= 1."""
+        """A task's `optional` batch size, else the party's training.batch_size; InvalidInput unless in
+        1..MAX_BATCH_SIZE."""
         if not task.HasField(field):
             return self.cfg.training.batch_size
-        value = getattr(task, field)
-        if value < 1:
-            raise InvalidInput(f"{field} must be >= 1, got {value}")
-        return int(value)
+        return int(in_range(getattr(task, field), field, 1, MAX_BATCH_SIZE))
 
     @staticmethod
     def max_length(task: Message) -> int:

@@ -1,8 +1,10 @@
 """Long-running operations: a service starts work, returns an Operation at once, and callers poll or wait.
 
 Work functions receive an `OperationContext` to report progress and notice cancellation. Starting the same
-`key` twice returns the first operation (idempotent retries). One manager runs its work on a bounded pool;
-the model services use a single worker so model state is touched by one task at a time.
+`key` twice with the same kind and request fingerprint returns the first operation (idempotent retries); the same key
+with another kind or fingerprint is refused (ALREADY_EXISTS), so no caller can attach to an operation started for a
+different request. One manager runs its work on a bounded pool; the model services use a single worker so model state
+is touched by one task at a time.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from dataclasses import dataclass, field
 import grpc
 from google.protobuf.message import Message
 
-from cotune.errors import NotFound, rpc_method, status_for
+from cotune.errors import AlreadyExists, NotFound, rpc_method, status_for
 from cotune.profile import collecting
 from cotune.tasks import blob_refs
 from cotune.v1 import operations_pb2 as ops_pb2
@@ -66,22 +68,33 @@ class OperationManager:
     def __init__(self, *, workers: int = 1, keep: int = 2000):
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="op")
         self._ops: OrderedDict[str, ops_pb2.Operation] = OrderedDict()
-        self._by_key: dict[str, str] = {}
+        self._by_key: dict[str, tuple[str, str, str]] = {}  # key -> (op id, kind, request fingerprint)
+        self._key_of: dict[str, str] = {}  # op id -> its key
         self._cancel: set[str] = set()
         self._cond = threading.Condition()
         self._keep = keep
 
-    def start(self, kind: str, work: Callable[[OperationContext], OpResult], *, key: str = "") -> ops_pb2.Operation:
+    def start(self, kind: str, work: Callable[[OperationContext], OpResult], *, key: str = "",
+              fingerprint: str = "") -> ops_pb2.Operation:
+        """Start `work` as an operation of `kind`. With a `key`, the operation is bound to (kind, fingerprint): a
+        request's identity, e.g. a hash of its serialized form. Starting the key again with the same binding returns
+        the operation (restarting it only if it failed or was cancelled); with another binding it is AlreadyExists."""
         with self._cond:
-            if key and key in self._by_key and self._by_key[key] in self._ops:
-                existing = self._ops[self._by_key[key]]
-                if existing.state not in (State.OPERATION_FAILED, State.OPERATION_CANCELLED):
+            if key and key in self._by_key:
+                op_id, bound_kind, bound = self._by_key[key]
+                if (bound_kind, bound) != (kind, fingerprint):
+                    what = f"a {bound_kind} task" if bound_kind != kind else "a different request"
+                    raise AlreadyExists(f"operation key {key!r:.200} is already bound to {what}; a retry must repeat "
+                                        "the same request, and a new request needs a new key")
+                existing = self._ops.get(op_id)
+                if existing is not None and existing.state not in (State.OPERATION_FAILED, State.OPERATION_CANCELLED):
                     return ops_pb2.Operation.FromString(existing.SerializeToString())
             op_id = uuid.uuid4().hex
             op = ops_pb2.Operation(id=op_id, kind=kind, state=State.OPERATION_PENDING)
             self._ops[op_id] = op
             if key:
-                self._by_key[key] = op_id
+                self._by_key[key] = (op_id, kind, fingerprint)
+                self._key_of[op_id] = key
             self._trim()
             snapshot = ops_pb2.Operation.FromString(op.SerializeToString())
         self._pool.submit(self._run, op_id, work)
@@ -93,6 +106,10 @@ class OperationManager:
             if old.state not in TERMINAL:
                 break
             del self._ops[old_id]
+            self._cancel.discard(old_id)
+            key = self._key_of.pop(old_id, None)  # forget its key too, so keys cannot pile up without bound
+            if key is not None and self._by_key.get(key, ("",))[0] == old_id:
+                del self._by_key[key]
 
     def _run(self, op_id: str, work) -> None:
         self._update(op_id, lambda op: (setattr(op, "state", State.OPERATION_RUNNING), setattr(op, "started_at", time.time())))

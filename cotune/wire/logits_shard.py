@@ -25,7 +25,8 @@ import numpy as np
 from cotune.wire.topk_codec import CodecError, decode_topk, encode_topk, peek_header
 from cotune.wire.topk_types import SampleLogits
 
-__all__ = ["encode_shard", "decode_shard", "CodecError", "SHARD_MAGIC", "SHARD_VERSION", "MAX_METADATA_BYTES"]
+__all__ = ["encode_shard", "decode_shard", "shard_vocab_size", "CodecError", "SHARD_MAGIC", "SHARD_VERSION",
+           "MAX_METADATA_BYTES"]
 
 SHARD_MAGIC = b"CTLS"
 SHARD_VERSION = 1
@@ -34,7 +35,7 @@ MAX_METADATA_KEYS = 256
 MAX_POSITION = (1 << 31) - 1
 
 _HEAD = struct.Struct("<4sBBHIIIIQQQ")  # magic, version, flags, reserved, n_samples, k, vocab, meta_len,
-#                                         n_positions, positions_len, topk_len  -> 52 bytes
+#                                         n_positions, positions_len, topk_len  -> 48 bytes
 _SAMPLE = np.dtype([("n", "<u4"), ("loss_bpb", "<f8")])  # 12 bytes per sample
 _TRAILER = 4
 
@@ -143,6 +144,14 @@ def encode_shard(
     )
     body = b"".join((head, meta, table.tobytes(), pos_sec, topk))
     return body + struct.pack("<I", zlib.crc32(body))
+
+
+def shard_vocab_size(data: bytes) -> int:
+    """The sender's vocabulary size a shard declares in its header (decode_shard validates the rest)."""
+    mv = memoryview(data).cast("B")
+    if len(mv) < _HEAD.size or bytes(mv[:4]) != SHARD_MAGIC:
+        raise _err("not a Cotune logits shard")
+    return int(_HEAD.unpack_from(mv, 0)[6])
 
 
 def decode_shard(

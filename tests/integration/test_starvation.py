@@ -297,9 +297,8 @@ def test_idle_and_black_hole_callers_do_not_starve_the_cluster(cluster, coordina
             blobs = common_pb2_grpc.BlobStoreStub(channel)
             for method, call in (
                     ("GetBlob", lambda: next(iter(blobs.GetBlob(common_pb2.GetBlobRequest(sha256=big.sha256), timeout=10)))),
-                    ("PutBlob", lambda: push_blob(blobs, local, local.put_bytes(os.urandom(4096)).sha256, attempts=1)),
-                    ("Watch", lambda: next(iter(health_pb2_grpc.HealthStub(channel).Watch(
-                        health_pb2.HealthCheckRequest(service=""), timeout=10))))):
+                    ("PutBlob", lambda: push_blob(blobs, local, local.put_bytes(os.urandom(4096)).sha256, attempts=1))):
+                # (health Watch is an event stream the watchdog leaves alone: its held calls keep its cap full)
                 try:
                     call()
                     after_watchdog[f"{name} {method}"] = "OK"
@@ -397,9 +396,10 @@ def test_idle_and_black_hole_callers_do_not_starve_the_cluster(cluster, coordina
             cap = CONCURRENCY[FULL[method]]
             if method in ("PutBlob", "Watch"):
                 assert refused == n - cap, (name, method, refused)
-                # the admitted ones never end by themselves: the watchdog cancelled them, as the services logged
+                # the admitted ones never end by themselves: PutBlob's were cancelled by the watchdog, as the services
+                # logged; health Watch is an event stream the watchdog exempts, so its calls ended at our cleanup
                 assert all(e["code"] == "CANCELLED" for e in mine if e["code"] != "RESOURCE_EXHAUSTED"), (name, method)
-                assert cancels[name][method] == cap, (name, method, cancels[name])
+                assert cancels[name][method] == (cap if method == "PutBlob" else 0), (name, method, cancels[name])
             elif method == "GetBlob":
                 assert 0 < refused <= n - cap, (name, method, refused)
                 assert all(e["code"] in ("RESOURCE_EXHAUSTED", "CANCELLED", "OK") for e in mine), (name, method)

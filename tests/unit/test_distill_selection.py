@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 
 from cotune.algorithms.fedmkt.selection import TeacherView, build_targets, select_teachers
+from cotune.lm.logits import GoldTargets
 from cotune.wire.topk_types import SampleLogits
 
 
@@ -28,6 +29,11 @@ def _sample(positions, ids, probs, loss):
                         logprobs=np.log(np.array(probs, np.float32)), loss_bpb=loss)
 
 
+def _gold(positions, ids, nll, response_bytes=1):
+    return GoldTargets(positions=np.array(positions, np.int32), ids=np.array(ids, np.int64),
+                       nll=np.array(nll, np.float64), response_bytes=response_bytes)
+
+
 class _Alignment:
     def __init__(self, pairs):
         self._pairs = pairs
@@ -42,17 +48,20 @@ def test_targets_follow_alignment_and_vocab_map():
     own = _sample([2, 3], [[0, 1], [1, 0]], [[0.5, 0.5], [0.5, 0.5]], loss=1.0)
     vocab_map = np.array([7, 7, 8, 9], np.int32)  # teacher ids 0 and 1 collapse onto receiver id 7
     view = TeacherView("llm", [teacher], vocab_map, _Alignment({0: ([3, 5], [2, 3])}))
-    targets, summary = build_targets([own], [view])
+    # the receiver's gold is 7 at both positions: the teacher gives it 0.6 + 0.2 = 0.8, the receiver itself e^-2
+    targets, summary = build_targets([own], [_gold([2, 3], [7, 7], [2.0, 2.0])], [view], vocab_size=10)
     t = targets[0]
     assert t.positions.tolist() == [2, 3]
     assert t.ids[0, 0] == 7 and t.probs[0, 0] == pytest.approx(1.0)  # 0.6 + 0.2 summed, renormalised
     assert summary["kd_from_llm"] == 1 and summary["kd_targets"] == 1
+    assert summary["teacher_bpb_llm"] == pytest.approx(-2 * np.log(0.8) / np.log(2), rel=1e-5)
 
 
 def test_no_kd_when_receiver_is_better_and_public_sets_must_match():
-    teacher = _sample([1], [[0]], [[0.9]], loss=2.0)
+    teacher = _sample([1], [[0]], [[0.9]], loss=0.0)  # claims a perfect loss, but puts 0.9 on a wrong token
     own = _sample([1], [[0]], [[0.9]], loss=1.0)
-    targets, summary = build_targets([own], [TeacherView("c1", [teacher])])
+    gold = [_gold([1], [5], [1.0])]
+    targets, summary = build_targets([own], gold, [TeacherView("c1", [teacher])], vocab_size=10)
     assert targets == [None] and summary["kd_none"] == 1
     with pytest.raises(ValueError, match="public set"):
-        build_targets([own, own], [TeacherView("c1", [teacher])])
+        build_targets([own, own], gold * 2, [TeacherView("c1", [teacher])], vocab_size=10)

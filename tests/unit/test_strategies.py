@@ -15,14 +15,16 @@ import pytest
 from google.protobuf.message import Message
 
 from cotune.algorithms.aggregate import fedavg, parse_adapter
-from cotune.algorithms.base import PartyRef, StepOutcome, TaskOutcome
+from cotune.algorithms.base import MalformedResult, PartyRef, StepOutcome, TaskOutcome
 from cotune.algorithms.config import RunConfig, parse_spec, spec_from_dict
 from cotune.algorithms.registry import get_strategy
 from cotune.errors import Precondition, RpcError
-from cotune.tasks import RESULT_TYPES, request_blobs
+from cotune.tasks import RESULT_TYPES, request_blobs, result_problems
 from cotune.v1 import common_pb2, party_pb2
 from cotune.wire.media import MEDIA_ADAPTER
+from cotune.wire.logits_shard import encode_shard
 from cotune.wire.safetensors_io import LORA_FORMAT, adapter_bytes, dumps
+from cotune.wire.topk_types import SampleLogits
 
 LLM_TOK, SLM_TOK, OTHER_TOK = "a" * 64, "b" * 64, "c" * 64
 LAYOUT = "l" * 64
@@ -41,7 +43,7 @@ class FakeDriver:
     """The Driver protocol in memory. Records every task as (round, step, party, kind, request); answers each kind
     with a typed result; keeps sha256 -> bytes; records metrics, notes, artifacts, steps and events. `fail[(party,
     kind)] = message` makes that party's task of that kind raise Precondition (optionally only in round `r`:
-    key (party, kind, r)); `corrupt[party] = how` makes its tagged adapter upload malformed."""
+    key (party, kind, r)); `corrupt[party] = how` makes its tagged adapter upload (or its logits shard) malformed."""
 
     def __init__(self, llm: PartyRef, clients: list[PartyRef], run: RunConfig):
         self.run_id = RUN_ID
@@ -64,6 +66,7 @@ class FakeDriver:
         self.alignments: list[tuple[str, str, str, dict]] = []
         self.fail: dict[tuple, str] = {}
         self.corrupt: dict[str, str] = {}
+        self.shards: dict[tuple[str, int], str] = {}  # (party, round) -> the sha of the shard its public_logits made
         self.cast: set[str] = set()  # parties whose set_lora reports another hash (dtype cast)
         # what each party holds: (party_id, target) -> LoRA state
         parties = [llm, *clients]
@@ -183,6 +186,9 @@ class FakeDriver:
             raise Precondition(why)
         result, metrics = getattr(self, f"_{kind}")(party, round, body, key)
         assert isinstance(result, RESULT_TYPES[kind])
+        problems = result_problems(kind, result)  # as RunDriver.task checks every result before returning it
+        if problems:
+            raise MalformedResult(party, round, step, "; ".join(problems))
         return TaskOutcome(result, metrics)
 
     def _adapter(self, state) -> str:
@@ -198,8 +204,22 @@ class FakeDriver:
     _train_adapter = _train
 
     def _public_logits(self, party, round, body, key):
-        sha = self.put_artifact(f"shard {party.party_id} r{round}".encode(), "application/x-cotune-topk-shard")
-        return party_pb2.PublicLogitsResult(shard=self.ref(sha), public_loss_bpb=1.25), {"public_loss_bpb": 1.25}
+        """A real (tiny) shard, as the party would make it: `corrupt[party]` = "loss" forges a negative loss, "stripped"
+        drops its public_set_hash, "shard" sends bytes that are no shard, "no_shard" names none, "ids" uses the last id
+        of the vocabulary it describes."""
+        info, how = party.info, self.corrupt.get(party.party_id)
+        n = min(body.max_samples, info.public_set_size) if body.max_samples else info.public_set_size
+        loss = -1e300 if how == "loss" else 1.0 + 0.125 * round
+        ids = np.array([[0, 1], [2, info.vocab_size - 1 if how == "ids" else 3]], np.int32)
+        samples = [SampleLogits(positions=np.array([1, 2], np.int32), ids=ids,
+                                logprobs=np.log(np.full((2, 2), 0.25, np.float32)), loss_bpb=loss) for _ in range(n)]
+        meta = {"party_id": info.party_id, "tokenizer_hash": info.tokenizer_hash,
+                "public_set_hash": "" if how == "stripped" else self.public_set_hash}
+        data = b"not a shard" if how == "shard" else encode_shard(samples, vocab_size=info.vocab_size, metadata=meta)
+        sha = self.put_artifact(data, "application/x-cotune-topk-shard")
+        self.shards[(party.party_id, round)] = sha
+        ref = common_pb2.BlobRef() if how == "no_shard" else self.ref(sha)
+        return party_pb2.PublicLogitsResult(shard=ref, public_loss_bpb=1.25), {"public_loss_bpb": 1.25}
 
     def _distill(self, party, round, body, key):
         return party_pb2.DistillResult(kd_before=2.0, kd_after=1.0), {"distill_kd_after": 1.0}
@@ -226,6 +246,8 @@ class FakeDriver:
                 tags["cotune.round"] = str(round - 1)
             if how == "nan":
                 state = {k: np.full_like(v, np.nan) for k, v in state.items()}
+            if how == "huge":
+                state = {k: np.full_like(v, 1e30) for k, v in state.items()}
             data = dumps(state, {"format": LORA_FORMAT, "keys": json.dumps(len(state)), **tags})
             if how == "garbage":
                 data = b"not safetensors"
@@ -236,6 +258,8 @@ class FakeDriver:
         received = body.slm_adapter.sha256
         state, _ = parse_adapter(self.store[received])
         distilled = {k: v * np.float32(0.5) for k, v in state.items()}
+        if self.corrupt.get(party.party_id) == "huge":
+            distilled = {k: np.full_like(v, 1e30) for k, v in state.items()}
         self.state[(party.party_id, "companion")] = distilled
         sha = self._adapter(distilled)
         return (party_pb2.CoDistillResult(slm_adapter=self.ref(sha), received_lora_hash=received, llm_lora_hash="h" * 64,
@@ -281,9 +305,12 @@ class FakeDriver:
 
 
 # -- parties ---------------------------------------------------------------------------------------------------------
+PUBLIC = {"public_set_size": 3, "vocab_size": 100}  # what every fake party describes: its shards must agree
+
+
 def _llm(*, tok=LLM_TOK, companion_tok: str | None = SLM_TOK, layers=8, private=0) -> PartyRef:
     info = party_pb2.PartyInfo(party_id="llm", role="llm", model_name="big", tokenizer_hash=tok, lora_layout_hash="L" * 64,
-                               num_layers=layers, private_set_size=private, ready=True)
+                               num_layers=layers, private_set_size=private, ready=True, **PUBLIC)
     if companion_tok is not None:
         info.companion.CopyFrom(party_pb2.CompanionInfo(model_name="small", tokenizer_hash=companion_tok,
                                                         lora_layout_hash=LAYOUT))
@@ -292,7 +319,7 @@ def _llm(*, tok=LLM_TOK, companion_tok: str | None = SLM_TOK, layers=8, private=
 
 def _client(pid: str, tok: str = SLM_TOK) -> PartyRef:
     return PartyRef(pid, "slm", party_pb2.PartyInfo(party_id=pid, role="slm", model_name="small", tokenizer_hash=tok,
-                                                    lora_layout_hash=LAYOUT, private_set_size=100, ready=True))
+                                                    lora_layout_hash=LAYOUT, private_set_size=100, ready=True, **PUBLIC))
 
 
 def _run(algorithm: str, llm: PartyRef, clients: list[PartyRef], *, section: dict | None = None, **shared):
@@ -504,10 +531,10 @@ def test_fedmkt_teachers_and_alignment_links():
         assert teachers["c2"].vocab_map.sha256 == vm[("c2", "llm")]
         assert teachers["c2"].sequence_alignment.sha256 == sa[("c2", "llm")]
         for pid, t in teachers.items():  # each teacher's shard is that client's public logits of this round
-            assert d.store[t.shard.sha256] == f"shard {pid} r{r}".encode()
+            assert t.shard.sha256 == d.shards[(pid, r)]
         for pid in ("c1", "c2"):
             (t,) = d.one("distill", party=pid, round=r).teachers
-            assert t.sender_id == "llm" and d.store[t.shard.sha256] == f"shard llm r{r}".encode()
+            assert t.sender_id == "llm" and t.shard.sha256 == d.shards[("llm", r)]
             if pid == "c1":
                 assert not t.HasField("vocab_map") and not t.HasField("sequence_alignment")
             else:
@@ -547,7 +574,7 @@ def test_llm2slm_clients_distil_from_the_llm_shard():
     for r in (1, 2):
         for pid in ("c1", "c2"):
             (t,) = d.one("distill", party=pid, round=r).teachers
-            assert t.sender_id == "llm" and d.store[t.shard.sha256] == f"shard llm r{r}".encode()
+            assert t.sender_id == "llm" and t.shard.sha256 == d.shards[("llm", r)]
             assert t.HasField("vocab_map") == (pid == "c2")
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import shutil
 import tarfile
@@ -164,8 +163,7 @@ def train_adapter(party, task: party_pb2.TrainAdapterTask, ctx: party_pb2.RunCon
             "not a compressed model (no cotune_layer_map.json); install the server's with LoadModelTask first")
     if not party.private:
         raise Precondition(f"party {party.cfg.party_id} ({party.role_name}) has no private data to train on")
-    if not (math.isfinite(task.prox_eps) and task.prox_eps >= 0):
-        raise InvalidInput(f"prox_eps must be finite and >= 0, got {task.prox_eps}")
+    party.weight(task.prox_eps, "prox_eps")
     epochs = party.epochs(task.epochs)
     lr, batch_size = party.lr(task), party.batch_size(task)
     examples = party.samples(party.private, task.max_samples)

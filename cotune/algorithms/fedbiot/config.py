@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from cotune.algorithms.aggregate import MODES as AGGREGATION_MODES
 from cotune.algorithms.config import Config, Problems, help_field
+from cotune.tasks import MAX_ADAPTER_LAYERS, MAX_LOSS_WEIGHT, MAX_LR, MAX_STEPS
 
 @dataclass(frozen=True)
 class FedBiOTConfig(Config):
@@ -21,15 +22,15 @@ class FedBiOTConfig(Config):
     aggregation: str = help_field("factors", "factors | product (see fedcollm.aggregation)")
 
     def check(self, p: Problems) -> None:
-        p.range(self.name("adapter_layers"), self.adapter_layers, 1, 1024)
+        p.range(self.name("adapter_layers"), self.adapter_layers, 1, MAX_ADAPTER_LAYERS)
         if not 0.0 < self.drop < 1.0:  # also rejects NaN
             p.append(f"{self.name('drop')} must be in (0, 1), got {self.drop}")
-        p.range(self.name("pre_align_steps"), self.pre_align_steps, 0, 1_000_000)
-        p.range(self.name("align_steps"), self.align_steps, 0, 1_000_000)
-        p.range(self.name("kl_weight"), self.kl_weight, 0.0, 1e6)
-        p.range(self.name("prox_eps"), self.prox_eps, 0.0, 1e6)
+        p.range(self.name("pre_align_steps"), self.pre_align_steps, 0, MAX_STEPS)
+        p.range(self.name("align_steps"), self.align_steps, 0, MAX_STEPS)
+        p.range(self.name("kl_weight"), self.kl_weight, 0.0, MAX_LOSS_WEIGHT)
+        p.range(self.name("prox_eps"), self.prox_eps, 0.0, MAX_LOSS_WEIGHT)
         if self.align_lr is not None:
-            p.range(self.name("align_lr"), self.align_lr, 0.0, 1.0, lo_open=True)
+            p.range(self.name("align_lr"), self.align_lr, 0.0, MAX_LR, lo_open=True)
         p.choice(self.name("aggregation"), self.aggregation, AGGREGATION_MODES)
 
 @dataclass(frozen=True)

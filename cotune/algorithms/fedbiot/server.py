@@ -107,10 +107,8 @@ def align_emulator(party, task: party_pb2.AlignEmulatorTask, ctx: party_pb2.RunC
     from cotune.lm.lora import LoraMismatchError, lora_from_bytes, validate_lora_state_dict
 
     comp = _require(party)
-    if task.steps < 0:
-        raise InvalidInput(f"steps must be >= 0 (0 = plug only), got {task.steps}")
-    if not (math.isfinite(task.kl_weight) and task.kl_weight >= 0):
-        raise InvalidInput(f"kl_weight (β) must be finite and >= 0, got {task.kl_weight}")
+    party.steps(task.steps, "steps (0 = plug only)")
+    party.weight(task.kl_weight, "kl_weight (β)")
     lr, batch_size = party.lr(task), party.batch_size(task)
     max_length = party.max_length(task)
     state = None

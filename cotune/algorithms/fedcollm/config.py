@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from cotune.algorithms.aggregate import MODES as AGGREGATION_MODES
 from cotune.algorithms.config import Config, Problems, help_field
-from cotune.tasks import MAX_TOP_K
+from cotune.tasks import MAX_EPOCHS, MAX_LOSS_WEIGHT, MAX_TOP_K
 
 
 @dataclass(frozen=True)
@@ -22,7 +22,7 @@ class FedCoLLMConfig(Config):
     top_k: int = help_field(32, "across tokenizers: the teacher's top-k projected through the maps, 1..1024")
 
     def check(self, p: Problems) -> None:
-        p.range(self.name("kl_weight"), self.kl_weight, 0.0, 1e6)
-        p.range(self.name("distill_epochs"), self.distill_epochs, 1, 1000)
+        p.range(self.name("kl_weight"), self.kl_weight, 0.0, MAX_LOSS_WEIGHT)
+        p.range(self.name("distill_epochs"), self.distill_epochs, 1, MAX_EPOCHS)
         p.choice(self.name("aggregation"), self.aggregation, AGGREGATION_MODES)
         p.range(self.name("top_k"), self.top_k, 1, MAX_TOP_K)

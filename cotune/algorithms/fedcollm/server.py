@@ -11,14 +11,12 @@ tasks as target "companion". With one tokenizer the co-distillation is `cotune.a
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
 from cotune.errors import InvalidInput, Precondition
 from cotune.party.base import Target
 from cotune.rpc.operations import OpResult
-from cotune.tasks import MAX_TOP_K
 from cotune.v1 import party_pb2
 from cotune.wire.media import MEDIA_ADAPTER
 
@@ -100,8 +98,7 @@ def co_distill(party, task: party_pb2.CoDistillTask, ctx: party_pb2.RunContext):
     from cotune.lm.lora import LoraMismatchError, lora_from_bytes, validate_lora_state_dict
 
     comp = _require(party)
-    if not (math.isfinite(task.kl_weight) and task.kl_weight >= 0):
-        raise InvalidInput(f"kl_weight (λ) must be finite and >= 0 (0 = CE only), got {task.kl_weight}")
+    party.weight(task.kl_weight, "kl_weight (λ; 0 = CE only)")
     epochs = party.epochs(task.epochs)
     lr = party.lr(task)
     slm_lr = party.lr(task, "slm_lr", default=lr)
@@ -163,14 +160,17 @@ def _cross_tokenizer_maps(party, comp: Companion, task: party_pb2.CoDistillTask)
         raise InvalidInput(f"party {party.cfg.party_id}: the companion SLM's tokenizer ({comp.tokenizer_hash[:12]}…) "
                            f"differs from the LLM's ({party.tokenizer_hash[:12]}…); co-distillation across tokenizers "
                            "needs llm_to_slm_map and slm_to_llm_map (run spec align_tokenizers)")
-    if not 1 <= task.top_k <= MAX_TOP_K:
-        raise InvalidInput(f"top_k must be in 1..{MAX_TOP_K} across tokenizers, got {task.top_k}")
+    party.top_k(task.top_k, "top_k (across tokenizers)")
     maps = []
-    for field, src, dst in (("llm_to_slm_map", party.tokenizer_hash, comp.tokenizer_hash),
-                            ("slm_to_llm_map", comp.tokenizer_hash, party.tokenizer_hash)):
+    llm, slm = (party.tokenizer_hash, party.vocab_size), (comp.tokenizer_hash, comp.vocab_size)
+    for field, (src, src_vocab), (dst, dst_vocab) in (("llm_to_slm_map", llm, slm), ("slm_to_llm_map", slm, llm)):
         vmap = party.parse_blob(getattr(task, field), field, VocabMap.from_bytes)
         if (vmap.src_hash, vmap.dst_hash) != (src, dst):
             raise InvalidInput(f"{field} maps {vmap.src_hash[:12]}… → {vmap.dst_hash[:12]}…, expected "
                                f"{src[:12]}… → {dst[:12]}…")
+        try:
+            vmap.check_sizes(src_vocab, dst_vocab)
+        except ValueError as exc:
+            raise InvalidInput(f"{field}: {exc}") from exc
         maps.append(vmap)
     return tuple(maps)

@@ -70,6 +70,7 @@ class FedCoLLM(Strategy):
             # the LLM's own distillation term, in the columns every report shows
             d.record_metrics(rnd, d.llm.party_id, {**res.metrics, "distill_kd_before": out.llm_kl_before,
                                                    "distill_kd_after": out.llm_kl_after})
+            steps.check_adapter(d, d.llm, rnd, "co_distill", out.slm_adapter.sha256, like=aggregate)
             theta = out.slm_adapter.sha256
             d.record_artifact(rnd, "distilled", theta)
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from cotune.algorithms.config import Config, Problems, help_field
 from cotune.align.seqalign import METHODS as ALIGNMENT_METHODS
-from cotune.tasks import MAX_TOP_K
+from cotune.tasks import MAX_EPOCHS, MAX_TOP_K
 
 SETTINGS = ("heterogeneous", "homogeneous", "one_to_one", "llm_to_slm")
 SELECTIONS = ("dualmince", "fate_self")
@@ -30,7 +30,7 @@ class FedMKTConfig(Config):
         p.choice(self.name("setting"), self.setting, SETTINGS)
         p.range(self.name("top_k"), self.top_k, 1, MAX_TOP_K)
         p.range(self.name("ce_weight"), self.ce_weight, 0.0, 1.0)
-        p.range(self.name("distill_epochs"), self.distill_epochs, 1, 1000)
+        p.range(self.name("distill_epochs"), self.distill_epochs, 1, MAX_EPOCHS)
         p.choice(self.name("selection"), self.selection, SELECTIONS)
         if self.logits_bits != 0:
             p.range(self.name("logits_bits"), self.logits_bits, 2, 16)

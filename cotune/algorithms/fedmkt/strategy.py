@@ -9,11 +9,14 @@ llm2slm is the same strategy with the LLM frozen (setting llm_to_slm).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from cotune.algorithms import steps
-from cotune.algorithms.base import Driver, PartyRef, Strategy
+from cotune.algorithms.base import Driver, MalformedResult, PartyRef, Strategy, TaskOutcome
 from cotune.algorithms.fedmkt.config import FedMKTConfig, LLMToSLMConfig
+from cotune.algorithms.fedmkt.shards import read_shard
+from cotune.errors import InvalidInput
 from cotune.v1 import party_pb2
 
 
@@ -66,8 +69,8 @@ class FedMKT(Strategy):
             if config.mutual:
                 active, _ = steps.train_local(d, d.clients, rnd)
                 d.set_step(rnd, "client_logits")
-                out = d.on_parties(active, rnd, "public_logits",
-                                   lambda c: d.task(c, rnd, "public_logits", public_logits=logits), quorum=steps.quorum(d))
+                out = d.on_parties(active, rnd, "public_logits", lambda c: self._logits(d, c, rnd, logits),
+                                   quorum=steps.quorum(d))
                 for pid, res in out.ok.items():
                     d.record_metrics(rnd, pid, {"public_loss_bpb": res.result.public_loss_bpb})
                 active = [c for c in active if c.party_id in out.ok]
@@ -103,12 +106,38 @@ class FedMKT(Strategy):
                 steps.evaluate(d, [d.llm, *active], rnd)
             d.emit("metrics", round=rnd, message=f"round {rnd} complete")
 
-    @staticmethod
-    def _llm_logits(d: Driver, rnd: int, task: party_pb2.PublicLogitsTask):
+    @classmethod
+    def _llm_logits(cls, d: Driver, rnd: int, task: party_pb2.PublicLogitsTask):
         d.set_step(rnd, "llm_logits")
-        res = d.task(d.llm, rnd, "public_logits", public_logits=task)
+        res = cls._logits(d, d.llm, rnd, task)
         d.record_metrics(rnd, d.llm.party_id, {"public_loss_bpb": res.result.public_loss_bpb})
         return res.result.shard
+
+    @staticmethod
+    def _logits(d: Driver, sender: PartyRef, rnd: int, task: party_pb2.PublicLogitsTask) -> TaskOutcome:
+        """A party's public top-k, its shard checked here as every receiver will check it (fedmkt.shards): a bad
+        shard (unreadable, another public set, tokenizer or vocabulary than the sender describes, the wrong sample
+        count, a negative loss) is the sender's malformed result, dropping a client from the round instead of failing
+        the receiver's distillation."""
+        res = d.task(sender, rnd, "public_logits", public_logits=task)
+        info, n, llm = sender.info, d.llm.info.public_set_size, d.llm.info  # the run's public set is the LLM's
+        if not math.isfinite(res.result.public_loss_bpb) or res.result.public_loss_bpb < 0:
+            raise MalformedResult(sender, rnd, "public_logits",
+                                  f"public_loss_bpb {res.result.public_loss_bpb:.6g} is not a loss")
+        try:
+            samples, _, _ = read_shard(d.read_artifact(res.result.shard.sha256), where="its shard",
+                                       public_set_hash=d.public_set_hash,
+                                       n_samples=min(task.max_samples, n) if task.max_samples else n,
+                                       tokenizer_hash=info.tokenizer_hash, vocab_size=info.vocab_size,
+                                       party_id=info.party_id)
+        except InvalidInput as exc:
+            raise MalformedResult(sender, rnd, "public_logits", str(exc)) from exc
+        if sender.role != "llm" and info.tokenizer_hash == llm.tokenizer_hash:  # the LLM reads its ids as its own
+            top = max((int(s.ids.max()) for s in samples if s.ids.size), default=-1)
+            if top >= llm.vocab_size:
+                raise MalformedResult(sender, rnd, "public_logits", f"its shard holds token id {top}, beyond the "
+                                                                    f"LLM's vocabulary of {llm.vocab_size}")
+        return res
 
     @staticmethod
     def _teacher(sender: PartyRef, shard, link: Link | None, d: Driver) -> party_pb2.TeacherShard:

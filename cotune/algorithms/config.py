@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from cotune.errors import InvalidInput
-from cotune.tasks import MAX_EPOCHS, MAX_LENGTH_RANGE
+from cotune.tasks import MAX_ADAPTER_ABS, MAX_EPOCHS, MAX_LENGTH_RANGE
 from cotune.v1 import coordinator_pb2 as pb
 
 MAX_ROUNDS = 10_000
@@ -96,6 +96,8 @@ class RunConfig(Config):
     local_epochs: int = help_field(1, "epochs of local training on private data per round")
     overlap_steps: bool = help_field(True, "run independent steps of different parties at once (false: one step at "
                                            "a time, the reference order)")
+    adapter_max_abs: float = help_field(MAX_ADAPTER_ABS, "adapters (uploads, distilled adapters) holding a value of "
+                                                         "larger magnitude are rejected before averaging or use")
 
     def check(self, p: Problems) -> None:
         p.range("rounds", self.rounds, 1, MAX_ROUNDS)
@@ -106,6 +108,7 @@ class RunConfig(Config):
         p.range("eval_max_samples", self.eval_max_samples, 0)
         p.range("max_length", self.max_length, *MAX_LENGTH_RANGE)
         p.range("local_epochs", self.local_epochs, 1, MAX_EPOCHS)
+        p.range("adapter_max_abs", self.adapter_max_abs, 0.0, 1e30, lo_open=True)
 
     def quorum(self, selected: int) -> int:
         return selected if self.min_clients is None else self.min_clients

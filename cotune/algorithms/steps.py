@@ -101,7 +101,7 @@ def check_adapter(d: Driver, party: PartyRef, rnd: int, step: str, sha: str, *, 
     a bad adapter is refused where it came from instead of failing every party it is sent to."""
     try:
         state, _ = parse_adapter(d.read_artifact(sha))
-        validate_upload(state, parse_adapter(d.read_artifact(like))[0] if like else state)
+        validate_upload(state, parse_adapter(d.read_artifact(like))[0] if like else state, max_abs=d.run.adapter_max_abs)
     except UploadRejected as exc:
         raise MalformedResult(party, rnd, step, f"its adapter {sha[:12]}…: {exc}") from exc
 
@@ -125,7 +125,7 @@ def collect_and_aggregate(d: Driver, clients: Sequence[PartyRef], rnd: int, refe
         try:
             result = aggregate_uploads({pid: d.read_artifact(sha) for pid, sha in uploads.items()},
                                        {pid: samples.get(pid, float("nan")) for pid in uploads}, reference,
-                                       expect=expect, mode=mode, min_accepted=quorum(d))
+                                       expect=expect, mode=mode, min_accepted=quorum(d), max_abs=d.run.adapter_max_abs)
         except ValueError as exc:
             raise Precondition(f"round {rnd} aggregation: {exc}") from exc
         sha = d.put_artifact(adapter_bytes(result.state), MEDIA_ADAPTER)

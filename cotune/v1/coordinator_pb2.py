@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from cotune.v1 import party_pb2 as cotune_dot_v1_dot_party__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x63otune/v1/coordinator.proto\x12\tcotune.v1\x1a\x15\x63otune/v1/party.proto\"\x9e\x01\n\x10\x43lientDescriptor\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x37\n\x06labels\x18\x03 \x03(\x0b\x32\'.cotune.v1.ClientDescriptor.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"D\n\x15RegisterClientRequest\x12+\n\x06\x63lient\x18\x01 \x01(\x0b\x32\x1b.cotune.v1.ClientDescriptor\"v\n\x0c\x43lientRecord\x12+\n\x06\x63lient\x18\x01 \x01(\x0b\x32\x1b.cotune.v1.ClientDescriptor\x12\"\n\x04info\x18\x02 \x01(\x0b\x32\x14.cotune.v1.PartyInfo\x12\x15\n\rregistered_at\x18\x03 \x01(\x01\",\n\x17\x44\x65registerClientRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\"\x1a\n\x18\x44\x65registerClientResponse\"\x14\n\x12ListClientsRequest\"?\n\x13ListClientsResponse\x12(\n\x07\x63lients\x18\x01 \x03(\x0b\x32\x17.cotune.v1.ClientRecord\"\xf0\x04\n\x07RunSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\talgorithm\x18\x02 \x01(\t\x12\x13\n\x06rounds\x18\x03 \x01(\x05H\x01\x88\x01\x01\x12\x0f\n\x07\x63lients\x18\x04 \x03(\t\x12\x17\n\x0fpublic_set_hash\x18\x05 \x01(\t\x12\x18\n\x0bmin_clients\x18\x06 \x01(\x05H\x02\x88\x01\x01\x12\x1b\n\x0estep_timeout_s\x18\x07 \x01(\x01H\x03\x88\x01\x01\x12\x1f\n\x12max_public_samples\x18\x08 \x01(\x05H\x04\x88\x01\x01\x12\x1d\n\x10\x65val_max_samples\x18\t \x01(\x05H\x05\x88\x01\x01\x12\x17\n\nmax_length\x18\n \x01(\x05H\x06\x88\x01\x01\x12\x19\n\x0clocal_epochs\x18\x0b \x01(\x05H\x07\x88\x01\x01\x12\x1a\n\roverlap_steps\x18\x0c \x01(\x08H\x08\x88\x01\x01\x12\'\n\x06\x66\x65\x64mkt\x18\x14 \x01(\x0b\x32\x15.cotune.v1.FedMKTSpecH\x00\x12+\n\x08\x66\x65\x64\x63ollm\x18\x15 \x01(\x0b\x32\x17.cotune.v1.FedCoLLMSpecH\x00\x12)\n\x07\x66\x65\x64\x62iot\x18\x16 \x01(\x0b\x32\x16.cotune.v1.FedBiOTSpecH\x00\x12\'\n\x06\x66\x65\x64\x61vg\x18\x17 \x01(\x0b\x32\x15.cotune.v1.FedAvgSpecH\x00\x42\x08\n\x06\x63onfigB\t\n\x07_roundsB\x0e\n\x0c_min_clientsB\x11\n\x0f_step_timeout_sB\x15\n\x13_max_public_samplesB\x13\n\x11_eval_max_samplesB\r\n\x0b_max_lengthB\x0f\n\r_local_epochsB\x10\n\x0e_overlap_steps\"\xa6\x02\n\nFedMKTSpec\x12\x14\n\x07setting\x18\x01 \x01(\tH\x00\x88\x01\x01\x12\x12\n\x05top_k\x18\x02 \x01(\x05H\x01\x88\x01\x01\x12\x16\n\tce_weight\x18\x03 \x01(\x01H\x02\x88\x01\x01\x12\x1b\n\x0e\x64istill_epochs\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x16\n\tselection\x18\x05 \x01(\tH\x04\x88\x01\x01\x12\x18\n\x0blogits_bits\x18\x06 \x01(\x05H\x05\x88\x01\x01\x12\x1d\n\x10\x61lignment_method\x18\x07 \x01(\tH\x06\x88\x01\x01\x42\n\n\x08_settingB\x08\n\x06_top_kB\x0c\n\n_ce_weightB\x11\n\x0f_distill_epochsB\x0c\n\n_selectionB\x0e\n\x0c_logits_bitsB\x13\n\x11_alignment_method\"\xe0\x01\n\x0c\x46\x65\x64\x43oLLMSpec\x12\x16\n\tkl_weight\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x1b\n\x0e\x64istill_epochs\x18\x02 \x01(\x05H\x01\x88\x01\x01\x12\x18\n\x0b\x61ggregation\x18\x03 \x01(\tH\x02\x88\x01\x01\x12\x1d\n\x10\x61lign_tokenizers\x18\x04 \x01(\x08H\x03\x88\x01\x01\x12\x12\n\x05top_k\x18\x05 \x01(\x05H\x04\x88\x01\x01\x42\x0c\n\n_kl_weightB\x11\n\x0f_distill_epochsB\x0e\n\x0c_aggregationB\x13\n\x11_align_tokenizersB\x08\n\x06_top_k\"\xcd\x02\n\x0b\x46\x65\x64\x42iOTSpec\x12\x1b\n\x0e\x61\x64\x61pter_layers\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x11\n\x04\x64rop\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x1c\n\x0fpre_align_steps\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x18\n\x0b\x61lign_steps\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x16\n\tkl_weight\x18\x05 \x01(\x01H\x04\x88\x01\x01\x12\x15\n\x08prox_eps\x18\x06 \x01(\x01H\x05\x88\x01\x01\x12\x15\n\x08\x61lign_lr\x18\x07 \x01(\x01H\x06\x88\x01\x01\x12\x18\n\x0b\x61ggregation\x18\x08 \x01(\tH\x07\x88\x01\x01\x42\x11\n\x0f_adapter_layersB\x07\n\x05_dropB\x12\n\x10_pre_align_stepsB\x0e\n\x0c_align_stepsB\x0c\n\n_kl_weightB\x0b\n\t_prox_epsB\x0b\n\t_align_lrB\x0e\n\x0c_aggregation\"6\n\nFedAvgSpec\x12\x18\n\x0b\x61ggregation\x18\x01 \x01(\tH\x00\x88\x01\x01\x42\x0e\n\x0c_aggregation\"\x87\x01\n\x0cPartyMetrics\x12\x10\n\x08party_id\x18\x01 \x01(\t\x12\x35\n\x07metrics\x18\x02 \x03(\x0b\x32$.cotune.v1.PartyMetrics.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xe1\x03\n\x0bRoundRecord\x12\r\n\x05round\x18\x01 \x01(\x05\x12(\n\x07parties\x18\x02 \x03(\x0b\x32\x17.cotune.v1.PartyMetrics\x12\x0f\n\x07\x64ropped\x18\x03 \x03(\t\x12\r\n\x05notes\x18\x04 \x03(\t\x12\x39\n\nbytes_sent\x18\x05 \x03(\x0b\x32%.cotune.v1.RoundRecord.BytesSentEntry\x12\x41\n\x0e\x62ytes_received\x18\x06 \x03(\x0b\x32).cotune.v1.RoundRecord.BytesReceivedEntry\x12\x12\n\nstarted_at\x18\x07 \x01(\x01\x12\x13\n\x0b\x66inished_at\x18\x08 \x01(\x01\x12\x38\n\tartifacts\x18\t \x03(\x0b\x32%.cotune.v1.RoundRecord.ArtifactsEntry\x1a\x30\n\x0e\x42ytesSentEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\x1a\x34\n\x12\x42ytesReceivedEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\x1a\x30\n\x0e\x41rtifactsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xe7\x01\n\x03Run\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12 \n\x04spec\x18\x02 \x01(\x0b\x32\x12.cotune.v1.RunSpec\x12\"\n\x05state\x18\x03 \x01(\x0e\x32\x13.cotune.v1.RunState\x12\x15\n\rcurrent_round\x18\x04 \x01(\x05\x12\x14\n\x0c\x63urrent_step\x18\x05 \x01(\t\x12&\n\x06rounds\x18\x06 \x03(\x0b\x32\x16.cotune.v1.RoundRecord\x12\r\n\x05\x65rror\x18\x07 \x01(\t\x12\x12\n\ncreated_at\x18\x08 \x01(\x01\x12\x12\n\nupdated_at\x18\t \x01(\x01\"\xc4\x01\n\x08RunEvent\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x03\x12\x0c\n\x04time\x18\x03 \x01(\x01\x12\x0c\n\x04kind\x18\x04 \x01(\t\x12\r\n\x05round\x18\x05 \x01(\x05\x12\x0c\n\x04step\x18\x06 \x01(\t\x12\x10\n\x08party_id\x18\x07 \x01(\t\x12\x0c\n\x04\x64one\x18\x08 \x01(\x03\x12\r\n\x05total\x18\t \x01(\x03\x12\x0f\n\x07message\x18\n \x01(\t\x12\"\n\x05state\x18\x0b \x01(\x0e\x32\x13.cotune.v1.RunState\"3\n\x0fStartRunRequest\x12 \n\x04spec\x18\x01 \x01(\x0b\x32\x12.cotune.v1.RunSpec\"\x1f\n\rGetRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"4\n\x0fWatchRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x11\n\tafter_seq\x18\x02 \x01(\x03\"\"\n\x10\x43\x61ncelRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\" \n\x0fListRunsRequest\x12\r\n\x05limit\x18\x01 \x01(\x05\"0\n\x10ListRunsResponse\x12\x1c\n\x04runs\x18\x01 \x03(\x0b\x32\x0e.cotune.v1.Run*}\n\x08RunState\x12\x19\n\x15RUN_STATE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bRUN_PENDING\x10\x01\x12\x0f\n\x0bRUN_RUNNING\x10\x02\x12\x11\n\rRUN_SUCCEEDED\x10\x03\x12\x0e\n\nRUN_FAILED\x10\x04\x12\x11\n\rRUN_CANCELLED\x10\x05\x32\xaf\x04\n\x0b\x43oordinator\x12K\n\x0eRegisterClient\x12 .cotune.v1.RegisterClientRequest\x1a\x17.cotune.v1.ClientRecord\x12[\n\x10\x44\x65registerClient\x12\".cotune.v1.DeregisterClientRequest\x1a#.cotune.v1.DeregisterClientResponse\x12L\n\x0bListClients\x12\x1d.cotune.v1.ListClientsRequest\x1a\x1e.cotune.v1.ListClientsResponse\x12\x36\n\x08StartRun\x12\x1a.cotune.v1.StartRunRequest\x1a\x0e.cotune.v1.Run\x12\x32\n\x06GetRun\x12\x18.cotune.v1.GetRunRequest\x1a\x0e.cotune.v1.Run\x12=\n\x08WatchRun\x12\x1a.cotune.v1.WatchRunRequest\x1a\x13.cotune.v1.RunEvent0\x01\x12\x38\n\tCancelRun\x12\x1b.cotune.v1.CancelRunRequest\x1a\x0e.cotune.v1.Run\x12\x43\n\x08ListRuns\x12\x1a.cotune.v1.ListRunsRequest\x1a\x1b.cotune.v1.ListRunsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x63otune/v1/coordinator.proto\x12\tcotune.v1\x1a\x15\x63otune/v1/party.proto\"\x9e\x01\n\x10\x43lientDescriptor\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x37\n\x06labels\x18\x03 \x03(\x0b\x32\'.cotune.v1.ClientDescriptor.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"D\n\x15RegisterClientRequest\x12+\n\x06\x63lient\x18\x01 \x01(\x0b\x32\x1b.cotune.v1.ClientDescriptor\"v\n\x0c\x43lientRecord\x12+\n\x06\x63lient\x18\x01 \x01(\x0b\x32\x1b.cotune.v1.ClientDescriptor\x12\"\n\x04info\x18\x02 \x01(\x0b\x32\x14.cotune.v1.PartyInfo\x12\x15\n\rregistered_at\x18\x03 \x01(\x01\",\n\x17\x44\x65registerClientRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\"\x1a\n\x18\x44\x65registerClientResponse\"\x14\n\x12ListClientsRequest\"?\n\x13ListClientsResponse\x12(\n\x07\x63lients\x18\x01 \x03(\x0b\x32\x17.cotune.v1.ClientRecord\"\xa2\x05\n\x07RunSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\talgorithm\x18\x02 \x01(\t\x12\x13\n\x06rounds\x18\x03 \x01(\x05H\x01\x88\x01\x01\x12\x0f\n\x07\x63lients\x18\x04 \x03(\t\x12\x17\n\x0fpublic_set_hash\x18\x05 \x01(\t\x12\x18\n\x0bmin_clients\x18\x06 \x01(\x05H\x02\x88\x01\x01\x12\x1b\n\x0estep_timeout_s\x18\x07 \x01(\x01H\x03\x88\x01\x01\x12\x1f\n\x12max_public_samples\x18\x08 \x01(\x05H\x04\x88\x01\x01\x12\x1d\n\x10\x65val_max_samples\x18\t \x01(\x05H\x05\x88\x01\x01\x12\x17\n\nmax_length\x18\n \x01(\x05H\x06\x88\x01\x01\x12\x19\n\x0clocal_epochs\x18\x0b \x01(\x05H\x07\x88\x01\x01\x12\x1a\n\roverlap_steps\x18\x0c \x01(\x08H\x08\x88\x01\x01\x12\x1c\n\x0f\x61\x64\x61pter_max_abs\x18\r \x01(\x01H\t\x88\x01\x01\x12\'\n\x06\x66\x65\x64mkt\x18\x14 \x01(\x0b\x32\x15.cotune.v1.FedMKTSpecH\x00\x12+\n\x08\x66\x65\x64\x63ollm\x18\x15 \x01(\x0b\x32\x17.cotune.v1.FedCoLLMSpecH\x00\x12)\n\x07\x66\x65\x64\x62iot\x18\x16 \x01(\x0b\x32\x16.cotune.v1.FedBiOTSpecH\x00\x12\'\n\x06\x66\x65\x64\x61vg\x18\x17 \x01(\x0b\x32\x15.cotune.v1.FedAvgSpecH\x00\x42\x08\n\x06\x63onfigB\t\n\x07_roundsB\x0e\n\x0c_min_clientsB\x11\n\x0f_step_timeout_sB\x15\n\x13_max_public_samplesB\x13\n\x11_eval_max_samplesB\r\n\x0b_max_lengthB\x0f\n\r_local_epochsB\x10\n\x0e_overlap_stepsB\x12\n\x10_adapter_max_abs\"\xa6\x02\n\nFedMKTSpec\x12\x14\n\x07setting\x18\x01 \x01(\tH\x00\x88\x01\x01\x12\x12\n\x05top_k\x18\x02 \x01(\x05H\x01\x88\x01\x01\x12\x16\n\tce_weight\x18\x03 \x01(\x01H\x02\x88\x01\x01\x12\x1b\n\x0e\x64istill_epochs\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x16\n\tselection\x18\x05 \x01(\tH\x04\x88\x01\x01\x12\x18\n\x0blogits_bits\x18\x06 \x01(\x05H\x05\x88\x01\x01\x12\x1d\n\x10\x61lignment_method\x18\x07 \x01(\tH\x06\x88\x01\x01\x42\n\n\x08_settingB\x08\n\x06_top_kB\x0c\n\n_ce_weightB\x11\n\x0f_distill_epochsB\x0c\n\n_selectionB\x0e\n\x0c_logits_bitsB\x13\n\x11_alignment_method\"\xe0\x01\n\x0c\x46\x65\x64\x43oLLMSpec\x12\x16\n\tkl_weight\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x1b\n\x0e\x64istill_epochs\x18\x02 \x01(\x05H\x01\x88\x01\x01\x12\x18\n\x0b\x61ggregation\x18\x03 \x01(\tH\x02\x88\x01\x01\x12\x1d\n\x10\x61lign_tokenizers\x18\x04 \x01(\x08H\x03\x88\x01\x01\x12\x12\n\x05top_k\x18\x05 \x01(\x05H\x04\x88\x01\x01\x42\x0c\n\n_kl_weightB\x11\n\x0f_distill_epochsB\x0e\n\x0c_aggregationB\x13\n\x11_align_tokenizersB\x08\n\x06_top_k\"\xcd\x02\n\x0b\x46\x65\x64\x42iOTSpec\x12\x1b\n\x0e\x61\x64\x61pter_layers\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x11\n\x04\x64rop\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x1c\n\x0fpre_align_steps\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x18\n\x0b\x61lign_steps\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x16\n\tkl_weight\x18\x05 \x01(\x01H\x04\x88\x01\x01\x12\x15\n\x08prox_eps\x18\x06 \x01(\x01H\x05\x88\x01\x01\x12\x15\n\x08\x61lign_lr\x18\x07 \x01(\x01H\x06\x88\x01\x01\x12\x18\n\x0b\x61ggregation\x18\x08 \x01(\tH\x07\x88\x01\x01\x42\x11\n\x0f_adapter_layersB\x07\n\x05_dropB\x12\n\x10_pre_align_stepsB\x0e\n\x0c_align_stepsB\x0c\n\n_kl_weightB\x0b\n\t_prox_epsB\x0b\n\t_align_lrB\x0e\n\x0c_aggregation\"6\n\nFedAvgSpec\x12\x18\n\x0b\x61ggregation\x18\x01 \x01(\tH\x00\x88\x01\x01\x42\x0e\n\x0c_aggregation\"\x87\x01\n\x0cPartyMetrics\x12\x10\n\x08party_id\x18\x01 \x01(\t\x12\x35\n\x07metrics\x18\x02 \x03(\x0b\x32$.cotune.v1.PartyMetrics.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xe1\x03\n\x0bRoundRecord\x12\r\n\x05round\x18\x01 \x01(\x05\x12(\n\x07parties\x18\x02 \x03(\x0b\x32\x17.cotune.v1.PartyMetrics\x12\x0f\n\x07\x64ropped\x18\x03 \x03(\t\x12\r\n\x05notes\x18\x04 \x03(\t\x12\x39\n\nbytes_sent\x18\x05 \x03(\x0b\x32%.cotune.v1.RoundRecord.BytesSentEntry\x12\x41\n\x0e\x62ytes_received\x18\x06 \x03(\x0b\x32).cotune.v1.RoundRecord.BytesReceivedEntry\x12\x12\n\nstarted_at\x18\x07 \x01(\x01\x12\x13\n\x0b\x66inished_at\x18\x08 \x01(\x01\x12\x38\n\tartifacts\x18\t \x03(\x0b\x32%.cotune.v1.RoundRecord.ArtifactsEntry\x1a\x30\n\x0e\x42ytesSentEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\x1a\x34\n\x12\x42ytesReceivedEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\x1a\x30\n\x0e\x41rtifactsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xe7\x01\n\x03Run\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12 \n\x04spec\x18\x02 \x01(\x0b\x32\x12.cotune.v1.RunSpec\x12\"\n\x05state\x18\x03 \x01(\x0e\x32\x13.cotune.v1.RunState\x12\x15\n\rcurrent_round\x18\x04 \x01(\x05\x12\x14\n\x0c\x63urrent_step\x18\x05 \x01(\t\x12&\n\x06rounds\x18\x06 \x03(\x0b\x32\x16.cotune.v1.RoundRecord\x12\r\n\x05\x65rror\x18\x07 \x01(\t\x12\x12\n\ncreated_at\x18\x08 \x01(\x01\x12\x12\n\nupdated_at\x18\t \x01(\x01\"\xc4\x01\n\x08RunEvent\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x03\x12\x0c\n\x04time\x18\x03 \x01(\x01\x12\x0c\n\x04kind\x18\x04 \x01(\t\x12\r\n\x05round\x18\x05 \x01(\x05\x12\x0c\n\x04step\x18\x06 \x01(\t\x12\x10\n\x08party_id\x18\x07 \x01(\t\x12\x0c\n\x04\x64one\x18\x08 \x01(\x03\x12\r\n\x05total\x18\t \x01(\x03\x12\x0f\n\x07message\x18\n \x01(\t\x12\"\n\x05state\x18\x0b \x01(\x0e\x32\x13.cotune.v1.RunState\"3\n\x0fStartRunRequest\x12 \n\x04spec\x18\x01 \x01(\x0b\x32\x12.cotune.v1.RunSpec\"\x1f\n\rGetRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"4\n\x0fWatchRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x11\n\tafter_seq\x18\x02 \x01(\x03\"\"\n\x10\x43\x61ncelRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\" \n\x0fListRunsRequest\x12\r\n\x05limit\x18\x01 \x01(\x05\"0\n\x10ListRunsResponse\x12\x1c\n\x04runs\x18\x01 \x03(\x0b\x32\x0e.cotune.v1.Run*}\n\x08RunState\x12\x19\n\x15RUN_STATE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bRUN_PENDING\x10\x01\x12\x0f\n\x0bRUN_RUNNING\x10\x02\x12\x11\n\rRUN_SUCCEEDED\x10\x03\x12\x0e\n\nRUN_FAILED\x10\x04\x12\x11\n\rRUN_CANCELLED\x10\x05\x32\xaf\x04\n\x0b\x43oordinator\x12K\n\x0eRegisterClient\x12 .cotune.v1.RegisterClientRequest\x1a\x17.cotune.v1.ClientRecord\x12[\n\x10\x44\x65registerClient\x12\".cotune.v1.DeregisterClientRequest\x1a#.cotune.v1.DeregisterClientResponse\x12L\n\x0bListClients\x12\x1d.cotune.v1.ListClientsRequest\x1a\x1e.cotune.v1.ListClientsResponse\x12\x36\n\x08StartRun\x12\x1a.cotune.v1.StartRunRequest\x1a\x0e.cotune.v1.Run\x12\x32\n\x06GetRun\x12\x18.cotune.v1.GetRunRequest\x1a\x0e.cotune.v1.Run\x12=\n\x08WatchRun\x12\x1a.cotune.v1.WatchRunRequest\x1a\x13.cotune.v1.RunEvent0\x01\x12\x38\n\tCancelRun\x12\x1b.cotune.v1.CancelRunRequest\x1a\x0e.cotune.v1.Run\x12\x43\n\x08ListRuns\x12\x1a.cotune.v1.ListRunsRequest\x1a\x1b.cotune.v1.ListRunsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -42,8 +42,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ROUNDRECORD_BYTESRECEIVEDENTRY']._serialized_options = b'8\001'
   _globals['_ROUNDRECORD_ARTIFACTSENTRY']._loaded_options = None
   _globals['_ROUNDRECORD_ARTIFACTSENTRY']._serialized_options = b'8\001'
-  _globals['_RUNSTATE']._serialized_start=3435
-  _globals['_RUNSTATE']._serialized_end=3560
+  _globals['_RUNSTATE']._serialized_start=3485
+  _globals['_RUNSTATE']._serialized_end=3610
   _globals['_CLIENTDESCRIPTOR']._serialized_start=66
   _globals['_CLIENTDESCRIPTOR']._serialized_end=224
   _globals['_CLIENTDESCRIPTOR_LABELSENTRY']._serialized_start=179
@@ -61,43 +61,43 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTCLIENTSRESPONSE']._serialized_start=512
   _globals['_LISTCLIENTSRESPONSE']._serialized_end=575
   _globals['_RUNSPEC']._serialized_start=578
-  _globals['_RUNSPEC']._serialized_end=1202
-  _globals['_FEDMKTSPEC']._serialized_start=1205
-  _globals['_FEDMKTSPEC']._serialized_end=1499
-  _globals['_FEDCOLLMSPEC']._serialized_start=1502
-  _globals['_FEDCOLLMSPEC']._serialized_end=1726
-  _globals['_FEDBIOTSPEC']._serialized_start=1729
-  _globals['_FEDBIOTSPEC']._serialized_end=2062
-  _globals['_FEDAVGSPEC']._serialized_start=2064
-  _globals['_FEDAVGSPEC']._serialized_end=2118
-  _globals['_PARTYMETRICS']._serialized_start=2121
-  _globals['_PARTYMETRICS']._serialized_end=2256
-  _globals['_PARTYMETRICS_METRICSENTRY']._serialized_start=2210
-  _globals['_PARTYMETRICS_METRICSENTRY']._serialized_end=2256
-  _globals['_ROUNDRECORD']._serialized_start=2259
-  _globals['_ROUNDRECORD']._serialized_end=2740
-  _globals['_ROUNDRECORD_BYTESSENTENTRY']._serialized_start=2588
-  _globals['_ROUNDRECORD_BYTESSENTENTRY']._serialized_end=2636
-  _globals['_ROUNDRECORD_BYTESRECEIVEDENTRY']._serialized_start=2638
-  _globals['_ROUNDRECORD_BYTESRECEIVEDENTRY']._serialized_end=2690
-  _globals['_ROUNDRECORD_ARTIFACTSENTRY']._serialized_start=2692
-  _globals['_ROUNDRECORD_ARTIFACTSENTRY']._serialized_end=2740
-  _globals['_RUN']._serialized_start=2743
-  _globals['_RUN']._serialized_end=2974
-  _globals['_RUNEVENT']._serialized_start=2977
-  _globals['_RUNEVENT']._serialized_end=3173
-  _globals['_STARTRUNREQUEST']._serialized_start=3175
-  _globals['_STARTRUNREQUEST']._serialized_end=3226
-  _globals['_GETRUNREQUEST']._serialized_start=3228
-  _globals['_GETRUNREQUEST']._serialized_end=3259
-  _globals['_WATCHRUNREQUEST']._serialized_start=3261
-  _globals['_WATCHRUNREQUEST']._serialized_end=3313
-  _globals['_CANCELRUNREQUEST']._serialized_start=3315
-  _globals['_CANCELRUNREQUEST']._serialized_end=3349
-  _globals['_LISTRUNSREQUEST']._serialized_start=3351
-  _globals['_LISTRUNSREQUEST']._serialized_end=3383
-  _globals['_LISTRUNSRESPONSE']._serialized_start=3385
-  _globals['_LISTRUNSRESPONSE']._serialized_end=3433
-  _globals['_COORDINATOR']._serialized_start=3563
-  _globals['_COORDINATOR']._serialized_end=4122
+  _globals['_RUNSPEC']._serialized_end=1252
+  _globals['_FEDMKTSPEC']._serialized_start=1255
+  _globals['_FEDMKTSPEC']._serialized_end=1549
+  _globals['_FEDCOLLMSPEC']._serialized_start=1552
+  _globals['_FEDCOLLMSPEC']._serialized_end=1776
+  _globals['_FEDBIOTSPEC']._serialized_start=1779
+  _globals['_FEDBIOTSPEC']._serialized_end=2112
+  _globals['_FEDAVGSPEC']._serialized_start=2114
+  _globals['_FEDAVGSPEC']._serialized_end=2168
+  _globals['_PARTYMETRICS']._serialized_start=2171
+  _globals['_PARTYMETRICS']._serialized_end=2306
+  _globals['_PARTYMETRICS_METRICSENTRY']._serialized_start=2260
+  _globals['_PARTYMETRICS_METRICSENTRY']._serialized_end=2306
+  _globals['_ROUNDRECORD']._serialized_start=2309
+  _globals['_ROUNDRECORD']._serialized_end=2790
+  _globals['_ROUNDRECORD_BYTESSENTENTRY']._serialized_start=2638
+  _globals['_ROUNDRECORD_BYTESSENTENTRY']._serialized_end=2686
+  _globals['_ROUNDRECORD_BYTESRECEIVEDENTRY']._serialized_start=2688
+  _globals['_ROUNDRECORD_BYTESRECEIVEDENTRY']._serialized_end=2740
+  _globals['_ROUNDRECORD_ARTIFACTSENTRY']._serialized_start=2742
+  _globals['_ROUNDRECORD_ARTIFACTSENTRY']._serialized_end=2790
+  _globals['_RUN']._serialized_start=2793
+  _globals['_RUN']._serialized_end=3024
+  _globals['_RUNEVENT']._serialized_start=3027
+  _globals['_RUNEVENT']._serialized_end=3223
+  _globals['_STARTRUNREQUEST']._serialized_start=3225
+  _globals['_STARTRUNREQUEST']._serialized_end=3276
+  _globals['_GETRUNREQUEST']._serialized_start=3278
+  _globals['_GETRUNREQUEST']._serialized_end=3309
+  _globals['_WATCHRUNREQUEST']._serialized_start=3311
+  _globals['_WATCHRUNREQUEST']._serialized_end=3363
+  _globals['_CANCELRUNREQUEST']._serialized_start=3365
+  _globals['_CANCELRUNREQUEST']._serialized_end=3399
+  _globals['_LISTRUNSREQUEST']._serialized_start=3401
+  _globals['_LISTRUNSREQUEST']._serialized_end=3433
+  _globals['_LISTRUNSRESPONSE']._serialized_start=3435
+  _globals['_LISTRUNSRESPONSE']._serialized_end=3483
+  _globals['_COORDINATOR']._serialized_start=3613
+  _globals['_COORDINATOR']._serialized_end=4172
 # @@protoc_insertion_point(module_scope)

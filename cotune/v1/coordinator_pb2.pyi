@@ -77,7 +77,7 @@ class ListClientsResponse(_message.Message):
     def __init__(self, clients: _Optional[_Iterable[_Union[ClientRecord, _Mapping]]] = ...) -> None: ...
 
 class RunSpec(_message.Message):
-    __slots__ = ("name", "algorithm", "rounds", "clients", "public_set_hash", "min_clients", "step_timeout_s", "max_public_samples", "eval_max_samples", "max_length", "local_epochs", "overlap_steps", "fedmkt", "fedcollm", "fedbiot", "fedavg")
+    __slots__ = ("name", "algorithm", "rounds", "clients", "public_set_hash", "min_clients", "step_timeout_s", "max_public_samples", "eval_max_samples", "max_length", "local_epochs", "overlap_steps", "adapter_max_abs", "fedmkt", "fedcollm", "fedbiot", "fedavg")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ALGORITHM_FIELD_NUMBER: _ClassVar[int]
     ROUNDS_FIELD_NUMBER: _ClassVar[int]
@@ -90,6 +90,7 @@ class RunSpec(_message.Message):
     MAX_LENGTH_FIELD_NUMBER: _ClassVar[int]
     LOCAL_EPOCHS_FIELD_NUMBER: _ClassVar[int]
     OVERLAP_STEPS_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_MAX_ABS_FIELD_NUMBER: _ClassVar[int]
     FEDMKT_FIELD_NUMBER: _ClassVar[int]
     FEDCOLLM_FIELD_NUMBER: _ClassVar[int]
     FEDBIOT_FIELD_NUMBER: _ClassVar[int]
@@ -106,11 +107,12 @@ class RunSpec(_message.Message):
     max_length: int
     local_epochs: int
     overlap_steps: bool
+    adapter_max_abs: float
     fedmkt: FedMKTSpec
     fedcollm: FedCoLLMSpec
     fedbiot: FedBiOTSpec
     fedavg: FedAvgSpec
-    def __init__(self, name: _Optional[str] = ..., algorithm: _Optional[str] = ..., rounds: _Optional[int] = ..., clients: _Optional[_Iterable[str]] = ..., public_set_hash: _Optional[str] = ..., min_clients: _Optional[int] = ..., step_timeout_s: _Optional[float] = ..., max_public_samples: _Optional[int] = ..., eval_max_samples: _Optional[int] = ..., max_length: _Optional[int] = ..., local_epochs: _Optional[int] = ..., overlap_steps: _Optional[bool] = ..., fedmkt: _Optional[_Union[FedMKTSpec, _Mapping]] = ..., fedcollm: _Optional[_Union[FedCoLLMSpec, _Mapping]] = ..., fedbiot: _Optional[_Union[FedBiOTSpec, _Mapping]] = ..., fedavg: _Optional[_Union[FedAvgSpec, _Mapping]] = ...) -> None: ...
+    def __init__(self, name: _Optional[str] = ..., algorithm: _Optional[str] = ..., rounds: _Optional[int] = ..., clients: _Optional[_Iterable[str]] = ..., public_set_hash: _Optional[str] = ..., min_clients: _Optional[int] = ..., step_timeout_s: _Optional[float] = ..., max_public_samples: _Optional[int] = ..., eval_max_samples: _Optional[int] = ..., max_length: _Optional[int] = ..., local_epochs: _Optional[int] = ..., overlap_steps: _Optional[bool] = ..., adapter_max_abs: _Optional[float] = ..., fedmkt: _Optional[_Union[FedMKTSpec, _Mapping]] = ..., fedcollm: _Optional[_Union[FedCoLLMSpec, _Mapping]] = ..., fedbiot: _Optional[_Union[FedBiOTSpec, _Mapping]] = ..., fedavg: _Optional[_Union[FedAvgSpec, _Mapping]] = ...) -> None: ...
 
 class FedMKTSpec(_message.Message):
     __slots__ = ("setting", "top_k", "ce_weight", "distill_epochs", "selection", "logits_bits", "alignment_method")

@@ -231,6 +231,14 @@ def test_a_huge_upload_drops_its_client_and_the_run_goes_on(algorithm):
         fake._check_aggregate(d, r, ["c1"])
 
 
+def test_the_bound_comes_from_the_run_spec():
+    llm, clients = fake._parties_for("fedavg")
+    d, strategy, config = fake._prepare("fedavg", llm, clients, min_clients=1, adapter_max_abs=1e31)
+    d.corrupt["c2"] = "huge"  # 1e30 values: within this run's bound
+    strategy.execute(d, config)
+    assert not [n for n in d.notes if n[2] == "c2"], d.notes
+
+
 # == 5. idempotency keys are bound to their request ====================================================================
 def test_an_operation_key_is_bound_to_its_kind_and_request():
     ops = OperationManager()

@@ -51,7 +51,7 @@ def refused(cls, field_name: str, value, *, match: str | None = None) -> str:
 def test_defaults():
     assert dataclasses.asdict(RunConfig()) == {"rounds": 1, "min_clients": None, "step_timeout_s": 1800.0,
                                                "max_public_samples": 0, "eval_max_samples": 0, "max_length": 256,
-                                               "local_epochs": 1, "overlap_steps": True}
+                                               "local_epochs": 1, "overlap_steps": True, "adapter_max_abs": 1e4}
     assert dataclasses.asdict(FedMKTConfig()) == {"setting": "heterogeneous", "top_k": 16, "ce_weight": 0.9,
                                                   "distill_epochs": 1, "selection": "dualmince", "logits_bits": 0,
                                                   "alignment_method": "offsets"}

@@ -108,7 +108,7 @@ class RunConfig(Config):
         p.range("eval_max_samples", self.eval_max_samples, 0)
         p.range("max_length", self.max_length, *MAX_LENGTH_RANGE)
         p.range("local_epochs", self.local_epochs, 1, MAX_EPOCHS)
-        p.range("adapter_max_abs", self.adapter_max_abs, 0.0, 1e30, lo_open=True)
+        p.range("adapter_max_abs", self.adapter_max_abs, 0.0, 1e38, lo_open=True)
 
     def quorum(self, selected: int) -> int:
         return selected if self.min_clients is None else self.min_clients

@@ -35,6 +35,7 @@ from cotune.tasks import MAX_BATCH_SIZE, MAX_EPOCHS, MAX_LENGTH_RANGE, MAX_LOSS_
 from cotune.v1 import party_pb2
 from cotune.wire.blobs import Blob, service_store
 from cotune.wire.media import MEDIA_DATASET, MEDIA_TOKENIZER
+from cotune.workdir import WorkdirLock
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +94,7 @@ class ModelParty:
         cfg.validate(self.role)
         self.cfg = cfg
         workdir = Path(cfg.workdir)
+        self.workdir_lock = WorkdirLock(workdir, f"party {cfg.party_id}")  # one live party per workdir
         self.store = service_store(workdir / "blobs", cfg.blob_quota_gib)
         self.ops = OperationManager(workers=1)
         self.public = read_jsonl(cfg.data.public)

@@ -9,6 +9,7 @@ from cotune.algorithms.fedmkt import tasks as fedmkt
 from cotune.config import PartyConfig
 from cotune.party import tasks as generic
 from cotune.party.base import ModelParty
+from cotune.party.runstate import StateKind
 from cotune.v1 import party_pb2
 
 
@@ -38,6 +39,10 @@ class LLMServer(ModelParty):
         self.targets.update({
             "companion": fedcollm.companion_target,    # FedCoLLM's copy of the SLM
             "compressed": fedbiot.compressed_target,   # FedBiOT's emulator + adapter, after a CompressTask
+        })
+        self.durable_states.update({  # kept per run (cotune.party.runstate)
+            fedcollm.STATE: StateKind(fedcollm.save_companion, fedcollm.restore_companion, fedcollm.reset_companion),
+            fedbiot.STATE: StateKind(fedbiot.save_compressed, fedbiot.restore_compressed, lambda party: None),
         })
 
     def setup(self) -> None:

@@ -36,3 +36,9 @@ class SLMClient(ModelParty):
 
     def setup(self) -> None:
         fedbiot.attach_layer_map(self)  # a client may be configured with a compressed model directory
+
+    def on_model_installed(self) -> None:
+        fedbiot.attach_layer_map(self)
+
+    def install_archive(self, sha: str) -> None:
+        fedbiot.install_archive(self, sha)

@@ -35,6 +35,7 @@ from cotune.tasks import MAX_BATCH_SIZE, MAX_EPOCHS, MAX_LENGTH_RANGE, MAX_LOSS_
 from cotune.v1 import party_pb2
 from cotune.wire.blobs import Blob, service_store
 from cotune.wire.media import MEDIA_DATASET, MEDIA_TOKENIZER
+from cotune.party.runstate import RunStates, StateKind
 from cotune.workdir import WorkdirLock
 
 log = logging.getLogger(__name__)
@@ -96,7 +97,12 @@ class ModelParty:
         workdir = Path(cfg.workdir)
         self.workdir_lock = WorkdirLock(workdir, f"party {cfg.party_id}")  # one live party per workdir
         self.store = service_store(workdir / "blobs", cfg.blob_quota_gib)
-        self.ops = OperationManager(workers=1)
+        self.runs = RunStates(self)  # per-run durable state; also the journal of finished operations
+        self.ops = OperationManager(workers=1, journal=self.runs)
+        self._worker = threading.Lock()  # held while a task's work runs (and while a run is switched in)
+        # the algorithm states kept per run, by name (roles fill it): how each is saved, restored and reset
+        self.durable_states: dict[str, StateKind] = {}
+        self.initial_lora = None  # the adapter a run starts from (the configured model's fresh LoRA)
         self.public = read_jsonl(cfg.data.public)
         self.private = read_jsonl(cfg.data.private) if cfg.data.private else []
         self.eval = read_jsonl(cfg.data.eval) if cfg.data.eval else []
@@ -157,23 +163,47 @@ class ModelParty:
         model, replacing the previous one only once the new one has loaded. `archive`: the sha256 of the shipped model
         archive it came from, empty for the configured model."""
         from cotune.align.tokenizers import tokenizer_bundle_bytes
-        from cotune.lm.lora import attach_lora
+        from cotune.lm.lora import attach_lora, lora_state_dict
         from cotune.lm.model import load_causal_lm
-        from cotune.lm.train import TrainConfig, Trainer
 
-        mc, tc = self.cfg.model, self.cfg.training
+        mc = self.cfg.model
         model, tokenizer = load_causal_lm(path, cache_dir=self.model_cache, device=mc.device, dtype=mc.dtype)
         model = attach_lora(model, r=lora.r, alpha=lora.alpha, dropout=lora.dropout, seed=lora.seed)
-        trainer = Trainer(model, tokenizer, TrainConfig(lr=tc.lr, batch_size=tc.batch_size, max_length=tc.max_length,
-                                                        seed=tc.seed))
+        trainer = self.new_trainer(model, tokenizer)
+        initial = lora_state_dict(model)
         tokenizer_blob = self.store.put_bytes(tokenizer_bundle_bytes(tokenizer), MEDIA_TOKENIZER)
         head = model.get_output_embeddings()
         with self.model_lock:
             self.model, self.tokenizer, self.trainer = model, tokenizer, trainer
+            if not archive:
+                self.initial_lora = initial
             self.tokenizer_blob, self.tokenizer_hash = tokenizer_blob, tokenizer_blob.sha256
             self.vocab_size = int(head.weight.shape[0]) if head is not None else len(tokenizer)
             self.device = str(next(model.parameters()).device)
             self.model_path, self.loaded_model = str(path), archive
+
+    def new_trainer(self, model, tokenizer=None):
+        """A fresh Trainer (optimizer, schedule, counters) over `model`, with this party's training config."""
+        from cotune.lm.train import TrainConfig, Trainer
+
+        tc = self.cfg.training
+        return Trainer(model, tokenizer or self.tokenizer, TrainConfig(lr=tc.lr, batch_size=tc.batch_size,
+                                                                       max_length=tc.max_length, seed=tc.seed))
+
+    def reset_adapter(self) -> None:
+        """The configured model's fresh adapter and a fresh optimizer: where every run starts."""
+        from cotune.lm.lora import load_lora_state_dict
+
+        load_lora_state_dict(self.model, self.initial_lora)
+        self.trainer = self.new_trainer(self.model)
+
+    def on_model_installed(self) -> None:
+        """The role's hook after a run switch reinstalled the configured model (e.g. re-read its layer map)."""
+
+    def install_archive(self, sha: str) -> None:
+        """Reinstall the shipped model archive `sha` (a run's state names the model it belongs to); roles that accept
+        shipped models override this."""
+        raise Precondition(f"{self.role_name} ({self.cfg.party_id}) does not install shipped models")
 
     def require_ready(self) -> None:
         if not self._ready.is_set():
@@ -252,13 +282,38 @@ class ModelParty:
         if handler is None:
             hint = self.not_served.get(kind)
             raise Precondition(f"{self.role_name} does not serve {kind}" + (f" ({hint})" if hint else ""))
-        work = handler(self, getattr(req, kind), ctx)  # validates synchronously
-        if not ctx.task_key:
+        if self.runs.current != ctx.run_id and self._worker.acquire(blocking=False):
+            try:  # an idle worker: switch now, so the task is validated against its own run's state
+                self.runs.enter(ctx.run_id, ctx.resumes)
+            finally:
+                self._worker.release()
+        key = f"{ctx.run_id}/{ctx.round}/{ctx.task_key}" if ctx.task_key else ""
+        work = self._in_run(ctx, key, handler(self, getattr(req, kind), ctx))  # the handler validates synchronously
+        if not key:
             return self.ops.start(kind, work)
         # the key names the step (run, round, task_key) and is bound to the task asked (kind + serialized task): a
-        # retry re-attaches to its operation, a different task under the same key is refused
+        # retry re-attaches to its operation (or, after a restart, gets its recorded result); a different task under
+        # the same key is refused
         fingerprint = hashlib.sha256(getattr(req, kind).SerializeToString(deterministic=True)).hexdigest()
-        return self.ops.start(kind, work, key=f"{ctx.run_id}/{ctx.round}/{ctx.task_key}", fingerprint=fingerprint)
+        return self.ops.start(kind, work, key=key, fingerprint=fingerprint)
+
+    def _in_run(self, ctx: party_pb2.RunContext, key: str, work: Work) -> Work:
+        """`work` run against its run's state, which it stages when done (committed with the operation's record;
+        cotune.party.runstate). A failed or cancelled task leaves the in-memory state to be restored."""
+
+        def run(op_ctx: OperationContext) -> OpResult:
+            with self._worker:
+                self.runs.enter(ctx.run_id, ctx.resumes)
+                try:
+                    result = work(op_ctx)
+                    self.runs.stage(ctx.run_id, key)
+                except BaseException:
+                    self.runs.forget_current()
+                    raise
+                if not key:
+                    self.runs.promote(ctx.run_id)
+                return result
+        return run
 
     def target(self, name: str) -> Target:
         """The model (and tokenizer) a task names: InvalidInput for an unknown name, Precondition for a known one

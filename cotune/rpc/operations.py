@@ -65,7 +65,13 @@ class OperationContext:
 
 
 class OperationManager:
-    def __init__(self, *, workers: int = 1, keep: int = 2000):
+    """`journal` (optional): durable records of finished keyed operations, with `load(key)` -> (kind, fingerprint,
+    Operation bytes) or None and `commit(key, kind, fingerprint, operation_bytes)`, called before a succeeded
+    operation is published (cotune.party.runstate.RunStates), so a restarted service answers a retried key with the
+    result it gave before."""
+
+    def __init__(self, *, workers: int = 1, keep: int = 2000, journal=None):
+        self._journal = journal
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="op")
         self._ops: OrderedDict[str, ops_pb2.Operation] = OrderedDict()
         self._by_key: dict[str, tuple[str, str, str]] = {}  # key -> (op id, kind, request fingerprint)
@@ -80,6 +86,8 @@ class OperationManager:
         request's identity, e.g. a hash of its serialized form. Starting the key again with the same binding returns
         the operation (restarting it only if it failed or was cancelled); with another binding it is AlreadyExists."""
         with self._cond:
+            if key and key not in self._by_key and self._journal is not None:
+                self._recall(key)
             if key and key in self._by_key:
                 op_id, bound_kind, bound = self._by_key[key]
                 if (bound_kind, bound) != (kind, fingerprint):
@@ -99,6 +107,17 @@ class OperationManager:
             snapshot = ops_pb2.Operation.FromString(op.SerializeToString())
         self._pool.submit(self._run, op_id, work)
         return snapshot
+
+    def _recall(self, key: str) -> None:
+        """Bring a journaled operation back into memory (a service restarted since it finished)."""
+        entry = self._journal.load(key)
+        if entry is None:
+            return
+        kind, fingerprint, data = entry
+        op = ops_pb2.Operation.FromString(data)
+        self._ops[op.id] = op
+        self._by_key[key] = (op.id, kind, fingerprint)
+        self._key_of[op.id] = key
 
     def _trim(self) -> None:
         while len(self._ops) > self._keep:
@@ -147,6 +166,18 @@ class OperationManager:
                     op.blobs[name].CopyFrom(ref)
 
         self._update(op_id, fill)
+        key = self._key_of.get(op_id)
+        if key and self._journal is not None:
+            try:  # recorded (and the work's staged state committed) before anyone can see it succeeded
+                with self._cond:
+                    final = ops_pb2.Operation.FromString(self._ops[op_id].SerializeToString())
+                    _, kind, fingerprint = self._by_key[key]
+                final.state, final.finished_at = State.OPERATION_SUCCEEDED, time.time()
+                self._journal.commit(key, kind, fingerprint, final.SerializeToString())
+            except Exception as exc:  # noqa: BLE001 - a step whose result cannot be kept did not succeed
+                code, message = status_for(exc, f"operation {op_id} (recording its result)")
+                self._finish(op_id, State.OPERATION_FAILED, code=code, message=message)
+                return
         self._finish(op_id, State.OPERATION_SUCCEEDED)
 
     def _finish(self, op_id: str, state, *, code=None, message: str = "") -> None:

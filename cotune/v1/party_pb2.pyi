@@ -71,16 +71,18 @@ class CompanionInfo(_message.Message):
     def __init__(self, model_name: _Optional[str] = ..., tokenizer_hash: _Optional[str] = ..., vocab_size: _Optional[int] = ..., lora_hash: _Optional[str] = ..., lora_layout_hash: _Optional[str] = ..., trainable_params: _Optional[int] = ...) -> None: ...
 
 class RunContext(_message.Message):
-    __slots__ = ("run_id", "round", "task_key", "public_set_hash")
+    __slots__ = ("run_id", "round", "task_key", "public_set_hash", "resumes")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     TASK_KEY_FIELD_NUMBER: _ClassVar[int]
     PUBLIC_SET_HASH_FIELD_NUMBER: _ClassVar[int]
+    RESUMES_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     round: int
     task_key: str
     public_set_hash: str
-    def __init__(self, run_id: _Optional[str] = ..., round: _Optional[int] = ..., task_key: _Optional[str] = ..., public_set_hash: _Optional[str] = ...) -> None: ...
+    resumes: bool
+    def __init__(self, run_id: _Optional[str] = ..., round: _Optional[int] = ..., task_key: _Optional[str] = ..., public_set_hash: _Optional[str] = ..., resumes: _Optional[bool] = ...) -> None: ...
 
 class TrainLocalTask(_message.Message):
     __slots__ = ("epochs", "lr", "batch_size", "max_samples")

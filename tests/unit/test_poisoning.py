@@ -151,6 +151,9 @@ class _Receiver(ModelParty):
         self.tasks, self.not_served, self._states = dict(tasks or {}), {}, {}
         self._ready = threading.Event()
         self._ready.set()
+        self._worker = threading.Lock()
+        self.runs = SimpleNamespace(current="run", enter=lambda *a: None, stage=lambda *a: None,
+                                    promote=lambda *a: None, forget_current=lambda: None)  # no model to keep per run
 
 
 def _vmap(n_src=50, top=99):

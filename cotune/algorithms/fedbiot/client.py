@@ -9,18 +9,14 @@ startup (`attach_layer_map`). TrainAdapterTask then trains only the adapter's Lo
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import shutil
-import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from cotune.config import LoraConfig
 from cotune.errors import InvalidInput, Precondition
 from cotune.rpc.operations import OpResult
 from cotune.v1 import party_pb2
+from cotune.algorithms.fedbiot.archive import archive_model, check_archive
 from cotune.wire.blobs import Blob
 
 log = logging.getLogger(__name__)
@@ -59,19 +55,6 @@ def attach_layer_map(party) -> None:
     party.set_state(STATE, read_layers(party.model_path))
 
 
-def check_archive(path: Path) -> dict[str, int]:
-    """Names and sizes of a shipped model archive's files; InvalidInput unless it is a tar of a compressed model."""
-    from cotune.algorithms.fedbiot.compress import INITIAL_LORA_FILE, LAYER_MAP_FILE
-
-    try:
-        with tarfile.open(str(path), mode="r:") as tar:
-            members = {m.name: m.size for m in tar.getmembers() if m.isfile()}
-    except (tarfile.TarError, OSError) as exc:
-        raise InvalidInput(f"model archive is not a readable tar: {exc}") from exc
-    missing = [n for n in ("config.json", LAYER_MAP_FILE, INITIAL_LORA_FILE) if n not in members]
-    if missing:
-        raise InvalidInput(f"model archive is not a compressed model: it lacks {', '.join(missing)}")
-    return members
 
 
 def load_model(party, task: party_pb2.LoadModelTask, ctx: party_pb2.RunContext):
@@ -82,39 +65,38 @@ def load_model(party, task: party_pb2.LoadModelTask, ctx: party_pb2.RunContext):
     if not party.store.has(blob.sha256):
         raise Precondition(f"model archive {blob.sha256} is not in party {party.cfg.party_id}'s store; "
                            "upload it with PutBlob first")
-    members = check_archive(party.store.path(blob.sha256))
+    check_archive(party.store.path(blob.sha256))
     sha = blob.sha256
 
     def work(op):
-        from cotune.algorithms.fedbiot.compress import INITIAL_LORA_FILE
-        from cotune.algorithms.fedbiot.server import LORA_CONFIG_FILE
-        from cotune.lm.lora import LoraMismatchError, load_lora_state_dict, lora_from_bytes, validate_lora_state_dict
-
         if party.loaded_model != sha:
-            op.progress(0, 2, "unpack")
-            model_dir = _unpacked(party, sha, members)
-            layers = read_layers(model_dir)  # checked before anything is replaced
-            try:
-                lora = LoraConfig(**json.loads((model_dir / LORA_CONFIG_FILE).read_text())) \
-                    if LORA_CONFIG_FILE in members else party.cfg.lora
-                initial = lora_from_bytes((model_dir / INITIAL_LORA_FILE).read_bytes())
-            except (OSError, ValueError, TypeError) as exc:
-                raise InvalidInput(f"model archive {sha[:12]}…: {exc}") from exc
-            op.progress(1, 2, "load")
-            party.install_model(model_dir, lora, archive=sha)
-            party.set_state(STATE, layers)
-            try:
-                validate_lora_state_dict(party.model, initial)
-            except LoraMismatchError as exc:
-                raise InvalidInput(f"model archive {sha[:12]}…: its initial LoRA does not fit its model: {exc}") from exc
-            load_lora_state_dict(party.model, initial)
-            op.progress(2, 2, "load")
-            log.info("%s: installed shipped model %s (%d layers mapped)", party.cfg.party_id, sha[:12],
-                     len(layers.layer_map) if layers else 0)
+            op.progress(0, 1, "load")
+            install_archive(party, sha)
+            op.progress(1, 1, "load")
         return _loaded(party, sha, metrics={
             "model_params": sum(p.numel() for p in party.model.parameters()),
             "trainable_params": party.trainable_params(party.model)})
     return work
+
+
+
+
+def install_archive(party, sha: str) -> None:
+    """Install the shipped model archive `sha` as the party's model, with its initial adapter and a fresh optimizer
+    (LoadModelTask; a run switch back to a run that had installed it)."""
+    from cotune.lm.lora import LoraMismatchError, load_lora_state_dict, validate_lora_state_dict
+
+    model_dir, lora, initial = archive_model(party, sha)
+    layers = read_layers(model_dir)  # checked before anything is replaced
+    party.install_model(model_dir, lora, archive=sha)
+    party.set_state(STATE, layers)
+    try:
+        validate_lora_state_dict(party.model, initial)
+    except LoraMismatchError as exc:
+        raise InvalidInput(f"model archive {sha[:12]}…: its initial LoRA does not fit its model: {exc}") from exc
+    load_lora_state_dict(party.model, initial)
+    log.info("%s: installed shipped model %s (%d layers mapped)", party.cfg.party_id, sha[:12],
+             len(layers.layer_map) if layers else 0)
 
 
 def _loaded(party, sha: str, metrics: dict | None = None) -> OpResult:
@@ -134,24 +116,6 @@ def _restore_work(party):
     return work
 
 
-def _unpacked(party, sha: str, members: dict[str, int]) -> Path:
-    """<workdir>/models/<sha>, unpacked once: a directory is renamed into place only when complete."""
-    from cotune.algorithms.fedbiot.compress import unpack_dir
-
-    root = Path(party.cfg.workdir) / "models"
-    final = root / sha
-    if final.is_dir() and all((final / n).is_file() and (final / n).stat().st_size == s for n, s in members.items()):
-        return final
-    tmp = root / f".{sha}.{os.getpid()}.partial"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        unpack_dir(party.store.path(sha), tmp)
-    except (ValueError, tarfile.TarError) as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise InvalidInput(f"model archive {sha[:12]}…: {exc}") from exc
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
-    return final
 
 
 def train_adapter(party, task: party_pb2.TrainAdapterTask, ctx: party_pb2.RunContext):

@@ -131,6 +131,7 @@ def plug_adapter_into_full(full_model, compressed_model, layer_map: dict[int, in
 
 
 INITIAL_LORA_FILE = "cotune_initial_lora.safetensors"
+LORA_CONFIG_FILE = "cotune_lora.json"  # in the archive: the LoRA config the initial adapter was made with
 
 
 def pack_dir(model_dir) -> bytes:

@@ -22,7 +22,6 @@ from cotune.v1 import party_pb2
 from cotune.wire.media import MEDIA_MODEL_ARCHIVE
 
 STATE = "fedbiot.server"
-LORA_CONFIG_FILE = "cotune_lora.json"  # in the archive: the LoRA config the initial adapter was made with
 
 
 @dataclass
@@ -35,6 +34,38 @@ class CompressedModel:
     adapter_layers: int
     original_layers: int
     archive: str  # sha256 of the published archive
+
+
+# -- per run (cotune.party.runstate): the emulator comes back from its archive, its adapter and optimizer from disk --
+def save_compressed(comp: CompressedModel, directory: Path) -> None:
+    from cotune.lm.lora import lora_state_dict, lora_to_bytes
+
+    meta = {"archive": comp.archive, "adapter_layers": comp.adapter_layers, "original_layers": comp.original_layers,
+            "layer_map": {str(k): int(v) for k, v in comp.layer_map.items()}}
+    (directory / "compressed.json").write_text(json.dumps(meta, sort_keys=True))
+    (directory / "lora.safetensors").write_bytes(lora_to_bytes(lora_state_dict(comp.model)))
+    (directory / "trainer.safetensors").write_bytes(comp.trainer.state_dict_bytes())
+
+
+def restore_compressed(party, directory: Path) -> CompressedModel:
+    from cotune.algorithms.fedbiot.archive import archive_model
+    from cotune.lm.lora import attach_lora, load_lora_state_dict, lora_from_bytes
+    from cotune.lm.model import load_causal_lm
+
+    meta = json.loads((directory / "compressed.json").read_text())
+    if not party.store.has(meta["archive"]):
+        raise Precondition(f"party {party.cfg.party_id}: the compressed model {meta['archive'][:12]}… of a saved run "
+                           "is no longer in its blob store")
+    model_dir, lora, _ = archive_model(party, meta["archive"])
+    mc = party.cfg.model
+    small, _ = load_causal_lm(model_dir, cache_dir=party.model_cache, device=mc.device, dtype=mc.dtype)
+    small = attach_lora(small, r=lora.r, alpha=lora.alpha, dropout=lora.dropout, seed=lora.seed)
+    load_lora_state_dict(small, lora_from_bytes((directory / "lora.safetensors").read_bytes()))
+    trainer = party.new_trainer(small)
+    trainer.load_state_bytes((directory / "trainer.safetensors").read_bytes())
+    layer_map = {int(k): int(v) for k, v in meta["layer_map"].items()}
+    return CompressedModel(small, trainer, layer_map, int(meta["adapter_layers"]), int(meta["original_layers"]),
+                           meta["archive"])
 
 
 def compressed_of(party) -> CompressedModel | None:
@@ -72,7 +103,8 @@ def compress(party, task: party_pb2.CompressTask, ctx: party_pb2.RunContext):
     def work(op):
         import tempfile
 
-        from cotune.algorithms.fedbiot.compress import INITIAL_LORA_FILE, compress as build, pack_dir, save_compressed
+        from cotune.algorithms.fedbiot.compress import (INITIAL_LORA_FILE, LORA_CONFIG_FILE, compress as build, pack_dir,
+                                                        save_compressed)
         from cotune.lm.lora import attach_lora, lora_state_dict, lora_to_bytes
         from cotune.lm.train import TrainConfig, Trainer
 

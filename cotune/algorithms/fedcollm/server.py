@@ -35,6 +35,42 @@ class Companion:
     tokenizer_hash: str
     vocab_size: int
     name: str
+    initial_lora: dict  # its fresh adapter: where every run starts
+
+
+# -- per run (cotune.party.runstate): the companion stays loaded; its adapter and optimizer are the run's ------------
+def save_companion(companion: Companion, directory: Path) -> None:
+    from cotune.lm.lora import lora_state_dict, lora_to_bytes
+
+    (directory / "lora.safetensors").write_bytes(lora_to_bytes(lora_state_dict(companion.model)))
+    (directory / "trainer.safetensors").write_bytes(companion.trainer.state_dict_bytes())
+
+
+def restore_companion(party, directory: Path) -> Companion | None:
+    from cotune.lm.lora import load_lora_state_dict, lora_from_bytes
+
+    companion = reset_companion(party)
+    if companion is None:
+        raise Precondition(f"party {party.cfg.party_id}: a saved run holds a FedCoLLM companion SLM, but this server "
+                           "has none configured (model.companion_slm_path)")
+    load_lora_state_dict(companion.model, lora_from_bytes((directory / "lora.safetensors").read_bytes()))
+    companion.trainer.load_state_bytes((directory / "trainer.safetensors").read_bytes())
+    return companion
+
+
+def reset_companion(party) -> Companion | None:
+    """The companion with its fresh adapter and a fresh optimizer (None when this server has none)."""
+    from cotune.lm.lora import load_lora_state_dict
+    from cotune.lm.train import TrainConfig, Trainer
+
+    companion = companion_of(party)
+    if companion is None:
+        return None
+    load_lora_state_dict(companion.model, companion.initial_lora)
+    tc = party.cfg.training
+    companion.trainer = Trainer(companion.model, companion.tokenizer,
+                                TrainConfig(lr=tc.lr, batch_size=tc.batch_size, max_length=tc.max_length, seed=tc.seed))
+    return companion
 
 
 def companion_of(party) -> Companion | None:
@@ -47,7 +83,7 @@ def load_companion(party) -> Companion:
     import hashlib
 
     from cotune.align.tokenizers import tokenizer_bundle_bytes
-    from cotune.lm.lora import attach_lora
+    from cotune.lm.lora import attach_lora, lora_state_dict
     from cotune.lm.model import load_causal_lm
     from cotune.lm.train import TrainConfig, Trainer
 
@@ -60,7 +96,8 @@ def load_companion(party) -> Companion:
     companion = Companion(model=model, tokenizer=tokenizer, trainer=trainer,
                           tokenizer_hash=hashlib.sha256(tokenizer_bundle_bytes(tokenizer)).hexdigest(),
                           vocab_size=int(model.get_output_embeddings().weight.shape[0]),
-                          name=mc.companion_slm_name or Path(mc.companion_slm_path).name)
+                          name=mc.companion_slm_name or Path(mc.companion_slm_path).name,
+                          initial_lora=lora_state_dict(model))
     party.set_state(STATE, companion)
     if companion.tokenizer_hash != party.tokenizer_hash:
         log.info("%s: companion SLM %s uses another tokenizer than the LLM; co-distillation needs MinED maps "

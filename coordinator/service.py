@@ -17,14 +17,15 @@ from cotune.algorithms.base import PartyRef
 from cotune.algorithms.config import SpecError, parse_spec
 from cotune.algorithms.registry import get_strategy
 from cotune.config import CoordinatorConfig
-from cotune.errors import AlreadyExists, InvalidInput, NotFound, PermissionDenied, Precondition, rpc_method, status_for
+from cotune.errors import (AlreadyExists, InvalidInput, NotFound, PermissionDenied, Precondition, Unavailable, rpc_method,
+                           status_for)
 from cotune.rpc.channel import Credentials
 from cotune.rpc.clients import AlignmentClient, PartyClient
 from cotune.rpc.guard import caller
 from cotune.rpc.server import credentials, service_host
 from cotune.security.identity import NAME_RE
 from cotune.v1 import coordinator_pb2 as pb
-from cotune.v1 import coordinator_pb2_grpc
+from cotune.v1 import coordinator_pb2_grpc, party_pb2
 from cotune.wire.blobs import service_store
 from cotune.workdir import WorkdirLock
 
@@ -47,6 +48,8 @@ class Coordinator:
         self._cancel: dict[str, threading.Event] = {}
         self._threads: dict[str, threading.Thread] = {}
         self._lock = threading.Lock()
+        self._resume_lock = threading.Lock()
+        self._last_address: dict[str, str] = {}  # client id -> the address a run last dialled it at
 
     # -- clients ---------------------------------------------------------------------------------------------
     def party_client(self, address: str, role: str, party_id: str = "") -> PartyClient:
@@ -194,6 +197,37 @@ class Coordinator:
         self.state.add_event(pb.RunEvent(run_id=run_id, kind="state", state=run.state, message="cancel requested"))
         return self.get_run(run_id)
 
+    def resume_run(self, run_id: str) -> pb.Run:
+        """Move a FAILED or CANCELLED run back to PENDING and relaunch it: completed steps replay from their stored
+        results at once, the step that failed is issued again. Any other state is FAILED_PRECONDITION."""
+        resumable = (pb.RUN_FAILED, pb.RUN_CANCELLED)
+
+        def refuse(run: pb.Run):
+            if run.state not in resumable:
+                raise Precondition(f"run {run.run_id} is {pb.RunState.Name(run.state)}; only a RUN_FAILED or "
+                                   "RUN_CANCELLED run can be resumed")
+
+        refuse(self.get_run(run_id))
+        with self._lock:
+            thread = self._threads.get(run_id)
+        if thread is not None and thread.is_alive():  # its executor has recorded the end and is closing its clients
+            thread.join(timeout=30.0)
+            if thread.is_alive():
+                raise Unavailable(f"run {run_id} is still shutting down its last execution; retry shortly")
+        with self._resume_lock:  # two ResumeRun calls at once: one resumes, the other sees a PENDING run
+            run = self.get_run(run_id)
+            refuse(run)
+            previous = pb.RunState.Name(run.state)
+            run.state = pb.RUN_PENDING
+            run.error = ""
+            self.state.put_run(run)
+            self.state.add_event(pb.RunEvent(run_id=run_id, kind="state", state=run.state,
+                                             message=f"resumed by an operator after {previous}, at round "
+                                                     f"{run.current_round} step {run.current_step or '-'}; completed "
+                                                     "steps replay from their stored results"))
+            self._launch(run_id)
+        return self.get_run(run_id)
+
     def resume_unfinished(self) -> None:
         for run in self.state.runs_in_state(pb.RUN_PENDING, pb.RUN_RUNNING):
             log.info("resuming run %s at round %d step %s", run.run_id, run.current_round, run.current_step)
@@ -209,28 +243,52 @@ class Coordinator:
             self._threads[run_id] = thread
         thread.start()
 
+    def _redial(self, party: PartyRef) -> PartyClient:
+        """A new client of `party` at its address now: the LLM server's configured one, a client's registered one (a
+        restarted client may have registered elsewhere; a client deregistered since keeps the address it had)."""
+        if party.role == "llm":
+            return self.party_client(self.cfg.llm, "llm", party.party_id)
+        record = next((r for r in self.state.clients() if r.client.client_id == party.party_id), None)
+        address = record.client.address if record is not None else ""
+        if not address:
+            address = self._last_address.get(party.party_id, "")
+        self._last_address[party.party_id] = address
+        return self.party_client(address, "slm", party.party_id)
+
     def _execute(self, run_id: str) -> None:
         run = self.get_run(run_id)
         cancel = self._cancel[run_id]
         rpcs: list = []
         alignment = None
+        driver = None
         try:
             strategy = get_strategy(run.spec.algorithm)
             run_config, algo_config = parse_spec(run.spec, strategy.config_class)
             registered = {r.client.client_id: r for r in self.state.clients()}
+            missing = [cid for cid in run.spec.clients if cid not in registered]
+            if missing:
+                raise Precondition(f"client(s) {', '.join(missing)} of this run are no longer registered; register "
+                                   "them again (`cotune clients register`) and resume the run")
 
-            def connect(party_id: str, address: str, role: str):
+            def party(party_id: str, address: str, role: str, info: party_pb2.PartyInfo):
                 client = self.party_client(address, role, party_id)
                 rpcs.append(client)
-                return PartyRef(party_id, role, client.describe()), client
+                self._last_address[party_id] = address
+                return PartyRef(party_id, role, party_pb2.PartyInfo.FromString(info.SerializeToString())), client
 
-            llm = connect("llm", self.cfg.llm, "llm")
-            clients = [connect(cid, registered[cid].client.address, "slm") for cid in run.spec.clients]
+            llm = party("llm", self.cfg.llm, "llm", party_pb2.PartyInfo())
+            clients = [party(cid, registered[cid].client.address, "slm", registered[cid].info)
+                       for cid in run.spec.clients]
             if self.cfg.alignment:
                 alignment = AlignmentClient(self.cfg.alignment, creds=self.creds)
-            run.state = pb.RUN_RUNNING
             driver = RunDriver(run=run, config=run_config, store=self.state, artifacts=self.artifacts, llm=llm,
-                               clients=clients, alignment=alignment, cancel_event=cancel)
+                               clients=clients, alignment=alignment, cancel_event=cancel, redial=self._redial,
+                               redial_alignment=(lambda: AlignmentClient(self.cfg.alignment, creds=self.creds))
+                               if self.cfg.alignment else None,
+                               party_grace_s=self.cfg.party_grace_s)
+            # every party as it describes itself now (waiting for one that is restarting or loading)
+            driver.connect({cid: registered[cid].info for cid in run.spec.clients})
+            run.state = pb.RUN_RUNNING
             driver.save()
             driver.emit("state", message="running")
             strategy.execute(driver, algo_config)
@@ -245,10 +303,12 @@ class Coordinator:
         finally:
             self.state.put_run(run)
             self.state.add_event(pb.RunEvent(run_id=run_id, kind="state", state=run.state, message=run.error or pb.RunState.Name(run.state)))
-            for client in rpcs:
-                client.close()
-            if alignment is not None:
-                alignment.close()
+            if driver is not None:
+                driver.close()  # the clients it was given, those it redialled, the alignment service's
+            else:
+                for client in [*rpcs, alignment]:
+                    if client is not None:
+                        client.close()
 
 
 def within_response_budget(items: list, budget: int = RESPONSE_BUDGET_BYTES) -> list:
@@ -291,6 +351,10 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
     @rpc_method
     def CancelRun(self, request, context):
         return self.c.cancel_run(request.run_id)
+
+    @rpc_method
+    def ResumeRun(self, request, context):
+        return self.c.resume_run(request.run_id)
 
     @rpc_method
     def ListRuns(self, request, context):

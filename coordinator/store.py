@@ -99,6 +99,13 @@ class StateStore:
             row = self._db.execute("SELECT result FROM steps WHERE run_id = ? AND step_key = ?", (run_id, key)).fetchone()
         return json.loads(row[0]) if row else None
 
+    def has_party_steps(self, run_id: str, party_id: str) -> bool:
+        """Whether party `party_id` completed any step of the run (step keys end in /<party_id>)."""
+        with self._lock:
+            row = self._db.execute("SELECT 1 FROM steps WHERE run_id = ? AND step_key LIKE ? LIMIT 1",
+                                   (run_id, f"%/{party_id}")).fetchone()
+        return row is not None
+
     def put_step(self, run_id: str, key: str, result: dict) -> None:
         with self._lock:
             self._db.execute("INSERT OR REPLACE INTO steps VALUES (?, ?, ?, ?)", (run_id, key, json.dumps(result), time.time()))

@@ -204,6 +204,23 @@ def cmd_run_cancel(args) -> int:
     return 0
 
 
+def cmd_run_resume(args) -> int:
+    from cotune.v1 import coordinator_pb2 as pb
+    from cotune.watch import last_event_seq, watch_run
+
+    client = _coordinator(args)
+    before = client.get_run(args.run_id)
+    # --watch shows what the resumed run does, not its history again
+    seq = last_event_seq(client, args.run_id) if args.watch and before.state in (pb.RUN_FAILED, pb.RUN_CANCELLED) else 0
+    run = client.resume_run(args.run_id)
+    print(f"{run.run_id}: {pb.RunState.Name(run.state)} (resumed at round {run.current_round} step "
+          f"{run.current_step or '-'})")
+    if args.watch:
+        run = watch_run(client, run.run_id, after_seq=seq)
+        _print_run(run)
+    return 0
+
+
 def cmd_clients(args) -> int:
     client = _coordinator(args)
     if args.action == "register":
@@ -308,6 +325,11 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--json", action="store_true")
         coordinator_args(p)
         p.set_defaults(fn=fn)
+    p = run.add_parser("resume", help="resume a FAILED or CANCELLED run from its last completed step")
+    p.add_argument("run_id")
+    p.add_argument("--watch", action="store_true", help="follow progress until the run ends")
+    coordinator_args(p)
+    p.set_defaults(fn=cmd_run_resume)
     p = run.add_parser("list", help="list runs")
     p.add_argument("--limit", type=int, default=50)
     coordinator_args(p)

@@ -314,9 +314,13 @@ class LocalCluster:
         (self.workdir / STATE_FILE).write_text(json.dumps(state, indent=2))
 
     def restart(self, name: str) -> str:
-        """Stop one service (SIGKILL) and start it again from its config; returns its new address. A packed client
-        restarts with its whole process (every client of it gets a new address)."""
+        """Stop one service (SIGKILL) and start it again from its config; returns its address. The LLM server and the
+        alignment service come back on the port they had (the coordinator's config names it), unless another process
+        took it meanwhile. A client comes back on a new port and is registered again with the coordinator, as the
+        operator (and the coordinator's config file is updated, so a later coordinator restart dials it there); a
+        packed client restarts with its whole process (every client of it gets a new address)."""
         svc = self.services[name]
+        previous = svc.address
         self.kill(name)
         if svc.group:
             members = [self.services[n] for n in svc.group]
@@ -325,13 +329,51 @@ class LocalCluster:
             restarted = self._spawn_clients(process_name, clients)
         else:
             data = yaml.safe_load(svc.config_path.read_text())
+            if svc.kind in ("llm", "alignment") and previous:
+                port = int(previous.rsplit(":", 1)[1])
+                if _port_free(port):
+                    data["listen"] = f"{HOST}:{port}"
+                else:
+                    print(f"warning: {name}'s port {port} is taken; it restarts on a new port, which the coordinator "
+                          "does not know", file=sys.stderr)
+                    data["listen"] = f"{HOST}:0"
             restarted = [self._spawn(name, svc.kind, data)]
         for new in restarted:
             self._await_port(new)
         for new in restarted:
             self._wait_healthy(new, self.start_timeout_s)
         self._write_state()
+        moved = [new for new in restarted if new.kind == "slm"]
+        if moved and name != "coordinator":
+            self._client_moved(moved)
         return self.services[name].address
+
+    def _client_moved(self, clients: list[ServiceProcess]) -> None:
+        """Tell the coordinator (its running process, as the operator, and its config file) where restarted clients
+        now listen. A coordinator that is down learns it from the config file when it starts."""
+        import grpc
+
+        coord = self.services.get("coordinator")
+        if coord is None:
+            return
+        data = yaml.safe_load(coord.config_path.read_text())
+        addresses = {c.name: c.address for c in clients}
+        for entry in data.get("clients") or []:
+            if entry.get("client_id") in addresses:
+                entry["address"] = addresses[entry["client_id"]]
+        _write_config(coord.config_path, data)
+        if coord.process is None or coord.process.poll() is not None:
+            return
+        client = self.coordinator_client()
+        try:
+            for c in clients:
+                try:
+                    client.register_client(c.name, c.address)
+                except grpc.RpcError as exc:
+                    print(f"warning: could not register the restarted {c.name} at {c.address} with the coordinator: "
+                          f"{exc.code().name}: {exc.details()}", file=sys.stderr)
+        finally:
+            client.close()
 
     def kill(self, name: str) -> None:
         """SIGKILL a service's process (for a packed client: its process, with every client it hosts)."""
@@ -369,6 +411,20 @@ class LocalCluster:
 
     def __exit__(self, *exc) -> None:
         self.down()
+
+
+def _port_free(port: int) -> bool:
+    """Whether a listener could bind HOST:port now (as gRPC's does: address reuse on, so a port whose last
+    connections linger in TIME_WAIT counts as free)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((HOST, port))
+        except OSError:
+            return False
+    return True
 
 
 def down_detached(workdir: str | Path) -> list[str]:

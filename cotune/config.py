@@ -185,10 +185,16 @@ class CoordinatorConfig:
     insecure: bool = False
     blob_quota_gib: float = 0.0
     auth: AuthConfig = field(default_factory=AuthConfig)
+    # how long a run waits for a party (or the alignment service) that is unreachable or still loading its model before
+    # giving up on it: a client is then dropped from the step (quorum permitting), the LLM server or the alignment
+    # service fail the run. Longer than a model load, so a restarted service is waited for.
+    party_grace_s: float = 900.0
 
     def validate(self) -> None:
         if not self.workdir:
             raise ConfigError("workdir is required (state database and artifact store live there)")
+        if not 0 <= self.party_grace_s <= 7 * 24 * 3600:
+            raise ConfigError(f"party_grace_s must be in 0..604800 seconds, got {self.party_grace_s}")
         if not self.llm:
             raise ConfigError("llm is required: the address of the LLM server")
         for i, entry in enumerate(self.clients):

@@ -14,13 +14,14 @@ STREAM_DEADLINE_S = 300.0
 RESUME_ON = {"DEADLINE_EXCEEDED", "UNAVAILABLE", "RESOURCE_EXHAUSTED", "CANCELLED"}
 
 
-def watch_run(client: CoordinatorClient, run_id: str, *, stream=sys.stderr, quiet: bool = False) -> pb.Run:
-    """Stream events until the run ends; returns the final run."""
+def watch_run(client: CoordinatorClient, run_id: str, *, stream=sys.stderr, quiet: bool = False,
+              after_seq: int = 0) -> pb.Run:
+    """Stream events (those after `after_seq`) until the run ends; returns the final run."""
     import grpc
 
     bar = None
     bar_key = None
-    last_seq = 0
+    last_seq = after_seq
     try:
         while True:
             try:
@@ -70,3 +71,8 @@ def _show(event, run_id, bar, bar_key, stream):
     elif event.kind == "state":
         print(f"run {run_id}: {pb.RunState.Name(event.state)} {event.message}".rstrip(), file=stream, flush=True)
     return bar, bar_key
+
+
+def last_event_seq(client: CoordinatorClient, run_id: str) -> int:
+    """The sequence number of the last event of a run that has ended (its event stream closes at the end)."""
+    return max((event.seq for event in client.watch_run(run_id, timeout=STREAM_DEADLINE_S)), default=0)

@@ -282,8 +282,10 @@ class ModelParty:
         if handler is None:
             hint = self.not_served.get(kind)
             raise Precondition(f"{self.role_name} does not serve {kind}" + (f" ({hint})" if hint else ""))
-        if self.runs.current != ctx.run_id and self._worker.acquire(blocking=False):
-            try:  # an idle worker: switch now, so the task is validated against its own run's state
+        if self.runs.current is None and self._worker.acquire(blocking=False):
+            try:  # no run in memory (a restart, a failed task) and an idle worker: restore this run now, so the task
+                # is validated against its state; another run in memory is switched by the work itself, so a refused
+                # request changes nothing
                 self.runs.enter(ctx.run_id, ctx.resumes)
             finally:
                 self._worker.release()

@@ -27,7 +27,8 @@ State = operations_pb2.OperationState
 
 
 class TaskFailed(RpcError):
-    """A remote operation ended FAILED or CANCELLED; carries the remote status code."""
+    """A remote operation ended FAILED or CANCELLED; carries the remote status code. `detail` is the message without
+    `where` (for callers that name the service and step themselves)."""
 
     def __init__(self, op: operations_pb2.Operation, where: str):
         self.op = op
@@ -35,7 +36,20 @@ class TaskFailed(RpcError):
             self.code = grpc.StatusCode[[c.name for c in grpc.StatusCode if c.value[0] == op.error_code][0]]
         except IndexError:
             self.code = grpc.StatusCode.UNKNOWN
-        super().__init__(f"{where}: {op.kind} {State.Name(op.state)}: {op.error_message}")
+        self.detail = f"{op.kind or 'operation'} {State.Name(op.state)}: {op.error_message}"
+        super().__init__(f"{where}: {self.detail}")
+
+
+class OperationLost(RpcError):
+    """The service answered NOT_FOUND for an operation it had started: it restarted and forgot it. Starting the same
+    request under the same idempotency key again re-attaches to it (or starts it afresh)."""
+
+    code = grpc.StatusCode.NOT_FOUND
+
+    def __init__(self, op: operations_pb2.Operation, where: str, details: str = ""):
+        self.op = op
+        self.detail = f"it no longer knows operation {op.id[:12]}… ({op.kind or 'operation'}; restarted?)"
+        super().__init__(f"{where}: {self.detail}" + (f": {details}" if details else ""))
 
 
 class _ServiceClient:
@@ -62,22 +76,46 @@ class _ServiceClient:
         deadline = time.monotonic() + timeout_s
         while op.state not in (State.OPERATION_SUCCEEDED, State.OPERATION_FAILED, State.OPERATION_CANCELLED):
             if should_stop and should_stop():
-                call(self.ops.CancelOperation, operations_pb2.OperationId(id=op.id))
+                self._cancel_quietly(op)
                 raise TaskFailed(op, self.address + " (cancelled by caller)")
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                call(self.ops.CancelOperation, operations_pb2.OperationId(id=op.id))
+                self._cancel_quietly(op)
                 op.error_message = f"deadline of {timeout_s:.0f}s exceeded"
                 op.error_code = grpc.StatusCode.DEADLINE_EXCEEDED.value[0]
                 op.state = State.OPERATION_FAILED
                 break
-            op = call(self.ops.WaitOperation, operations_pb2.WaitOperationRequest(id=op.id, timeout_s=min(2.0, remaining)),
-                      timeout=min(2.0, remaining) + 10)
+            try:
+                op = call(self.ops.WaitOperation,
+                          operations_pb2.WaitOperationRequest(id=op.id, timeout_s=min(2.0, remaining)),
+                          timeout=min(2.0, remaining) + 10)
+            except grpc.RpcError as exc:
+                if exc.code() == grpc.StatusCode.NOT_FOUND:
+                    raise OperationLost(op, self.address, exc.details() or "") from exc
+                raise
             if on_progress:
                 on_progress(op)
         if op.state != State.OPERATION_SUCCEEDED:
             raise TaskFailed(op, self.address)
         return op
+
+    def _cancel_quietly(self, op: operations_pb2.Operation) -> None:
+        """Ask the service to cancel `op`; a service that is down (or forgot it) has nothing left to cancel."""
+        try:
+            call(self.ops.CancelOperation, operations_pb2.OperationId(id=op.id), timeout=10.0, retries=1)
+        except grpc.RpcError:
+            pass
+
+    def serving(self, timeout: float = 5.0) -> bool:
+        """Whether the service answers its grpc.health.v1 check with SERVING (one try, no retries)."""
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        try:
+            resp = health_pb2_grpc.HealthStub(self.channel).Check(health_pb2.HealthCheckRequest(service=""),
+                                                                  timeout=timeout)
+        except grpc.RpcError:
+            return False
+        return resp.status == health_pb2.HealthCheckResponse.SERVING
 
 
 class PartyClient(_ServiceClient):
@@ -145,6 +183,9 @@ class CoordinatorClient:
 
     def cancel_run(self, run_id: str) -> coordinator_pb2.Run:
         return call(self.stub.CancelRun, coordinator_pb2.CancelRunRequest(run_id=run_id))
+
+    def resume_run(self, run_id: str) -> coordinator_pb2.Run:
+        return call(self.stub.ResumeRun, coordinator_pb2.ResumeRunRequest(run_id=run_id), timeout=60)
 
     def list_runs(self, limit: int = 50):
         return call(self.stub.ListRuns, coordinator_pb2.ListRunsRequest(limit=limit)).runs

@@ -53,6 +53,7 @@ POLICIES: dict[str, dict[str, frozenset]] = {
         "GetRun": OPERATOR,
         "WatchRun": OPERATOR,
         "CancelRun": OPERATOR,
+        "ResumeRun": OPERATOR,
         "ListRuns": OPERATOR,
     }) | _blobs_and_operations(OPERATOR, operations=False),  # the artifact store: adapters, shards of every run
     "llm": _OPEN | _party("LLMServer") | _blobs_and_operations(COORDINATOR),

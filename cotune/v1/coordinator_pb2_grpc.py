@@ -69,6 +69,11 @@ class CoordinatorStub:
                 request_serializer=cotune_dot_v1_dot_coordinator__pb2.CancelRunRequest.SerializeToString,
                 response_deserializer=cotune_dot_v1_dot_coordinator__pb2.Run.FromString,
                 _registered_method=True)
+        self.ResumeRun = channel.unary_unary(
+                '/cotune.v1.Coordinator/ResumeRun',
+                request_serializer=cotune_dot_v1_dot_coordinator__pb2.ResumeRunRequest.SerializeToString,
+                response_deserializer=cotune_dot_v1_dot_coordinator__pb2.Run.FromString,
+                _registered_method=True)
         self.ListRuns = channel.unary_unary(
                 '/cotune.v1.Coordinator/ListRuns',
                 request_serializer=cotune_dot_v1_dot_coordinator__pb2.ListRunsRequest.SerializeToString,
@@ -121,6 +126,12 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ResumeRun(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListRuns(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -163,6 +174,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
             'CancelRun': grpc.unary_unary_rpc_method_handler(
                     servicer.CancelRun,
                     request_deserializer=cotune_dot_v1_dot_coordinator__pb2.CancelRunRequest.FromString,
+                    response_serializer=cotune_dot_v1_dot_coordinator__pb2.Run.SerializeToString,
+            ),
+            'ResumeRun': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResumeRun,
+                    request_deserializer=cotune_dot_v1_dot_coordinator__pb2.ResumeRunRequest.FromString,
                     response_serializer=cotune_dot_v1_dot_coordinator__pb2.Run.SerializeToString,
             ),
             'ListRuns': grpc.unary_unary_rpc_method_handler(
@@ -359,6 +375,33 @@ class Coordinator:
             target,
             '/cotune.v1.Coordinator/CancelRun',
             cotune_dot_v1_dot_coordinator__pb2.CancelRunRequest.SerializeToString,
+            cotune_dot_v1_dot_coordinator__pb2.Run.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResumeRun(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cotune.v1.Coordinator/ResumeRun',
+            cotune_dot_v1_dot_coordinator__pb2.ResumeRunRequest.SerializeToString,
             cotune_dot_v1_dot_coordinator__pb2.Run.FromString,
             options,
             channel_credentials,

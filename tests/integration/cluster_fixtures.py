@@ -23,11 +23,14 @@ from cotune.wire.blobs import BlobStore, pull_blob
 TEST_PRESET = replace(PRESETS["tiny"], per_part=16, eval_size=24, max_length=96)
 
 
-def start_tiny_cluster(workdir: Path, algorithm: str = "fedmkt", *, cross_tokenizer: bool = False) -> LocalCluster:
-    """The tiny demo cluster for `algorithm` (its model family, one client per shard), started."""
+def start_tiny_cluster(workdir: Path, algorithm: str = "fedmkt", *, cross_tokenizer: bool = False,
+                       coordinator: dict | None = None) -> LocalCluster:
+    """The tiny demo cluster for `algorithm` (its model family, one client per shard), started; `coordinator`: settings
+    of its coordinator (CoordinatorConfig fields, e.g. party_grace_s)."""
     data = prepare_data(TEST_PRESET, workdir)
     models = prepare_models("tiny", workdir, algorithm=algorithm, cross_tokenizer=cross_tokenizer)
     config = cluster_config("tiny", TEST_PRESET, workdir, data, models, algorithm=algorithm, cross_tokenizer=cross_tokenizer)
+    config.coordinator = {**(config.coordinator or {}), **(coordinator or {})}
     cluster = LocalCluster(config, start_timeout_s=300)
     cluster.up()
     return cluster

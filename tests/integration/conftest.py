@@ -1,6 +1,7 @@
 """Module-scoped cluster fixtures for the integration modules: each module gets its own tiny cluster of real service
 processes, for the algorithm its CLUSTER_ALGORITHM names (default fedmkt: three different tokenizers); a module
-setting CLUSTER_CROSS_TOKENIZER gets FedCoLLM's cross-tokenizer cluster."""
+setting CLUSTER_CROSS_TOKENIZER gets FedCoLLM's cross-tokenizer cluster; CLUSTER_COORDINATOR (a dict of CoordinatorConfig
+fields) configures its coordinator."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ def cluster(request, tmp_path_factory, shared_data):
     algorithm = getattr(request.module, "CLUSTER_ALGORITHM", "fedmkt")
     cross = getattr(request.module, "CLUSTER_CROSS_TOKENIZER", False)
     cluster = start_tiny_cluster(tmp_path_factory.mktemp(request.module.__name__.rsplit(".", 1)[-1]), algorithm,
-                                 cross_tokenizer=cross)
+                                 cross_tokenizer=cross, coordinator=getattr(request.module, "CLUSTER_COORDINATOR", None))
     yield cluster
     cluster.down()
 

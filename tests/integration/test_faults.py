@@ -13,6 +13,8 @@ from cotune.watch import watch_run
 from tests.integration.cluster_fixtures import TEST_PRESET
 
 pytestmark = pytest.mark.integration
+# a killed client that does not come back is dropped once the coordinator stops waiting for it (by default 900 s)
+CLUSTER_COORDINATOR = {"party_grace_s": 5.0}
 
 
 def _coordinator(cluster) -> CoordinatorClient:

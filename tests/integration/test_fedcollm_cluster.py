@@ -128,10 +128,10 @@ def _adapter(party, store, target=""):
 
 def test_co_distill_rejects_an_adapter_that_does_not_fit(cluster, fedcollm_run, addresses, tmp_path):
     llm = party(cluster, "llm")
-    before = llm.describe()
     store = BlobStore(tmp_path / "blobs")
     own = _adapter(llm, store)  # the LLM's own adapter: the wrong layout for its SLM copy
     poisoned = _adapter(llm, store, target="companion")
+    before = llm.describe()  # (run "manual" in memory now: the refused requests below are of that run)
     key = sorted(poisoned)[0]
     poisoned[key][0, 0] = float("nan")
     for state, message in ((own, "does not fit the companion SLM"), (poisoned, "NaN")):
@@ -194,9 +194,16 @@ def test_standalone_and_zero_shot_exchange_nothing(cluster, coordinator, address
     after = {c: party(cluster, c).describe().lora_hash for c in CLIENTS}
     assert after["client-1"] != after["client-2"]  # trained apart, nothing averaged
     assert all(after[c] != before[c] for c in CLIENTS)
+    standalone_start = _metrics(rounds[0])
 
     run = _run(coordinator, algorithm="zero-shot", rounds=1)
     assert run.state == pb.RUN_SUCCEEDED, run.error
     assert [r.round for r in run.rounds] == [0]
-    assert set(_metrics(run.rounds[0])) == {"llm", *CLIENTS}
-    assert {c: party(cluster, c).describe().lora_hash for c in CLIENTS} == after
+    zero_shot = _metrics(run.rounds[0])
+    assert set(zero_shot) == {"llm", *CLIENTS}
+    # runs are isolated: each starts from the configured models, so both evaluate the same fresh clients at round 0,
+    # whatever the runs before them trained
+    for c in CLIENTS:
+        assert zero_shot[c]["public_loss"] == standalone_start[c]["public_loss"], c
+    fresh = {c: party(cluster, c).describe().lora_hash for c in CLIENTS}
+    assert fresh["client-1"] == fresh["client-2"] and not set(fresh.values()) & set(after.values())

@@ -135,9 +135,9 @@ def test_lora_of_wrong_shape_is_rejected(cluster, addresses, finished_run, tmp_p
     from cotune.lm.lora import lora_from_bytes, lora_to_bytes
 
     client = party(cluster, "client-2")
-    before = client.describe().lora_hash
     op = client.run_task(party_pb2.TaskRequest(ctx=party_pb2.RunContext(run_id="manual", round=0), get_lora=party_pb2.GetLoraTask()),
                          timeout_s=60)
+    before = client.describe().lora_hash  # (run "manual" in memory: the refused request below is of that run)
     local = BlobStore(tmp_path / "blobs")
     client.pull(local, op.blobs["adapter"].sha256)
     state = lora_from_bytes(local.read_bytes(op.blobs["adapter"].sha256))

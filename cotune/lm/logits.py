@@ -54,20 +54,11 @@ def bits_per_byte(nll_nats: float, response_bytes: int, positions: int) -> float
     return float(nll_nats / LN2 / response_bytes) if response_bytes > 0 and positions > 0 else float("inf")
 
 
-def public_topk(
-    model,
-    tokenizer,
-    examples: Sequence[Example],
-    *,
-    k: int,
-    batch_size: int = 8,
-    max_length: int = 512,
-    progress: Callable[[int, int], None] | None = None,
-) -> list[SampleLogits]:
+def public_topk(model, tokenizer, examples: Sequence[Example], **kwargs) -> list[SampleLogits]:
     """For every example (in order): top-k log-probs (full-vocabulary log_softmax) at EncodedPair.target_positions
-    only, and loss_bpb = Σ response-token CE (nats) / ln 2 / response UTF-8 bytes (inf for an empty response)."""
-    return public_topk_and_gold(model, tokenizer, examples, k=k, batch_size=batch_size, max_length=max_length,
-                                progress=progress)[0]
+    only, and loss_bpb = Σ response-token CE (nats) / ln 2 / response UTF-8 bytes (inf for an empty response).
+    Keyword arguments as public_topk_and_gold (k, batch_size, max_length, progress)."""
+    return public_topk_and_gold(model, tokenizer, examples, **kwargs)[0]
 
 
 def public_topk_and_gold(

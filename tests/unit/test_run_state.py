@@ -6,21 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from tests.unit.lm_fixtures import TOKENIZER, needs_tokenizer, toy_examples
-from tests.unit.test_party_roles import _cfg
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    from cotune.align.tokenizers import load_tokenizer
-    from cotune.data.tasks import write_jsonl
-    from cotune.demo.tiny import make_tiny_model
-
-    root = tmp_path_factory.mktemp("run-state")
-    model_dir = make_tiny_model(load_tokenizer(TOKENIZER), root / "model", arch="llama", hidden=32, heads=2, layers=2)
-    write_jsonl(root / "public.jsonl", toy_examples(4))
-    write_jsonl(root / "private.jsonl", toy_examples(4))
-    return root, model_dir
+from tests.unit.lm_fixtures import needs_tokenizer
+from tests.unit.test_party_roles import _cfg, data  # noqa: F401 - the tiny model and data fixture
 
 
 def _client(data, name):

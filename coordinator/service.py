@@ -7,16 +7,19 @@ import logging
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
 
 from coordinator.driver import RunCancelled, RunDriver
 from coordinator.store import StateStore
+from cotune.algorithms.aggregate import UploadRejected, parse_adapter, validate_upload
 from cotune.algorithms.base import PartyRef
 from cotune.algorithms.config import SpecError, parse_spec
 from cotune.algorithms.registry import get_strategy
 from cotune.config import CoordinatorConfig
+from cotune.export import EXTRA_TARGETS, ExportedAdapter, adapter_name, describe_adapter, model_card
 from cotune.errors import (AlreadyExists, InvalidInput, NotFound, PermissionDenied, Precondition, Unavailable, rpc_method,
                            status_for)
 from cotune.rpc.channel import Credentials
@@ -50,6 +53,7 @@ class Coordinator:
         self._lock = threading.Lock()
         self._resume_lock = threading.Lock()
         self._last_address: dict[str, str] = {}  # client id -> the address a run last dialled it at
+        self._exporting: dict[str, threading.Lock] = {}  # run id -> held while ExportRun exports it
 
     # -- clients ---------------------------------------------------------------------------------------------
     def party_client(self, address: str, role: str, party_id: str = "") -> PartyClient:
@@ -228,6 +232,132 @@ class Coordinator:
             self._launch(run_id)
         return self.get_run(run_id)
 
+    def export_run(self, run_id: str, cancel: threading.Event | None = None) -> pb.ExportRunResponse:
+        """The final adapters of a SUCCEEDED run (any other state is FAILED_PRECONDITION naming it), pulled into the
+        artifact store and recorded in Run.exports, with the run's model card. Every party that took steps in the run
+        (the LLM server only then; a client unless dropped from the last round) runs `get_lora` (tagged) in the run's
+        context, so it restores that run's saved state whatever run it holds now; the LLM server also hands over its
+        companion SLM's (fedcollm) or compressed model's (fedbiot, fedot) adapter. Each is a step of the run driver
+        keyed `r<last round>/export[_<target>]/<party>`: blobs are pulled, a restarting party is waited for, and a
+        repeated export returns the stored steps at once. Nothing is added to the run's round records."""
+        run = self.get_run(run_id)
+        if run.state != pb.RUN_SUCCEEDED:
+            raise Precondition(f"run {run_id} is {pb.RunState.Name(run.state)}; only a RUN_SUCCEEDED run can be "
+                               "exported")
+        with self._lock:
+            lock = self._exporting.setdefault(run_id, threading.Lock())
+        with lock:  # two exports of one run at once: the second finds the first's stored steps
+            return self._export(self.get_run(run_id), cancel or threading.Event())
+
+    def _export(self, run: pb.Run, cancel: threading.Event) -> pb.ExportRunResponse:
+        run_id = run.run_id
+        strategy = get_strategy(run.spec.algorithm)
+        run_config, _ = parse_spec(run.spec, strategy.config_class)
+        rounds = sorted(run.rounds, key=lambda r: r.round)
+        last = rounds[-1].round if rounds else run.current_round
+        dropped = set(rounds[-1].dropped) if rounds else set()
+        registered = {r.client.client_id: r for r in self.state.clients()}
+        skipped: dict[str, str] = {}
+        jobs: list[tuple[PartyRef, list[str]]] = []  # (party, targets in order)
+        llm = PartyRef("llm", "llm", party_pb2.PartyInfo())
+        if self.state.has_party_steps(run_id, "llm"):
+            extra = EXTRA_TARGETS.get(run.spec.algorithm)
+            jobs.append((llm, ["", extra] if extra else [""]))
+        clients = []
+        for cid in run.spec.clients:
+            if cid in dropped:
+                skipped[cid] = f"dropped from round {last}"
+            elif not self.state.has_party_steps(run_id, cid):
+                skipped[cid] = "it completed no step of the run"
+            else:
+                address = registered[cid].client.address if cid in registered else self._last_address.get(cid, "")
+                if not address:
+                    raise Precondition(f"client {cid} of run {run_id} is no longer registered; register it again "
+                                       "(`cotune clients register`) to export its adapter")
+                self._last_address[cid] = address
+                ref = PartyRef(cid, "slm", party_pb2.PartyInfo.FromString(
+                    registered[cid].info.SerializeToString()) if cid in registered else party_pb2.PartyInfo())
+                clients.append((ref, self.party_client(address, "slm", cid)))
+                jobs.append((ref, [""]))
+        if not jobs:
+            raise Precondition(f"run {run_id}: no party holds an adapter of it to export ("
+                               + "; ".join(f"{k}: {v}" for k, v in sorted(skipped.items())) + ")")
+        driver = _ExportDriver(run=run, config=run_config, store=self.state, artifacts=self.artifacts,
+                               llm=(llm, self.party_client(self.cfg.llm, "llm", "llm")),
+                               clients=clients, alignment=None, cancel_event=cancel, redial=self._redial,
+                               party_grace_s=self.cfg.party_grace_s)
+        try:
+            def export(job: tuple[PartyRef, list[str]]) -> list[tuple[str, str, str]]:
+                party, targets = job
+                earlier = driver.stored(party, last, "export") is not None
+                out = []
+                for i, target in enumerate(targets):
+                    step = f"export_{target}" if target else "export"
+                    if i and earlier and driver.stored(party, last, step) is None:
+                        # its own adapter was exported earlier, so the party may hold another run by now: have it
+                        # restore this run, against whose state a target such as "compressed" is checked
+                        driver.enter_run(party, last)
+                    res = driver.task(party, last, step, get_lora=party_pb2.GetLoraTask(target=target, tag=True))
+                    out.append((party.party_id, target, res.result.adapter.sha256))
+                return out
+
+            with ThreadPoolExecutor(max_workers=min(len(jobs), 16)) as pool:
+                results = [sha for shas in pool.map(export, jobs) for sha in shas]
+            names = self._party_models(run, [p for p, _ in jobs])
+            adapters: list[ExportedAdapter] = []
+            for pid, target, sha in results:
+                if not self.artifacts.has(sha):
+                    raise Precondition(f"run {run_id}: the adapter {pid} exported earlier ({sha[:12]}…) is gone from "
+                                       "the coordinator's artifact store")
+                data = self.artifacts.read_bytes(sha)
+                try:
+                    state, meta = parse_adapter(data)
+                    validate_upload(state, state, meta=meta, max_abs=run_config.adapter_max_abs,
+                                    expect={"cotune.run_id": run_id, "cotune.party_id": pid,
+                                            "cotune.target": target or "model"})
+                    model = names.get(adapter_name(pid, target), "")
+                    adapters.append(describe_adapter(data, party_id=pid, target=target, sha256=sha, model=model))
+                except (UploadRejected, ValueError) as exc:
+                    raise Precondition(f"run {run_id}: the adapter {adapter_name(pid, target)} exported "
+                                       f"({sha[:12]}…) is not a usable LoRA adapter: {exc}") from exc
+            exports = {a.name: a.sha256 for a in adapters}
+            driver.emit("info", round=last, step="export",
+                        message="exported: " + ", ".join(f"{k} {v[:12]}" for k, v in sorted(exports.items())))
+        except RunCancelled:
+            raise Unavailable(f"export of run {run_id} stopped: its caller went away") from None
+        finally:
+            driver.close()
+        with self._lock:  # record them on the run (unchanged on a repeat: the run keeps its updated_at)
+            stored = self.get_run(run_id)
+            if dict(stored.exports) != exports:
+                stored.exports.clear()
+                stored.exports.update(exports)
+                self.state.put_run(stored)
+            run = stored
+        card = model_card(run, adapters, skipped=skipped, summary=strategy.summary)
+        return pb.ExportRunResponse(adapters={a.name: self.artifacts.stat(a.sha256).ref() for a in adapters},
+                                    model_card_markdown=card)
+
+    def _party_models(self, run: pb.Run, parties: list[PartyRef]) -> dict[str, str]:
+        """adapter name -> the model it adapts, as each party describes it now (just after the export, so with the
+        exported run in memory); a party that does not answer: as it described itself when it registered."""
+        registered = {r.client.client_id: r.info for r in self.state.clients()}
+        names: dict[str, str] = {}
+        for party in parties:
+            client = self._redial(party)
+            try:
+                info = client.describe(timeout=10.0, retries=1)
+            except grpc.RpcError:
+                info = registered.get(party.party_id, party_pb2.PartyInfo())
+            finally:
+                client.close()
+            names[party.party_id] = info.model_name or "unknown model"
+            if info.HasField("companion"):
+                names[adapter_name(party.party_id, "companion")] = f"{info.companion.model_name} (companion SLM)"
+            names[adapter_name(party.party_id, "compressed")] = \
+                f"{info.model_name or 'the LLM'}, compressed (emulator + adapter)"
+        return names
+
     def resume_unfinished(self) -> None:
         for run in self.state.runs_in_state(pb.RUN_PENDING, pb.RUN_RUNNING):
             log.info("resuming run %s at round %d step %s", run.run_id, run.current_round, run.current_step)
@@ -311,6 +441,36 @@ class Coordinator:
                         client.close()
 
 
+class _ExportDriver(RunDriver):
+    """The run driver as ExportRun uses it on a finished run: the same stored, resumable steps (pushes, pulls, waiting
+    for a party that restarts), but the run's round records are left as they were: the export's bytes and timings are
+    not the run's, and its progress is not reported."""
+
+    def record_metrics(self, round: int, party_id: str, metrics: dict) -> None:
+        pass
+
+    def count_bytes(self, round: int, direction: str, kind: str, n: int) -> None:
+        pass
+
+    def emit(self, kind: str, **kw) -> None:
+        if kind != "progress":
+            super().emit(kind, **kw)
+
+    def stored(self, party: PartyRef, round: int, step: str) -> dict | None:
+        """The stored result of `step` on `party`, or None (the key RunDriver.task gives it)."""
+        return self.store.step_result(self.run_id, f"r{round}/{step}/{party.party_id}")
+
+    def enter_run(self, party: PartyRef, round: int) -> None:
+        """Have `party` switch to this run's saved state: an untagged get_lora without an idempotency key (nothing is
+        journaled; the party re-stages the state it restored), waiting for the party if it restarts."""
+        ctx = party_pb2.RunContext(run_id=self.run_id, round=round, public_set_hash=self.public_set_hash,
+                                   resumes=True)
+        request = party_pb2.TaskRequest(ctx=ctx, get_lora=party_pb2.GetLoraTask())
+        self._resilient(self._party_peer(party), round, "export",
+                        lambda client: client.run_task(request, timeout_s=self.timeout_s,
+                                                       should_stop=self._cancel.is_set))
+
+
 def within_response_budget(items: list, budget: int = RESPONSE_BUDGET_BYTES) -> list:
     """The leading `items` whose encoding fits `budget` bytes, so a list answer never outgrows the message limit
     (however many runs or clients accumulate); a shortened answer is logged."""
@@ -355,6 +515,12 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
     @rpc_method
     def ResumeRun(self, request, context):
         return self.c.resume_run(request.run_id)
+
+    @rpc_method
+    def ExportRun(self, request, context):
+        cancel = threading.Event()
+        context.add_callback(cancel.set)  # the caller went away: stop waiting on the parties
+        return self.c.export_run(request.run_id, cancel)
 
     @rpc_method
     def ListRuns(self, request, context):

@@ -221,6 +221,33 @@ def cmd_run_resume(args) -> int:
     return 0
 
 
+def cmd_run_export(args) -> int:
+    """ExportRun, then each adapter from the coordinator's artifact store into --out, and the model card beside them."""
+    import tempfile
+
+    from cotune.export import download
+    from cotune.v1 import common_pb2_grpc
+    from cotune.wire.blobs import BlobStore, pull_blob
+
+    client = _coordinator(args)
+    try:
+        response = client.export_run(args.run_id)
+        blobs = common_pb2_grpc.BlobStoreStub(client.channel)
+        with tempfile.TemporaryDirectory(prefix="cotune-export-") as tmp:
+            store = BlobStore(tmp)  # pull_blob checks every chunk and the whole blob against its sha256
+
+            def fetch(sha: str) -> bytes:
+                pull_blob(blobs, store, sha)
+                return store.read_bytes(sha)
+
+            written = download(response, fetch, args.out)
+    finally:
+        client.close()
+    for path in written:
+        print(path)
+    return 0
+
+
 def cmd_clients(args) -> int:
     client = _coordinator(args)
     if args.action == "register":
@@ -330,6 +357,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--watch", action="store_true", help="follow progress until the run ends")
     coordinator_args(p)
     p.set_defaults(fn=cmd_run_resume)
+    p = run.add_parser("export", help="export a SUCCEEDED run's final adapters (safetensors) and its model card")
+    p.add_argument("run_id")
+    p.add_argument("--out", required=True, help="folder for <party>[-<target>].safetensors and MODEL_CARD.md")
+    coordinator_args(p)
+    p.set_defaults(fn=cmd_run_export)
     p = run.add_parser("list", help="list runs")
     p.add_argument("--limit", type=int, default=50)
     coordinator_args(p)

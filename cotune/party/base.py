@@ -282,21 +282,30 @@ class ModelParty:
         if handler is None:
             hint = self.not_served.get(kind)
             raise Precondition(f"{self.role_name} does not serve {kind}" + (f" ({hint})" if hint else ""))
-        if self.runs.current is None and self._worker.acquire(blocking=False):
-            try:  # no run in memory (a restart, a failed task) and an idle worker: restore this run now, so the task
-                # is validated against its state; another run in memory is switched by the work itself, so a refused
-                # request changes nothing
+        task = getattr(req, kind)
+        if self._worker.acquire(blocking=False):
+            previous = self.runs.current
+            try:  # an idle worker: switch to the task's run (restoring it if needed) and validate against its state
                 self.runs.enter(ctx.run_id, ctx.resumes)
+                prepared = handler(self, task, ctx)  # validates synchronously
+            except Exception:
+                if previous is not None and previous != ctx.run_id:
+                    self.runs.enter(previous, True)  # a refused request leaves the party holding what it held
+                raise
             finally:
                 self._worker.release()
+        elif self.runs.current == ctx.run_id:
+            prepared = handler(self, task, ctx)
+        else:  # another run's task holds the worker: validate once this run is switched in (a failed operation)
+            prepared = lambda op: handler(self, task, ctx)(op)  # noqa: E731
         key = f"{ctx.run_id}/{ctx.round}/{ctx.task_key}" if ctx.task_key else ""
-        work = self._in_run(ctx, key, handler(self, getattr(req, kind), ctx))  # the handler validates synchronously
+        work = self._in_run(ctx, key, prepared)
         if not key:
             return self.ops.start(kind, work)
         # the key names the step (run, round, task_key) and is bound to the task asked (kind + serialized task): a
         # retry re-attaches to its operation (or, after a restart, gets its recorded result); a different task under
         # the same key is refused
-        fingerprint = hashlib.sha256(getattr(req, kind).SerializeToString(deterministic=True)).hexdigest()
+        fingerprint = hashlib.sha256(task.SerializeToString(deterministic=True)).hexdigest()
         return self.ops.start(kind, work, key=key, fingerprint=fingerprint)
 
     def _in_run(self, ctx: party_pb2.RunContext, key: str, work: Work) -> Work:

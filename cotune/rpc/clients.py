@@ -187,6 +187,11 @@ class CoordinatorClient:
     def resume_run(self, run_id: str) -> coordinator_pb2.Run:
         return call(self.stub.ResumeRun, coordinator_pb2.ResumeRunRequest(run_id=run_id), timeout=60)
 
+    def export_run(self, run_id: str, timeout: float = 3600.0) -> coordinator_pb2.ExportRunResponse:
+        """A SUCCEEDED run's final adapters (in the coordinator's artifact store) and its model card. The coordinator
+        asks every party for its adapter, waiting for one that is restarting, hence the long deadline."""
+        return call(self.stub.ExportRun, coordinator_pb2.ExportRunRequest(run_id=run_id), timeout=timeout, retries=1)
+
     def list_runs(self, limit: int = 50):
         return call(self.stub.ListRuns, coordinator_pb2.ListRunsRequest(limit=limit)).runs
 

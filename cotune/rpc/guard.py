@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 
 _CALLER: contextvars.ContextVar[Identity | None] = contextvars.ContextVar("cotune_caller", default=None)
 
-# Methods that hold a worker for long, and how many of each may run at once. Their sum (50) stays well below
+# Methods that hold a worker for long, and how many of each may run at once. Their sum (52) stays well below
 # WORKERS, so quick calls and health checks always find a thread.
 CONCURRENCY = {
     "cotune.v1.BlobStore/PutBlob": 8,
@@ -43,6 +43,7 @@ CONCURRENCY = {
     "cotune.v1.Operations/WaitOperation": 16,
     "cotune.v1.Coordinator/WatchRun": 8,
     "cotune.v1.Coordinator/RegisterClient": 4,  # dials the registering address (short deadline)
+    "cotune.v1.Coordinator/ExportRun": 2,       # runs a task on every party of the run
     "grpc.health.v1.Health/Watch": 4,
     "grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo": 2,
 }

@@ -54,6 +54,7 @@ POLICIES: dict[str, dict[str, frozenset]] = {
         "WatchRun": OPERATOR,
         "CancelRun": OPERATOR,
         "ResumeRun": OPERATOR,
+        "ExportRun": OPERATOR,                      # runs tasks on the parties; the adapters land in the artifact store
         "ListRuns": OPERATOR,
     }) | _blobs_and_operations(OPERATOR, operations=False),  # the artifact store: adapters, shards of every run
     "llm": _OPEN | _party("LLMServer") | _blobs_and_operations(COORDINATOR),

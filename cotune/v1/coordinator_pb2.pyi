@@ -1,3 +1,4 @@
+from cotune.v1 import common_pb2 as _common_pb2
 from cotune.v1 import party_pb2 as _party_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
@@ -231,7 +232,14 @@ class RoundRecord(_message.Message):
     def __init__(self, round: _Optional[int] = ..., parties: _Optional[_Iterable[_Union[PartyMetrics, _Mapping]]] = ..., dropped: _Optional[_Iterable[str]] = ..., notes: _Optional[_Iterable[str]] = ..., bytes_sent: _Optional[_Mapping[str, int]] = ..., bytes_received: _Optional[_Mapping[str, int]] = ..., started_at: _Optional[float] = ..., finished_at: _Optional[float] = ..., artifacts: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class Run(_message.Message):
-    __slots__ = ("run_id", "spec", "state", "current_round", "current_step", "rounds", "error", "created_at", "updated_at")
+    __slots__ = ("run_id", "spec", "state", "current_round", "current_step", "rounds", "error", "created_at", "updated_at", "exports")
+    class ExportsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -241,6 +249,7 @@ class Run(_message.Message):
     ERROR_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     UPDATED_AT_FIELD_NUMBER: _ClassVar[int]
+    EXPORTS_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     spec: RunSpec
     state: RunState
@@ -250,7 +259,8 @@ class Run(_message.Message):
     error: str
     created_at: float
     updated_at: float
-    def __init__(self, run_id: _Optional[str] = ..., spec: _Optional[_Union[RunSpec, _Mapping]] = ..., state: _Optional[_Union[RunState, str]] = ..., current_round: _Optional[int] = ..., current_step: _Optional[str] = ..., rounds: _Optional[_Iterable[_Union[RoundRecord, _Mapping]]] = ..., error: _Optional[str] = ..., created_at: _Optional[float] = ..., updated_at: _Optional[float] = ...) -> None: ...
+    exports: _containers.ScalarMap[str, str]
+    def __init__(self, run_id: _Optional[str] = ..., spec: _Optional[_Union[RunSpec, _Mapping]] = ..., state: _Optional[_Union[RunState, str]] = ..., current_round: _Optional[int] = ..., current_step: _Optional[str] = ..., rounds: _Optional[_Iterable[_Union[RoundRecord, _Mapping]]] = ..., error: _Optional[str] = ..., created_at: _Optional[float] = ..., updated_at: _Optional[float] = ..., exports: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class RunEvent(_message.Message):
     __slots__ = ("run_id", "seq", "time", "kind", "round", "step", "party_id", "done", "total", "message", "state")
@@ -309,6 +319,27 @@ class ResumeRunRequest(_message.Message):
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     def __init__(self, run_id: _Optional[str] = ...) -> None: ...
+
+class ExportRunRequest(_message.Message):
+    __slots__ = ("run_id",)
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    def __init__(self, run_id: _Optional[str] = ...) -> None: ...
+
+class ExportRunResponse(_message.Message):
+    __slots__ = ("adapters", "model_card_markdown")
+    class AdaptersEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: _common_pb2.BlobRef
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[_common_pb2.BlobRef, _Mapping]] = ...) -> None: ...
+    ADAPTERS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_CARD_MARKDOWN_FIELD_NUMBER: _ClassVar[int]
+    adapters: _containers.MessageMap[str, _common_pb2.BlobRef]
+    model_card_markdown: str
+    def __init__(self, adapters: _Optional[_Mapping[str, _common_pb2.BlobRef]] = ..., model_card_markdown: _Optional[str] = ...) -> None: ...
 
 class ListRunsRequest(_message.Message):
     __slots__ = ("limit",)

@@ -74,6 +74,11 @@ class CoordinatorStub:
                 request_serializer=cotune_dot_v1_dot_coordinator__pb2.ResumeRunRequest.SerializeToString,
                 response_deserializer=cotune_dot_v1_dot_coordinator__pb2.Run.FromString,
                 _registered_method=True)
+        self.ExportRun = channel.unary_unary(
+                '/cotune.v1.Coordinator/ExportRun',
+                request_serializer=cotune_dot_v1_dot_coordinator__pb2.ExportRunRequest.SerializeToString,
+                response_deserializer=cotune_dot_v1_dot_coordinator__pb2.ExportRunResponse.FromString,
+                _registered_method=True)
         self.ListRuns = channel.unary_unary(
                 '/cotune.v1.Coordinator/ListRuns',
                 request_serializer=cotune_dot_v1_dot_coordinator__pb2.ListRunsRequest.SerializeToString,
@@ -132,6 +137,12 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ExportRun(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListRuns(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -180,6 +191,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.ResumeRun,
                     request_deserializer=cotune_dot_v1_dot_coordinator__pb2.ResumeRunRequest.FromString,
                     response_serializer=cotune_dot_v1_dot_coordinator__pb2.Run.SerializeToString,
+            ),
+            'ExportRun': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExportRun,
+                    request_deserializer=cotune_dot_v1_dot_coordinator__pb2.ExportRunRequest.FromString,
+                    response_serializer=cotune_dot_v1_dot_coordinator__pb2.ExportRunResponse.SerializeToString,
             ),
             'ListRuns': grpc.unary_unary_rpc_method_handler(
                     servicer.ListRuns,
@@ -403,6 +419,33 @@ class Coordinator:
             '/cotune.v1.Coordinator/ResumeRun',
             cotune_dot_v1_dot_coordinator__pb2.ResumeRunRequest.SerializeToString,
             cotune_dot_v1_dot_coordinator__pb2.Run.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportRun(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cotune.v1.Coordinator/ExportRun',
+            cotune_dot_v1_dot_coordinator__pb2.ExportRunRequest.SerializeToString,
+            cotune_dot_v1_dot_coordinator__pb2.ExportRunResponse.FromString,
             options,
             channel_credentials,
             insecure,

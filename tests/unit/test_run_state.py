@@ -110,3 +110,23 @@ def test_a_party_that_lost_a_runs_state_refuses_to_start_it_over(data):
         _train(party, "new", "r0/train")  # a run it never took part in starts fresh
     finally:
         _stop(party)
+
+
+@needs_tokenizer
+def test_a_refused_request_of_another_run_leaves_the_party_as_it_was(data):
+    from cotune.errors import InvalidInput
+    from cotune.v1 import common_pb2, party_pb2
+
+    party = _client(data, "refused")
+    try:
+        _train(party, "runa", "r0/train")
+        trained = party.lora_hash()
+        garbage = party.store.put_bytes(b"not an adapter at all")
+        req = party_pb2.TaskRequest(ctx=party_pb2.RunContext(run_id="runb", round=0, task_key="r0/set"),
+                                    set_lora=party_pb2.SetLoraTask(adapter=common_pb2.BlobRef(sha256=garbage.sha256,
+                                                                                              size=garbage.size)))
+        with pytest.raises(InvalidInput):
+            party.start_task(req)  # validated against run B's (fresh) state, refused
+        assert party.runs.current == "runa" and party.lora_hash() == trained
+    finally:
+        _stop(party)

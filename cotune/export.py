@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cotune.algorithms.aggregate import parse_adapter
+from cotune.report import human_bytes
 from cotune.v1 import coordinator_pb2 as pb
 
 CARD_FILE = "MODEL_CARD.md"
@@ -80,14 +81,6 @@ def _when(t: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(t)) if t else "-"
 
 
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
-
-
 def _spec_yaml(spec: pb.RunSpec) -> str:
     """The fields the run's spec set, as YAML (what `cotune run start --spec` reads)."""
     import yaml
@@ -132,8 +125,8 @@ def _bytes_table(run: pb.Run) -> list[str]:
     if not kinds:
         return ["Nothing: the run moved no blobs through the coordinator."]
     lines = ["| what | sent to parties | received from parties |", "|---|---:|---:|"]
-    lines += [f"| `{k}` | {_human(sent.get(k, 0))} | {_human(received.get(k, 0))} |" for k in kinds]
-    lines.append(f"| **total** | **{_human(sum(sent.values()))}** | **{_human(sum(received.values()))}** |")
+    lines += [f"| `{k}` | {human_bytes(sent.get(k, 0))} | {human_bytes(received.get(k, 0))} |" for k in kinds]
+    lines.append(f"| **total** | **{human_bytes(sum(sent.values()))}** | **{human_bytes(sum(received.values()))}** |")
     return lines
 
 
@@ -204,7 +197,7 @@ def model_card(run: pb.Run, adapters: Sequence[ExportedAdapter], *, skipped: Map
            "|---|---|---|---:|---|---:|---:|---:|---|"]
     for a in sorted(adapters, key=lambda a: (a.party_id != "llm", a.name)):
         out.append(f"| `{file_name(a.name)}` | {a.party_id} | {a.model or '-'} | {a.rank} | {', '.join(a.modules)} | "
-                   f"{a.layers} | {a.parameters:,} | {_human(a.size)} | `{a.sha256}` |")
+                   f"{a.layers} | {a.parameters:,} | {human_bytes(a.size)} | `{a.sha256}` |")
     for pid, why in sorted((skipped or {}).items()):
         out.append(f"| - | {pid} | not exported: {why} | | | | | | |")
     if run.spec.algorithm in ("fedbiot", "fedot"):

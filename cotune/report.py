@@ -67,7 +67,7 @@ def bytes_table(run: pb.Run) -> str:
         return ""
     lines = ["| round | " + " | ".join(f"{k} sent / received" for k in kinds) + " |", "|---:|" + "---:|" * len(kinds)]
     for rec in sorted(run.rounds, key=lambda r: r.round):
-        cells = [f"{_human(rec.bytes_sent.get(k, 0))} / {_human(rec.bytes_received.get(k, 0))}" for k in kinds]
+        cells = [f"{human_bytes(rec.bytes_sent.get(k, 0))} / {human_bytes(rec.bytes_received.get(k, 0))}" for k in kinds]
         lines.append(f"| {rec.round} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -107,7 +107,8 @@ def profile_table(run: pb.Run) -> str:
     return "\n".join(lines)
 
 
-def _human(n: int) -> str:
+def human_bytes(n: float) -> str:
+    """A byte count for people: 812 B, 3.4 KiB, 1.2 GiB."""
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"

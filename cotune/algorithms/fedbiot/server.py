@@ -106,9 +106,8 @@ def compress(party, task: party_pb2.CompressTask, ctx: party_pb2.RunContext):
         from cotune.algorithms.fedbiot.compress import (INITIAL_LORA_FILE, LORA_CONFIG_FILE, compress as build, pack_dir,
                                                         save_compressed)
         from cotune.lm.lora import attach_lora, lora_state_dict, lora_to_bytes
-        from cotune.lm.train import TrainConfig, Trainer
 
-        lc, tc = party.cfg.lora, party.cfg.training
+        lc = party.cfg.lora
         op.progress(0, 2, "compress")
         small, layer_map = build(party.model, adapter_layers=adapter_layers, drop=drop)  # base weights, no LoRA
         op.progress(1, 2, "pack")
@@ -121,8 +120,7 @@ def compress(party, task: party_pb2.CompressTask, ctx: party_pb2.RunContext):
             (out / LORA_CONFIG_FILE).write_text(json.dumps(
                 {"r": lc.r, "alpha": lc.alpha, "dropout": lc.dropout, "seed": lc.seed}, sort_keys=True) + "\n")
             blob = party.store.put_bytes(pack_dir(out), MEDIA_MODEL_ARCHIVE)
-        trainer = Trainer(small, party.tokenizer, TrainConfig(lr=tc.lr, batch_size=tc.batch_size,
-                                                              max_length=tc.max_length, seed=tc.seed))
+        trainer = party.new_trainer(small)
         party.set_state(STATE, CompressedModel(small, trainer, layer_map, adapter_layers, original_layers, blob.sha256))
         op.progress(2, 2, "pack")
         order = [int(layer_map[j]) for j in sorted(layer_map)]

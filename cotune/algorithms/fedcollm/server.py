@@ -61,15 +61,12 @@ def restore_companion(party, directory: Path) -> Companion | None:
 def reset_companion(party) -> Companion | None:
     """The companion with its fresh adapter and a fresh optimizer (None when this server has none)."""
     from cotune.lm.lora import load_lora_state_dict
-    from cotune.lm.train import TrainConfig, Trainer
 
     companion = companion_of(party)
     if companion is None:
         return None
     load_lora_state_dict(companion.model, companion.initial_lora)
-    tc = party.cfg.training
-    companion.trainer = Trainer(companion.model, companion.tokenizer,
-                                TrainConfig(lr=tc.lr, batch_size=tc.batch_size, max_length=tc.max_length, seed=tc.seed))
+    companion.trainer = party.new_trainer(companion.model, companion.tokenizer)
     return companion
 
 
@@ -85,14 +82,12 @@ def load_companion(party) -> Companion:
     from cotune.align.tokenizers import tokenizer_bundle_bytes
     from cotune.lm.lora import attach_lora, lora_state_dict
     from cotune.lm.model import load_causal_lm
-    from cotune.lm.train import TrainConfig, Trainer
 
-    mc, lc, tc = party.cfg.model, party.cfg.companion_lora, party.cfg.training
+    mc, lc = party.cfg.model, party.cfg.companion_lora
     model, tokenizer = load_causal_lm(mc.companion_slm_path, cache_dir=party.model_cache, device=party.device,
                                       dtype=mc.dtype)
     model = attach_lora(model, r=lc.r, alpha=lc.alpha, dropout=lc.dropout, seed=lc.seed)
-    trainer = Trainer(model, tokenizer,
-                      TrainConfig(lr=tc.lr, batch_size=tc.batch_size, max_length=tc.max_length, seed=tc.seed))
+    trainer = party.new_trainer(model, tokenizer)
     companion = Companion(model=model, tokenizer=tokenizer, trainer=trainer,
                           tokenizer_hash=hashlib.sha256(tokenizer_bundle_bytes(tokenizer)).hexdigest(),
                           vocab_size=int(model.get_output_embeddings().weight.shape[0]),

@@ -489,7 +489,7 @@ class RunDriver:
 
         def one(party: PartyRef) -> None:
             def attempt(client):
-                info = client.describe()
+                info = client.describe(run_id=self.run_id)
                 if not info.ready:
                     raise Unavailable(f"{party.party_id} is still loading its model")
                 return info

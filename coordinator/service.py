@@ -154,8 +154,11 @@ class Coordinator:
             raise SpecError(problems)
         if not chosen:
             raise Precondition("no SLM clients are registered; register clients before starting a run")
-        llm_info = self._describe(self.cfg.llm, "llm", "LLM server")
-        infos = {c: self._describe(registered[c].client.address, "slm", f"client {c}", party_id=c) for c in chosen}
+        # each party as the new run will find it (the configured model with a fresh adapter), whatever it holds now
+        run_id = uuid.uuid4().hex[:16]
+        llm_info = self._describe(self.cfg.llm, "llm", "LLM server", run_id=run_id)
+        infos = {c: self._describe(registered[c].client.address, "slm", f"client {c}", party_id=c, run_id=run_id)
+                 for c in chosen}
         public = spec.public_set_hash or llm_info.public_set_hash
         mismatched = [p for p, i in [("llm", llm_info), *infos.items()] if i.public_set_hash != public]
         if mismatched:
@@ -164,7 +167,7 @@ class Coordinator:
         problems = strategy.check(algo_config, run_config, llm_info, infos)
         if problems:
             raise SpecError(problems)
-        run = pb.Run(run_id=uuid.uuid4().hex[:16], spec=spec, state=pb.RUN_PENDING, created_at=time.time())
+        run = pb.Run(run_id=run_id, spec=spec, state=pb.RUN_PENDING, created_at=time.time())
         run.spec.clients[:] = chosen
         run.spec.public_set_hash = public
         self.state.put_run(run)
@@ -172,11 +175,11 @@ class Coordinator:
         self._launch(run.run_id)
         return run
 
-    def _describe(self, address: str, role: str, what: str, *, party_id: str = "", timeout: float = 15.0,
-                  retries: int = 4):
+    def _describe(self, address: str, role: str, what: str, *, party_id: str = "", run_id: str = "",
+                  timeout: float = 15.0, retries: int = 4):
         client = self.party_client(address, role, party_id)
         try:
-            info = client.describe(timeout=timeout, retries=retries)
+            info = client.describe(timeout=timeout, retries=retries, run_id=run_id)
         except grpc.RpcError as exc:
             hint = f" (or is not {client.peer}: over mTLS its certificate must name {client.peer.dns_name})" \
                 if self.creds.tls.enabled else ""
@@ -339,14 +342,14 @@ class Coordinator:
                                     model_card_markdown=card)
 
     def _party_models(self, run: pb.Run, parties: list[PartyRef]) -> dict[str, str]:
-        """adapter name -> the model it adapts, as each party describes it now (just after the export, so with the
-        exported run in memory); a party that does not answer: as it described itself when it registered."""
+        """adapter name -> the model it adapts, as each party describes itself for the run; a party that does not
+        answer: as it described itself when it registered."""
         registered = {r.client.client_id: r.info for r in self.state.clients()}
         names: dict[str, str] = {}
         for party in parties:
             client = self._redial(party)
             try:
-                info = client.describe(timeout=10.0, retries=1)
+                info = client.describe(timeout=10.0, retries=1, run_id=run.run_id)
             except grpc.RpcError:
                 info = registered.get(party.party_id, party_pb2.PartyInfo())
             finally:
@@ -416,7 +419,7 @@ class Coordinator:
                                redial_alignment=(lambda: AlignmentClient(self.cfg.alignment, creds=self.creds))
                                if self.cfg.alignment else None,
                                party_grace_s=self.cfg.party_grace_s)
-            # every party as it describes itself now (waiting for one that is restarting or loading)
+            # every party as it describes itself for this run (waiting for one that is restarting or loading)
             driver.connect({cid: registered[cid].info for cid in run.spec.clients})
             run.state = pb.RUN_RUNNING
             driver.save()

@@ -117,6 +117,7 @@ class ModelParty:
         self.loaded_model = ""  # sha256 of the shipped archive the model came from; "" = the configured model
         self.model_lock = threading.RLock()  # install_model swaps the model while Describe may read it
         self._ready = threading.Event()
+        self._fresh_info: party_pb2.PartyInfo | None = None
         self._states: dict[str, Any] = {}
         # the role's task table: kind -> handler(party, task, ctx) -> work
         self.tasks: dict[str, Handler] = {}
@@ -151,6 +152,8 @@ class ModelParty:
         configure_threads()  # $COTUNE_TORCH_THREADS: the cluster launcher shares the cores among model processes
         self.install_model(self.cfg.model.path, self.cfg.lora)
         self.setup()
+        self.runs.recover()
+        self._fresh_info = self.live_info()  # how a run this party has not seen starts (Describe for a new run)
         self._ready.set()
         log.info("%s ready: %s on %s, vocab %d, public set %s (%d samples)", self.cfg.party_id, self.cfg.model.path,
                  self.device, self.vocab_size, self.public_hash[:12], len(self.public))
@@ -231,20 +234,43 @@ class ModelParty:
     def trainable_params(model) -> int:
         return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
-    def describe(self) -> party_pb2.PartyInfo:
-        from cotune.lm.layers import num_decoder_layers
+    def describe(self, run_id: str = "") -> party_pb2.PartyInfo:
+        """This party as run `run_id` sees it (see DescribeRequest): the run in memory is described live; another run
+        by what its saved state recorded at its last step (RunStates.saved_info), or, for a run this party has not
+        taken part in, by the configured model with a fresh adapter, as recorded when the model loaded. Empty
+        `run_id`: what the party holds now."""
+        if not self._ready.is_set():
+            return self._identity_info()
+        info = None
+        if run_id and run_id != self.runs.current:
+            info = self.runs.saved_info(run_id)
+            if info is None:
+                info = party_pb2.PartyInfo()
+                info.CopyFrom(self._fresh_info)
+        if info is None:
+            info = self.live_info()
+        info.current_run = self.runs.current or ""
+        info.described_run = run_id
+        return info
 
+    def _identity_info(self) -> party_pb2.PartyInfo:
+        """What this party says before its model has loaded: who it is and which data it holds."""
         name = self.cfg.model.name or Path(self.cfg.model.path).name
-        info = party_pb2.PartyInfo(
+        return party_pb2.PartyInfo(
             party_id=self.cfg.party_id, role=self.role, model_name=name,
             public_set_hash=self.public_hash, public_set_size=len(self.public), private_set_size=len(self.private),
             eval_set_size=len(self.eval), public_set=self.public_blob.ref(), ready=self._ready.is_set(),
         )
-        if not self._ready.is_set():
-            return info
+
+    def live_info(self) -> party_pb2.PartyInfo:
+        """The models this party holds in memory now: name, tokenizer, vocabulary, adapter and its layout."""
+        from cotune.lm.layers import num_decoder_layers
+
+        info = self._identity_info()
+        info.ready = True
         with self.model_lock:
             if self.loaded_model:
-                info.model_name = f"shipped model {self.loaded_model[:12]} (in place of {name})"
+                info.model_name = f"shipped model {self.loaded_model[:12]} (in place of {info.model_name})"
                 info.loaded_model = self.loaded_model
             info.tokenizer_hash = self.tokenizer_hash
             info.vocab_size = self.vocab_size

@@ -7,6 +7,7 @@ Layout, under the party's workdir:
                                   step it committed, the algorithm states present
         lora.safetensors          the party's own adapter
         trainer.safetensors       its optimizer, schedule and counters (Trainer.state_dict_bytes; no pickle)
+        info.pb                   how the party described itself then (PartyInfo: Describe for this run)
         states/<name>/            each algorithm state's own files (StateKind.save)
     runs/<run_id>/state.next/     staged by a step that has finished but is not published yet
     runs/<run_id>/ops/<h>.json    finished operations by idempotency key (the result a retry gets back)
@@ -32,6 +33,7 @@ import json
 import logging
 import os
 import shutil
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,6 +74,7 @@ class RunStates:
         self.party = party
         self.root = Path(party.cfg.workdir) / "runs"
         self.current: str | None = None  # the run whose state the party's models hold now
+        self._swap = threading.Lock()  # a promotion's renames against Describe reading a run's saved state
 
     # -- paths ------------------------------------------------------------------------------------------------
     def _run_dir(self, run_id: str) -> Path:
@@ -97,6 +100,28 @@ class RunStates:
             old.rename(state)
         shutil.rmtree(old, ignore_errors=True)
         return state if state.is_dir() else None
+
+    def recover(self) -> None:
+        """At start-up: finish or undo the commits a crash interrupted, for every run on disk."""
+        if self.root.is_dir():
+            for d in sorted(self.root.iterdir()):
+                if d.is_dir() and not d.name.startswith("."):
+                    self._committed(d.name)
+
+    def saved_info(self, run_id: str):
+        """How the party described itself when run `run_id` last committed a step (a PartyInfo), or None when it
+        holds no saved state for that run."""
+        from cotune.v1 import party_pb2
+
+        d = self._run_dir(run_id)
+        with self._swap:
+            for state in (d / "state", d / "state.old"):  # state.old: a promotion in progress
+                try:
+                    data = (state / "info.pb").read_bytes()
+                except OSError:
+                    continue
+                return party_pb2.PartyInfo.FromString(data)
+        return None
 
     # -- switching runs -----------------------------------------------------------------------------------------
     def enter(self, run_id: str, resumes: bool) -> None:
@@ -165,6 +190,7 @@ class RunStates:
         tmp.mkdir()
         _write_atomic(tmp / "lora.safetensors", p.lora_bytes())
         _write_atomic(tmp / "trainer.safetensors", p.trainer.state_dict_bytes())
+        _write_atomic(tmp / "info.pb", p.live_info().SerializeToString(deterministic=True))  # Describe for this run
         present = []
         for name, kind in p.durable_states.items():
             value = p.state_for(name)
@@ -180,10 +206,11 @@ class RunStates:
 
     def _promote(self, d: Path) -> None:
         state, staged, old = d / "state", d / "state.next", d / "state.old"
-        shutil.rmtree(old, ignore_errors=True)
-        if state.is_dir():
-            state.rename(old)
-        staged.rename(state)
+        with self._swap:
+            shutil.rmtree(old, ignore_errors=True)
+            if state.is_dir():
+                state.rename(old)
+            staged.rename(state)
         shutil.rmtree(old, ignore_errors=True)
 
     def promote(self, run_id: str) -> None:

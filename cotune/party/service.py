@@ -24,7 +24,7 @@ class PartyServicer:
 
     @rpc_method
     def Describe(self, request, context):
-        return self.party.describe()
+        return self.party.describe(request.run_id)
 
     @rpc_method
     def StartTask(self, request, context):

@@ -128,8 +128,10 @@ class PartyClient(_ServiceClient):
         stub_cls = party_pb2_grpc.LLMServerStub if role == "llm" else party_pb2_grpc.SLMClientStub
         self.stub = stub_cls(self.channel)
 
-    def describe(self, timeout: float = 30.0, retries: int = 4) -> party_pb2.PartyInfo:
-        return call(self.stub.Describe, party_pb2.DescribeRequest(), timeout=timeout, retries=retries)
+    def describe(self, timeout: float = 30.0, retries: int = 4, *, run_id: str = "") -> party_pb2.PartyInfo:
+        """The party as run `run_id` sees it (its saved state, or the configured model for a run it has not seen);
+        empty: what it holds now."""
+        return call(self.stub.Describe, party_pb2.DescribeRequest(run_id=run_id), timeout=timeout, retries=retries)
 
     def start(self, request: party_pb2.TaskRequest) -> operations_pb2.Operation:
         return call(self.stub.StartTask, request, timeout=120.0)

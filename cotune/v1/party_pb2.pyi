@@ -9,11 +9,13 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class DescribeRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("run_id",)
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    def __init__(self, run_id: _Optional[str] = ...) -> None: ...
 
 class PartyInfo(_message.Message):
-    __slots__ = ("party_id", "role", "model_name", "tokenizer_hash", "vocab_size", "public_set_hash", "public_set_size", "private_set_size", "eval_set_size", "device", "trainable_params", "tokenizer_bundle", "public_set", "lora_hash", "ready", "lora_layout_hash", "companion", "loaded_model", "num_layers")
+    __slots__ = ("party_id", "role", "model_name", "tokenizer_hash", "vocab_size", "public_set_hash", "public_set_size", "private_set_size", "eval_set_size", "device", "trainable_params", "tokenizer_bundle", "public_set", "lora_hash", "ready", "lora_layout_hash", "companion", "loaded_model", "num_layers", "current_run", "described_run")
     PARTY_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
@@ -33,6 +35,8 @@ class PartyInfo(_message.Message):
     COMPANION_FIELD_NUMBER: _ClassVar[int]
     LOADED_MODEL_FIELD_NUMBER: _ClassVar[int]
     NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    CURRENT_RUN_FIELD_NUMBER: _ClassVar[int]
+    DESCRIBED_RUN_FIELD_NUMBER: _ClassVar[int]
     party_id: str
     role: str
     model_name: str
@@ -52,7 +56,9 @@ class PartyInfo(_message.Message):
     companion: CompanionInfo
     loaded_model: str
     num_layers: int
-    def __init__(self, party_id: _Optional[str] = ..., role: _Optional[str] = ..., model_name: _Optional[str] = ..., tokenizer_hash: _Optional[str] = ..., vocab_size: _Optional[int] = ..., public_set_hash: _Optional[str] = ..., public_set_size: _Optional[int] = ..., private_set_size: _Optional[int] = ..., eval_set_size: _Optional[int] = ..., device: _Optional[str] = ..., trainable_params: _Optional[int] = ..., tokenizer_bundle: _Optional[_Union[_common_pb2.BlobRef, _Mapping]] = ..., public_set: _Optional[_Union[_common_pb2.BlobRef, _Mapping]] = ..., lora_hash: _Optional[str] = ..., ready: _Optional[bool] = ..., lora_layout_hash: _Optional[str] = ..., companion: _Optional[_Union[CompanionInfo, _Mapping]] = ..., loaded_model: _Optional[str] = ..., num_layers: _Optional[int] = ...) -> None: ...
+    current_run: str
+    described_run: str
+    def __init__(self, party_id: _Optional[str] = ..., role: _Optional[str] = ..., model_name: _Optional[str] = ..., tokenizer_hash: _Optional[str] = ..., vocab_size: _Optional[int] = ..., public_set_hash: _Optional[str] = ..., public_set_size: _Optional[int] = ..., private_set_size: _Optional[int] = ..., eval_set_size: _Optional[int] = ..., device: _Optional[str] = ..., trainable_params: _Optional[int] = ..., tokenizer_bundle: _Optional[_Union[_common_pb2.BlobRef, _Mapping]] = ..., public_set: _Optional[_Union[_common_pb2.BlobRef, _Mapping]] = ..., lora_hash: _Optional[str] = ..., ready: _Optional[bool] = ..., lora_layout_hash: _Optional[str] = ..., companion: _Optional[_Union[CompanionInfo, _Mapping]] = ..., loaded_model: _Optional[str] = ..., num_layers: _Optional[int] = ..., current_run: _Optional[str] = ..., described_run: _Optional[str] = ...) -> None: ...
 
 class CompanionInfo(_message.Message):
     __slots__ = ("model_name", "tokenizer_hash", "vocab_size", "lora_hash", "lora_layout_hash", "trainable_params")

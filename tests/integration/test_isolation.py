@@ -8,10 +8,9 @@
   configured model again (Describe during the run), and its results equal a FedMKT run done before any FedBiOT run; a
   second FedBiOT run equals the first.
 - the same across tokenizers (a second cluster, of the FedMKT family: three tokenizers): after a FedBiOT run, a FedMKT
-  run must succeed and equal the one before it. It does not yet (strict xfail): at StartRun the coordinator describes
-  the clients, which still hold the previous run's shipped model and so report the LLM's tokenizer; the run is planned
-  without vocabulary maps, the clients switch back to their own models at their first task, and their logits shards
-  are rejected (see the test).
+  run succeeds and equals the one before it. A client still holding the shipped model (the LLM's tokenizer) describes
+  itself for the new run as its configured SLM (DescribeRequest.run_id), so the run is planned with the vocabulary
+  maps its clients' own tokenizers need.
 
 One cluster of the tiny shared-tokenizer family (an 8-layer LLM, 2-layer SLM clients, all on Mistral's tokenizer: it
 serves fedbiot, fedavg and fedmkt, the last without the alignment service). What is compared, and what is left out
@@ -218,18 +217,29 @@ def after_fedbiot_across_tokenizers(tmp_path_factory, shared_data):
         assert biot.state == pb.RUN_SUCCEEDED, biot.error
         shipped = _describe(cluster, "client-1")
         assert shipped.loaded_model, "FedBiOT did not install its model on the clients: nothing to test"
-        yield cluster, reference
+        assert shipped.current_run == biot.run_id
+        yield cluster, reference, shipped
     finally:
         cluster.down()
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "bug: a run is validated and planned from Describe at StartRun (Coordinator.start_run, RunDriver.connect), and "
-    "a client still holding the previous FedBiOT run's shipped model describes that model (the LLM's tokenizer), "
-    "not the configured model the new run starts from; FedMKT then plans no vocabulary maps for it and rejects its "
-    "shards ('its shard was made with tokenizer 67e8ad…, expected a4ba28…'): the run fails"))
+def test_a_party_describes_itself_as_a_run_sees_it(after_fedbiot_across_tokenizers):
+    cluster, _, shipped = after_fedbiot_across_tokenizers
+    client = party(cluster, "client-1")
+    try:
+        for_biot = client.describe(run_id=shipped.current_run)
+        for_new = client.describe(run_id="a-run-it-never-saw")
+    finally:
+        client.close()
+    assert for_biot.loaded_model == shipped.loaded_model and for_biot.tokenizer_hash == shipped.tokenizer_hash
+    assert for_biot.described_run == shipped.current_run
+    assert not for_new.loaded_model and for_new.described_run == "a-run-it-never-saw"
+    assert for_new.tokenizer_hash != shipped.tokenizer_hash and for_new.model_name != shipped.model_name
+    assert for_new.current_run == shipped.current_run  # describing changed nothing: the party still holds that run
+
+
 def test_after_fedbiot_a_fedmkt_run_across_tokenizers_equals_the_one_before(after_fedbiot_across_tokenizers):
-    cluster, reference = after_fedbiot_across_tokenizers
+    cluster, reference, _ = after_fedbiot_across_tokenizers
     run = run_alone(cluster, make_spec(MKT_CROSS))
     assert run.state == pb.RUN_SUCCEEDED, run.error
     assert differences(fingerprint(cluster, run, TARGETS["fedmkt"]), reference) == []

@@ -130,3 +130,27 @@ def test_a_refused_request_of_another_run_leaves_the_party_as_it_was(data):
         assert party.runs.current == "runa" and party.lora_hash() == trained
     finally:
         _stop(party)
+
+
+@needs_tokenizer
+def test_describe_answers_as_each_run_sees_the_party_across_a_restart(data):
+    party = _client(data, "described")
+    try:
+        fresh = party.describe()
+        assert fresh.current_run == "" and fresh.lora_hash
+        _train(party, "runa", "r0/train")
+        trained = party.describe()
+        assert trained.current_run == "runa" and trained.lora_hash != fresh.lora_hash
+        _task(party, "runb", "r0/evaluate", "evaluate")  # the party now holds run B (the fresh adapter)
+        for_a = party.describe("runa")
+        assert (for_a.lora_hash, for_a.described_run, for_a.current_run) == (trained.lora_hash, "runa", "runb")
+        assert party.describe("unseen").lora_hash == fresh.lora_hash
+    finally:
+        _stop(party)
+    party = _client(data, "described")  # restarted: nothing in memory, the saved state answers for run A
+    try:
+        assert party.describe().current_run == ""
+        assert party.describe("runa").lora_hash == trained.lora_hash
+        assert party.describe("unseen").lora_hash == fresh.lora_hash
+    finally:
+        _stop(party)

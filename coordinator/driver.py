@@ -54,6 +54,7 @@ MAX_REISSUES = 10      # re-issues of one step after its service came back, befo
 WAIT_REPORT_S = 30.0   # how often a wait for a service is reported as an event
 # transport failures worth waiting out: the service is down or restarting (UNAVAILABLE), or did not answer in time
 TRANSIENT = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+POLL_MAX_S = 1.0  # the longest pause between probes of a party that is down: it is used again within a second
 ONCE_KINDS = ("metrics", "warning", "info", "step")  # events a replay would emit again: not when already recorded
 DROPPED = "@dropped"  # step-key suffix under which a step stores the parties it dropped (not a party id: '@')
 
@@ -478,7 +479,7 @@ class RunDriver:
                           message=f"waiting for {peer.label()} to come back ({_secs(waited)} s of {grace:g} s): {problem}")
             if self._cancel.wait(min(delay, max(0.0, grace - waited))):
                 raise RunCancelled()
-            delay = min(delay * 1.6, 5.0)
+            delay = min(delay * 1.6, POLL_MAX_S)
 
     def connect(self, fallback: dict[str, party_pb2.PartyInfo] | None = None) -> None:
         """Describe every party (in parallel), waiting for one that is down or loading (party_grace_s), and keep

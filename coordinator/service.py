@@ -56,10 +56,11 @@ class Coordinator:
         self._exporting: dict[str, threading.Lock] = {}  # run id -> held while ExportRun exports it
 
     # -- clients ---------------------------------------------------------------------------------------------
-    def party_client(self, address: str, role: str, party_id: str = "") -> PartyClient:
+    def party_client(self, address: str, role: str, party_id: str = "", *, for_run: bool = False) -> PartyClient:
         """A client of the party at `address`; over mTLS it must present the certificate of `llm` or
-        `client/<party_id>`, so an address can never stand in for another party."""
-        return PartyClient(address, role=role, party_id=party_id, creds=self.creds)
+        `client/<party_id>`, so an address can never stand in for another party. `for_run`: for a run's driver,
+        which waits for restarts itself (so the client does not retry an unreachable party)."""
+        return PartyClient(address, role=role, party_id=party_id, creds=self.creds, retry_unavailable=not for_run)
 
     @staticmethod
     def _check_may_act_for(client_id: str, action: str) -> None:
@@ -280,13 +281,13 @@ class Coordinator:
                 self._last_address[cid] = address
                 ref = PartyRef(cid, "slm", party_pb2.PartyInfo.FromString(
                     registered[cid].info.SerializeToString()) if cid in registered else party_pb2.PartyInfo())
-                clients.append((ref, self.party_client(address, "slm", cid)))
+                clients.append((ref, self.party_client(address, "slm", cid, for_run=True)))
                 jobs.append((ref, [""]))
         if not jobs:
             raise Precondition(f"run {run_id}: no party holds an adapter of it to export ("
                                + "; ".join(f"{k}: {v}" for k, v in sorted(skipped.items())) + ")")
         driver = _ExportDriver(run=run, config=run_config, store=self.state, artifacts=self.artifacts,
-                               llm=(llm, self.party_client(self.cfg.llm, "llm", "llm")),
+                               llm=(llm, self.party_client(self.cfg.llm, "llm", "llm", for_run=True)),
                                clients=clients, alignment=None, cancel_event=cancel, redial=self._redial,
                                party_grace_s=self.cfg.party_grace_s)
         try:
@@ -380,13 +381,13 @@ class Coordinator:
         """A new client of `party` at its address now: the LLM server's configured one, a client's registered one (a
         restarted client may have registered elsewhere; a client deregistered since keeps the address it had)."""
         if party.role == "llm":
-            return self.party_client(self.cfg.llm, "llm", party.party_id)
+            return self.party_client(self.cfg.llm, "llm", party.party_id, for_run=True)
         record = next((r for r in self.state.clients() if r.client.client_id == party.party_id), None)
         address = record.client.address if record is not None else ""
         if not address:
             address = self._last_address.get(party.party_id, "")
         self._last_address[party.party_id] = address
-        return self.party_client(address, "slm", party.party_id)
+        return self.party_client(address, "slm", party.party_id, for_run=True)
 
     def _execute(self, run_id: str) -> None:
         run = self.get_run(run_id)
@@ -404,7 +405,7 @@ class Coordinator:
                                    "them again (`cotune clients register`) and resume the run")
 
             def party(party_id: str, address: str, role: str, info: party_pb2.PartyInfo):
-                client = self.party_client(address, role, party_id)
+                client = self.party_client(address, role, party_id, for_run=True)
                 rpcs.append(client)
                 self._last_address[party_id] = address
                 return PartyRef(party_id, role, party_pb2.PartyInfo.FromString(info.SerializeToString())), client
@@ -413,10 +414,11 @@ class Coordinator:
             clients = [party(cid, registered[cid].client.address, "slm", registered[cid].info)
                        for cid in run.spec.clients]
             if self.cfg.alignment:
-                alignment = AlignmentClient(self.cfg.alignment, creds=self.creds)
+                alignment = AlignmentClient(self.cfg.alignment, creds=self.creds, retry_unavailable=False)
             driver = RunDriver(run=run, config=run_config, store=self.state, artifacts=self.artifacts, llm=llm,
                                clients=clients, alignment=alignment, cancel_event=cancel, redial=self._redial,
-                               redial_alignment=(lambda: AlignmentClient(self.cfg.alignment, creds=self.creds))
+                               redial_alignment=(lambda: AlignmentClient(self.cfg.alignment, creds=self.creds,
+                                                                         retry_unavailable=False))
                                if self.cfg.alignment else None,
                                party_grace_s=self.cfg.party_grace_s)
             # every party as it describes itself for this run (waiting for one that is restarting or loading)

@@ -13,8 +13,9 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-# data: tokenization and batch assembly; forward / backward / optimizer: the model; codec: logits shards
-PHASES = ("data", "forward", "backward", "optimizer", "codec")
+# data: tokenization and batch assembly; forward / backward / optimizer: the model; codec: logits shards;
+# checkpoint: restoring the run's saved state and saving it after the step (cotune.party.runstate)
+PHASES = ("data", "forward", "backward", "optimizer", "codec", "checkpoint")
 
 _current: contextvars.ContextVar[Profile | None] = contextvars.ContextVar("cotune_profile", default=None)
 

@@ -30,6 +30,7 @@ from google.protobuf.message import Message
 from cotune.config import PartyConfig
 from cotune.data import canonical_jsonl_bytes, dataset_hash, read_jsonl
 from cotune.errors import InvalidInput, Precondition, Unavailable
+from cotune.profile import phase
 from cotune.rpc.operations import OperationContext, OperationManager, OpResult
 from cotune.tasks import MAX_BATCH_SIZE, MAX_EPOCHS, MAX_LENGTH_RANGE, MAX_LOSS_WEIGHT, MAX_LR, MAX_STEPS, MAX_TOP_K
 from cotune.v1 import party_pb2
@@ -340,10 +341,12 @@ class ModelParty:
 
         def run(op_ctx: OperationContext) -> OpResult:
             with self._worker:
-                self.runs.enter(ctx.run_id, ctx.resumes)
+                with phase("checkpoint"):
+                    self.runs.enter(ctx.run_id, ctx.resumes)
                 try:
                     result = work(op_ctx)
-                    self.runs.stage(ctx.run_id, key)
+                    with phase("checkpoint"):
+                        self.runs.stage(ctx.run_id, key)
                 except BaseException:
                     self.runs.forget_current()
                     raise

@@ -134,14 +134,16 @@ class _Details(grpc.ClientCallDetails):
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
 
 
-def call(method, request, *, timeout: float = DEFAULT_TIMEOUT_S, retries: int = 4, backoff_s: float = 0.5):
-    """Invoke a unary RPC with a deadline, retrying UNAVAILABLE and RESOURCE_EXHAUSTED with jittered exponential backoff."""
+def call(method, request, *, timeout: float = DEFAULT_TIMEOUT_S, retries: int = 4, backoff_s: float = 0.5,
+         retry_on: tuple[grpc.StatusCode, ...] = RETRYABLE):
+    """Invoke a unary RPC with a deadline, retrying the codes `retry_on` (default UNAVAILABLE and RESOURCE_EXHAUSTED)
+    with jittered exponential backoff."""
     attempt = 0
     while True:
         try:
             return method(request, timeout=timeout)
         except grpc.RpcError as exc:
-            if exc.code() not in RETRYABLE or attempt >= retries:
+            if exc.code() not in retry_on or attempt >= retries:
                 raise
             time.sleep(backoff_s * (2**attempt) * (0.5 + random.random()))
             attempt += 1

@@ -53,9 +53,14 @@ class OperationLost(RpcError):
 
 
 class _ServiceClient:
-    def __init__(self, address: str, creds: Credentials | None, peer: Identity):
+    """`retry_unavailable`: whether calls retry a service that is unreachable (a few seconds of backoff); a caller
+    that waits for restarts itself (the run driver, with fresh channels and the client registry) turns it off, so it
+    notices a service that is down at once and one that is back without a backoff's delay."""
+
+    def __init__(self, address: str, creds: Credentials | None, peer: Identity, *, retry_unavailable: bool = True):
         self.address = address
         self.peer = peer
+        self.retry_unavailable = retry_unavailable
         self.channel = make_channel(address, creds, peer=peer)
         self.blobs = common_pb2_grpc.BlobStoreStub(self.channel)
         self.ops = operations_pb2_grpc.OperationsStub(self.channel)
@@ -63,11 +68,19 @@ class _ServiceClient:
     def close(self) -> None:
         self.channel.close()
 
+    def _call(self, method, request, **kw):
+        if not self.retry_unavailable:
+            kw["retry_on"] = (grpc.StatusCode.RESOURCE_EXHAUSTED,)
+        return call(method, request, **kw)
+
+    def _blob_attempts(self) -> int:
+        return 5 if self.retry_unavailable else 2
+
     def push(self, store: BlobStore, sha: str) -> int:
-        return push_blob(self.blobs, store, sha)
+        return push_blob(self.blobs, store, sha, attempts=self._blob_attempts())
 
     def pull(self, store: BlobStore, sha: str) -> int:
-        return pull_blob(self.blobs, store, sha)
+        return pull_blob(self.blobs, store, sha, attempts=self._blob_attempts())
 
     def wait(self, op: operations_pb2.Operation, *, timeout_s: float,
              on_progress: Callable[[operations_pb2.Operation], None] | None = None,
@@ -86,7 +99,7 @@ class _ServiceClient:
                 op.state = State.OPERATION_FAILED
                 break
             try:
-                op = call(self.ops.WaitOperation,
+                op = self._call(self.ops.WaitOperation,
                           operations_pb2.WaitOperationRequest(id=op.id, timeout_s=min(2.0, remaining)),
                           timeout=min(2.0, remaining) + 10)
             except grpc.RpcError as exc:
@@ -102,7 +115,7 @@ class _ServiceClient:
     def _cancel_quietly(self, op: operations_pb2.Operation) -> None:
         """Ask the service to cancel `op`; a service that is down (or forgot it) has nothing left to cancel."""
         try:
-            call(self.ops.CancelOperation, operations_pb2.OperationId(id=op.id), timeout=10.0, retries=1)
+            self._call(self.ops.CancelOperation, operations_pb2.OperationId(id=op.id), timeout=10.0, retries=1)
         except grpc.RpcError:
             pass
 
@@ -122,8 +135,10 @@ class PartyClient(_ServiceClient):
     """An LLM server or SLM client; both expose the same steps. `party_id`: the client's id (its identity is
     client/<party_id>, which its certificate must carry); ignored for the LLM server."""
 
-    def __init__(self, address: str, *, role: str, party_id: str = "", creds: Credentials | None = None):
-        super().__init__(address, creds, LLM if role == "llm" else client_identity(party_id))
+    def __init__(self, address: str, *, role: str, party_id: str = "", creds: Credentials | None = None,
+                 retry_unavailable: bool = True):
+        super().__init__(address, creds, LLM if role == "llm" else client_identity(party_id),
+                         retry_unavailable=retry_unavailable)
         self.role = role
         stub_cls = party_pb2_grpc.LLMServerStub if role == "llm" else party_pb2_grpc.SLMClientStub
         self.stub = stub_cls(self.channel)
@@ -131,31 +146,33 @@ class PartyClient(_ServiceClient):
     def describe(self, timeout: float = 30.0, retries: int = 4, *, run_id: str = "") -> party_pb2.PartyInfo:
         """The party as run `run_id` sees it (its saved state, or the configured model for a run it has not seen);
         empty: what it holds now."""
-        return call(self.stub.Describe, party_pb2.DescribeRequest(run_id=run_id), timeout=timeout, retries=retries)
+        return self._call(self.stub.Describe, party_pb2.DescribeRequest(run_id=run_id), timeout=timeout,
+                          retries=retries)
 
     def start(self, request: party_pb2.TaskRequest) -> operations_pb2.Operation:
-        return call(self.stub.StartTask, request, timeout=120.0)
+        return self._call(self.stub.StartTask, request, timeout=120.0)
 
     def run_task(self, request: party_pb2.TaskRequest, *, timeout_s: float, on_progress=None, should_stop=None):
         return self.wait(self.start(request), timeout_s=timeout_s, on_progress=on_progress, should_stop=should_stop)
 
 
 class AlignmentClient(_ServiceClient):
-    def __init__(self, address: str, *, creds: Credentials | None = None):
-        super().__init__(address, creds, ALIGNMENT)
+    def __init__(self, address: str, *, creds: Credentials | None = None, retry_unavailable: bool = True):
+        super().__init__(address, creds, ALIGNMENT, retry_unavailable=retry_unavailable)
         self.stub = alignment_pb2_grpc.AlignmentStub(self.channel)
 
     def register_tokenizer(self, bundle_ref) -> alignment_pb2.TokenizerInfo:
-        return call(self.stub.RegisterTokenizer, alignment_pb2.RegisterTokenizerRequest(bundle=bundle_ref), timeout=120)
+        return self._call(self.stub.RegisterTokenizer, alignment_pb2.RegisterTokenizerRequest(bundle=bundle_ref),
+                          timeout=120)
 
     def build_vocab_map(self, src_hash: str, dst_hash: str) -> operations_pb2.Operation:
-        return call(self.stub.BuildVocabMap, alignment_pb2.VocabMapRequest(src_hash=src_hash, dst_hash=dst_hash))
+        return self._call(self.stub.BuildVocabMap, alignment_pb2.VocabMapRequest(src_hash=src_hash, dst_hash=dst_hash))
 
     def build_sequence_alignment(self, src_hash: str, dst_hash: str, public_set_hash: str, *, method: str = "offsets",
                                  max_length: int) -> operations_pb2.Operation:
         req = alignment_pb2.SequenceAlignmentRequest(src_hash=src_hash, dst_hash=dst_hash, public_set_hash=public_set_hash,
                                                      method=method, max_length=max_length)
-        return call(self.stub.BuildSequenceAlignment, req)
+        return self._call(self.stub.BuildSequenceAlignment, req)
 
 
 class CoordinatorClient:

@@ -49,6 +49,7 @@ def validate_security(cfg, what: str) -> None:
     if not given and not cfg.insecure:
         raise ConfigError(f"{what}: no TLS configured. Set tls.ca, tls.cert and tls.key (`cotune certs` makes them), "
                           "or `insecure: true` for plaintext on a loopback address (development on one machine only)")
+    validate_health_address(cfg, what)
     pairs = [("auth.tokens", token, identity) for token, identity in cfg.auth.tokens.items()]
     pairs += [("auth.peer_tokens", token, identity) for identity, token in cfg.auth.peer_tokens.items()]
     for section, token, identity in pairs:
@@ -58,6 +59,30 @@ def validate_security(cfg, what: str) -> None:
             raise ConfigError(f"{what}: {section}: {exc}") from exc
         if len(token) < 16:
             raise ConfigError(f"{what}: {section}: the token for {identity} is shorter than 16 characters")
+
+
+def split_host_port(address: str, where: str) -> tuple[str, int]:
+    """'HOST:PORT' (HOST a name, an IPv4 address or a bracketed IPv6 address) -> (HOST, PORT), or a ConfigError."""
+    host, sep, port = address.rpartition(":")
+    bracketed = host.startswith("[") and host.endswith("]")
+    if bracketed:
+        host = host[1:-1]
+    if (not sep or not host or (":" in host and not bracketed) or any(c.isspace() for c in host)
+            or not port.isdigit() or int(port) > 65535):
+        raise ConfigError(f"{where}: expected HOST:PORT (e.g. 0.0.0.0:8081 or [::]:8081), got {address!r:.80}")
+    return host, int(port)
+
+
+def validate_health_address(cfg, what: str) -> None:
+    """`health_address`: the optional plaintext listener that serves grpc.health.v1 only (cotune.rpc.server), for probes
+    that cannot present a client certificate (Kubernetes' grpc probes, compose healthchecks). Empty = off."""
+    if not cfg.health_address:
+        return
+    _, port = split_host_port(cfg.health_address, f"{what}: health_address")
+    listen_port = cfg.listen.rpartition(":")[2]
+    if port and str(port) == listen_port:
+        raise ConfigError(f"{what}: health_address {cfg.health_address} uses the port of listen ({cfg.listen}); the "
+                          "health port is a separate plaintext listener and needs a port of its own")
 
 
 @dataclass
@@ -104,6 +129,7 @@ class EvaluationConfig:
 class PartyConfig:
     party_id: str = ""
     listen: str = "127.0.0.1:0"
+    health_address: str = ""  # plaintext listener serving grpc.health.v1 only (probes without a certificate); empty = off
     workdir: str = ""
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -153,6 +179,7 @@ class PartyConfig:
 @dataclass
 class AlignmentConfig:
     listen: str = "127.0.0.1:0"
+    health_address: str = ""  # plaintext listener serving grpc.health.v1 only (probes without a certificate); empty = off
     workdir: str = ""
     workers: int = 1          # concurrent builds; each build uses every core
     tls: TlsConfig = field(default_factory=TlsConfig)
@@ -174,6 +201,7 @@ class ClientEntry:
 @dataclass
 class CoordinatorConfig:
     listen: str = "127.0.0.1:0"
+    health_address: str = ""  # plaintext listener serving grpc.health.v1 only (probes without a certificate); empty = off
     workdir: str = ""
     llm: str = ""             # address of the LLM server
     alignment: str = ""       # address of the alignment service

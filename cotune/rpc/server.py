@@ -24,6 +24,18 @@ from cotune.security.policy import POLICIES
 
 log = logging.getLogger(__name__)
 
+# The plaintext health port (`health_address`): grpc.health.v1 only, for probes that cannot present a client certificate.
+# Unauthenticated, so it gets its own small pool, tiny messages and at most HEALTH_WATCHES Watch streams: nothing sent to
+# it can occupy the main port's workers, and Check always finds a thread.
+HEALTH_WORKERS = 4
+HEALTH_WATCHES = 2
+HEALTH_MAX_CALLS = 32  # calls in progress or queued; more are refused RESOURCE_EXHAUSTED instead of piling up
+HEALTH_SERVER_OPTIONS = [
+    ("grpc.max_send_message_length", 64 * 1024),
+    ("grpc.max_receive_message_length", 4 * 1024),
+    ("grpc.keepalive_permit_without_calls", 0),
+]
+
 
 def tls_files(cfg) -> TlsFiles:
     return TlsFiles(cfg.tls.ca, cfg.tls.cert, cfg.tls.key)
@@ -49,10 +61,12 @@ class ServiceHost:
 
     `role` picks the authorization table (cotune.security.policy.POLICIES); `tls` empty means plaintext, which the
     caller must have asked for explicitly (`insecure: true`) and which listens on a literal loopback address only.
-    `tokens`: bearer token -> the identity it is bound to."""
+    `tokens`: bearer token -> the identity it is bound to. `health_address` (empty = none): a second, plaintext listener
+    serving only grpc.health.v1, with the same health state as the main port (see HEALTH_WORKERS)."""
 
     def __init__(self, name: str, address: str, *, role: str, tls: TlsFiles | None = None,
-                 tokens: Mapping[str, Identity] | None = None, check=None, identity: Identity | None = None):
+                 tokens: Mapping[str, Identity] | None = None, check=None, identity: Identity | None = None,
+                 health_address: str = ""):
         self.name = name
         self.identity = identity  # with TLS, the identity this service's certificate must carry
         self.address = address
@@ -65,6 +79,10 @@ class ServiceHost:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self._service_names = [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME]
         self.port: int | None = None
+        self.health_address = health_address
+        self.health_port: int | None = None
+        self._health_server: grpc.Server | None = None
+        self._check = check
         self._stopped = threading.Event()
         self.set_serving(False)
 
@@ -109,6 +127,8 @@ class ServiceHost:
         if not self.port:
             raise OSError(f"{self.name}: could not bind {self.address}")
         self.server.start()
+        if self.health_address:
+            self._start_health_port()
         if port_file:
             tmp = f"{port_file}.tmp"
             with open(tmp, "w") as f:
@@ -117,6 +137,27 @@ class ServiceHost:
         log.info("%s listening on %s (port %d, %s)", self.name, self.address, self.port,
                  "mTLS" if self.tls.enabled else "plaintext")
         return self.port
+
+    def _start_health_port(self) -> None:
+        """The plaintext health-only listener: the same servicer object as the main port (so the same status, NOT_SERVING
+        while loading), no other service, not even reflection; any other method is UNIMPLEMENTED. It reveals nothing but
+        the serving status, which is why it needs no certificate."""
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=HEALTH_WORKERS, thread_name_prefix=f"{self.name}-health"),
+                             options=HEALTH_SERVER_OPTIONS, maximum_concurrent_rpcs=HEALTH_MAX_CALLS,
+                             # no identities on this port: the guard only caps Watch streams and checks message limits
+                             interceptors=[Guard({}, secure=False, check=self._check,
+                                                 concurrency={"grpc.health.v1.Health/Watch": HEALTH_WATCHES})])
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        try:
+            port = server.add_insecure_port(self.health_address)
+        except RuntimeError:  # grpc raises on a failed bind (older versions returned 0)
+            port = 0
+        if not port:
+            self.server.stop(None)
+            raise OSError(f"{self.name}: could not bind the health port {self.health_address}")
+        server.start()
+        self._health_server, self.health_port = server, port
+        log.info("%s health port on %s (port %d, plaintext, grpc.health.v1 only)", self.name, self.health_address, port)
 
     def _check_own_identity(self, cert_pem: bytes) -> None:
         from cotune.security.certs import identity_of_cert
@@ -134,6 +175,8 @@ class ServiceHost:
     def stop(self, grace: float = 5.0) -> None:
         self.set_serving(False)
         self.server.stop(grace).wait()
+        if self._health_server is not None:  # after the main port: probes see NOT_SERVING while calls drain
+            self._health_server.stop(0).wait()
         self._stopped.set()
 
     def wait_for_termination_signal(self) -> None:
@@ -151,4 +194,4 @@ def service_host(name: str, cfg, role: str) -> ServiceHost:
     identity = client_identity(cfg.party_id) if role == "slm" else Identity(role)
     add_private_root(cfg.workdir)  # error messages to callers never show paths under it
     return ServiceHost(name, cfg.listen, role=role, tls=tls_files(cfg), tokens=tokens, identity=identity,
-                       check=check_message)
+                       check=check_message, health_address=cfg.health_address)

@@ -559,7 +559,6 @@ class Trainer:
         epoch_losses: list[float] = []
         steps = tokens = skipped = 0
         stopped = False
-        t0 = time.perf_counter()
         try:
             with self.seeded(cfg.seed * 1_000_003 + self.global_step):
                 for _ in range(max(epochs, 0)):
@@ -585,7 +584,6 @@ class Trainer:
             "samples": len(pairs),
             "tokens": tokens,
             "stopped": stopped,
-            "seconds": time.perf_counter() - t0,
             "global_step": self.global_step,
         }
 
@@ -601,7 +599,8 @@ class Trainer:
         """Fine-tune on (prompt, response) pairs with CE on the response tokens.
 
         Returns loss_first/loss_last (mean training CE of the first/last epoch), steps (batches run), samples
-        (len(examples), the FedAvg weight), tokens, stopped (should_stop fired), seconds, global_step."""
+        (len(examples), the FedAvg weight), tokens, stopped (should_stop fired), global_step. Its time is the task's
+        profile (cotune.profile), not a metric: metrics are what a rerun reproduces."""
         return self._train_loop(self.encode(examples), None, epochs, progress, should_stop)
 
     def distill(

@@ -1,4 +1,5 @@
-"""Follow a run's events in a terminal: one progress bar for the work in flight, a line per step."""
+"""Follow a run's events: in a terminal one progress bar for the work in flight, a line per step; elsewhere (a pipe, a
+log file) plain lines only, a progress line per piece of work at most every PROGRESS_INTERVAL_S."""
 
 from __future__ import annotations
 
@@ -19,9 +20,12 @@ def watch_run(client: CoordinatorClient, run_id: str, *, stream=sys.stderr, quie
     """Stream events (those after `after_seq`) until the run ends; returns the final run."""
     import grpc
 
+    from cotune.cluster import Progress
+
     bar = None
     bar_key = None
     last_seq = after_seq
+    plain = None if _is_terminal(stream) else Progress(stream)  # no bars (their \r updates) outside a terminal
     try:
         while True:
             try:
@@ -29,7 +33,7 @@ def watch_run(client: CoordinatorClient, run_id: str, *, stream=sys.stderr, quie
                 for event in events:
                     last_seq = event.seq
                     if not quiet:
-                        bar, bar_key = _show(event, run_id, bar, bar_key, stream)
+                        bar, bar_key = _show(event, run_id, bar, bar_key, stream, plain)
             except grpc.RpcError as exc:  # every stream has a deadline; reconnect and resume after last_seq
                 if exc.code().name not in RESUME_ON:
                     raise
@@ -43,10 +47,23 @@ def watch_run(client: CoordinatorClient, run_id: str, *, stream=sys.stderr, quie
             bar.close()
 
 
-def _show(event, run_id, bar, bar_key, stream):
-    """Render one event: progress updates one bar in place; anything else closes it and prints a line."""
+def _is_terminal(stream) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        return False
+
+
+def _show(event, run_id, bar, bar_key, stream, plain=None):
+    """Render one event: progress updates one bar in place (with `plain`, a Progress: a line per piece of work at
+    most every interval instead); anything else closes the bar and prints a line."""
     from tqdm import tqdm
 
+    if event.kind == "progress" and event.total and plain is not None:
+        label = f"r{event.round} {event.step} {event.party_id} {event.message}".strip()
+        plain.every(label, lambda _first: f"[round {event.round}] {label[len(f'r{event.round} '):]}: "
+                                          f"{event.done}/{event.total}")
+        return bar, bar_key
     if event.kind == "progress" and event.total:
         key = (event.round, event.step, event.party_id, event.message)
         if key != bar_key:
@@ -69,7 +86,9 @@ def _show(event, run_id, bar, bar_key, stream):
     elif event.kind == "info":
         print(f"[round {event.round}] {event.message}", file=stream, flush=True)
     elif event.kind == "state":
-        print(f"run {run_id}: {pb.RunState.Name(event.state)} {event.message}".rstrip(), file=stream, flush=True)
+        state = pb.RunState.Name(event.state)
+        message = "" if event.message == state else event.message  # not "RUN_SUCCEEDED RUN_SUCCEEDED"
+        print(f"run {run_id}: {state} {message}".rstrip(), file=stream, flush=True)
     return bar, bar_key
 
 

@@ -20,22 +20,21 @@ LLM server holding it too) trains on it; its tables are labelled as such.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import shutil
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import yaml
-
-from cotune.cluster import ClusterConfig, LocalCluster
-from cotune.data import federated_split, load_task, read_jsonl, require_shared_data, write_jsonl
-from cotune.report import bytes_table, markdown_table, profile_table, run_summary
-from cotune.rpc.clients import CoordinatorClient
-from cotune.v1 import coordinator_pb2 as pb
-from cotune.watch import watch_run
+# Only the standard library at import time: the CLI reads ALGORITHMS to build its parser, and `cotune --help` must not
+# pay for grpc, torch or transformers. Every function imports what it needs.
+if TYPE_CHECKING:
+    from cotune.cluster import ClusterConfig, Progress
+    from cotune.rpc.clients import CoordinatorClient
+    from cotune.v1 import coordinator_pb2 as pb
 
 
 @dataclass(frozen=True)
@@ -87,8 +86,34 @@ SHARED_TOKENIZER_ALGORITHMS = ("fedcollm", "fedavg", "zero-shot", "standalone", 
 COMPRESSING_ALGORITHMS = ("fedbiot", "fedot")
 
 
+def _phase(progress: Progress | None, what: str, *, models: bool = False, heartbeat: bool = False):
+    """progress.phase(what, heartbeat=...), or nothing without a Progress (the tests and benchmarks build quietly).
+    models: the phase builds or converts models with transformers, whose own progress bars (carriage-return updates
+    that clutter a log) the phase's lines replace."""
+    if progress is None:
+        return contextlib.nullcontext()
+    if models:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    return progress.phase(what, heartbeat=heartbeat)
+
+
+def _steps(progress: Progress | None, what: str):
+    """A (done, total) callback that reports "what: step done/total" at most every progress interval, or None."""
+    if progress is None:
+        return None
+
+    def report(done: int, total: int) -> None:
+        progress.every(what, lambda _first: f"{what}: step {done}/{total}")
+
+    return report
+
+
 def write_split(split, out: Path) -> dict[str, Path]:
     """A federated split as JSONL files under `out`: public, eval and client-<i> (from 1), by name."""
+    from cotune.data import write_jsonl
+
     out.mkdir(parents=True, exist_ok=True)
     paths = {"public": out / "public.jsonl", "eval": out / "eval.jsonl"}
     write_jsonl(paths["public"], split.public)
@@ -100,6 +125,8 @@ def write_split(split, out: Path) -> dict[str, Path]:
 
 
 def prepare_data(preset: Preset, workdir: Path, seed: int = 0) -> dict[str, Path]:
+    from cotune.data import federated_split, load_task, require_shared_data, write_jsonl
+
     shared = require_shared_data()
     train = load_task(preset.task, "train", data_dir=shared)
     evaluation = load_task(preset.task, "validation", data_dir=shared)[: preset.eval_size]
@@ -116,24 +143,62 @@ def model_cache_dir(workdir: Path) -> Path:
     return (workdir.parent / "model-cache").resolve()
 
 
-def _tiny(spec: tuple, workdir: Path, prefix: str) -> str:
+def _tiny(spec: tuple, workdir: Path, prefix: str, progress: Progress | None = None) -> str:
     """A random-init tiny model directory, built once: spec = (party, tokenizer file, arch, hidden, layers, seed)."""
-    from cotune.align.tokenizers import load_tokenizer
-    from cotune.demo.tiny import make_tiny_model
-
     _name, tok_file, arch, hidden, layers, seed = spec
     out = workdir / "models" / f"{prefix}-{arch}-h{hidden}-l{layers}"
     if not (out / "config.json").exists():
-        make_tiny_model(load_tokenizer(require_shared_data() / "tokenizers" / tok_file), out, arch=arch, hidden=hidden,
-                        layers=layers, seed=seed)
+        from cotune.align.tokenizers import load_tokenizer
+        from cotune.data import require_shared_data
+        from cotune.demo.tiny import make_tiny_model
+
+        with _phase(progress, f"building tiny model {out.name} (once)", models=True):
+            make_tiny_model(load_tokenizer(require_shared_data() / "tokenizers" / tok_file), out, arch=arch,
+                            hidden=hidden, layers=layers, seed=seed)
     return str(out)
 
 
-def healed_gemma_slm(workdir: Path) -> Path:
+def convert_models(config: ClusterConfig, progress: Progress | None = None) -> None:
+    """Convert every GGUF model of a cluster config (model.path, model.companion_slm_path) to the HF folder its
+    service will load (cotune.lm.model.ensure_hf_dir, in the party's model.cache_dir), here and now: a conversion
+    takes minutes on a small machine, and done by the services it would only show in their logs. Each model gets a
+    line: converting... done in N s, or that its converted copy is already there."""
+    ggufs: dict[tuple[str, str], None] = {}
+    for party in [config.llm, *config.clients]:
+        model = party.get("model") or {}
+        for key in ("path", "companion_slm_path"):
+            path = model.get(key) or ""
+            if path.lower().endswith(".gguf"):
+                ggufs[(path, model.get("cache_dir") or "")] = None
+    for path, cache in ggufs:
+        _convert_gguf(path, cache, progress)
+
+
+def _convert_gguf(path: str, cache: str, progress: Progress | None) -> None:
+    """ensure_hf_dir(path, cache) with a line saying what happens: a conversion (minutes), or the cached copy."""
+    import gc
+
+    from cotune.lm.model import ensure_hf_dir, gguf_cache_path
+
+    cache_dir = Path(cache) if cache else None
+    name, where = Path(path).name, cache or "the default cache"
+    if gguf_cache_path(Path(path), cache_dir).is_dir():
+        ensure_hf_dir(path, cache_dir)
+        if progress is not None:
+            progress.say(f"model {name}: using its converted copy in {where}")
+        return
+    with _phase(progress, f"converting model {name} to an HF folder (once; cached in {where})", models=True,
+                heartbeat=True):
+        ensure_hf_dir(path, cache_dir)
+    gc.collect()  # the dequantized weights are written out; free them before the services start
+
+
+def healed_gemma_slm(workdir: Path, progress: Progress | None = None) -> Path:
     """The small preset's same-tokenizer SLM for FedCoLLM: Gemma 3 270M cut to 6 of its 18 layers (uniformly, first
     and last kept) and healed by a short fine-tune (200 steps on ARC-Easy train, minus this demo's public set and
     private shards, so the SLM has not seen them), built once (~4 min on 2 CPU cores) and cached beside the other
     models. 201M parameters (the 262k-token embedding dominates) against the LLM's 268M, a third of its layer compute."""
+    from cotune.data import load_task, read_jsonl, require_shared_data
     from cotune.demo.heal import layer_reduced_copy
     from cotune.lm.model import real_model_path
 
@@ -141,48 +206,55 @@ def healed_gemma_slm(workdir: Path) -> Path:
     data = workdir / "data"
     seen = {ex for path in data.glob("*.jsonl") for ex in read_jsonl(path)}
     train = [ex for ex in load_task("arc_easy", "train", data_dir=require_shared_data()) if ex not in seen]
-    print("building the small preset's SLM for fedcollm (Gemma 3 270M cut to 6 layers, healed; once)...",
-          file=sys.stderr, flush=True)
-    return layer_reduced_copy(real_model_path("gemma3-270m"), cache / "gemma3-270m-l6-healed", keep_layers=6,
-                              steps=200, lr=1e-4, batch_size=4, max_length=128, seed=0, examples=train, cache_dir=cache)
+    gemma = real_model_path("gemma3-270m")
+    _convert_gguf(str(gemma), str(cache), progress)  # its own phase line, before the heal's (it reads the HF copy)
+    # the phase lines show even when the copy is cached (then it is done in a second or two)
+    with _phase(progress, "the fedcollm SLM: Gemma 3 270M cut to 6 layers and healed (built once, about 4 min)",
+                models=True):
+        return layer_reduced_copy(gemma, cache / "gemma3-270m-l6-healed", keep_layers=6, steps=200, lr=1e-4,
+                                  batch_size=4, max_length=128, seed=0, examples=train, cache_dir=cache,
+                                  progress=_steps(progress, "healing"))
 
 
 def prepare_models(preset_name: str, workdir: Path, *, algorithm: str = "fedmkt",
-                   cross_tokenizer: bool = False) -> dict[str, str]:
+                   cross_tokenizer: bool = False, progress: Progress | None = None) -> dict[str, str]:
     """Model directories by party for an algorithm's demo.
 
     tiny: logits-based algorithms get three different tokenizers; the others one shared family, where the clients
     run the SLM and the result also names it as "companion" (the LLM server's SLM copy for FedCoLLM); fedbiot/fedot
     get that family's deeper LLM to compress. small: the real Gemma 3 / SmolLM2 pair. cross_tokenizer (fedcollm):
-    the LLM keeps its own tokenizer and the clients all run one SLM on another (tiny: GPT-2's; small: SmolLM2)."""
-    from cotune.lm.model import real_model_path
-
+    the LLM keeps its own tokenizer and the clients all run one SLM on another (tiny: GPT-2's; small: SmolLM2).
+    progress: a line per model built (tiny models, the healed SLM)."""
     clients = [f"client-{i}" for i in range(1, NUM_CLIENTS + 1)]
     if cross_tokenizer:
         if algorithm != "fedcollm":
             raise SystemExit("--cross-tokenizer is for fedcollm (FedMKT crosses tokenizers by design)")
-        hetero = prepare_models(preset_name, workdir)
+        hetero = prepare_models(preset_name, workdir, progress=progress)
         slm = hetero["client-1"]
         return {"llm": hetero["llm"], "companion": slm, **{c: slm for c in clients}}
     if algorithm in SHARED_TOKENIZER_ALGORITHMS and preset_name == "tiny":
-        slm = _tiny(TINY_SHARED_MODELS[1], workdir, "tiny-shared-slm")
+        slm = _tiny(TINY_SHARED_MODELS[1], workdir, "tiny-shared-slm", progress)
         if algorithm in COMPRESSING_ALGORITHMS:
-            return {"llm": _tiny(TINY_DEEP_LLM, workdir, "tiny-shared-llm"), **{c: slm for c in clients}}
-        return {"llm": _tiny(TINY_SHARED_MODELS[0], workdir, "tiny-shared-llm"), "companion": slm,
+            return {"llm": _tiny(TINY_DEEP_LLM, workdir, "tiny-shared-llm", progress), **{c: slm for c in clients}}
+        return {"llm": _tiny(TINY_SHARED_MODELS[0], workdir, "tiny-shared-llm", progress), "companion": slm,
                 **{c: slm for c in clients}}
-    if preset_name == "small" and algorithm == "fedcollm":
-        slm = str(healed_gemma_slm(workdir))
-        return {"llm": str(real_model_path("gemma3-270m")), "companion": slm, **{c: slm for c in clients}}
     if preset_name == "small":
+        from cotune.lm.model import real_model_path
+
+        if algorithm == "fedcollm":
+            slm = str(healed_gemma_slm(workdir, progress))
+            return {"llm": str(real_model_path("gemma3-270m")), "companion": slm, **{c: slm for c in clients}}
         slm = str(real_model_path("smollm2-135m"))
         return {"llm": str(real_model_path("gemma3-270m")), **{c: slm for c in clients}}
-    return {spec[0]: _tiny(spec, workdir, f"tiny-{spec[0]}") for spec in TINY_MODELS}
+    return {spec[0]: _tiny(spec, workdir, f"tiny-{spec[0]}", progress) for spec in TINY_MODELS}
 
 
 def cluster_config(preset_name: str, preset: Preset, workdir: Path, data: dict[str, Path], models: dict[str, str], *,
                    algorithm: str = "fedmkt", cross_tokenizer: bool = False) -> ClusterConfig:
     """The local cluster for a demo: the LLM server, one client per private shard (centralized: one client holding
     their union, which the LLM server also trains on), and the alignment service where tokenizers differ."""
+    from cotune.cluster import ClusterConfig
+
     cache = str(model_cache_dir(workdir))
     training = {"lr": preset.lr, "batch_size": preset.batch_size, "max_length": preset.max_length}
 
@@ -257,6 +329,8 @@ def wait_for_clients(client: CoordinatorClient, expected: int, timeout_s: float 
 def demo_spec(name: str, p: Preset, algorithm: str, rounds: int, *, setting: str = "heterogeneous",
               cross_tokenizer: bool = False) -> pb.RunSpec:
     """The run spec of a demo: the preset's values for the algorithm's settings, defaults for the rest."""
+    from cotune.v1 import coordinator_pb2 as pb
+
     spec = pb.RunSpec(name=f"demo-{name}", algorithm=algorithm, rounds=rounds, max_length=p.max_length)
     if algorithm in ("fedmkt", "llm2slm"):
         spec.fedmkt.top_k = p.top_k
@@ -278,34 +352,52 @@ def demo_spec(name: str, p: Preset, algorithm: str, rounds: int, *, setting: str
 
 
 def run_demo(*, preset: str = "small", algorithm: str = "fedmkt", rounds: int = 2, json_path: str | None = None,
-             workdir: str | None = None, setting: str = "heterogeneous", cross_tokenizer: bool = False) -> int:
+             workdir: str | None = None, setting: str = "heterogeneous", cross_tokenizer: bool = False,
+             progress: Progress | None = None) -> int:
+    """Progress (a line per phase: data, models built or converted, each service until it serves, then the run's
+    events) goes to stderr, the result tables to stdout."""
+    import yaml
+
+    from cotune.cluster import LocalCluster, Progress, default_cluster_dirs
+    from cotune.watch import watch_run
+
     if preset not in PRESETS:
         raise SystemExit(f"unknown preset {preset!r}; choose {', '.join(PRESETS)}")
     if algorithm not in ALGORITHMS:
         raise SystemExit(f"unknown algorithm {algorithm!r}; choose {', '.join(ALGORITHMS)}")
+    progress = progress or Progress()
     shared = preset == "tiny" and algorithm in SHARED_TOKENIZER_ALGORITHMS and not cross_tokenizer
     p = PRESETS[preset]
     root = Path(workdir or Path("var") / "demo").resolve() / (f"{preset}-shared" if shared else preset)
     started = time.monotonic()
-    print(f"cotune demo: preset {preset}, {algorithm}, {rounds} round(s); workdir {root}", file=sys.stderr)
-    data = prepare_data(p, root)
-    models = prepare_models(preset, root, algorithm=algorithm, cross_tokenizer=cross_tokenizer)
+    progress.say(f"cotune demo: preset {preset}, {algorithm}, {rounds} round(s); workdir {root}")
+    with progress.phase("preparing the data"):
+        data = prepare_data(p, root)
+    models = prepare_models(preset, root, algorithm=algorithm, cross_tokenizer=cross_tokenizer, progress=progress)
     config = cluster_config(preset, p, root, data, models, algorithm=algorithm, cross_tokenizer=cross_tokenizer)
+    convert_models(config, progress)
     shutil.rmtree(config.workdir, ignore_errors=True)  # run state is per demo; data, models and caches are kept
     config_path = root / "cluster.yaml"
     config_path.write_text(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
-    print(f"cluster config: {config_path} (start it yourself with `cotune cluster up --config {config_path}`)", file=sys.stderr)
+    progress.say(f"cluster config: {config_path} (start it yourself with `cotune cluster up --config {config_path}`)")
     services = ("alignment, " if config.alignment is not None else "") + f"llm, {len(config.clients)} client(s), coordinator"
-    print(f"starting local cluster ({services})...", file=sys.stderr, flush=True)
-    with LocalCluster(config) as cluster:
+    progress.say(f"starting the local cluster ({services}); each service loads its model before it serves")
+    with LocalCluster(config, progress=progress) as cluster:
+        found = cluster.workdir in [path.resolve() for path in default_cluster_dirs()]
+        progress.say("while the demo runs, `cotune run list` / `run status RUN_ID` from this folder reach its coordinator"
+                     + ("" if found else f" with --cluster-dir {cluster.workdir}"))
         client = cluster.coordinator_client()
         try:
             wait_for_clients(client, len(config.clients))
             spec = demo_spec(preset, p, algorithm, rounds, setting=setting, cross_tokenizer=cross_tokenizer)
             run = client.start_run(spec)
+            progress.say(f"run {run.run_id} started")
             run = watch_run(client, run.run_id)
         finally:
             client.close()
+    from cotune.report import bytes_table, markdown_table, profile_table, run_summary
+    from cotune.v1 import coordinator_pb2 as pb
+
     elapsed = time.monotonic() - started
     summary = run_summary(run)
     summary["preset"] = preset

@@ -12,7 +12,8 @@ def add_parser(subparsers) -> None:
         description="Creates DIR/ca.crt and ca.key if absent, then a certificate and key per identity "
                     "(coordinator, llm, alignment, client/<id>, operator/<name>), named like client-client-1.crt. "
                     "Each carries its identity as CN and as the SAN <name>.<kind>.id.cotune, plus its hosts.")
-    p.add_argument("identities", nargs="*", metavar="IDENTITY")
+    p.add_argument("identities", nargs="*", metavar="IDENTITY",
+                   help="identities to issue: coordinator, llm, alignment, client/<id>, operator/<name>")
     p.add_argument("--dir", required=True, help="where the CA, certificates and keys go")
     p.add_argument("--days", type=int, default=825, help="validity of new certificates (default 825)")
     p.add_argument("--host", action="append", default=[], metavar="[IDENTITY=]HOST",

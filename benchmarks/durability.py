@@ -10,10 +10,10 @@ In one invocation, on this machine (tiny preset: the demo's random-init models w
    committed `state/` (adapter, optimizer + schedule + counters, algorithm states) that every step rewrites, and the
    `ops/` records (one per step); and how much the coordinator's SQLite state grew over the run. With FedBiOT too
    (not --quick): the LLM server's compressed-model state (emulator LoRA and its optimizer).
-3. Checkpoint seconds: there is no timing metric for a step's stage + commit, and no switch to turn durability off,
-   so it is timed in-process: each party is loaded from its cluster config on a copy of its workdir, restores the
-   run's final committed state (`RunStates.enter`: what a restarted party, or a switch of runs, costs), then stages
-   (`RunStates.stage`: adapter + optimizer + algorithm states written and fsynced as `state.next`) and commits
+3. Checkpoint seconds: in the run, the `checkpoint` profile phase of every task (restore + stage, from the run
+   record, against the tasks' total time); and, since there is no switch to turn durability off, timed in-process:
+   each party is loaded from its cluster config on a copy of its workdir, restores the run's final committed state
+   (`RunStates.enter`: what a restarted party, or a switch of runs, costs), then stages (`RunStates.stage`: adapter + optimizer + algorithm states written and fsynced as `state.next`) and commits
    (`RunStates.commit`: the operation record written, `state.next` promoted) --stages times. Reported as median ms and
    as a share of the party's median task time in the run (time/<step>/total).
 4. Recovery per service: the service is killed with SIGKILL in the middle of a step and restarted at once
@@ -135,6 +135,24 @@ def state_bytes(cluster: LocalCluster, run_id: str) -> dict:
     return out
 
 
+def checkpoint_phase(run: pb.Run) -> dict:
+    """Per party, from the run record: seconds of the `checkpoint` profile phase (restoring the run's state and staging
+    it after each step, cotune.party.runstate) summed over the run's tasks, against the tasks' total seconds."""
+    out: dict[str, dict] = {}
+    for rec in run.rounds:
+        for p in rec.parties:
+            row = out.setdefault(p.party_id, {"checkpoint_s": 0.0, "task_s": 0.0})
+            for k, v in p.metrics.items():
+                if k.startswith("time/") and k.endswith("/checkpoint"):
+                    row["checkpoint_s"] += v
+                elif k.startswith("time/") and k.endswith("/total"):
+                    row["task_s"] += v
+    for row in out.values():
+        row["share"] = round(row["checkpoint_s"] / row["task_s"], 4) if row["task_s"] else None
+        row["checkpoint_s"], row["task_s"] = round(row["checkpoint_s"], 3), round(row["task_s"], 3)
+    return out
+
+
 def measured_runs(cluster: LocalCluster, spec: pb.RunSpec, n: int, label: str) -> tuple[list[pb.Run], list[dict]]:
     runs, rows = [], []
     for i in range(n):
@@ -233,7 +251,7 @@ def recoveries(cluster: LocalCluster, spec: pb.RunSpec, reference: pb.Run, targe
             row = kill_cell(cluster, cell, spec, ref, walls, targets)
             log(f"kill {label} ({cell.service} at {cell.name or cell.step}) {i + 1}/{kills}: landed {row.landed}; "
                 f"recovered {row.recovered}, identical {row.identical}; restart {row.restart_s:.1f} s, "
-                f"recover {row.recover_s} s")
+                f"recover {row.recover_s} s" + ("" if row.recovered else f"; the run failed: {row.error}"))
             rows.append(row)
         out[label] = {
             "service": cell.service, "step": cell.name or cell.step, "kills": kills,
@@ -241,7 +259,8 @@ def recoveries(cluster: LocalCluster, spec: pb.RunSpec, reference: pb.Run, targe
             "restart_s": _median(r.restart_s for r in rows), "waited_s": _median(r.waited_s for r in rows),
             "recover_s": _median(r.recover_s for r in rows), "run_s": _median(r.run_s for r in rows),
             "landed": sorted({r.landed for r in rows}), "coordinator_saw": sorted({r.coordinator_saw for r in rows}),
-            "differences": [d for r in rows for d in r.differences][:20]}
+            "differences": [d for r in rows for d in r.differences][:20],
+            "errors": [r.error for r in rows if not r.recovered]}
     return out
 
 
@@ -259,7 +278,8 @@ def markdown(result: dict) -> str:
                      f"{c['steps']}, {c['step_bytes'] / 1024:.1f} | {c['events']}, {c['event_bytes'] / 1024:.1f} |")
     lines += ["", "#### Checkpoints per party (written at every step)\n",
               "| algorithm | party | state (KiB) | of which | ops records (steps, KiB) | restore (ms) | stage (ms) | "
-              "commit (ms) | share of its median task |", "|---|---|---:|---|---:|---:|---:|---:|---:|"]
+              "commit (ms) | share of its median task | in the run: checkpoint phase / task time (s) |",
+              "|---|---|---:|---|---:|---:|---:|---:|---:|---:|"]
     for algo in ("fedmkt", "fedbiot"):
         part = result.get(algo)
         if not part:
@@ -269,9 +289,11 @@ def markdown(result: dict) -> str:
             files = ", ".join(f"{k} {v / 1024:.0f}" for k, v in sorted(b["files"].items(), key=lambda kv: -kv[1])
                               if v >= 1024)
             share = t.get("share_of_task")
+            ph = part.get("checkpoint_phase", {}).get(name)
+            in_run = "—" if not ph else f"{ph['checkpoint_s']:.2f} / {ph['task_s']:.1f}"
             lines.append(f"| {algo} | {name} | {b['state_bytes'] / 1024:.0f} | {files} | {b['ops']}, "
                          f"{b['ops_bytes'] / 1024:.0f} | {f(t.get('restore_ms'))} | {f(t.get('stage_ms'))} | "
-                         f"{f(t.get('commit_ms'))} | {'—' if share is None else f'{100 * share:.0f}%'} |")
+                         f"{f(t.get('commit_ms'))} | {'—' if share is None else f'{100 * share:.0f}%'} | {in_run} |")
     lines += ["", "#### Recovery from SIGKILL mid-step (restarted at once)\n",
               "| service | killed at | recovered | identical | restart (s) | coordinator waited (s) | "
               "time to recover (s) |"
@@ -313,7 +335,8 @@ def main() -> int:
         reference = runs[-1]
         result["fedmkt"] = {"spec": {"rounds": 1, "top_k": preset.top_k, "public": preset.per_part,
                                      "max_length": preset.max_length},
-                            "runs": rows, "state": state_bytes(cluster, reference.run_id)}
+                            "runs": rows, "state": state_bytes(cluster, reference.run_id),
+                            "checkpoint_phase": checkpoint_phase(reference)}
         log(f"recovery: {kills} kill(s) per service")
         result["recovery"] = recoveries(cluster, spec, reference, targets, kills)
     finally:
@@ -327,7 +350,8 @@ def main() -> int:
         try:
             bspec = demo_spec(PRESET, preset, "fedbiot", rounds=1)
             bruns, brows = measured_runs(cluster, bspec, 1, "fedbiot")
-            result["fedbiot"] = {"runs": brows, "state": state_bytes(cluster, bruns[-1].run_id)}
+            result["fedbiot"] = {"runs": brows, "state": state_bytes(cluster, bruns[-1].run_id),
+                                 "checkpoint_phase": checkpoint_phase(bruns[-1])}
         finally:
             cluster.down()
         result["fedbiot"]["checkpoint"] = time_checkpoints(cluster, bruns[-1], workdir / "scratch-fedbiot", stages)

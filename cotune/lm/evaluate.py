@@ -12,6 +12,7 @@ import torch
 from cotune.align.tokenizers import EncodedPair, encode_pair
 from cotune.data.example import Example
 from cotune.lm.batching import chunk_rows, model_device, next_token_scores, sorted_batches
+from cotune.lm.train import Progress
 from cotune.profile import phase
 
 LN2 = math.log(2.0)
@@ -22,8 +23,9 @@ def _pad_id(tokenizer) -> int:
     return int(pad if pad is not None else 0)
 
 
-def _score(model, tokenizer, pairs: Sequence[EncodedPair], batch_size: int) -> list[np.ndarray]:
-    """Per pair, the log-probs of its response tokens (eval mode, no grad)."""
+def _score(model, tokenizer, pairs: Sequence[EncodedPair], batch_size: int,
+           progress: Progress | None = None) -> list[np.ndarray]:
+    """Per pair, the log-probs of its response tokens (eval mode, no grad). `progress(done, total)`: pairs scored."""
     device = model_device(model)
     pad = _pad_id(tokenizer)
     out: list[np.ndarray | None] = [None] * len(pairs)
@@ -35,6 +37,8 @@ def _score(model, tokenizer, pairs: Sequence[EncodedPair], batch_size: int) -> l
                 scores = next_token_scores(model, [pairs[i] for i in idx], pad, device)
                 for i, s in zip(idx, scores):
                     out[i] = s
+                if progress is not None:
+                    progress(sum(o is not None for o in out), len(pairs))
     finally:
         model.train(was_training)
     return out  # type: ignore[return-value]
@@ -198,10 +202,11 @@ def _shared_prompt_group(model, decoder, config, cache_kw: str, items: Sequence[
     return [sums[base[i] : base[i + 1]] for i in range(n_items)]
 
 
-def _score_shared_prompt(model, tokenizer, groups: Sequence[Sequence[EncodedPair]], batch_size: int) -> list[np.ndarray]:
+def _score_shared_prompt(model, tokenizer, groups: Sequence[Sequence[EncodedPair]], batch_size: int,
+                         progress: Progress | None = None) -> list[np.ndarray]:
     """Per group (one item's choices), the summed log-likelihood of each pair, the group's longest common token
     prefix run once and continued from its KV cache (several items per forward, at most batch_size sequences).
-    Groups with one pair or no common prefix are scored by the per-choice path."""
+    Groups with one pair or no common prefix are scored by the per-choice path. `progress(done, total)`: items."""
     from cotune.lm.batching import decoder_and_head, vocab_size
 
     device = model_device(model)
@@ -223,6 +228,7 @@ def _score_shared_prompt(model, tokenizer, groups: Sequence[Sequence[EncodedPair
             shared.append(g)
     was_training = model.training
     model.eval()
+    scored = 0
     try:
         with torch.inference_mode():
             for idx in sorted_batches([prefix_lens[g] for g in shared], batch_size):
@@ -231,19 +237,24 @@ def _score_shared_prompt(model, tokenizer, groups: Sequence[Sequence[EncodedPair
                                             [prefix_lens[g] for g in members], pad, device, batch_size, vocab)
                 for g, s in zip(members, sums):
                     out[g] = s
+                scored += len(members)
+                if progress is not None:
+                    progress(scored, len(groups))  # the groups scored per choice follow, then the total
     finally:
         model.train(was_training)
     _score_per_choice(model, tokenizer, groups, batch_size, fallback, out)
+    if progress is not None:
+        progress(len(groups), len(groups))
     return out  # type: ignore[return-value]
 
 
 def _score_per_choice(model, tokenizer, groups: Sequence[Sequence[EncodedPair]], batch_size: int,
-                      which: Sequence[tuple[int, int]], out: list[np.ndarray]) -> None:
+                      which: Sequence[tuple[int, int]], out: list[np.ndarray], progress: Progress | None = None) -> None:
     """Score the pairs `which` ((group, pair) indices) each as its own sequence; their summed log-likelihoods go to
     out[group][pair]."""
     if not which:
         return
-    scores = _score(model, tokenizer, [groups[g][j] for g, j in which], batch_size)
+    scores = _score(model, tokenizer, [groups[g][j] for g, j in which], batch_size, progress)
     for (g, j), s in zip(which, scores):
         out[g][j] = float(s.sum())
 
@@ -256,6 +267,7 @@ def choice_loglikelihoods(
     batch_size: int = 8,
     max_length: int = 512,
     mc_scoring: str = "shared_prompt",
+    progress: Progress | None = None,
 ) -> list[np.ndarray]:
     """For each example, the summed log-likelihood of every choice continuation given the prompt.
 
@@ -267,10 +279,12 @@ def choice_loglikelihoods(
     with phase("data"):
         groups = [[encode_pair(tokenizer, ex.prompt, c, max_length) for c in ex.choices] for ex in examples]
     if mc_scoring == "shared_prompt":
-        return _score_shared_prompt(model, tokenizer, groups, batch_size)
+        return _score_shared_prompt(model, tokenizer, groups, batch_size, progress)
     out = [np.zeros(len(group)) for group in groups]
-    _score_per_choice(model, tokenizer, groups, batch_size, [(g, j) for g, group in enumerate(groups)
-                                                              for j in range(len(group))], out)
+    which = [(g, j) for g, group in enumerate(groups) for j in range(len(group))]
+    per_item = None if progress is None else (
+        lambda done, _total: progress(sum(1 for g, j in which[:done] if j == len(groups[g]) - 1), len(groups)))
+    _score_per_choice(model, tokenizer, groups, batch_size, which, out, per_item)
     return out
 
 
@@ -282,6 +296,7 @@ def evaluate_mc(
     batch_size: int = 8,
     max_length: int = 512,
     mc_scoring: str = "shared_prompt",
+    progress: Progress | None = None,
 ) -> dict:
     """accuracy: argmax of summed choice log-likelihood == label; accuracy_norm: argmax of log-likelihood divided by
     the choice's UTF-8 byte length. Examples without choices or with label < 0 are skipped; n = examples scored.
@@ -291,7 +306,7 @@ def evaluate_mc(
     if not usable:
         return {"accuracy": float("nan"), "accuracy_norm": float("nan"), "n": 0}
     lls = choice_loglikelihoods(model, tokenizer, usable, batch_size=batch_size, max_length=max_length,
-                                mc_scoring=mc_scoring)
+                                mc_scoring=mc_scoring, progress=progress)
     correct = correct_norm = 0
     for ex, ll in zip(usable, lls):
         nbytes = np.array([max(1, len(c.encode("utf-8"))) for c in ex.choices], dtype=np.float64)
@@ -301,12 +316,13 @@ def evaluate_mc(
     return {"accuracy": correct / n, "accuracy_norm": correct_norm / n, "n": n}
 
 
-def evaluate_loss(model, tokenizer, examples: Sequence[Example], *, batch_size: int = 8, max_length: int = 512) -> dict:
+def evaluate_loss(model, tokenizer, examples: Sequence[Example], *, batch_size: int = 8, max_length: int = 512,
+                  progress: Progress | None = None) -> dict:
     """Response-token loss: 'loss' nats/token (token-weighted over all examples), 'perplexity' = exp(loss),
-    'bpb' = total nats / ln 2 / total response bytes; plus 'tokens' and 'n'."""
+    'bpb' = total nats / ln 2 / total response bytes; plus 'tokens' and 'n'. `progress(done, total)`: examples."""
     with phase("data"):
         pairs = [encode_pair(tokenizer, ex.prompt, ex.response, max_length) for ex in examples]
-    scores = _score(model, tokenizer, pairs, batch_size)
+    scores = _score(model, tokenizer, pairs, batch_size, progress)
     nats = -float(sum(s.sum() for s in scores))
     tokens = int(sum(len(s) for s in scores))
     nbytes = int(sum(p.response_bytes for p, s in zip(pairs, scores) if len(s)))

@@ -46,18 +46,23 @@ def evaluate(party: ModelParty, task: party_pb2.EvaluateTask, ctx: party_pb2.Run
         target = party.target(task.target)
         bs, ml = party.trainer.config.batch_size, party.cfg.training.max_length
         metrics = {}
-        op.progress(0, 2, "evaluate")
-        loss = evaluate_loss(target.model, target.tokenizer, public, batch_size=bs, max_length=ml)
+        multiple_choice = bool(eval_set and eval_set[0].choices)
+        # progress in items: the public samples whose loss is measured, then the multiple-choice items scored
+        total = len(public) + (len(eval_set) if multiple_choice else 0)
+        report = party.progress(op, "evaluate")
+        report(0, total)
+        loss = evaluate_loss(target.model, target.tokenizer, public, batch_size=bs, max_length=ml,
+                             progress=lambda done, _n: report(done, total))
         metrics.update({"public_loss": loss["loss"], "public_ppl": loss["perplexity"], "public_bpb": loss["bpb"]})
-        op.progress(1, 2, "evaluate")
         accuracy = float("nan")
-        if eval_set and eval_set[0].choices:
+        if multiple_choice:
             acc = evaluate_mc(target.model, target.tokenizer, eval_set, batch_size=bs, max_length=ml,
-                              mc_scoring=party.cfg.evaluation.mc_scoring)
+                              mc_scoring=party.cfg.evaluation.mc_scoring,
+                              progress=lambda done, _n: report(len(public) + done, total))
             accuracy = acc["accuracy"]
             metrics.update({"eval_accuracy": acc["accuracy"], "eval_accuracy_norm": acc["accuracy_norm"],
                             "eval_n": acc["n"]})
-        op.progress(2, 2, "evaluate")
+        report(total, total)
         return OpResult(metrics=metrics,
                         result=party_pb2.EvaluateResult(public_loss=loss["loss"], eval_accuracy=accuracy))
     return work

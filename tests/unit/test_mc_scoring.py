@@ -163,3 +163,16 @@ def test_party_config_validates_mc_scoring(tmp_path):
 def test_tokenizer_paths_are_known():
     for name in ARCH_TOKENIZERS.values():
         tokenizer_path(name)  # skips (does not fail) where the shared data is absent
+
+
+@pytest.mark.parametrize("mode", ["per_choice", "shared_prompt"])
+def test_progress_counts_items_up_to_their_number(tiny_dirs, arc_items, mode):
+    """Progress is reported in items (not in phases of the task): it never goes back and ends at the item count."""
+    model, tok = _model(tiny_dirs, "llama")
+    items = arc_items[:7] + CRAFTED
+    seen = []
+    choice_loglikelihoods(model, tok, items, batch_size=3, mc_scoring=mode,
+                          progress=lambda done, total: seen.append((done, total)))
+    assert len(seen) >= 2 and all(total == len(items) for _, total in seen)
+    done = [d for d, _ in seen]
+    assert done == sorted(done) and done[-1] == len(items) and done[0] < len(items)

@@ -36,6 +36,7 @@ import grpc
 from google.protobuf.message import DecodeError, Message
 
 from coordinator.store import StateStore
+from cotune import metrics as cotune_metrics  # Prometheus (`metrics` here means a party's task metrics)
 from cotune.algorithms.base import MalformedResult, PartyRef, StepOutcome, TaskOutcome
 from cotune.algorithms.config import RunConfig
 from cotune.align.vocabmap import VocabMap
@@ -128,6 +129,10 @@ class RunDriver:
         self._prior_notes = {(r.round, n) for r in run.rounds for n in r.notes}
         # the step the run was at when it stopped: it is redone, so its step event is shown again (once)
         self._resume_point: tuple[int, str] | None = (run.current_round, run.current_step) if run.current_step else None
+        # round timing for cotune_round_duration_seconds: the round being timed, since when, and whether any step of it
+        # ran in this execution (a round replayed from stored results is not observed)
+        self._round_clock: tuple[int, float] | None = None
+        self._round_worked = False
 
     # -- state -------------------------------------------------------------------------------------------------
     def check_cancelled(self) -> None:
@@ -196,6 +201,8 @@ class RunDriver:
                 rec.notes.append(message)
             if dropped and dropped not in rec.dropped:
                 rec.dropped.append(dropped)
+                # drop notes name their step first ("<step>: <party> dropped from round N: ...", _drop_note)
+                cotune_metrics.client_dropped(message.split(": ", 1)[0] if ": " in message else "")
             self.save()
         self.emit(kind, round=round, party_id=dropped, message=message, once=False)  # new in the record: news
 
@@ -225,6 +232,7 @@ class RunDriver:
     def count_bytes(self, round: int, direction: str, kind: str, n: int) -> None:
         if n <= 0:
             return
+        cotune_metrics.message_bytes(direction, kind, n)
         with self._lock:
             rec = self.round_record(round)
             target = rec.bytes_sent if direction == "sent" else rec.bytes_received
@@ -232,6 +240,7 @@ class RunDriver:
 
     def set_step(self, round: int, step: str) -> None:
         with self._lock:
+            self._time_round(round)
             self.record.current_round = round
             self.record.current_step = step
             self.save()
@@ -239,6 +248,23 @@ class RunDriver:
             if again:
                 self._resume_point = None
         self.emit("step", round=round, step=step, once=not again)
+
+    def _time_round(self, round: int) -> None:
+        """A step of `round` starts: a later round than the one being timed ends that one (caller holds the lock)."""
+        now = time.monotonic()
+        if self._round_clock is not None and round <= self._round_clock[0]:
+            return
+        self.finish_rounds(now)
+        self._round_clock = (round, now)
+
+    def finish_rounds(self, now: float | None = None) -> None:
+        """The round being timed ended (a later round started, or the run succeeded): observe its duration, unless
+        every step of it was replayed from stored results."""
+        with self._lock:
+            if self._round_clock is not None and self._round_worked:
+                seconds = (time.monotonic() if now is None else now) - self._round_clock[1]
+                cotune_metrics.ROUND_SECONDS.labels(cotune_metrics.label(self.record.spec.algorithm)).observe(seconds)
+            self._round_clock, self._round_worked = None, False
 
     def record_artifact(self, round: int, name: str, sha: str) -> None:
         with self._lock:
@@ -255,6 +281,7 @@ class RunDriver:
         done = self.store.step_result(self.run_id, key)
         if done is not None:
             return done
+        self._round_worked = True
         result = fn()
         self.store.put_step(self.run_id, key, result)
         return result
@@ -316,6 +343,7 @@ class RunDriver:
             profile["transfer"] = (marks["pushed"] - marks["attempt"]) + (done - marks["ran"])
             profile["queue"] = max(0.0, (marks["ran"] - marks["pushed"]) - profile.get("total", 0.0))
             profile["wall"] = done - started
+            cotune_metrics.step_finished(step, profile)
             return {"metrics": metrics, "profile": profile,
                     "result": base64.b64encode(result.SerializeToString()).decode()}
 

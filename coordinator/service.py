@@ -14,6 +14,7 @@ import grpc
 
 from coordinator.driver import RunCancelled, RunDriver
 from coordinator.store import StateStore
+from cotune import metrics
 from cotune.algorithms.aggregate import UploadRejected, parse_adapter, validate_upload
 from cotune.algorithms.base import PartyRef
 from cotune.algorithms.config import SpecError, parse_spec
@@ -46,6 +47,7 @@ class Coordinator:
         root = Path(cfg.workdir)
         self.workdir_lock = WorkdirLock(root, "coordinator")  # one coordinator per state database
         self.state = StateStore(root / "state.sqlite3")
+        metrics.watch_runs(self.state.count_by_state)  # cotune_runs{state}, counted at scrape time
         self.artifacts = service_store(root / "artifacts", cfg.blob_quota_gib)
         self.creds: Credentials = credentials(cfg)
         self._cancel: dict[str, threading.Event] = {}
@@ -427,6 +429,7 @@ class Coordinator:
             driver.save()
             driver.emit("state", message="running")
             strategy.execute(driver, algo_config)
+            driver.finish_rounds()  # the last round's duration
             run.state = pb.RUN_SUCCEEDED
             run.current_step = "done"
         except RunCancelled:
@@ -437,6 +440,7 @@ class Coordinator:
             run.error = message
         finally:
             self.state.put_run(run)
+            metrics.RUNS_ENDED.labels(run_state_name(run.state)).inc()
             self.state.add_event(pb.RunEvent(run_id=run_id, kind="state", state=run.state, message=run.error or pb.RunState.Name(run.state)))
             if driver is not None:
                 driver.close()  # the clients it was given, those it redialled, the alignment service's
@@ -455,7 +459,8 @@ class _ExportDriver(RunDriver):
         pass
 
     def count_bytes(self, round: int, direction: str, kind: str, n: int) -> None:
-        pass
+        if n > 0:  # not the run's bytes, but bytes this coordinator moved (cotune_message_bytes)
+            metrics.message_bytes(direction, kind, n)
 
     def emit(self, kind: str, **kw) -> None:
         if kind != "progress":
@@ -474,6 +479,11 @@ class _ExportDriver(RunDriver):
         self._resilient(self._party_peer(party), round, "export",
                         lambda client: client.run_task(request, timeout_s=self.timeout_s,
                                                        should_stop=self._cancel.is_set))
+
+
+def run_state_name(state: int) -> str:
+    """A RunState as a metric label: RUN_SUCCEEDED -> succeeded."""
+    return pb.RunState.Name(state).removeprefix("RUN_").lower()
 
 
 def within_response_budget(items: list, budget: int = RESPONSE_BUDGET_BYTES) -> list:

@@ -87,6 +87,13 @@ class StateStore:
             rows = self._db.execute("SELECT run FROM runs ORDER BY created_at DESC LIMIT ?", (limit,)).fetchall()
         return [pb.Run.FromString(r[0]) for r in rows]
 
+    def count_by_state(self) -> dict[str, int]:
+        """How many runs are in each state, by lower-case state name without the RUN_ prefix (metrics)."""
+        with self._lock:
+            rows = self._db.execute("SELECT state, count(*) FROM runs GROUP BY state").fetchall()
+        names = {value: name.removeprefix("RUN_").lower() for name, value in pb.RunState.items()}
+        return {names.get(state, "unknown"): n for state, n in rows}
+
     def runs_in_state(self, *states) -> list[pb.Run]:
         marks = ",".join("?" * len(states))
         with self._lock:

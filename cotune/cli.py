@@ -295,6 +295,20 @@ def cmd_run_export(args) -> int:
     return 0
 
 
+def cmd_run_report(args) -> int:
+    """REPORT.md, data.json and PNG plots of a run (cotune.run_report) in --out; prints the files written."""
+    from cotune.run_report import fetch, write_report
+
+    client = _coordinator(args)
+    try:
+        run, events = fetch(client, args.run_id)
+    finally:
+        client.close()
+    for path in write_report(run, events, args.out):
+        print(path)
+    return 0
+
+
 def cmd_clients(args) -> int:
     client = _coordinator(args)
     if args.action == "register":
@@ -430,6 +444,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder for <party>[-<target>].safetensors and MODEL_CARD.md")
     coordinator_args(p)
     p.set_defaults(fn=cmd_run_export)
+    p = _add(run, "report", "write a run's report: REPORT.md with PNG plots (accuracy, public loss, KD loss, bytes "
+                            "per round, step timeline) and data.json with the numbers each plot drew")
+    p.add_argument("run_id", help="the run's id (a run still going is reported as far as it got)")
+    p.add_argument("--out", required=True, help="folder for REPORT.md, data.json and the PNGs (created if missing)")
+    coordinator_args(p)
+    p.set_defaults(fn=cmd_run_report)
     p = _add(run, "list", "list runs, newest first")
     p.add_argument("--limit", type=int, default=50, help="at most this many runs (default 50)")
     coordinator_args(p)

@@ -50,6 +50,7 @@ def validate_security(cfg, what: str) -> None:
         raise ConfigError(f"{what}: no TLS configured. Set tls.ca, tls.cert and tls.key (`cotune certs` makes them), "
                           "or `insecure: true` for plaintext on a loopback address (development on one machine only)")
     validate_health_address(cfg, what)
+    validate_metrics_address(cfg, what)
     pairs = [("auth.tokens", token, identity) for token, identity in cfg.auth.tokens.items()]
     pairs += [("auth.peer_tokens", token, identity) for identity, token in cfg.auth.peer_tokens.items()]
     for section, token, identity in pairs:
@@ -83,6 +84,23 @@ def validate_health_address(cfg, what: str) -> None:
     if port and str(port) == listen_port:
         raise ConfigError(f"{what}: health_address {cfg.health_address} uses the port of listen ({cfg.listen}); the "
                           "health port is a separate plaintext listener and needs a port of its own")
+
+
+def validate_metrics_address(cfg, what: str) -> None:
+    """`metrics_address`: the optional plaintext HTTP listener serving the service's Prometheus metrics (cotune.metrics,
+    started by cotune.rpc.server). Empty = off; port 0 binds a free port. It needs a port of its own: not the main
+    port's, not the health port's."""
+    address = getattr(cfg, "metrics_address", "")
+    if not address:
+        return
+    _, port = split_host_port(address, f"{what}: metrics_address")
+    if not port:
+        return
+    for key in ("listen", "health_address"):
+        other = getattr(cfg, key, "")
+        if other and other.rpartition(":")[2] == str(port):
+            raise ConfigError(f"{what}: metrics_address {address} uses the port of {key} ({other}); the metrics "
+                              "endpoint is a separate HTTP listener and needs a port of its own")
 
 
 @dataclass
@@ -130,6 +148,7 @@ class PartyConfig:
     party_id: str = ""
     listen: str = "127.0.0.1:0"
     health_address: str = ""  # plaintext listener serving grpc.health.v1 only (probes without a certificate); empty = off
+    metrics_address: str = ""  # plaintext HTTP listener serving Prometheus metrics (cotune.metrics); empty = off
     workdir: str = ""
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -180,6 +199,7 @@ class PartyConfig:
 class AlignmentConfig:
     listen: str = "127.0.0.1:0"
     health_address: str = ""  # plaintext listener serving grpc.health.v1 only (probes without a certificate); empty = off
+    metrics_address: str = ""  # plaintext HTTP listener serving Prometheus metrics (cotune.metrics); empty = off
     workdir: str = ""
     workers: int = 1          # concurrent builds; each build uses every core
     tls: TlsConfig = field(default_factory=TlsConfig)
@@ -202,6 +222,7 @@ class ClientEntry:
 class CoordinatorConfig:
     listen: str = "127.0.0.1:0"
     health_address: str = ""  # plaintext listener serving grpc.health.v1 only (probes without a certificate); empty = off
+    metrics_address: str = ""  # plaintext HTTP listener serving Prometheus metrics (cotune.metrics); empty = off
     workdir: str = ""
     llm: str = ""             # address of the LLM server
     alignment: str = ""       # address of the alignment service

@@ -7,6 +7,7 @@ from cotune.algorithms.fedbiot import server as fedbiot
 from cotune.algorithms.fedcollm import server as fedcollm
 from cotune.algorithms.fedmkt import tasks as fedmkt
 from cotune.config import PartyConfig
+from cotune.metrics import set_model_bytes
 from cotune.party import tasks as generic
 from cotune.party.base import ModelParty
 from cotune.party.runstate import StateKind
@@ -48,6 +49,7 @@ class LLMServer(ModelParty):
     def setup(self) -> None:
         if self.cfg.model.companion_slm_path:
             fedcollm.load_companion(self)
+            set_model_bytes(self.cfg.party_id, "companion", self.target("companion").model)
 
     def describe_extra(self, info: party_pb2.PartyInfo) -> None:
         companion = fedcollm.describe_companion(self)

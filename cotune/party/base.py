@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,7 @@ from typing import Any, ClassVar
 
 from google.protobuf.message import Message
 
+from cotune import metrics
 from cotune.config import PartyConfig
 from cotune.data import canonical_jsonl_bytes, dataset_hash, read_jsonl
 from cotune.errors import InvalidInput, Precondition, Unavailable
@@ -185,6 +187,7 @@ class ModelParty:
             self.vocab_size = int(head.weight.shape[0]) if head is not None else len(tokenizer)
             self.device = str(next(model.parameters()).device)
             self.model_path, self.loaded_model = str(path), archive
+        metrics.set_model_bytes(self.cfg.party_id, "model", model)  # cotune_party_model_bytes
 
     def new_trainer(self, model, tokenizer=None):
         """A fresh Trainer (optimizer, schedule, counters) over `model`, with this party's training config."""
@@ -326,7 +329,7 @@ class ModelParty:
         else:  # another run's task holds the worker: validate once this run is switched in (a failed operation)
             prepared = lambda op: handler(self, task, ctx)(op)  # noqa: E731
         key = f"{ctx.run_id}/{ctx.round}/{ctx.task_key}" if ctx.task_key else ""
-        work = self._in_run(ctx, key, prepared)
+        work = self._in_run(ctx, key, prepared, kind)
         if not key:
             return self.ops.start(kind, work)
         # the key names the step (run, round, task_key) and is bound to the task asked (kind + serialized task): a
@@ -335,16 +338,19 @@ class ModelParty:
         fingerprint = hashlib.sha256(task.SerializeToString(deterministic=True)).hexdigest()
         return self.ops.start(kind, work, key=key, fingerprint=fingerprint)
 
-    def _in_run(self, ctx: party_pb2.RunContext, key: str, work: Work) -> Work:
+    def _in_run(self, ctx: party_pb2.RunContext, key: str, work: Work, kind: str = "") -> Work:
         """`work` run against its run's state, which it stages when done (committed with the operation's record;
-        cotune.party.runstate). A failed or cancelled task leaves the in-memory state to be restored."""
+        cotune.party.runstate). A failed or cancelled task leaves the in-memory state to be restored. A task that
+        trained tokens adds them, and its seconds, to the party's training throughput (cotune.metrics)."""
 
         def run(op_ctx: OperationContext) -> OpResult:
             with self._worker:
                 with phase("checkpoint"):
                     self.runs.enter(ctx.run_id, ctx.resumes)
                 try:
+                    started = time.perf_counter()
                     result = work(op_ctx)
+                    metrics.training(self.cfg.party_id, kind, getattr(result, "metrics", None), time.perf_counter() - started)
                     with phase("checkpoint"):
                         self.runs.stage(ctx.run_id, key)
                 except BaseException:

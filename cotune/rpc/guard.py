@@ -12,6 +12,7 @@ For each call, before the handler runs:
    pool, so no number of slow or idle callers can starve health checks or quick calls. Streams that make no progress
    for `stream_idle_s` are cancelled. Request messages are checked against cotune.rpc.limits before the handler sees
    them.
+4. **Count.** Every call, refused or not, is counted by method and status code and timed (cotune.metrics).
 
 Handlers read the authenticated caller with `caller()` (None in insecure mode).
 """
@@ -28,6 +29,7 @@ from collections.abc import Callable, Iterator, Mapping
 import grpc
 
 from cotune.errors import note_refusal
+from cotune.metrics import RpcMetrics
 from cotune.security.identity import Identity
 from cotune.security.policy import method_key
 
@@ -106,11 +108,11 @@ class Guard(grpc.ServerInterceptor):
 
     `policy`: method key -> identity kinds allowed (cotune.security.policy.POLICIES[role]); `secure`: the host serves
     mTLS; `tokens`: bearer token -> identity it is bound to; `check`: validates a request message (raises an RpcError),
-    normally cotune.rpc.limits.check_message."""
+    normally cotune.rpc.limits.check_message; `metrics`: where calls are counted (the host's labels)."""
 
     def __init__(self, policy: Mapping[str, frozenset], *, secure: bool, tokens: Mapping[str, Identity] | None = None,
                  check: Callable | None = None, concurrency: Mapping[str, int] | None = None,
-                 stream_idle_s: float = STREAM_IDLE_S):
+                 stream_idle_s: float = STREAM_IDLE_S, metrics: RpcMetrics | None = None):
         self.policy = policy
         self.secure = secure
         self.tokens = dict(tokens or {})
@@ -119,6 +121,7 @@ class Guard(grpc.ServerInterceptor):
         self._slots = {m: threading.BoundedSemaphore(n) for m, n in (concurrency or CONCURRENCY).items()}
         self._limits = dict(concurrency or CONCURRENCY)
         self.watchdog = _Watchdog(stream_idle_s)
+        self.metrics = metrics or RpcMetrics()
 
     # -- the checks -----------------------------------------------------------------------------------------------
     def _identify(self, context, method: str) -> Identity | None:
@@ -211,11 +214,38 @@ class Guard(grpc.ServerInterceptor):
         if handler is None:
             return None
         method = method_key(handler_call_details.method)
-        if not self.enforce and method not in self._slots and self.check is None:
-            return handler
         kind = ("stream" if handler.request_streaming else "unary") + "_" + ("stream" if handler.response_streaming else "unary")
         behavior = getattr(handler, kind)
         streams = handler.request_streaming or handler.response_streaming
+        observe = self.metrics.observe
+        factory = getattr(grpc, f"{kind}_rpc_method_handler")
+
+        if not self.enforce and method not in self._slots and self.check is None:  # nothing to check: only counted
+            if handler.response_streaming:
+                def counted(request, context):
+                    started, code = time.perf_counter(), None
+                    try:
+                        yield from behavior(request, context)
+                    except GeneratorExit:
+                        code = "CANCELLED"
+                        raise
+                    except BaseException:
+                        code = _code(context, failed=True)
+                        raise
+                    finally:
+                        observe(method, code or _code(context), time.perf_counter() - started)
+            else:
+                def counted(request, context):
+                    started, code = time.perf_counter(), None
+                    try:
+                        return behavior(request, context)
+                    except BaseException:
+                        code = _code(context, failed=True)
+                        raise
+                    finally:
+                        observe(method, code or _code(context), time.perf_counter() - started)
+            return factory(counted, request_deserializer=handler.request_deserializer,
+                           response_serializer=handler.response_serializer)
 
         deserialize = handler.request_deserializer  # parsed here, after authentication, so garbage is refused cleanly
 
@@ -227,15 +257,46 @@ class Guard(grpc.ServerInterceptor):
         if handler.response_streaming:
             def wrapped(request, context):
                 # a generator: the slot, the caller and the watch are held while responses are produced
-                with self._admitted(context, method, True) as key:
-                    for response in behavior(admit_request(request, context, key), context):
-                        yield response
-                        self.watchdog.touch(key)
+                started, code = time.perf_counter(), None
+                try:
+                    with self._admitted(context, method, True) as key:
+                        for response in behavior(admit_request(request, context, key), context):
+                            yield response
+                            self.watchdog.touch(key)
+                except GeneratorExit:  # the caller went away mid-stream
+                    code = "CANCELLED"
+                    raise
+                except BaseException:
+                    code = _code(context, failed=True)
+                    raise
+                finally:
+                    observe(method, code or _code(context), time.perf_counter() - started)
         else:
             def wrapped(request, context):
-                with self._admitted(context, method, streams) as key:
-                    return behavior(admit_request(request, context, key), context)
+                started, code = time.perf_counter(), None
+                try:
+                    with self._admitted(context, method, streams) as key:
+                        return behavior(admit_request(request, context, key), context)
+                except BaseException:
+                    code = _code(context, failed=True)
+                    raise
+                finally:
+                    observe(method, code or _code(context), time.perf_counter() - started)
 
-        factory = getattr(grpc, f"{kind}_rpc_method_handler")
         return factory(wrapped, request_deserializer=None,
                        response_serializer=handler.response_serializer)
+
+
+def _code(context, *, failed: bool = False) -> str:
+    """The status code name a call ends with: what the handler (or an abort) set, else OK, or UNKNOWN for a call that
+    raised without setting one (gRPC answers it UNKNOWN)."""
+    code = None
+    getter = getattr(context, "code", None)
+    if callable(getter):
+        try:
+            code = getter()
+        except Exception:  # noqa: BLE001 - a context without a code
+            code = None
+    if isinstance(code, grpc.StatusCode):
+        return code.name
+    return "UNKNOWN" if failed else "OK"

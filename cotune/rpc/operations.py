@@ -22,6 +22,7 @@ import grpc
 from google.protobuf.message import Message
 
 from cotune.errors import AlreadyExists, NotFound, rpc_method, status_for
+from cotune.metrics import OperationMetrics
 from cotune.profile import collecting
 from cotune.tasks import blob_refs
 from cotune.v1 import operations_pb2 as ops_pb2
@@ -30,6 +31,8 @@ from cotune.v1 import operations_pb2_grpc as ops_grpc
 log = logging.getLogger(__name__)
 State = ops_pb2.OperationState
 TERMINAL = (State.OPERATION_SUCCEEDED, State.OPERATION_FAILED, State.OPERATION_CANCELLED)
+_STATE_NAMES = {State.OPERATION_SUCCEEDED: "succeeded", State.OPERATION_FAILED: "failed",
+                State.OPERATION_CANCELLED: "cancelled"}
 
 
 TIME_PREFIX = "time_"  # metrics an operation adds about itself: time_total_s and time_<phase>_s (cotune.profile)
@@ -79,6 +82,7 @@ class OperationManager:
         self._cancel: set[str] = set()
         self._cond = threading.Condition()
         self._keep = keep
+        self.metrics = OperationMetrics()  # operations running and ended; its host binds its labels (ServiceHost)
 
     def start(self, kind: str, work: Callable[[OperationContext], OpResult], *, key: str = "",
               fingerprint: str = "") -> ops_pb2.Operation:
@@ -131,23 +135,39 @@ class OperationManager:
                 del self._by_key[key]
 
     def _run(self, op_id: str, work) -> None:
+        metrics, kind, started = self.metrics, self._kind(op_id), time.perf_counter()
+        metrics.started(kind)
+        ended = False
+
+        def finish(state, *, code=None, message: str = "") -> None:
+            nonlocal ended  # counted before the state is published: whoever sees it ended sees it counted
+            metrics.ended(kind, _STATE_NAMES[state], time.perf_counter() - started)
+            ended = True
+            self._finish(op_id, state, code=code, message=message)
+
+        try:
+            self._execute(op_id, work, started, finish)
+        finally:
+            if not ended:  # the work's bookkeeping itself raised
+                metrics.ended(kind, "failed", time.perf_counter() - started)
+
+    def _execute(self, op_id: str, work, started: float, finish) -> None:
         self._update(op_id, lambda op: (setattr(op, "state", State.OPERATION_RUNNING), setattr(op, "started_at", time.time())))
         ctx = OperationContext(self, op_id)
-        started = time.perf_counter()
         try:
             if ctx.cancelled():
                 raise Cancelled()
             with collecting() as profile:
                 result = work(ctx)
         except Cancelled:
-            self._finish(op_id, State.OPERATION_CANCELLED, code=grpc.StatusCode.CANCELLED, message="cancelled")
+            finish(State.OPERATION_CANCELLED, code=grpc.StatusCode.CANCELLED, message="cancelled")
             return
         except Exception as exc:  # noqa: BLE001 - reported through the operation
             # an RpcError keeps its code; anything else is INTERNAL, logged with its traceback by status_for
             code, message = status_for(exc, f"operation {op_id} ({self._kind(op_id)})")
             if code != grpc.StatusCode.INTERNAL:
                 log.warning("operation %s rejected: %s", op_id, message)
-            self._finish(op_id, State.OPERATION_FAILED, code=code, message=message)
+            finish(State.OPERATION_FAILED, code=code, message=message)
             return
 
         def fill(op):
@@ -176,9 +196,9 @@ class OperationManager:
                 self._journal.commit(key, kind, fingerprint, final.SerializeToString())
             except Exception as exc:  # noqa: BLE001 - a step whose result cannot be kept did not succeed
                 code, message = status_for(exc, f"operation {op_id} (recording its result)")
-                self._finish(op_id, State.OPERATION_FAILED, code=code, message=message)
+                finish(State.OPERATION_FAILED, code=code, message=message)
                 return
-        self._finish(op_id, State.OPERATION_SUCCEEDED)
+        finish(State.OPERATION_SUCCEEDED)
 
     def _finish(self, op_id: str, state, *, code=None, message: str = "") -> None:
         def done(op):

@@ -1,5 +1,5 @@
 """Server bootstrap shared by every service: limits, mTLS, the guard (identities, authorization, concurrency caps),
-health, reflection, shutdown."""
+health, reflection, metrics, shutdown."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from cotune import metrics
 from cotune.config import validate_security
 from cotune.errors import add_private_root
 from cotune.rpc.limits import check_message
@@ -62,17 +63,21 @@ class ServiceHost:
     `role` picks the authorization table (cotune.security.policy.POLICIES); `tls` empty means plaintext, which the
     caller must have asked for explicitly (`insecure: true`) and which listens on a literal loopback address only.
     `tokens`: bearer token -> the identity it is bound to. `health_address` (empty = none): a second, plaintext listener
-    serving only grpc.health.v1, with the same health state as the main port (see HEALTH_WORKERS)."""
+    serving only grpc.health.v1, with the same health state as the main port (see HEALTH_WORKERS).
+    `metrics_address` (empty = none): a plaintext HTTP listener serving the process's Prometheus metrics
+    (cotune.metrics); this host's series carry `labels` (service, party: cotune.metrics.service_labels)."""
 
     def __init__(self, name: str, address: str, *, role: str, tls: TlsFiles | None = None,
                  tokens: Mapping[str, Identity] | None = None, check=None, identity: Identity | None = None,
-                 health_address: str = ""):
+                 health_address: str = "", metrics_address: str = "", labels: tuple[str, str] | None = None):
         self.name = name
         self.identity = identity  # with TLS, the identity this service's certificate must carry
         self.address = address
         self.tls = tls or TlsFiles()
         self.policy = POLICIES[role]
-        self.guard = Guard(self.policy, secure=self.tls.enabled, tokens=tokens, check=check)
+        self.labels = labels or metrics.service_labels(role)
+        self.rpc_metrics = metrics.RpcMetrics(*self.labels)
+        self.guard = Guard(self.policy, secure=self.tls.enabled, tokens=tokens, check=check, metrics=self.rpc_metrics)
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix=name),
                                   options=SERVER_OPTIONS, interceptors=[self.guard])
         self.health = _Health(experimental_non_blocking=True)
@@ -82,6 +87,9 @@ class ServiceHost:
         self.health_address = health_address
         self.health_port: int | None = None
         self._health_server: grpc.Server | None = None
+        self.metrics_address = metrics_address
+        self.metrics_port: int | None = None
+        self._metrics: metrics.Endpoint | None = None
         self._check = check
         self._stopped = threading.Event()
         self.set_serving(False)
@@ -98,13 +106,16 @@ class ServiceHost:
         self._service_names.append(service.full_name)
 
     def add_blobs_and_operations(self, store, operations) -> None:
-        """Every service serves its blob store and its long-running operations."""
+        """Every service serves its blob store and its long-running operations (both counted under this host's
+        metric labels)."""
         from cotune.rpc.operations import OperationsServicer
         from cotune.v1 import common_pb2, common_pb2_grpc, operations_pb2, operations_pb2_grpc
         from cotune.wire.blobs import BlobStoreServicer
 
+        metrics.bind_store(store, *self.labels)
         self.add(common_pb2_grpc.add_BlobStoreServicer_to_server, BlobStoreServicer(store), common_pb2, "BlobStore")
         if operations is not None:
+            operations.metrics = metrics.OperationMetrics(*self.labels)
             self.add(operations_pb2_grpc.add_OperationsServicer_to_server, OperationsServicer(operations), operations_pb2, "Operations")
 
     def start(self, port_file: str | None = None) -> int:
@@ -129,6 +140,8 @@ class ServiceHost:
         self.server.start()
         if self.health_address:
             self._start_health_port()
+        if self.metrics_address:
+            self._start_metrics_port()
         if port_file:
             tmp = f"{port_file}.tmp"
             with open(tmp, "w") as f:
@@ -146,7 +159,8 @@ class ServiceHost:
                              options=HEALTH_SERVER_OPTIONS, maximum_concurrent_rpcs=HEALTH_MAX_CALLS,
                              # no identities on this port: the guard only caps Watch streams and checks message limits
                              interceptors=[Guard({}, secure=False, check=self._check,
-                                                 concurrency={"grpc.health.v1.Health/Watch": HEALTH_WATCHES})])
+                                                 concurrency={"grpc.health.v1.Health/Watch": HEALTH_WATCHES},
+                                                 metrics=self.rpc_metrics)])
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         try:
             port = server.add_insecure_port(self.health_address)
@@ -158,6 +172,21 @@ class ServiceHost:
         server.start()
         self._health_server, self.health_port = server, port
         log.info("%s health port on %s (port %d, plaintext, grpc.health.v1 only)", self.name, self.health_address, port)
+
+    def _start_metrics_port(self) -> None:
+        """The plaintext HTTP metrics listener (cotune.metrics.serve: bounded threads, short timeouts). It reveals
+        counters (methods, status codes, byte counts, party ids), no data; a port that cannot be bound stops the
+        service with an error naming it, rather than running unobserved."""
+        try:
+            self._metrics = metrics.serve(self.metrics_address)
+        except OSError as exc:
+            self.server.stop(None)
+            if self._health_server is not None:
+                self._health_server.stop(None)
+            raise OSError(f"{self.name}: could not bind the metrics port {self.metrics_address}: {exc}") from exc
+        self.metrics_port = self._metrics.port
+        log.info("%s metrics on %s (port %d, plaintext HTTP, Prometheus text format)", self.name,
+                 self.metrics_address, self.metrics_port)
 
     def _check_own_identity(self, cert_pem: bytes) -> None:
         from cotune.security.certs import identity_of_cert
@@ -171,12 +200,15 @@ class ServiceHost:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         self.health.set("", status)
         self.health.set(self.name, status)
+        self.rpc_metrics.serving(serving)
 
     def stop(self, grace: float = 5.0) -> None:
         self.set_serving(False)
         self.server.stop(grace).wait()
         if self._health_server is not None:  # after the main port: probes see NOT_SERVING while calls drain
             self._health_server.stop(0).wait()
+        if self._metrics is not None:  # last: a final scrape sees the drain
+            self._metrics.close()
         self._stopped.set()
 
     def wait_for_termination_signal(self) -> None:
@@ -194,4 +226,6 @@ def service_host(name: str, cfg, role: str) -> ServiceHost:
     identity = client_identity(cfg.party_id) if role == "slm" else Identity(role)
     add_private_root(cfg.workdir)  # error messages to callers never show paths under it
     return ServiceHost(name, cfg.listen, role=role, tls=tls_files(cfg), tokens=tokens, identity=identity,
-                       check=check_message, health_address=cfg.health_address)
+                       check=check_message, health_address=cfg.health_address,
+                       metrics_address=getattr(cfg, "metrics_address", ""),
+                       labels=metrics.service_labels(role, getattr(cfg, "party_id", "")))

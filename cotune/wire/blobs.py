@@ -38,6 +38,7 @@ from pathlib import Path
 
 import grpc
 
+from cotune import metrics as _metrics
 from cotune.errors import InvalidInput, NotFound, Precondition, ResourceExhausted, rpc_method
 from cotune.v1 import common_pb2, common_pb2_grpc
 
@@ -211,6 +212,8 @@ class BlobStore:
         self._usage = self._scan()
         self._next_sweep = 0.0
         self._sweep_lock = threading.Lock()
+        # bytes in/out counters (cotune.metrics): the service hosting this store binds them to its labels
+        self.metrics: _metrics.BlobMetrics = _metrics.UNBOUND_BLOBS
 
     # -- disk accounting and partial expiry -------------------------------------------------------------------------
     def _scan(self) -> int:
@@ -552,6 +555,10 @@ class BlobStore:
 # gRPC service and client helpers
 
 
+def _blob_metrics(store) -> _metrics.BlobMetrics:
+    return getattr(store, "metrics", None) or _metrics.UNBOUND_BLOBS
+
+
 class BlobStoreServicer(common_pb2_grpc.BlobStoreServicer):
     def __init__(self, store: BlobStore):
         self.store = store
@@ -571,7 +578,9 @@ class BlobStoreServicer(common_pb2_grpc.BlobStoreServicer):
                 self.store.admit(sha, chunk.total_size)  # size and quota, before anything is written
             elif chunk.sha256 != sha:
                 raise InvalidInput("all chunks of one PutBlob stream must carry the same sha256")
-            if self.store.write_chunk(sha, chunk.offset, chunk.data, chunk.total_size, chunk.media_type) is not None:
+            done = self.store.write_chunk(sha, chunk.offset, chunk.data, chunk.total_size, chunk.media_type)
+            _blob_metrics(self.store).received.inc(len(chunk.data))
+            if done is not None:
                 break
         if sha is None:
             raise InvalidInput("PutBlob stream carried no chunks")
@@ -582,7 +591,9 @@ class BlobStoreServicer(common_pb2_grpc.BlobStoreServicer):
         sha = check_sha(request.sha256)
         blob = self.store.stat(sha)
         offset = request.offset
+        sent = _blob_metrics(self.store).sent
         for data in self.store.iter_chunks(sha, offset):
+            sent.inc(len(data))
             yield common_pb2.Chunk(sha256=sha, offset=offset, data=data, total_size=blob.size, media_type=blob.media_type)
             offset += len(data)
 
@@ -596,6 +607,7 @@ def _chunk_stream(source: BlobStore, blob: Blob, offset: int, counter: list[int]
         # count before yielding: the receiver returns as soon as the last chunk completes the blob, so the
         # generator is never resumed after its final yield
         counter[0] += len(data)
+        _blob_metrics(source).sent.inc(len(data))
         yield common_pb2.Chunk(sha256=blob.sha256, offset=offset, data=data, total_size=blob.size, media_type=blob.media_type)
         offset += len(data)
 
@@ -653,6 +665,7 @@ def pull_blob(stub: common_pb2_grpc.BlobStoreStub, dest: BlobStore, sha: str, *,
                     raise InvalidInput(f"remote sent chunks of blob {chunk.sha256!r:.70} when {sha} was asked for")
                 dest.write_chunk(sha, chunk.offset, chunk.data, chunk.total_size, chunk.media_type)
                 received += len(chunk.data)
+                _blob_metrics(dest).received.inc(len(chunk.data))
             if dest.has(sha):
                 return received
         except grpc.RpcError as exc:

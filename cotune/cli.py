@@ -311,13 +311,20 @@ def cmd_run_report(args) -> int:
 
 def cmd_clients(args) -> int:
     client = _coordinator(args)
-    if args.action == "register":
-        client.register_client(args.client_id, args.address)
-    elif args.action == "remove":
+
+    def show(rec):
+        print(f"{rec.client.client_id:16s} {rec.client.address:22s} {rec.info.model_name} tokenizer "
+              f"{rec.info.tokenizer_hash[:12]}")
+
+    if args.action == "register":  # a client may register itself but not list the others: show what was registered
+        show(client.register_client(args.client_id, args.address))
+        return 0
+    if args.action == "remove":
         client.deregister_client(args.client_id)
         print(f"removed {args.client_id}")
+        return 0
     for rec in client.list_clients():
-        print(f"{rec.client.client_id:16s} {rec.client.address:22s} {rec.info.model_name} tokenizer {rec.info.tokenizer_hash[:12]}")
+        show(rec)
     return 0
 
 

@@ -107,7 +107,7 @@ def validate_metrics_address(cfg, what: str) -> None:
 class ModelConfig:
     path: str = ""            # HF model directory or .gguf file
     name: str = ""            # display name; defaults to the path's name
-    device: str = "auto"      # auto | cpu | cuda | cuda:N
+    device: str = "auto"      # auto | cpu | cuda | cuda:N | auto-multi | cuda:N,M,... (one model across GPUs)
     dtype: str = "auto"       # auto | fp32 | bf16 | fp16
     cache_dir: str = ""       # where GGUF models are cached as HF directories
     companion_slm_path: str = ""  # LLM server, FedCoLLM: the SLM the clients train (HF directory or .gguf), held here

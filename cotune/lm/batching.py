@@ -61,7 +61,13 @@ def shuffled_batches(lengths: Sequence[int], batch_size: int, rng: np.random.Gen
 
 
 def model_device(model) -> torch.device:
+    """Where the model's inputs go: its first parameter's device (a model spread across GPUs: its first layers')."""
     return next(model.parameters()).device
+
+
+def cuda_indices(model) -> list[int]:
+    """The CUDA devices holding the model's parameters (several for a model spread across GPUs), for fork_rng."""
+    return sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
 
 
 def _base_causal_lm(model):
@@ -96,10 +102,13 @@ def hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) 
 
 
 def head_logits(model, hidden: torch.Tensor) -> torch.Tensor:
-    """LM head on hidden states [..., H] -> fp32 logits [..., V], with the model's final soft-capping / scaling."""
+    """LM head on hidden states [..., H] -> fp32 logits [..., V], with the model's final soft-capping / scaling; on
+    `hidden`'s device (a model spread across GPUs may hold its head on another one)."""
     _, head, config = decoder_and_head(model)
     with phase("forward"):
         logits = head(hidden).float()
+    if logits.device != hidden.device:
+        logits = logits.to(hidden.device)
     cap = getattr(config, "final_logit_softcapping", None)
     if cap:
         logits = torch.tanh(logits / cap) * cap

@@ -5,6 +5,10 @@ native bf16 matrix instructions (see :func:`cpu_has_native_bf16`), else fp32. Wh
 base weights take that dtype: LoRA parameters (the trained master weights), their gradients, the optimizer state and
 the logits that reach the losses stay fp32 (see cotune.lm.lora.attach_lora, cotune.lm.batching.head_logits and
 cotune.lm.train.Trainer.step, which adds a loss scale for fp16).
+
+A model larger than one GPU (the LLM server on a multi-GPU node) is spread across GPUs with `model.device: auto-multi`
+(every visible GPU) or `cuda:0,1,...` (those GPUs): see :func:`spread_gpus`; cotune.lm.model.load_causal_lm places its
+layers with accelerate's device map. Where fewer than two GPUs are visible, `auto-multi` is plain `auto`.
 """
 
 from __future__ import annotations
@@ -24,14 +28,59 @@ _DTYPES = {
 }
 
 
+MULTI_GPU = "auto-multi"  # model.device: spread the model across every visible GPU (plain `auto` with fewer than two)
+# the share of each GPU's free memory a spread model's weights may plan on (accelerate's balanced map then fills the
+# GPUs evenly, so most of the rest stays free for activations, logits and the LoRA optimizer state)
+GPU_MEMORY_FRACTION = 0.9
+
+
+def spread_gpus(pref: str | torch.device | None, count: int | None = None) -> list[int]:
+    """The GPUs a model is spread across for device preference `pref`, or [] for a single device.
+
+    'auto-multi': every visible GPU when there are at least two (`count`, default torch.cuda.device_count()), else []
+    (the model goes where 'auto' puts it: the one GPU, or the CPU). 'cuda:0,1' / 'cuda:1,2,3': those GPUs (each must
+    exist; one listed GPU is that GPU alone). Any other value: [] (see pick_device)."""
+    if isinstance(pref, torch.device):
+        return []
+    pref = (pref or "auto").strip().lower()
+    if count is None:
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if pref == MULTI_GPU:
+        return list(range(count)) if count >= 2 else []
+    if not (pref.startswith("cuda:") and "," in pref):
+        return []
+    try:
+        gpus = list(dict.fromkeys(int(part) for part in pref[len("cuda:"):].split(",")))
+    except ValueError:
+        raise ValueError(f"device {pref!r}: expected cuda:N,M,... with GPU indices") from None
+    missing = [i for i in gpus if not 0 <= i < count]
+    if missing:
+        raise ValueError(f"device {pref!r} names GPU(s) {', '.join(map(str, missing))} but this machine has "
+                         f"{count} visible GPU(s)")
+    return gpus if len(gpus) >= 2 else []
+
+
+def gpu_budgets(gpus: list[int], *, fraction: float = GPU_MEMORY_FRACTION,
+                free_bytes: dict[int, int] | None = None) -> dict[int, int]:
+    """Bytes of weights each of `gpus` may take (accelerate's max_memory): `fraction` of its free memory now
+    (`free_bytes`: the free memory by GPU, default torch.cuda.mem_get_info)."""
+    if free_bytes is None:
+        free_bytes = {i: torch.cuda.mem_get_info(i)[0] for i in gpus}
+    return {i: int(free_bytes[i] * fraction) for i in gpus}
+
+
 def pick_device(pref: str | torch.device | None = "auto") -> torch.device:
     """'auto' -> cuda if available else cpu; 'cpu', 'cuda', 'cuda:1', 'mps' are taken as given
-    (a CUDA request on a machine without CUDA raises a clear error rather than failing later)."""
+    (a CUDA request on a machine without CUDA raises a clear error rather than failing later).
+    For a model spread across GPUs ('auto-multi', 'cuda:0,1'; see spread_gpus) this is where its inputs go: the first
+    of its GPUs ('auto-multi' with fewer than two GPUs: as 'auto')."""
     if isinstance(pref, torch.device):
         return pref
     pref = (pref or "auto").strip().lower()
-    if pref == "auto":
+    if pref in ("auto", MULTI_GPU):
         return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    if pref.startswith("cuda:") and "," in pref:
+        pref = pref.split(",", 1)[0]  # cuda:1,2 -> cuda:1 (spread_gpus checks the list)
     device = torch.device(pref)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {pref!r} requested but CUDA is not available on this machine")

@@ -177,7 +177,8 @@ def _shared_prompt_group(model, decoder, config, cache_kw: str, items: Sequence[
             c_mask[r, width : width + len(seq)] = 1
             c_pos[r] = torch.arange(cw, dtype=torch.long) + L
         chunk_cache = cache if start + batch_size >= len(cont) else copy.deepcopy(cache)
-        chunk_cache.batch_select_indices(torch.tensor([i for i, _ in chunk], dtype=torch.long, device=device))
+        # CPU indices: a model spread across GPUs holds each layer's cache on that layer's GPU
+        chunk_cache.batch_select_indices(torch.tensor([i for i, _ in chunk], dtype=torch.long))
         with phase("forward"):
             out = decoder(input_ids=c_ids.to(device), attention_mask=c_mask.to(device), position_ids=c_pos.to(device),
                           use_cache=True, **{cache_kw: chunk_cache})

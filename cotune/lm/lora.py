@@ -88,6 +88,8 @@ def attach_lora(model, *, r: int = 8, alpha: int = 16, dropout: float = 0.05, se
     """
     from peft import LoraConfig, TaskType, get_peft_model
 
+    from cotune.lm.batching import cuda_indices
+
     targets = list(target_modules) if target_modules else lora_target_modules(model)
     fan_in_fan_out = any(
         type(m).__name__ == "Conv1D" for n, m in model.named_modules() if n.endswith(tuple("." + t for t in targets))
@@ -101,8 +103,7 @@ def attach_lora(model, *, r: int = 8, alpha: int = 16, dropout: float = 0.05, se
         bias="none",
         fan_in_fan_out=fan_in_fan_out,
     )
-    device = next(model.parameters()).device
-    devices = [device.index or 0] if device.type == "cuda" else []
+    devices = cuda_indices(model)  # every GPU of a model spread across several
     with torch.random.fork_rng(devices=devices), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         torch.manual_seed(seed)

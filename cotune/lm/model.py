@@ -3,6 +3,13 @@
 A GGUF file is dequantized once through transformers' GGUF loader and cached as a plain HF directory
 (config.json without quantization_config, model.safetensors, tokenizer files) under
 ``cache_dir/gguf-<sha256 of the GGUF>``; later loads read that directory, which takes seconds instead of a minute.
+
+A model larger than one GPU is spread across several (``model.device: auto-multi`` or ``cuda:0,1``, see
+cotune.lm.device.spread_gpus): :func:`plan_device_map` balances its decoder layers over the GPUs with accelerate's
+device map (whole layers per GPU, never offloaded to CPU or disk: a model that does not fit is refused), transformers
+places the weights there, and :func:`keep_outputs_on_input_device` makes the decoder return its hidden states on the
+device its inputs came from, so the rest of cotune (which sends inputs to the first parameter's device and computes
+logits and losses there) works as on one device. accelerate comes with peft (`pip install cotune[gpu]` names it).
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from cotune.lm.device import pick_device, pick_dtype
+from cotune.lm.device import gpu_budgets, pick_device, pick_dtype, spread_gpus
 
 log = logging.getLogger(__name__)
 
@@ -229,13 +236,18 @@ def load_causal_lm(
     cache_dir: Path | None = None,
     device: str | torch.device = "auto",
     dtype: str | torch.dtype = "auto",
+    device_map: dict[str, int | str] | None = None,
 ):
     """(model, tokenizer) from an HF directory or a .gguf file; the model is in eval mode on the chosen device.
 
     dtype 'auto' follows cotune.lm.device.pick_dtype (bf16 on CUDA and on CPUs with native bf16 matmul, fp16 on GPUs
     without bf16, fp32 otherwise); it is the dtype of the (frozen) base weights only: attach_lora keeps the LoRA
     weights in fp32 and head_logits hands fp32 logits to the losses. A half-precision model on CPU uses eager
-    attention (see below); everything else transformers' default (sdpa)."""
+    attention (see below); everything else transformers' default (sdpa).
+
+    device 'auto-multi' (every visible GPU, when there are two or more) or 'cuda:0,1,...' spreads the model across
+    GPUs (plan_device_map). `device_map`: an explicit accelerate device map (module name -> device) instead, e.g.
+    {"": "cpu"}; the dtype is still picked for `device`."""
     from transformers import AutoModelForCausalLM
 
     model_dir = ensure_hf_dir(path, cache_dir)
@@ -248,8 +260,16 @@ def load_causal_lm(
         # training step against 0.72 s with eager attention, whose bf16 matmuls run on AMX; forward equally fast)
         # and the eager path does its softmax in fp32 (eval loss 0.15% from fp32 instead of 0.42%). fp32 keeps sdpa.
         kwargs["attn_implementation"] = "eager"
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dt, **kwargs)
-    model.to(dev)
+    if device_map is None and (gpus := spread_gpus(device)):
+        device_map = plan_device_map(model_dir, dt, gpu_budgets(gpus))
+    if device_map is not None:
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dt, device_map=device_map, **kwargs)
+        keep_outputs_on_input_device(model)
+        dev = next(model.parameters()).device  # where cotune sends the inputs (the first layers' device)
+        log.info("loaded %s in %s across %s", model_dir, dt, ", ".join(map(str, dict.fromkeys(device_map.values()))))
+    else:
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dt, **kwargs)
+        model.to(dev)
     model.eval()
     log.debug("loaded %s on %s in %s", model_dir, dev, dt)
     if getattr(model.config, "pad_token_id", None) is None:
@@ -258,6 +278,71 @@ def load_causal_lm(
     if len(tok) > n_vocab:
         log.warning("tokenizer of %s has %d tokens but the model only %d logits", model_dir, len(tok), n_vocab)
     return model, tok
+
+
+def plan_device_map(model_dir: str | Path, dtype: torch.dtype, budgets: dict[int, int]) -> dict[str, int]:
+    """Where each part of the model at `model_dir` goes when spread across GPUs: module name -> GPU index.
+
+    `budgets`: the bytes of weights each GPU may take (cotune.lm.device.gpu_budgets). The model is built empty (no
+    memory, no weights read) and accelerate's balanced map fills the GPUs about evenly in layer order, keeping each
+    decoder layer whole (the model's _no_split_modules) and tied weights together. Raises ValueError when the
+    weights do not fit the budgets: nothing is ever offloaded to CPU or disk, which would be silently slow."""
+    from accelerate import init_empty_weights
+    from accelerate.utils import compute_module_sizes, get_balanced_memory, infer_auto_device_map
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if not budgets:
+        raise ValueError("plan_device_map needs at least one GPU budget")
+    config = AutoConfig.from_pretrained(str(model_dir))
+    with init_empty_weights():
+        empty = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    empty.tie_weights()
+    no_split = sorted(getattr(empty, "_no_split_modules", None) or [])
+    need = compute_module_sizes(empty, dtype=dtype)[""]
+    gib = lambda n: f"{n / 2**30:.2f} GiB"  # noqa: E731
+    have = ", ".join(f"GPU {i}: {gib(b)}" for i, b in budgets.items())
+    if need > sum(budgets.values()):
+        raise ValueError(f"{model_dir}: the weights need {gib(need)} in {dtype}, more than the GPUs can take ({have})")
+    balanced = get_balanced_memory(empty, max_memory=dict(budgets), no_split_module_classes=no_split, dtype=dtype)
+    device_map = dict(infer_auto_device_map(empty, max_memory=balanced, no_split_module_classes=no_split, dtype=dtype))
+    elsewhere = sorted(name for name, where in device_map.items() if where not in budgets)
+    if elsewhere:  # a layer too large for any one GPU's share
+        raise ValueError(f"{model_dir}: {', '.join(elsewhere)} do(es) not fit on the GPUs ({have}; the weights need "
+                         f"{gib(need)} in {dtype}, whole decoder layers per GPU)")
+    return device_map
+
+
+def _input_device(args, kwargs) -> torch.device | None:
+    for value in (*args, kwargs.get("input_ids"), kwargs.get("inputs_embeds")):
+        if isinstance(value, torch.Tensor):
+            return value.device
+    return None
+
+
+def _outputs_to_input_device(module, args, kwargs, output):
+    device = _input_device(args, kwargs)
+    if device is None:
+        return output
+    hidden = getattr(output, "last_hidden_state", None)
+    if isinstance(hidden, torch.Tensor):
+        if hidden.device != device:
+            output.last_hidden_state = hidden.to(device)  # a ModelOutput: its mapping entry follows
+    elif isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor) and output[0].device != device:
+        output = (output[0].to(device), *output[1:])
+    return output
+
+
+def keep_outputs_on_input_device(model) -> None:
+    """Make the decoder of a model spread across devices return its final hidden states on the device its inputs came
+    from (cotune calls the decoder and the LM head itself, at the needed positions only: cotune.lm.batching). The KV
+    cache stays where each layer holds it. accelerate's own top-level hook does this only for the whole model's
+    forward; head_logits does it for the head. A no-op for a model on one device; idempotent."""
+    from cotune.lm.batching import decoder_and_head
+
+    decoder, _, _ = decoder_and_head(model)
+    if not getattr(decoder, "_cotune_outputs_to_input_device", False):
+        decoder.register_forward_hook(_outputs_to_input_device, with_kwargs=True)
+        decoder._cotune_outputs_to_input_device = True
 
 
 def model_memory_bytes(model) -> int:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import logging
 import threading
 import time
@@ -101,6 +102,22 @@ class _Watchdog:
                 self.cancelled += 1
                 log.warning("cancelled %s: no message for %.0fs", method, limit)
                 context.cancel()
+
+
+@contextlib.contextmanager
+def _timed(observe, method: str, context):
+    """Count and time one call (cotune.metrics) with the code it ended with, refusals and failures included."""
+    started, code = time.perf_counter(), None
+    try:
+        yield
+    except GeneratorExit:  # the caller went away mid-stream
+        code = "CANCELLED"
+        raise
+    except BaseException:
+        code = _code(context, failed=True)
+        raise
+    finally:
+        observe(method, code or _code(context), time.perf_counter() - started)
 
 
 class Guard(grpc.ServerInterceptor):
@@ -217,33 +234,18 @@ class Guard(grpc.ServerInterceptor):
         kind = ("stream" if handler.request_streaming else "unary") + "_" + ("stream" if handler.response_streaming else "unary")
         behavior = getattr(handler, kind)
         streams = handler.request_streaming or handler.response_streaming
-        observe = self.metrics.observe
         factory = getattr(grpc, f"{kind}_rpc_method_handler")
+        timed = functools.partial(_timed, self.metrics.observe)
 
         if not self.enforce and method not in self._slots and self.check is None:  # nothing to check: only counted
             if handler.response_streaming:
                 def counted(request, context):
-                    started, code = time.perf_counter(), None
-                    try:
+                    with timed(method, context):
                         yield from behavior(request, context)
-                    except GeneratorExit:
-                        code = "CANCELLED"
-                        raise
-                    except BaseException:
-                        code = _code(context, failed=True)
-                        raise
-                    finally:
-                        observe(method, code or _code(context), time.perf_counter() - started)
             else:
                 def counted(request, context):
-                    started, code = time.perf_counter(), None
-                    try:
+                    with timed(method, context):
                         return behavior(request, context)
-                    except BaseException:
-                        code = _code(context, failed=True)
-                        raise
-                    finally:
-                        observe(method, code or _code(context), time.perf_counter() - started)
             return factory(counted, request_deserializer=handler.request_deserializer,
                            response_serializer=handler.response_serializer)
 
@@ -257,31 +259,14 @@ class Guard(grpc.ServerInterceptor):
         if handler.response_streaming:
             def wrapped(request, context):
                 # a generator: the slot, the caller and the watch are held while responses are produced
-                started, code = time.perf_counter(), None
-                try:
-                    with self._admitted(context, method, True) as key:
-                        for response in behavior(admit_request(request, context, key), context):
-                            yield response
-                            self.watchdog.touch(key)
-                except GeneratorExit:  # the caller went away mid-stream
-                    code = "CANCELLED"
-                    raise
-                except BaseException:
-                    code = _code(context, failed=True)
-                    raise
-                finally:
-                    observe(method, code or _code(context), time.perf_counter() - started)
+                with timed(method, context), self._admitted(context, method, True) as key:
+                    for response in behavior(admit_request(request, context, key), context):
+                        yield response
+                        self.watchdog.touch(key)
         else:
             def wrapped(request, context):
-                started, code = time.perf_counter(), None
-                try:
-                    with self._admitted(context, method, streams) as key:
-                        return behavior(admit_request(request, context, key), context)
-                except BaseException:
-                    code = _code(context, failed=True)
-                    raise
-                finally:
-                    observe(method, code or _code(context), time.perf_counter() - started)
+                with timed(method, context), self._admitted(context, method, streams) as key:
+                    return behavior(admit_request(request, context, key), context)
 
         return factory(wrapped, request_deserializer=None,
                        response_serializer=handler.response_serializer)

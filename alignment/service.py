@@ -141,7 +141,10 @@ class AlignmentService:
             examples = read_jsonl_bytes(self.store.read_bytes(sha), name=f"public set {sha[:16]}…")
         except MalformedDataError as exc:  # the message names the public set and the line
             raise InvalidInput(f"{exc} (a public set is JSONL of examples)") from exc
-        key = f"seq-align/{method}/{max_length}/{req.src_hash}/{req.dst_hash}/{sha}"
+        from cotune.align.seqalign import ALGORITHM_VERSION as SEQ_VERSION
+
+        # the algorithm's version is part of the key: a cache built by an older service is never served
+        key = f"seq-align/{SEQ_VERSION}/{method}/{max_length}/{req.src_hash}/{req.dst_hash}/{sha}"
 
         def build(ctx):
             aligned = align_public_set(src, dst, [(e.prompt, e.response) for e in examples], max_length=max_length,

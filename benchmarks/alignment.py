@@ -29,7 +29,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cotune.align.mined import agreement_sample, build_vocab_map
+from cotune.align.mined import agreement_sample, build_vocab_map, target_preference
 from cotune.align.normalize import control_mask, normalized_forms, tokenizer_family
 from cotune.align.projection import project_topk
 from cotune.align.seqalign import align_pair
@@ -123,7 +123,8 @@ def bench_direction(src_name, dst_name, agreement_n, seed):
         pool = [i for i in range(len(sf)) if not sc[i]]
         sample = random.Random(seed).sample(pool, min(agreement_n, len(pool)))
         t0 = time.perf_counter()
-        bad = agreement_sample(sf, df, vmap.ids, vmap.distance, sample, src_control=sc, dst_control=dc)
+        bad = agreement_sample(sf, df, vmap.ids, vmap.distance, sample, src_control=sc, dst_control=dc,
+                               dst_rank=target_preference(dst))
         out["agreement"] = {"checked": len(sample), "disagreements": len(bad), "examples": bad[:5],
                             "exhaustive_s": round(time.perf_counter() - t0, 2),
                             "agree_fraction": 1 - len(bad) / max(len(sample), 1)}

@@ -2,11 +2,13 @@
 
 For every source token: the target token whose normalized form (raw bytes, see `cotune.align.normalize`) has the
 minimum Levenshtein distance to the source's, counted over bytes. Ties break by the smallest distance, then
-the lexicographically smallest target bytes, then the smallest target id. The result equals an exhaustive
+the lexicographically smallest target bytes, then, among target ids sharing those bytes, the preferred one
+(`target_preference`: the token the target tokenizer itself produces for that text, never a `<0xNN>` byte-fallback
+piece while a real piece has the same byte), then the smallest target id. The result equals an exhaustive
 search (`exhaustive_nearest`) exactly; only the amount of work differs:
 
 1. **Dedupe.** Candidate targets are the non-control tokens with a non-empty form; equal forms keep their
-   smallest id, and the unique forms are sorted, so "smallest index" *is* the tie-break. Equal source forms
+   preferred id, and the unique forms are sorted, so "smallest index" *is* the tie-break. Equal source forms
    are searched once.
 2. **Exact matches** by dictionary lookup (distance 0).
 3. **Distance 1 by deletion neighbourhoods.** If lev(s, t) <= 1, some string obtained from s by at most one
@@ -34,7 +36,13 @@ import numpy as np
 from rapidfuzz import process
 from rapidfuzz.distance import Levenshtein
 
-from cotune.align.normalize import control_mask, normalized_forms, special_roles
+from cotune.align.normalize import (
+    byte_fallback_mask,
+    control_mask,
+    normalized_forms,
+    normalized_forms_cached,
+    special_roles,
+)
 from cotune.align.vocabmap import ALGORITHM_VERSION, VocabMap
 
 INF = np.iinfo(np.int32).max
@@ -68,22 +76,28 @@ def _workers(workers: int | None) -> int:
 # The reference
 
 
+def _rank_of(rank, n: int) -> np.ndarray:
+    return np.zeros(n, np.int64) if rank is None else np.asarray(rank, dtype=np.int64)
+
+
 def exhaustive_nearest(
-    src_form: bytes, dst_forms: Sequence[bytes], *, candidates: Sequence[bool] | np.ndarray | None = None
+    src_form: bytes, dst_forms: Sequence[bytes], *, candidates: Sequence[bool] | np.ndarray | None = None,
+    rank: Sequence[int] | np.ndarray | None = None,
 ) -> tuple[int, int]:
     """(dst_id, distance): the reference search, no pruning. Compares `src_form` with every candidate target
     (default: every non-empty form; `candidates` is a bool mask to restrict further) and breaks ties by
-    (distance, target bytes, target id)."""
+    (distance, target bytes, rank[target id] (default 0), target id)."""
     if candidates is None:
         ids = [i for i, f in enumerate(dst_forms) if f]
     else:
         ids = [i for i, f in enumerate(dst_forms) if candidates[i]]
     if not ids:
         raise ValueError("no candidate target tokens")
+    rank = _rank_of(rank, len(dst_forms))
     dist = process.cdist([_s(src_form)], [_s(dst_forms[i]) for i in ids], scorer=Levenshtein.distance, workers=1)[0]
     best = int(dist.min())
-    winner = min((dst_forms[ids[j]], ids[j]) for j in np.flatnonzero(dist == best))
-    return int(winner[1]), best
+    winner = min((dst_forms[ids[j]], rank[ids[j]], ids[j]) for j in np.flatnonzero(dist == best))
+    return int(winner[2]), best
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -539,22 +553,27 @@ def map_forms(
     dst_control: np.ndarray | None = None,
     src_roles: dict[str, int] | None = None,
     dst_roles: dict[str, int] | None = None,
+    dst_rank: np.ndarray | None = None,
     workers: int | None = None,
     progress: Callable[[int, int], None] | None = None,
     stats: dict | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The MinED map over normalized forms: (ids int32 [n_src], distance int32 [n_src])."""
+    """The MinED map over normalized forms: (ids int32 [n_src], distance int32 [n_src]). Among target ids with
+    one form, the lowest `dst_rank` wins (`target_preference`; default: all equal), then the smallest id."""
     n_src, n_dst = len(src_forms), len(dst_forms)
     src_control = np.zeros(n_src, bool) if src_control is None else np.asarray(src_control, bool)
     dst_control = np.zeros(n_dst, bool) if dst_control is None else np.asarray(dst_control, bool)
     src_roles, dst_roles = dict(src_roles or {}), dict(dst_roles or {})
+    rank = _rank_of(dst_rank, n_dst)
 
-    first_id: dict[bytes, int] = {}
+    best_id: dict[bytes, int] = {}
     for i, f in enumerate(dst_forms):
-        if f and not dst_control[i] and f not in first_id:
-            first_id[f] = i
-    targets = sorted(first_id)
-    target_ids = np.array([first_id[t] for t in targets], dtype=np.int64)
+        if f and not dst_control[i]:
+            j = best_id.get(f)
+            if j is None or rank[i] < rank[j]:
+                best_id[f] = i
+    targets = sorted(best_id)
+    target_ids = np.array([best_id[t] for t in targets], dtype=np.int64)
 
     ids = np.zeros(n_src, dtype=np.int32)
     dist = np.zeros(n_src, dtype=np.int32)
@@ -601,6 +620,36 @@ def map_forms(
     return ids, dist
 
 
+def target_preference(tok) -> np.ndarray:
+    """int8 [n]: how much a target id is wanted among the ids that share its byte form (lower wins): 0 = the token
+    this tokenizer itself produces for that text (`encode_fragments`), 1 = another text token, 2 = a `<0xNN>`
+    byte-fallback piece. On SentencePiece vocabularies '<0x2E>' and '.' are both the byte '.', and the smaller id
+    is the byte piece, which the model never emits for '.': mapping GPT-2's '.', ',', 'A', '1', 'Ġ' there teaches
+    a token the receiver never predicts. A byte piece stays a target where no other token has its byte ('<0x0A>'
+    on Llama-2)."""
+    from cotune.align.tokenizers import encode_fragments
+
+    forms = normalized_forms_cached(tok)
+    fallback = byte_fallback_mask(tok)
+    rank = np.where(fallback[: len(forms)], 2, 1).astype(np.int8)
+    control = control_mask(tok)
+    groups: dict[bytes, list[int]] = {}
+    for i, f in enumerate(forms):
+        if f and not control[i]:
+            groups.setdefault(f, []).append(i)
+    shared = [(f, ids) for f, ids in groups.items() if len(ids) > 1]
+    texts = []
+    for f, _ in shared:
+        try:
+            texts.append(f.decode("utf-8"))
+        except UnicodeDecodeError:  # a partial character: no text to encode, the byte piece rank decides
+            texts.append("")
+    for (_, ids), own in zip(shared, encode_fragments(tok, texts)):
+        if len(own) == 1 and own[0] in ids:
+            rank[own[0]] = 0
+    return rank
+
+
 def build_vocab_map(
     src_tok,
     dst_tok,
@@ -609,7 +658,8 @@ def build_vocab_map(
     progress: Callable[[int, int], None] | None = None,
     stats: dict | None = None,
 ) -> VocabMap:
-    """The MinED map src vocabulary -> dst vocabulary, keyed by both tokenizers' content hashes."""
+    """The MinED map src vocabulary -> dst vocabulary, keyed by both tokenizers' content hashes, with the
+    first-token map beside it (`first_token_map`: the alternative projection)."""
     from cotune.align.tokenizers import tokenizer_hash
 
     ids, dist = map_forms(
@@ -619,15 +669,44 @@ def build_vocab_map(
         dst_control=control_mask(dst_tok),
         src_roles=special_roles(src_tok),
         dst_roles=special_roles(dst_tok),
+        dst_rank=target_preference(dst_tok),
         workers=workers,
         progress=progress,
         stats=stats,
     )
-    return VocabMap(ids=ids, distance=dist, src_hash=tokenizer_hash(src_tok), dst_hash=tokenizer_hash(dst_tok))
+    return VocabMap(ids=ids, distance=dist, first_ids=first_token_map(src_tok, dst_tok, ids),
+                    src_hash=tokenizer_hash(src_tok), dst_hash=tokenizer_hash(dst_tok))
+
+
+def first_token_map(src_tok, dst_tok, fallback: np.ndarray) -> np.ndarray:
+    """int32 [n_src]: each source token sent to the FIRST token of the target tokenizer's own encoding of the
+    source token's text, as inside running text (`encode_fragments`). The projection option beside MinED: a
+    teacher's next token GPT-2 ' lens' becomes Llama-2's '▁l' (its ' lens' is '▁l' 'ens'), the token a Llama-2
+    student actually predicts there, where MinED gives the nearest whole piece. Control tokens, tokens with no text
+    of their own (a partial UTF-8 character) and texts the target encodes as a control token (its unk) keep
+    `fallback` (the MinED map)."""
+    from cotune.align.tokenizers import encode_fragments
+
+    out = np.asarray(fallback, dtype=np.int32).copy()
+    control, dst_control = control_mask(src_tok), control_mask(dst_tok)
+    rows, texts = [], []
+    for i, f in enumerate(normalized_forms_cached(src_tok)):
+        if not f or (i < len(control) and control[i]):
+            continue
+        try:
+            texts.append(f.decode("utf-8"))
+        except UnicodeDecodeError:
+            continue
+        rows.append(i)
+    for i, ids in zip(rows, encode_fragments(dst_tok, texts)):
+        if ids and not (ids[0] < len(dst_control) and dst_control[ids[0]]):
+            out[i] = ids[0]
+    return out
 
 
 def exhaustive_nearest_many(
-    src_forms: Sequence[bytes], dst_forms: Sequence[bytes], *, candidates: Sequence[bool] | np.ndarray | None = None
+    src_forms: Sequence[bytes], dst_forms: Sequence[bytes], *, candidates: Sequence[bool] | np.ndarray | None = None,
+    rank: Sequence[int] | np.ndarray | None = None,
 ) -> list[tuple[int, int]]:
     """`exhaustive_nearest` for many sources at once (one full distance matrix row per source, no pruning)."""
     if candidates is None:
@@ -636,6 +715,7 @@ def exhaustive_nearest_many(
         ids = [i for i, f in enumerate(dst_forms) if candidates[i]]
     if not ids:
         raise ValueError("no candidate target tokens")
+    rank = _rank_of(rank, len(dst_forms))
     choices = [_s(dst_forms[i]) for i in ids]
     out = []
     for start in range(0, len(src_forms), 256):
@@ -643,8 +723,8 @@ def exhaustive_nearest_many(
         mat = process.cdist([_s(f) for f in block], choices, scorer=Levenshtein.distance, workers=-1)
         for row in mat:
             best = int(row.min())
-            winner = min((dst_forms[ids[j]], ids[j]) for j in np.flatnonzero(row == best))
-            out.append((int(winner[1]), best))
+            winner = min((dst_forms[ids[j]], rank[ids[j]], ids[j]) for j in np.flatnonzero(row == best))
+            out.append((int(winner[2]), best))
     return out
 
 
@@ -657,14 +737,16 @@ def agreement_sample(
     *,
     src_control: np.ndarray | None = None,
     dst_control: np.ndarray | None = None,
+    dst_rank: np.ndarray | None = None,
 ) -> list[tuple[int, int, int, int, int]]:
-    """Check `ids`/`dist` against the exhaustive search for the text tokens in `sample`.
-    Returns the disagreements as (src_id, got_id, got_dist, want_id, want_dist)."""
+    """Check `ids`/`dist` against the exhaustive search for the text tokens in `sample` (`dst_rank`: the
+    `target_preference` the map was built with). Returns the disagreements as (src_id, got_id, got_dist, want_id,
+    want_dist)."""
     n_dst = len(dst_forms)
     dst_control = np.zeros(n_dst, bool) if dst_control is None else np.asarray(dst_control, bool)
     cand = np.array([bool(f) and not dst_control[i] for i, f in enumerate(dst_forms)])
     sample = [int(i) for i in sample if src_control is None or not src_control[i]]
-    want = exhaustive_nearest_many([src_forms[i] for i in sample], dst_forms, candidates=cand)
+    want = exhaustive_nearest_many([src_forms[i] for i in sample], dst_forms, candidates=cand, rank=dst_rank)
     bad = []
     for i, (want_id, want_d) in zip(sample, want):
         if (int(ids[i]), int(dist[i])) != (want_id, want_d):
@@ -679,6 +761,8 @@ __all__ = [
     "build_vocab_map",
     "exhaustive_nearest",
     "exhaustive_nearest_many",
+    "first_token_map",
     "map_forms",
     "nearest_unique",
+    "target_preference",
 ]

@@ -102,6 +102,11 @@ def tokenizer_family(tok) -> str:
     return _Pipeline(tok).family
 
 
+def space_marker(tok) -> str | None:
+    """The character a SentencePiece-style tokenizer writes for a space ('▁'), None for the other families."""
+    return _Pipeline(tok).metaspace
+
+
 def special_roles(tok) -> dict[str, int]:
     """role ('bos', 'eos', 'pad', 'unk') -> token id, for the roles this tokenizer has."""
     return special_token_ids(tok)
@@ -165,6 +170,20 @@ def normalized_forms(tok) -> list[bytes]:
             content = content.replace(pipe.normalizer_replaces_space, " ")
         forms[idx] = content.encode("utf-8")
     return forms
+
+
+def byte_fallback_mask(tok) -> np.ndarray:
+    """bool [n]: True for the `<0xNN>` byte-fallback pieces of a byte-fallback (SentencePiece style) model. Their
+    form is one byte that a real piece often shares ('<0x2E>' and '.'); the model emits them only for text no
+    piece covers, so a real piece is preferred as a MinED target (`cotune.align.mined.target_preference`)."""
+    backend = tok.backend_tokenizer
+    mask = np.zeros(_vocab_size(backend), dtype=bool)
+    if not getattr(backend.model, "byte_fallback", False):
+        return mask
+    for token, idx in backend.get_vocab(with_added_tokens=False).items():
+        if _BYTE_PIECE.match(token):
+            mask[idx] = True
+    return mask
 
 
 def control_mask(tok) -> np.ndarray:

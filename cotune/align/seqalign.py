@@ -8,8 +8,17 @@ the last one is used: only it is followed by the next character. Pairs are kept 
 target positions (their next token is a response token); positions with no shared boundary get nothing.
 
 method="dtw": the FedMKT paper's dynamic time warping over the two token sequences, cost = Levenshtein
-distance between the tokens' normalized byte forms, for comparison. Each receiver position takes the last
-sender position warped onto it (end of span), again only between target positions.
+distance between the tokens' normalized byte forms, for comparison. A pair (t, s) is kept only where the warping
+path leaves it diagonally (t + 1 and s + 1 start together): the end of a warped group on BOTH sides, so a token
+warped onto several of the other side pairs with the last of them only, as the offsets method does. (Pairing every
+receiver position with the last sender position warped onto it attached the positions inside a group, whose next
+token is the rest of that group, to the distribution after the whole group: 18% of the pairs GPT-2 -> Llama-2 on
+ARC.) DTW's own misalignments remain: its token correspondences come from string similarity, and about 12% of its
+pairs GPT-2 <-> Llama-2 do not end at one character (the offsets method: none). Only between target positions.
+
+`same_span` marks the pairs whose two NEXT tokens cover the same text (the sender's next token ends where the
+receiver's does); `SequenceAlignment.pairs(i, same_span_only=True)` keeps only those, the option that skips
+positions where the teacher's next token spans other text than the student's (GPT-2 ' lens' vs Llama-2 '▁l' 'ens').
 """
 
 from __future__ import annotations
@@ -22,6 +31,9 @@ import numpy as np
 
 FORMAT = "cotune.seqalign/1"
 METHODS = ("offsets", "dtw")
+# Bump when the pairs of an alignment change for the same inputs (encode_pair's truncation, a method's rule). 2: the
+# passage is truncated from its end, DTW pairs group ends only, same_span. For the alignment service's cache key.
+ALGORITHM_VERSION = "seqalign/2"
 
 
 @dataclass(frozen=True, eq=False)
@@ -29,7 +41,8 @@ class SequenceAlignment:
     """Aligned position pairs for every sample of a public set, concatenated.
 
     Sample i's pairs are src_pos[sample_offsets[i]:sample_offsets[i+1]] (positions in the src tokenizer's
-    `encode_pair` ids) and the same slice of dst_pos."""
+    `encode_pair` ids) and the same slice of dst_pos; same_span (uint8 [M], 1 = the two next tokens cover the same
+    text) the same slice of it. Alignments from an older service carry no same_span (None)."""
 
     sample_offsets: np.ndarray  # int64 [N+1]
     src_pos: np.ndarray  # int32 [M]
@@ -38,11 +51,18 @@ class SequenceAlignment:
     dst_hash: str
     public_set_hash: str
     method: str
+    same_span: np.ndarray | None = None  # uint8 [M]
 
     def __post_init__(self):
         off = np.ascontiguousarray(self.sample_offsets)
         src = np.ascontiguousarray(self.src_pos)
         dst = np.ascontiguousarray(self.dst_pos)
+        if self.same_span is not None:
+            same = np.ascontiguousarray(self.same_span)
+            if same.dtype != np.uint8 or same.shape != src.shape:
+                raise ValueError(f"same_span must be uint8 with one entry per pair {src.shape}, got {same.dtype} "
+                                 f"{same.shape}")
+            object.__setattr__(self, "same_span", same)
         if off.dtype != np.int64 or off.ndim != 1 or off.size < 1:
             raise ValueError(f"sample_offsets must be a non-empty 1-D int64 array, got {off.dtype} {off.shape}")
         if src.dtype != np.int32 or dst.dtype != np.int32 or src.ndim != 1 or src.shape != dst.shape:
@@ -71,11 +91,19 @@ class SequenceAlignment:
 
     n_samples = num_samples
 
-    def pairs(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+    def pairs(self, i: int, same_span_only: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """Sample i's (src positions, dst positions); same_span_only: only the pairs whose next tokens cover the
+        same text."""
         if not 0 <= i < self.n_samples:
             raise IndexError(f"sample {i} out of range (0..{self.n_samples - 1})")
         a, b = int(self.sample_offsets[i]), int(self.sample_offsets[i + 1])
-        return self.src_pos[a:b], self.dst_pos[a:b]
+        if not same_span_only:
+            return self.src_pos[a:b], self.dst_pos[a:b]
+        if self.same_span is None:
+            raise ValueError("this sequence alignment has no same-span flags (built by an older alignment service); "
+                             "rebuild it to skip positions whose next tokens differ")
+        keep = self.same_span[a:b].astype(bool)
+        return self.src_pos[a:b][keep], self.dst_pos[a:b][keep]
 
     def __eq__(self, other) -> bool:
         if not isinstance(other, SequenceAlignment):
@@ -86,6 +114,8 @@ class SequenceAlignment:
             and np.array_equal(self.sample_offsets, other.sample_offsets)
             and np.array_equal(self.src_pos, other.src_pos)
             and np.array_equal(self.dst_pos, other.dst_pos)
+            and (self.same_span is None) == (other.same_span is None)
+            and (self.same_span is None or np.array_equal(self.same_span, other.same_span))
         )
 
     def to_bytes(self) -> bytes:
@@ -93,8 +123,11 @@ class SequenceAlignment:
             dumps,  # deterministic bytes (safetensors' metadata order is not)
         )
 
+        tensors = {"sample_offsets": self.sample_offsets, "src_pos": self.src_pos, "dst_pos": self.dst_pos}
+        if self.same_span is not None:
+            tensors["same_span"] = self.same_span
         return dumps(
-            {"sample_offsets": self.sample_offsets, "src_pos": self.src_pos, "dst_pos": self.dst_pos},
+            tensors,
             metadata={
                 "format": FORMAT,
                 "src_hash": self.src_hash,
@@ -107,10 +140,13 @@ class SequenceAlignment:
     @classmethod
     def from_bytes(cls, data: bytes) -> SequenceAlignment:
         """Parse and validate the wire form; it must name the public set it was computed on."""
+        from cotune.align.vocabmap import _has_tensor
         from cotune.wire.safetensors_io import load_checked
 
-        arrays, meta = load_checked(data, what="sequence alignment",
-                                    tensors={"sample_offsets": "I64", "src_pos": "I32", "dst_pos": "I32"},
+        tensors = {"sample_offsets": "I64", "src_pos": "I32", "dst_pos": "I32"}
+        if _has_tensor(data, "same_span"):  # absent from an older service's alignments
+            tensors["same_span"] = "U8"
+        arrays, meta = load_checked(data, what="sequence alignment", tensors=tensors,
                                     metadata=("src_hash", "dst_hash", "public_set_hash", "method"),
                                     expect={"format": FORMAT})
         if not meta["public_set_hash"]:  # positions are per public sample: one not naming its set cannot be matched
@@ -123,6 +159,7 @@ class SequenceAlignment:
             dst_hash=meta["dst_hash"],
             public_set_hash=meta["public_set_hash"],
             method=meta["method"],
+            same_span=arrays.get("same_span"),
         )
 
 
@@ -208,9 +245,11 @@ def _align_dtw(src, dst, src_forms, dst_forms, text) -> tuple[np.ndarray, np.nda
         return np.zeros(0, np.int32), np.zeros(0, np.int32)
     cost = process.cdist(s_tok, d_tok, scorer=Levenshtein.distance, workers=1)
     pi, pj = dtw_path(cost)
-    # each receiver (dst) position takes the last sender (src) position warped onto it
+    # keep (t, s) where the path next steps diagonally: t + 1 and s + 1 start together, so both next tokens begin
+    # at one boundary (the ends of a warped group on both sides; a position inside a group is followed by the rest
+    # of its group, not by what follows the other side's token)
     last = np.ones(len(pj), dtype=bool)
-    last[:-1] = pj[1:] != pj[:-1]
+    last[:-1] = (pi[1:] != pi[:-1]) & (pj[1:] != pj[:-1])
     sp, dp = pi[last], pj[last]
     keep = _target_mask(src, sp) & _target_mask(dst, dp)
     return sp[keep].astype(np.int32), dp[keep].astype(np.int32)
@@ -233,6 +272,20 @@ def align_pair(
     if method == "dtw":
         return _align_dtw(src, dst, src_forms, dst_forms, text)
     raise ValueError(f"unknown alignment method {method!r}; expected one of {METHODS}")
+
+
+def same_span(src, dst, src_pos: np.ndarray, dst_pos: np.ndarray) -> np.ndarray:
+    """bool [M]: for aligned pairs (t, s) of one sample, whether the sender's next token t + 1 and the receiver's
+    next token s + 1 cover the same text (t and s end at one character, and so do t + 1 and s + 1). Elsewhere the
+    teacher's next-token distribution is about other text than the student's (GPT-2 ' lens' is Llama-2's '▁l'
+    'ens')."""
+    s_end = np.asarray(src.ends, dtype=np.int64)
+    d_end = np.asarray(dst.ends, dtype=np.int64)
+    t = np.asarray(src_pos, dtype=np.int64)
+    s = np.asarray(dst_pos, dtype=np.int64)
+    if not len(t):
+        return np.zeros(0, dtype=bool)
+    return (s_end[t] == d_end[s]) & (s_end[t + 1] == d_end[s + 1])
 
 
 def public_set_digest(samples: Sequence[tuple[str, str]]) -> str:
@@ -267,7 +320,7 @@ def align_public_set(
     if method == "dtw":
         forms = {"src_forms": normalized_forms_cached(src_tok), "dst_forms": normalized_forms_cached(dst_tok)}
     offsets = [0]
-    src_parts, dst_parts = [], []
+    src_parts, dst_parts, same_parts = [], [], []
     total = len(samples)
     block = 512
     for first in range(0, total, block):
@@ -276,6 +329,7 @@ def align_public_set(
             sp, dp = align_pair(a, b, method, **forms)
             src_parts.append(sp)
             dst_parts.append(dp)
+            same_parts.append(same_span(a, b, sp, dp))
             offsets.append(offsets[-1] + len(sp))
         if progress is not None:
             progress(min(first + block, total), total)
@@ -287,4 +341,5 @@ def align_public_set(
         dst_hash=tokenizer_hash(dst_tok),
         public_set_hash=public_set_hash,
         method=method,
+        same_span=(np.concatenate(same_parts) if same_parts else np.zeros(0, bool)).astype(np.uint8),
     )

@@ -19,6 +19,7 @@ backend is a plain `tokenizers.Tokenizer` (so `tokenizer_bundle_bytes` can descr
 from __future__ import annotations
 
 import base64
+import bisect
 import gzip
 import hashlib
 import json
@@ -30,7 +31,8 @@ from pathlib import Path
 
 from transformers import PreTrainedTokenizerFast
 
-from cotune.align.normalize import normalized_forms_cached
+from cotune.align.normalize import normalized_forms_cached, space_marker
+from cotune.data.example import passage_end
 from cotune.align.vocab_basics import SPECIAL_ROLES, gpt2_byte_to_unicode, special_token_ids
 
 
@@ -517,12 +519,14 @@ class EncodedPair:
         character, so all pieces of one character share its end offset.
     response_start: index of the first token that ends inside the response; tokens from here on are targets.
     response_bytes: UTF-8 byte length of the response (the denominator of bits-per-byte).
+    truncated: tokens dropped to fit max_length (0 = the whole sample); see `encode_pair`.
     """
 
     ids: tuple[int, ...]
     ends: tuple[int, ...]
     response_start: int
     response_bytes: int
+    truncated: int = 0
 
     @property
     def target_positions(self) -> range:
@@ -540,6 +544,10 @@ class _EncodeInfo:
         self.adds_bos = _post_processor_adds_bos(tok)
         self.forms = normalized_forms_cached(tok)
         self.form_len = np.fromiter((len(f) for f in self.forms), dtype=np.int64, count=len(self.forms))
+        self.space = space_marker(tok)
+        probe = tok.backend_tokenizer.encode("a", add_special_tokens=False).ids
+        # SentencePiece's dummy prefix: 'a' is read as ' a' (Llama-2, Mistral, Phi-3; not Gemma)
+        self.dummy_prefix = bool(self.space) and b"".join(self.forms[i] for i in probe if i < len(self.forms)) == b" a"
 
 
 _INFO: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -597,20 +605,58 @@ def _finish(info: _EncodeInfo, prompt: str, response: str, enc, max_length: int)
         ends.insert(0, 0)
     prompt_len = len(prompt)
     response_start = next((i for i, e in enumerate(ends) if e > prompt_len), len(ids))
-    if len(ids) > max_length:
-        # Drop prompt tokens after the first (bos) so the response survives; responses are short.
-        cut = len(ids) - max_length
-        keep_head = 1 if ids and ids[0] == bos else 0
-        if response_start - keep_head < cut:
-            cut = max(response_start - keep_head - 1, 0)
-        ids = ids[:keep_head] + ids[keep_head + cut :]
-        ends = ends[:keep_head] + ends[keep_head + cut :]
+    n = len(ids)
+    if n > max_length:
+        head = 1 if ids and ids[0] == bos else 0
+        # 1. the passage's end: its tokens are those ending at or before the question line (a token reaching
+        # into that line stays with it), the bos and the passage's start are kept
+        passage_stop = max(bisect.bisect_right(ends, passage_end(prompt), lo=head, hi=response_start), head)
+        cut = min(n - max_length, passage_stop - head)
+        del ids[passage_stop - cut : passage_stop], ends[passage_stop - cut : passage_stop]
         response_start -= cut
+        # 2. still too long (no passage, or a long question): the prompt's start after bos, then the response's end
+        more = min(len(ids) - max_length, max(response_start - head - 1, 0))
+        del ids[head : head + more], ends[head : head + more]
+        response_start -= more
         ids, ends = ids[:max_length], ends[:max_length]
-    return EncodedPair(tuple(ids), tuple(ends), response_start, len(response.encode("utf-8")))
+    return EncodedPair(tuple(ids), tuple(ends), response_start, len(response.encode("utf-8")), n - len(ids))
+
+
+def truncated_samples(pairs: Sequence[EncodedPair]) -> int:
+    """How many encoded samples lost tokens to max_length (the `truncated_samples` metric)."""
+    return sum(1 for p in pairs if p.truncated)
+
+
+def encode_fragments(tok: PreTrainedTokenizerFast, texts: Sequence[str]) -> list[list[int]]:
+    """Each text's token ids as the tokenizer encodes it inside running text: no bos, and no SentencePiece
+    dummy-prefix space (a text's own leading space is kept). Llama-2 gives ' lens' -> '▁l' 'ens' and
+    '.' -> '.' (a plain encode would give '▁' '▁l' 'ens' and '▁.'). Used to ask a receiver which of its tokens it
+    would itself produce for a piece of text (`cotune.align.mined`)."""
+    info = _encode_info(tok)
+    backend = tok.backend_tokenizer
+    texts = list(texts)
+    if not info.dummy_prefix:
+        return [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]
+    out = []
+    for text in texts:
+        s = backend.normalizer.normalize_str(text) if backend.normalizer is not None else text
+        pieces = [p for p, _ in backend.pre_tokenizer.pre_tokenize_str(s)] if backend.pre_tokenizer is not None else [s]
+        if pieces and "".join(pieces).replace(info.space, " ") == " " + text:
+            pieces[0] = pieces[0][1:]  # the dummy prefix; the model then sees the text as it appears mid-text
+            out.append([t.id for p in pieces if p for t in backend.model.tokenize(p)])
+        else:  # the normalizer rewrote more than the prefix: the plain encoding
+            out.append(backend.encode(text, add_special_tokens=False).ids)
+    return out
 
 
 def encode_pair(tok: PreTrainedTokenizerFast, prompt: str, response: str, max_length: int = 512) -> EncodedPair:
+    """(prompt, response) as token ids with character end offsets, at most `max_length` tokens.
+
+    Too long: the passage is cut from its END (`cotune.data.example.passage_end`: the text before the prompt's
+    last '\nQuestion: ' line), so the passage keeps its beginning and the question line, the 'Answer:' cue and
+    the response survive whole. Only if that is not enough (no passage, or a question and response longer than
+    the budget) do the prompt's first tokens after bos go, then the response's last ones. `truncated` counts the
+    tokens dropped."""
     enc = tok.backend_tokenizer.encode(prompt + response, add_special_tokens=False)
     return _finish(_encode_info(tok), prompt, response, enc, max_length)
 

@@ -4,6 +4,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+# The line that ends a passage in the passage tasks' prompt templates (cotune.data.tasks: BoolQ, SciQ with support,
+# RTE): "{passage}\nQuestion: {question}...\nAnswer:". Encoding cuts an over-long prompt's passage, never this line.
+QUESTION_LINE = "\nQuestion: "
+
+
+def passage_end(prompt: str) -> int:
+    """Character offset where a prompt's passage ends: the start of its last QUESTION_LINE; 0 when the prompt has
+    no passage (ARC-style prompts are all question)."""
+    return max(prompt.rfind(QUESTION_LINE), 0)
+
 
 @dataclass(frozen=True)
 class Example:

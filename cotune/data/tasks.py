@@ -19,6 +19,10 @@ Templates:
   label 0 = entailment. SuperGLUE files use the strings ``entailment``/``not_entailment``, GLUE files 0/1
   (0 = entailment); both are accepted. The SuperGLUE test split is unlabeled and is not loadable.
 
+The passage tasks (SciQ with support, BoolQ, RTE) put the passage before a ``"\\nQuestion: "`` line
+(:data:`cotune.data.example.QUESTION_LINE`); an over-long sample is truncated there, from the passage's end
+(:func:`cotune.align.tokenizers.encode_pair`), so the question line and the answer survive whenever they fit.
+
 Files are read from ``<shared data>/datasets/`` (see :mod:`cotune.data.paths`). Each record's format is
 detected from its keys, so the HF-style files (``question``/``choices{text,label}``/``answerKey``), the OLMo
 request-doc files (``query``/``choices``/``gold``) and the OpenBookQA release TSV are all handled. A row that
@@ -39,7 +43,7 @@ from itertools import islice
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
-from .example import Example
+from .example import QUESTION_LINE, Example
 from .paths import require_shared_data, shared_data_dir
 
 __all__ = [
@@ -182,7 +186,7 @@ BOOLQ_CHOICES = (" no", " yes")
 
 def _boolq_prompt(passage: str, question: str) -> str:
     question = _nonempty(question, "question")
-    return f"{_nonempty(passage, 'passage')}\nQuestion: {question}?\nAnswer:"
+    return f"{_nonempty(passage, 'passage')}{QUESTION_LINE}{question}?\nAnswer:"
 
 
 def _convert_boolq(rec: Mapping[str, Any]) -> Example:
@@ -225,7 +229,7 @@ def _convert_rte(rec: Mapping[str, Any]) -> Example:
     if isinstance(raw, bool) or raw not in _RTE_LABELS:
         raise _RowError(f"label must be 'entailment'/'not_entailment' or 0/1, got {raw!r} (unlabeled row?)")
     prompt = (
-        f"{_nonempty(premise, 'premise')}\nQuestion: {_nonempty(hypothesis, 'hypothesis')} True or False?\nAnswer:"
+        f"{_nonempty(premise, 'premise')}{QUESTION_LINE}{_nonempty(hypothesis, 'hypothesis')} True or False?\nAnswer:"
     )
     return _mc_example(prompt, [c.strip() for c in RTE_CHOICES], _RTE_LABELS[raw])
 
@@ -241,7 +245,7 @@ def _convert_sciq(rec: Mapping[str, Any]) -> Example:
     if not isinstance(support, str):
         raise _RowError(f"field 'support' must be a string, got {type(support).__name__}")
     if support.strip():
-        prompt = f"{support.strip()}\n{prompt}"
+        prompt = f"{support.strip()}\n{prompt}"  # = support + QUESTION_LINE + ...: the passage ends there
     return _mc_example(prompt, [raw[i] for i in order], order.index(0))
 
 

@@ -290,7 +290,8 @@ def codistill_table(run: pb.Run) -> str:
             m = party.metrics
             if "codistill_llm_kl_before" not in m:
                 continue
-            for side, label in (("llm", "LLM f: CE + λ·KL(f‖g)"), ("slm", "SLM copy g: CE + λ·KL(g‖f)")):
+            # each side's distillation term, in the run's KL direction (fedcollm.kl_direction; forward by default)
+            for side, label in (("llm", "LLM f: CE + λ·KD(g→f)"), ("slm", "SLM copy g: CE + λ·KD(f→g)")):
                 rows.append(f"| {rec.round} | {label} | {m[f'codistill_{side}_ce_before']:.3f} | {m[f'codistill_{side}_ce_after']:.3f} "
                             f"| {m[f'codistill_{side}_kl_before']:.4f} | {m[f'codistill_{side}_kl_after']:.4f} |")
     if not rows:

@@ -30,6 +30,7 @@ import torch
 from cotune.data.example import Example
 from cotune.lm.batching import (
     collate,
+    cuda_indices,
     head_logits,
     hidden_states,
     model_device,
@@ -38,7 +39,7 @@ from cotune.lm.batching import (
     to_device,
     vocab_size,
 )
-from cotune.align.tokenizers import EncodedPair, encode_pair
+from cotune.align.tokenizers import EncodedPair, encode_pair, truncated_samples
 from cotune.lm.losses import sparse_kd_loss
 from cotune.profile import phase
 
@@ -175,6 +176,7 @@ class Trainer:
         self.tokenizer = tokenizer
         self.config = config or TrainConfig()
         self.device = model_device(model)
+        self.cuda_devices = cuda_indices(model)  # every GPU of a model spread across several (fork_rng)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         if pad is None:
             raise ValueError("tokenizer has neither a pad nor an eos token")
@@ -271,10 +273,9 @@ class Trainer:
 
     @contextlib.contextmanager
     def seeded(self, seed: int):
-        """Fork the torch RNG (CPU and this trainer's CUDA device) and seed it: dropout draws inside are
+        """Fork the torch RNG (CPU and every CUDA device of the model) and seed it: dropout draws inside are
         reproducible and leave the global RNG untouched."""
-        cuda = [self.device.index or 0] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=cuda):
+        with torch.random.fork_rng(devices=self.cuda_devices):
             torch.manual_seed(int(seed))
             yield
 
@@ -582,6 +583,7 @@ class Trainer:
             "loss_last": epoch_losses[-1] if epoch_losses else float("nan"),
             "steps": steps,
             "samples": len(pairs),
+            "truncated_samples": truncated_samples(pairs),  # cut to max_length (encode_pair)
             "tokens": tokens,
             "stopped": stopped,
             "global_step": self.global_step,
@@ -599,8 +601,9 @@ class Trainer:
         """Fine-tune on (prompt, response) pairs with CE on the response tokens.
 
         Returns loss_first/loss_last (mean training CE of the first/last epoch), steps (batches run), samples
-        (len(examples), the FedAvg weight), tokens, stopped (should_stop fired), global_step. Its time is the task's
-        profile (cotune.profile), not a metric: metrics are what a rerun reproduces."""
+        (len(examples), the FedAvg weight), truncated_samples (examples cut to max_length), tokens, stopped
+        (should_stop fired), global_step. Its time is the task's profile (cotune.profile), not a metric: metrics
+        are what a rerun reproduces."""
         return self._train_loop(self.encode(examples), None, epochs, progress, should_stop)
 
     def distill(

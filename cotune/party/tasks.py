@@ -28,7 +28,8 @@ def train_local(party: ModelParty, task: party_pb2.TrainLocalTask, ctx: party_pb
         party.set_training(trainer, lr=lr, batch_size=batch_size)
         m = trainer.train_ce(examples, epochs=epochs, progress=party.progress(op, "train"), should_stop=op.cancelled)
         return OpResult(metrics={"train_loss_first": m["loss_first"], "train_loss_last": m["loss_last"],
-                                 "train_steps": m["steps"], "train_samples": m["samples"], "train_tokens": m["tokens"]},
+                                 "train_steps": m["steps"], "train_samples": m["samples"], "train_tokens": m["tokens"],
+                                 "train_truncated_samples": m["truncated_samples"]},
                         result=party_pb2.TrainLocalResult(samples=int(m["samples"]), loss_first=m["loss_first"],
                                                           loss_last=m["loss_last"]))
     return work

@@ -116,7 +116,7 @@ class RunSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., algorithm: _Optional[str] = ..., rounds: _Optional[int] = ..., clients: _Optional[_Iterable[str]] = ..., public_set_hash: _Optional[str] = ..., min_clients: _Optional[int] = ..., step_timeout_s: _Optional[float] = ..., max_public_samples: _Optional[int] = ..., eval_max_samples: _Optional[int] = ..., max_length: _Optional[int] = ..., local_epochs: _Optional[int] = ..., overlap_steps: _Optional[bool] = ..., adapter_max_abs: _Optional[float] = ..., fedmkt: _Optional[_Union[FedMKTSpec, _Mapping]] = ..., fedcollm: _Optional[_Union[FedCoLLMSpec, _Mapping]] = ..., fedbiot: _Optional[_Union[FedBiOTSpec, _Mapping]] = ..., fedavg: _Optional[_Union[FedAvgSpec, _Mapping]] = ...) -> None: ...
 
 class FedMKTSpec(_message.Message):
-    __slots__ = ("setting", "top_k", "ce_weight", "distill_epochs", "selection", "logits_bits", "alignment_method")
+    __slots__ = ("setting", "top_k", "ce_weight", "distill_epochs", "selection", "logits_bits", "alignment_method", "projection", "skip_span_mismatch")
     SETTING_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     CE_WEIGHT_FIELD_NUMBER: _ClassVar[int]
@@ -124,6 +124,8 @@ class FedMKTSpec(_message.Message):
     SELECTION_FIELD_NUMBER: _ClassVar[int]
     LOGITS_BITS_FIELD_NUMBER: _ClassVar[int]
     ALIGNMENT_METHOD_FIELD_NUMBER: _ClassVar[int]
+    PROJECTION_FIELD_NUMBER: _ClassVar[int]
+    SKIP_SPAN_MISMATCH_FIELD_NUMBER: _ClassVar[int]
     setting: str
     top_k: int
     ce_weight: float
@@ -131,21 +133,25 @@ class FedMKTSpec(_message.Message):
     selection: str
     logits_bits: int
     alignment_method: str
-    def __init__(self, setting: _Optional[str] = ..., top_k: _Optional[int] = ..., ce_weight: _Optional[float] = ..., distill_epochs: _Optional[int] = ..., selection: _Optional[str] = ..., logits_bits: _Optional[int] = ..., alignment_method: _Optional[str] = ...) -> None: ...
+    projection: str
+    skip_span_mismatch: bool
+    def __init__(self, setting: _Optional[str] = ..., top_k: _Optional[int] = ..., ce_weight: _Optional[float] = ..., distill_epochs: _Optional[int] = ..., selection: _Optional[str] = ..., logits_bits: _Optional[int] = ..., alignment_method: _Optional[str] = ..., projection: _Optional[str] = ..., skip_span_mismatch: _Optional[bool] = ...) -> None: ...
 
 class FedCoLLMSpec(_message.Message):
-    __slots__ = ("kl_weight", "distill_epochs", "aggregation", "align_tokenizers", "top_k")
+    __slots__ = ("kl_weight", "distill_epochs", "aggregation", "align_tokenizers", "top_k", "kl_direction")
     KL_WEIGHT_FIELD_NUMBER: _ClassVar[int]
     DISTILL_EPOCHS_FIELD_NUMBER: _ClassVar[int]
     AGGREGATION_FIELD_NUMBER: _ClassVar[int]
     ALIGN_TOKENIZERS_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
+    KL_DIRECTION_FIELD_NUMBER: _ClassVar[int]
     kl_weight: float
     distill_epochs: int
     aggregation: str
     align_tokenizers: bool
     top_k: int
-    def __init__(self, kl_weight: _Optional[float] = ..., distill_epochs: _Optional[int] = ..., aggregation: _Optional[str] = ..., align_tokenizers: _Optional[bool] = ..., top_k: _Optional[int] = ...) -> None: ...
+    kl_direction: str
+    def __init__(self, kl_weight: _Optional[float] = ..., distill_epochs: _Optional[int] = ..., aggregation: _Optional[str] = ..., align_tokenizers: _Optional[bool] = ..., top_k: _Optional[int] = ..., kl_direction: _Optional[str] = ...) -> None: ...
 
 class FedBiOTSpec(_message.Message):
     __slots__ = ("adapter_layers", "drop", "pre_align_steps", "align_steps", "kl_weight", "prox_eps", "align_lr", "aggregation")

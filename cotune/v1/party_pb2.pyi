@@ -77,18 +77,20 @@ class CompanionInfo(_message.Message):
     def __init__(self, model_name: _Optional[str] = ..., tokenizer_hash: _Optional[str] = ..., vocab_size: _Optional[int] = ..., lora_hash: _Optional[str] = ..., lora_layout_hash: _Optional[str] = ..., trainable_params: _Optional[int] = ...) -> None: ...
 
 class RunContext(_message.Message):
-    __slots__ = ("run_id", "round", "task_key", "public_set_hash", "resumes")
+    __slots__ = ("run_id", "round", "task_key", "public_set_hash", "resumes", "parallel_tasks")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     TASK_KEY_FIELD_NUMBER: _ClassVar[int]
     PUBLIC_SET_HASH_FIELD_NUMBER: _ClassVar[int]
     RESUMES_FIELD_NUMBER: _ClassVar[int]
+    PARALLEL_TASKS_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     round: int
     task_key: str
     public_set_hash: str
     resumes: bool
-    def __init__(self, run_id: _Optional[str] = ..., round: _Optional[int] = ..., task_key: _Optional[str] = ..., public_set_hash: _Optional[str] = ..., resumes: _Optional[bool] = ...) -> None: ...
+    parallel_tasks: int
+    def __init__(self, run_id: _Optional[str] = ..., round: _Optional[int] = ..., task_key: _Optional[str] = ..., public_set_hash: _Optional[str] = ..., resumes: _Optional[bool] = ..., parallel_tasks: _Optional[int] = ...) -> None: ...
 
 class TrainLocalTask(_message.Message):
     __slots__ = ("epochs", "lr", "batch_size", "max_samples")
@@ -145,7 +147,7 @@ class TeacherShard(_message.Message):
     def __init__(self, sender_id: _Optional[str] = ..., shard: _Optional[_Union[_common_pb2.BlobRef, _Mapping]] = ..., vocab_map: _Optional[_Union[_common_pb2.BlobRef, _Mapping]] = ..., sequence_alignment: _Optional[_Union[_common_pb2.BlobRef, _Mapping]] = ...) -> None: ...
 
 class DistillTask(_message.Message):
-    __slots__ = ("teachers", "ce_weight", "epochs", "selection", "max_samples", "lr", "batch_size", "max_length")
+    __slots__ = ("teachers", "ce_weight", "epochs", "selection", "max_samples", "lr", "batch_size", "max_length", "projection", "skip_span_mismatch")
     TEACHERS_FIELD_NUMBER: _ClassVar[int]
     CE_WEIGHT_FIELD_NUMBER: _ClassVar[int]
     EPOCHS_FIELD_NUMBER: _ClassVar[int]
@@ -154,6 +156,8 @@ class DistillTask(_message.Message):
     LR_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    PROJECTION_FIELD_NUMBER: _ClassVar[int]
+    SKIP_SPAN_MISMATCH_FIELD_NUMBER: _ClassVar[int]
     teachers: _containers.RepeatedCompositeFieldContainer[TeacherShard]
     ce_weight: float
     epochs: int
@@ -162,7 +166,9 @@ class DistillTask(_message.Message):
     lr: float
     batch_size: int
     max_length: int
-    def __init__(self, teachers: _Optional[_Iterable[_Union[TeacherShard, _Mapping]]] = ..., ce_weight: _Optional[float] = ..., epochs: _Optional[int] = ..., selection: _Optional[str] = ..., max_samples: _Optional[int] = ..., lr: _Optional[float] = ..., batch_size: _Optional[int] = ..., max_length: _Optional[int] = ...) -> None: ...
+    projection: str
+    skip_span_mismatch: bool
+    def __init__(self, teachers: _Optional[_Iterable[_Union[TeacherShard, _Mapping]]] = ..., ce_weight: _Optional[float] = ..., epochs: _Optional[int] = ..., selection: _Optional[str] = ..., max_samples: _Optional[int] = ..., lr: _Optional[float] = ..., batch_size: _Optional[int] = ..., max_length: _Optional[int] = ..., projection: _Optional[str] = ..., skip_span_mismatch: _Optional[bool] = ...) -> None: ...
 
 class DistillResult(_message.Message):
     __slots__ = ("kd_before", "kd_after")
@@ -217,7 +223,7 @@ class GetLoraResult(_message.Message):
     def __init__(self, adapter: _Optional[_Union[_common_pb2.BlobRef, _Mapping]] = ..., lora_hash: _Optional[str] = ...) -> None: ...
 
 class CoDistillTask(_message.Message):
-    __slots__ = ("slm_adapter", "kl_weight", "epochs", "max_samples", "lr", "slm_lr", "batch_size", "max_length", "llm_to_slm_map", "slm_to_llm_map", "top_k")
+    __slots__ = ("slm_adapter", "kl_weight", "epochs", "max_samples", "lr", "slm_lr", "batch_size", "max_length", "llm_to_slm_map", "slm_to_llm_map", "top_k", "kl_direction")
     SLM_ADAPTER_FIELD_NUMBER: _ClassVar[int]
     KL_WEIGHT_FIELD_NUMBER: _ClassVar[int]
     EPOCHS_FIELD_NUMBER: _ClassVar[int]
@@ -229,6 +235,7 @@ class CoDistillTask(_message.Message):
     LLM_TO_SLM_MAP_FIELD_NUMBER: _ClassVar[int]
     SLM_TO_LLM_MAP_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
+    KL_DIRECTION_FIELD_NUMBER: _ClassVar[int]
     slm_adapter: _common_pb2.BlobRef
     kl_weight: float
     epochs: int
@@ -240,7 +247,8 @@ class CoDistillTask(_message.Message):
     llm_to_slm_map: _common_pb2.BlobRef
     slm_to_llm_map: _common_pb2.BlobRef
     top_k: int
-    def __init__(self, slm_adapter: _Optional[_Union[_common_pb2.BlobRef, _Mapping]] = ..., kl_weight: _Optional[float] = ..., epochs: _Optional[int] = ..., max_samples: _Optional[int] = ..., lr: _Optional[float] = ..., slm_lr: _Optional[float] = ..., batch_size: _Optional[int] = ..., max_length: _Optional[int] = ..., llm_to_slm_map: _Optional[_Union[_common_pb2.BlobRef, _Mapping]] = ..., slm_to_llm_map: _Optional[_Union[_common_pb2.BlobRef, _Mapping]] = ..., top_k: _Optional[int] = ...) -> None: ...
+    kl_direction: str
+    def __init__(self, slm_adapter: _Optional[_Union[_common_pb2.BlobRef, _Mapping]] = ..., kl_weight: _Optional[float] = ..., epochs: _Optional[int] = ..., max_samples: _Optional[int] = ..., lr: _Optional[float] = ..., slm_lr: _Optional[float] = ..., batch_size: _Optional[int] = ..., max_length: _Optional[int] = ..., llm_to_slm_map: _Optional[_Union[_common_pb2.BlobRef, _Mapping]] = ..., slm_to_llm_map: _Optional[_Union[_common_pb2.BlobRef, _Mapping]] = ..., top_k: _Optional[int] = ..., kl_direction: _Optional[str] = ...) -> None: ...
 
 class CoDistillResult(_message.Message):
     __slots__ = ("slm_adapter", "received_lora_hash", "llm_lora_hash", "llm_kl_before", "llm_kl_after")

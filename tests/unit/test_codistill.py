@@ -26,12 +26,20 @@ def test_mutual_loss_grad_reaches_own_logits_only():
     torch.testing.assert_close(loss, ce + 0.5 * kl)
 
 
-def test_kl_direction_is_updated_model_first():
+@pytest.mark.parametrize("direction", ["forward", "reverse"])
+def test_kl_direction_flag(direction):
+    """forward (the default) = KL(teacher ‖ student) = KL(other ‖ own); reverse = KL(own ‖ other)."""
     own = torch.tensor([[2.0, 0.0, -1.0]])
     other = torch.tensor([[0.0, 1.0, 0.0]])
-    _, _, kl = mutual_loss(own, other, torch.tensor([0]), lam=1.0)
+    _, _, kl = mutual_loss(own, other, torch.tensor([0]), lam=1.0, direction=direction)
     p, q = own.log_softmax(-1), other.log_softmax(-1)
-    torch.testing.assert_close(kl, (p.exp() * (p - q)).sum())
+    forward, reverse = (q.exp() * (q - p)).sum(), (p.exp() * (p - q)).sum()
+    torch.testing.assert_close(kl, forward if direction == "forward" else reverse)
+    assert abs(float(forward - reverse)) > 0.05  # the two directions are told apart here
+    if direction == "forward":
+        torch.testing.assert_close(mutual_loss(own, other, torch.tensor([0]), lam=1.0)[2], kl)  # the default
+    with pytest.raises(ValueError, match="forward, reverse"):
+        mutual_loss(own, other, torch.tensor([0]), lam=1.0, direction="backward")
 
 
 @pytest.fixture(scope="module")
@@ -72,3 +80,6 @@ def test_co_distill_moves_both_adapters_and_lowers_the_kl(pair):
     assert m["llm_kl_after"] < m["llm_kl_before"], m
     again = measure(f, g, pairs, 4)
     assert again["slm_kl"] == pytest.approx(m["slm_kl_after"], rel=1e-5)
+    assert m["truncated_samples"] == again["truncated_samples"] == 0
+    long = f.encode([Example(prompt="A passage. " * 20 + "\nQuestion: why?\nAnswer:", response=" so")])
+    assert len(long[0].ids) == 32 and measure(f, g, pairs + long, 4)["truncated_samples"] == 1

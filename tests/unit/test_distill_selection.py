@@ -65,3 +65,17 @@ def test_no_kd_when_receiver_is_better_and_public_sets_must_match():
     assert targets == [None] and summary["kd_none"] == 1
     with pytest.raises(ValueError, match="public set"):
         build_targets([own, own], gold * 2, [TeacherView("c1", [teacher])], vocab_size=10)
+
+
+def test_skip_span_mismatch_keeps_only_same_span_pairs():
+    from cotune.align.seqalign import SequenceAlignment
+
+    teacher = _sample([3, 4, 5], [[0, 1], [2, 3], [1, 0]], [[0.6, 0.2], [0.5, 0.5], [0.7, 0.1]], loss=0.5)
+    align = SequenceAlignment(sample_offsets=np.array([0, 2], np.int64), src_pos=np.array([3, 5], np.int32),
+                              dst_pos=np.array([2, 3], np.int32), src_hash="", dst_hash="", public_set_hash="",
+                              method="offsets", same_span=np.array([0, 1], np.uint8))
+    vocab_map = np.array([7, 7, 8, 9], np.int32)
+    every = TeacherView("llm", [teacher], vocab_map, align).target(0, np.array([2, 3]))
+    same = TeacherView("llm", [teacher], vocab_map, align, same_span_only=True).target(0, np.array([2, 3]))
+    assert every.positions.tolist() == [2, 3] and same.positions.tolist() == [3]
+    assert same.ids[0].tolist() == every.ids[1].tolist()  # the pair (5, 3): teacher row 5's distribution

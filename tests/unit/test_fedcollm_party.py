@@ -73,8 +73,9 @@ def test_cross_tokenizer_co_distill_needs_both_maps_the_right_way_round(llm_part
     assert done.result.Unpack(result)
     assert result.slm_adapter.sha256 != before[1] and party.describe().lora_hash != before[0]  # both sides trained
     assert result.slm_adapter == done.blobs["slm_adapter"] and result.llm_lora_hash == party.describe().lora_hash
-    # across tokenizers the LLM's own distillation term is the forward KL(g̃‖f), co_distill_cross's slm_kl
-    assert (result.llm_kl_before, result.llm_kl_after) == (m["codistill_slm_kl_before"], m["codistill_slm_kl_after"])
+    # the LLM's own distillation term (forward: KL(g̃‖f)) is llm_kl, as with one tokenizer
+    assert (result.llm_kl_before, result.llm_kl_after) == (m["codistill_llm_kl_before"], m["codistill_llm_kl_after"])
+    assert m["codistill_truncated_samples"] == 0
 
 
 @pytest.fixture(scope="module")
@@ -97,17 +98,20 @@ def test_one_tokenizer_co_distill_reports_the_llm_kl_and_takes_kl_weight_as_give
     with pytest.raises(InvalidInput, match="kl_weight"):
         party.start_task(_with(party, kl_weight=-1.0))
 
+    with pytest.raises(InvalidInput, match="kl_direction"):
+        party.start_task(_with(party, kl_direction="backward"))
+
     seen = []
     real = losses.co_distill
 
     def spy(*args, **kwargs):
-        seen.append(kwargs["lam"])
+        seen.append((kwargs["lam"], kwargs["direction"]))
         return real(*args, **kwargs)
 
     monkeypatch.setattr(losses, "co_distill", spy)
     done = party.ops.wait(party.start_task(_with(party, kl_weight=0.0)).id, 120)
     assert done.state == operations_pb2.OPERATION_SUCCEEDED, done.error_message
-    assert seen == [0.0]  # 0 = CE only, passed through as given
+    assert seen == [(0.0, "forward")]  # 0 = CE only, passed through as given; unset direction = forward
     result = party_pb2.CoDistillResult()
     assert done.result.Unpack(result)
     m = done.metrics

@@ -21,8 +21,9 @@ from cotune.align.mined import (
     build_vocab_map,
     exhaustive_nearest,
     map_forms,
+    target_preference,
 )
-from cotune.align.normalize import control_mask
+from cotune.align.normalize import byte_fallback_mask, control_mask
 from cotune.align.vocabmap import ALGORITHM_VERSION, VocabMap
 from tests.unit.alignment_fixtures import forms, token_id, tokenizer, tokenizer_path
 
@@ -92,6 +93,18 @@ def test_roles_and_fallbacks():
     assert dist[4] == 0 and dist[5] == 0
 
 
+def test_equal_forms_prefer_the_lowest_rank_then_the_smallest_id():
+    """Receiver ids sharing a byte form (a SentencePiece byte-fallback piece and the real piece): the rank decides,
+    not the id; the exhaustive reference breaks ties the same way."""
+    dst = [b".", b"a", b".", b"ab", b"ab"]
+    rank = np.array([2, 1, 0, 1, 1], np.int8)  # id 0: the byte-fallback '<0x2E>', id 2: the real '.'
+    ids, dist = map_forms([b".", b",", b"ab", b"abc"], dst, dst_rank=rank, workers=1)
+    assert ids.tolist() == [2, 2, 3, 3] and dist.tolist() == [0, 1, 0, 1]
+    for f, want in zip([b".", b",", b"ab", b"abc"], ids.tolist()):
+        assert exhaustive_nearest(f, dst, rank=rank)[0] == want
+    assert map_forms([b"."], dst, workers=1)[0].tolist() == [0]  # without ranks: the smallest id, as before
+
+
 def test_control_tokens_are_never_text_targets():
     src = [b"<s>x", b"hello"]
     dst = [b"<s>", b"<s>x", b"hell"]
@@ -116,7 +129,8 @@ def _agreement(src_name, dst_name, vmap, n=400, seed=0):
     src_tok, dst_tok = tokenizer(src_name), tokenizer(dst_name)
     sample = random.Random(seed).sample(range(len(forms(src_name))), n)
     return agreement_sample(forms(src_name), forms(dst_name), vmap.ids, vmap.distance, sample,
-                            src_control=control_mask(src_tok), dst_control=control_mask(dst_tok))
+                            src_control=control_mask(src_tok), dst_control=control_mask(dst_tok),
+                            dst_rank=target_preference(dst_tok))
 
 
 def test_agreement_llama2_to_gpt2(llama2_to_gpt2):
@@ -156,6 +170,40 @@ def test_hard_cases_gpt2_to_mistral(gpt2_to_mistral):
     assert ids[token_id(src, "Ġthe")] == token_id(dst, "▁the")
     assert ids[token_id(src, "<|endoftext|>")] == 2  # GPT-2's eos -> '</s>'
     assert gpt2_to_mistral.distance[token_id(src, "ĉ")] == 0
+
+
+@pytest.fixture(scope="module")
+def gpt2_to_llama2():
+    return build_vocab_map(tokenizer("gpt2"), tokenizer("llama2"))
+
+
+@pytest.mark.parametrize("dst_name", ["llama2", "mistral-hf"])
+def test_gpt2_text_maps_to_real_pieces_not_byte_fallback(dst_name, gpt2_to_llama2, gpt2_to_mistral):
+    """Equal byte forms: the piece the receiver itself produces beats its '<0xNN>' byte-fallback twin (which it
+    never emits for that text); a byte-fallback id is a target only when no other receiver token has that form."""
+    vmap = gpt2_to_llama2 if dst_name == "llama2" else gpt2_to_mistral
+    src, dst = tokenizer("gpt2"), tokenizer(dst_name)
+    for a, b in [(".", "."), (",", ","), (":", ":"), ("A", "A"), ("1", "1"), ("Ġ", "▁"), ("!", "!")]:
+        got = int(vmap.ids[token_id(src, a)])
+        assert got == token_id(dst, b), (a, dst.convert_ids_to_tokens(got))
+        assert vmap.distance[token_id(src, a)] == 0
+    fallback = byte_fallback_mask(dst)
+    text_ids = ~control_mask(dst)
+    f_dst = forms(dst_name)
+    shared = {f for f in f_dst if f} & {f_dst[i] for i in np.flatnonzero(text_ids & ~fallback)}
+    hits = np.flatnonzero(fallback[vmap.ids])
+    assert all(f_dst[vmap.ids[i]] not in shared for i in hits)  # only forms no real piece has ('\n', high bytes)
+    print(f"\nGPT-2 -> {dst_name}: {len(hits)} of {len(vmap.ids)} sender ids map to a byte-fallback id")
+    assert len(hits) < 400  # 2,113 when the smallest id won
+
+
+def test_target_preference_ranks():
+    tok = tokenizer("llama2")
+    rank = target_preference(tok)
+    assert rank[token_id(tok, ".")] == 0 and rank[token_id(tok, "<0x2E>")] == 2
+    assert rank[token_id(tok, "▁")] == 0 and rank[token_id(tok, "<0x20>")] == 2
+    assert rank[token_id(tok, "<0x0A>")] == 2  # no other piece is a newline: still the only target for it
+    assert byte_fallback_mask(tok).sum() == 256 and not byte_fallback_mask(tokenizer("gpt2")).any()
 
 
 def test_map_is_keyed_by_content_hashes(llama2_to_gpt2):

@@ -156,15 +156,17 @@ class _Receiver(ModelParty):
                                     promote=lambda *a: None, forget_current=lambda: None)  # no model to keep per run
 
 
-def _vmap(n_src=50, top=99):
+def _vmap(n_src=50, top=99, first=True):
     ids = np.arange(n_src, dtype=np.int32) % (top + 1)
     ids[-1] = top
-    return VocabMap(ids=ids, distance=np.zeros(n_src, np.int32), src_hash=SRC_TOK, dst_hash=DST_TOK)
+    return VocabMap(ids=ids, distance=np.zeros(n_src, np.int32), first_ids=ids[::-1].copy() if first else None,
+                    src_hash=SRC_TOK, dst_hash=DST_TOK)
 
 
-def _alignment(public=PUB):
+def _alignment(public=PUB, same_span=(1, 0)):
     return SequenceAlignment(np.array([0, 1, 2], np.int64), np.array([1, 2], np.int32), np.array([3, 4], np.int32),
-                             SRC_TOK, DST_TOK, public, "offsets")
+                             SRC_TOK, DST_TOK, public, "offsets",
+                             None if same_span is None else np.array(same_span, np.uint8))
 
 
 def _distill(party, *, vmap=None, align=None, shard=None, **fields):
@@ -192,6 +194,20 @@ def test_vocab_maps_must_cover_exactly_the_senders_vocabulary_and_fit_the_receiv
         _distill(party, vmap=_vmap(top=100), align=_alignment())
     with pytest.raises(ValueError, match="7 source entries, but the sender's vocabulary has 8"):
         _vmap(n_src=7).check_sizes(8, 100)
+
+
+def test_projection_options_are_checked_against_the_blobs(tmp_path):
+    party = _Receiver(tmp_path)
+    assert callable(_distill(party, vmap=_vmap(), align=_alignment(), projection="first_token",
+                             skip_span_mismatch=True))
+    with pytest.raises(InvalidInput, match="projection must be one of mined, first_token"):
+        _distill(party, vmap=_vmap(), align=_alignment(), projection="nearest")
+    with pytest.raises(InvalidInput, match="no first-token table"):  # a version-1 map
+        _distill(party, vmap=_vmap(first=False), align=_alignment(), projection="first_token")
+    assert callable(_distill(party, vmap=_vmap(first=False), align=_alignment()))  # mined needs no more
+    # an alignment without same-span flags predates the current encode_pair truncation: its positions may be stale
+    with pytest.raises(InvalidInput, match="older alignment service"):
+        _distill(party, vmap=_vmap(), align=_alignment(same_span=None))
 
 
 def test_alignments_and_shards_must_name_the_runs_public_set(tmp_path):

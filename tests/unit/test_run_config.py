@@ -54,10 +54,11 @@ def test_defaults():
                                                "local_epochs": 1, "overlap_steps": True, "adapter_max_abs": 1e4}
     assert dataclasses.asdict(FedMKTConfig()) == {"setting": "heterogeneous", "top_k": 16, "ce_weight": 0.9,
                                                   "distill_epochs": 1, "selection": "dualmince", "logits_bits": 0,
-                                                  "alignment_method": "offsets"}
+                                                  "alignment_method": "offsets", "projection": "mined",
+                                                  "skip_span_mismatch": False}
     assert dataclasses.asdict(LLMToSLMConfig()) == {**dataclasses.asdict(FedMKTConfig()), "setting": "llm_to_slm"}
     assert dataclasses.asdict(FedCoLLMConfig()) == {"kl_weight": 1.0, "distill_epochs": 1, "aggregation": "factors",
-                                                    "align_tokenizers": False, "top_k": 32}
+                                                    "align_tokenizers": False, "top_k": 32, "kl_direction": "forward"}
     assert dataclasses.asdict(FedBiOTConfig()) == {"adapter_layers": 2, "drop": 0.2, "pre_align_steps": 20,
                                                    "align_steps": 10, "kl_weight": 1.0, "prox_eps": 0.01,
                                                    "align_lr": None, "aggregation": "factors"}
@@ -138,6 +139,7 @@ def test_rounds_quorum():
     ("selection", "mince", "one of dualmince, fate_self"),
     ("logits_bits", 1, "[2, 16]"), ("logits_bits", 17, None), ("logits_bits", -1, None),
     ("alignment_method", "levenshtein", "one of offsets, dtw"),
+    ("projection", "nearest", "one of mined, first_token"),
 ])
 def test_fedmkt_refuses(field_name, value, match):
     refused(FedMKTConfig, field_name, value, match=match)
@@ -146,7 +148,8 @@ def test_fedmkt_refuses(field_name, value, match):
 @pytest.mark.parametrize("field_name, value", [
     ("setting", "homogeneous"), ("setting", "one_to_one"), ("setting", "llm_to_slm"), ("top_k", 1), ("top_k", 1024),
     ("ce_weight", 0.0), ("ce_weight", 1.0), ("selection", "fate_self"), ("logits_bits", 0), ("logits_bits", 2),
-    ("logits_bits", 16), ("alignment_method", "dtw"), ("distill_epochs", 1000),
+    ("logits_bits", 16), ("alignment_method", "dtw"), ("distill_epochs", 1000), ("projection", "first_token"),
+    ("skip_span_mismatch", True),
 ])
 def test_fedmkt_accepts(field_name, value):
     assert getattr(FedMKTConfig(**{field_name: value}), field_name) == value
@@ -155,7 +158,7 @@ def test_fedmkt_accepts(field_name, value):
 @pytest.mark.parametrize("field_name, value, match", [
     ("kl_weight", -1.0, "[0.0, 1000000.0]"), ("kl_weight", NAN, "finite"), ("kl_weight", INF, "finite"),
     ("kl_weight", 1e7, None), ("distill_epochs", 0, None), ("aggregation", "mean", "one of factors, product"),
-    ("top_k", 0, None), ("top_k", 1025, None),
+    ("top_k", 0, None), ("top_k", 1025, None), ("kl_direction", "backward", "one of forward, reverse"),
 ])
 def test_fedcollm_refuses(field_name, value, match):
     refused(FedCoLLMConfig, field_name, value, match=match)

@@ -567,6 +567,15 @@ def test_fedmkt_task_fields_come_from_the_config():
             pytest.approx(0.3), 3, "fate_self", 64, 64)
         assert not m.HasField("lr") and not m.HasField("batch_size")
     assert {m.epochs for m in d.requests("train_local")} == {2}
+    for m in d.requests("distill"):  # the defaults: the paper's MinED projection, every aligned position
+        assert (m.projection, m.skip_span_mismatch) == ("mined", False)
+
+
+def test_fedmkt_projection_options_reach_every_distill_task():
+    d, _ = _run("fedmkt", _llm(), [_client("c1"), _client("c2", OTHER_TOK)],
+                section={"projection": "first_token", "skip_span_mismatch": True})
+    assert d.requests("distill") and all((m.projection, m.skip_span_mismatch) == ("first_token", True)
+                                         for m in d.requests("distill"))
 
 
 def test_llm2slm_clients_distil_from_the_llm_shard():
@@ -613,6 +622,12 @@ def test_fedcollm_co_distill_carries_the_aggregate_and_kl_weight(kl_weight):
         assert all(m.tag and m.target == "" for m in d.requests("get_lora", round=r))
         assert d.metrics[(r, "llm")]["distill_kd_before"] == 3.0 and d.metrics[(r, "llm")]["distill_kd_after"] == 2.0
     assert [n for n in d.notes] == []  # the server loaded the aggregate as sent; no drops
+
+
+@pytest.mark.parametrize("section, want", [({}, "forward"), ({"kl_direction": "reverse"}, "reverse")])
+def test_fedcollm_co_distill_carries_the_kl_direction(section, want):
+    d, _ = _run("fedcollm", _llm(tok=SLM_TOK), [_client("c1"), _client("c2")], section=section)
+    assert {m.kl_direction for m in d.requests("co_distill")} == {want}
 
 
 def test_fedcollm_aggregation_mode_product():

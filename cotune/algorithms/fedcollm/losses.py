@@ -3,11 +3,15 @@
 Both models sit on one host and share one tokenizer, so the KL is over the full vocabulary. Per batch of the public
 set, the two updates alternate:
 
-    θ ← step(L_g),  L_g = CE_g + λ·KL(g‖f)     with f's logits detached
-    ω ← step(L_f),  L_f = CE_f + λ·KL(f‖g')    with g' = the updated g, detached
+    θ ← step(L_g),  L_g = CE_g + λ·D(g; f)     with f's logits detached
+    ω ← step(L_f),  L_f = CE_f + λ·D(f; g')    with g' = the updated g, detached
 
-KL(p‖q) = Σ p·(log p − log q), with the model being updated as p, as the FedCoLLM paper writes it. The KD term carries
-gradient to the model being updated and none to the other (the FATE reference's KD term had no gradient at all).
+D(student; teacher) is the KD term in the run's `kl_direction` (`cotune.algorithms.fedcollm.config.KL_DIRECTIONS`):
+"forward" (the default) = KL(teacher‖student), as the FedCoLLM authors' code and the cross-tokenizer path (where a
+sparse top-k target admits no other); "reverse" = KL(student‖teacher), the paper's formula as written. KL(p‖q) =
+Σ p·(log p − log q). One choice for both paths (`kd_term` here, `losses_cross.projected_kl` there). The KD term
+carries gradient to the model being updated and none to the other (the FATE reference's KD term had no gradient at
+all).
 Losses are measured over the response tokens (the positions CE trains), at exactly the same positions for both
 models since the tokenization is shared. Each model keeps its own optimizer and LR schedule across rounds (the two
 `Trainer`s own them). Every update goes through `Trainer.step` (g's, inside f's loss function) or `Trainer.fit` (f's):
@@ -20,7 +24,6 @@ alternation between models with different tokenizers.
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -35,15 +38,33 @@ from cotune.lm.batching import (
     sorted_batches,
     to_device,
 )
+from cotune.algorithms.fedcollm.config import KL_DIRECTIONS
+from cotune.align.tokenizers import truncated_samples
 from cotune.lm.losses import kl_full
 from cotune.lm.train import Trainer, offset_progress
 
 
-def mutual_loss(own_logits: torch.Tensor, other_logits: torch.Tensor, labels: torch.Tensor, lam: float):
-    """(L, CE, KL) for the model that produced `own_logits` [N, V]: CE(own, labels) + lam·KL(own‖other).
-    `other_logits` is detached here, so no gradient reaches the other model."""
+def check_direction(direction: str) -> str:
+    if direction not in KL_DIRECTIONS:
+        raise ValueError(f"kl direction must be one of {', '.join(KL_DIRECTIONS)}, got {direction!r}")
+    return direction
+
+
+def kd_term(student_logits: torch.Tensor, teacher_logits: torch.Tensor, direction: str = "forward") -> torch.Tensor:
+    """The student's KD term over the shared vocabulary, mean over positions: KL(teacher‖student) ("forward") or
+    KL(student‖teacher) ("reverse"). The teacher is detached."""
+    teacher = teacher_logits.detach()
+    if check_direction(direction) == "forward":
+        return kl_full(teacher, student_logits)
+    return kl_full(student_logits, teacher)
+
+
+def mutual_loss(own_logits: torch.Tensor, other_logits: torch.Tensor, labels: torch.Tensor, lam: float,
+                direction: str = "forward"):
+    """(L, CE, KL) for the model that produced `own_logits` [N, V]: CE(own, labels) + lam·kd_term(own, other).
+    `other_logits` is detached, so no gradient reaches the other model."""
     ce = F.cross_entropy(own_logits.float(), labels)
-    kl = kl_full(own_logits, other_logits.detach())
+    kl = kd_term(own_logits, other_logits, direction)
     return ce + lam * kl, ce, kl
 
 
@@ -67,8 +88,9 @@ def _logits_at(model, batch, rows, cols, vocab: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def measure(f_trainer: Trainer, g_trainer: Trainer, pairs, batch_size: int) -> dict:
-    """Mean CE of each model and both KLs over the response tokens of `pairs` (eval mode, no grad)."""
+def measure(f_trainer: Trainer, g_trainer: Trainer, pairs, batch_size: int, direction: str = "forward") -> dict:
+    """Mean CE of each model and both KD terms over the response tokens of `pairs` (eval mode, no grad): llm_kl =
+    the LLM f's (kd_term(f, g)), slm_kl = the SLM g's (kd_term(g, f)); truncated_samples: pairs cut to fit."""
     f, g = f_trainer.model, g_trainer.model
     vocab = _common_vocab(f_trainer, g_trainer)
     sums = {"llm_ce": 0.0, "slm_ce": 0.0, "llm_kl": 0.0, "slm_kl": 0.0}
@@ -87,10 +109,11 @@ def measure(f_trainer: Trainer, g_trainer: Trainer, pairs, batch_size: int) -> d
         m = len(rows)
         sums["llm_ce"] += float(F.cross_entropy(lf, labels, reduction="sum"))
         sums["slm_ce"] += float(F.cross_entropy(lg, labels, reduction="sum"))
-        sums["llm_kl"] += float(kl_full(lf, lg)) * m  # KL(f‖g)
-        sums["slm_kl"] += float(kl_full(lg, lf)) * m  # KL(g‖f)
+        sums["llm_kl"] += float(kd_term(lf, lg, direction)) * m  # f's KD term
+        sums["slm_kl"] += float(kd_term(lg, lf, direction)) * m  # g's KD term
         n += m
-    return {k: (v / n if n else float("nan")) for k, v in sums.items()} | {"positions": n}
+    return {k: (v / n if n else float("nan")) for k, v in sums.items()} | {
+        "positions": n, "truncated_samples": truncated_samples(pairs)}
 
 
 def same_device(f_trainer: Trainer, g_trainer: Trainer) -> torch.device:
@@ -141,32 +164,34 @@ def alternate(f_trainer: Trainer, g_trainer: Trainer, lengths: Sequence[int], ba
     return epoch_stats, steps, stopped
 
 
-def summarize(before: dict, after: dict, epoch_stats: list[dict], *, steps: int, samples: int, stopped: bool,
-              t0: float) -> dict:
+def summarize(before: dict, after: dict, epoch_stats: list[dict], *, steps: int, samples: int, stopped: bool) -> dict:
     """co_distill's result dict: measured metrics before/after, first/last-epoch training means, counters."""
-    out = {f"{k}_before": v for k, v in before.items() if not k.endswith("positions")}  # counts: once, below
-    out.update({f"{k}_after": v for k, v in after.items() if not k.endswith("positions")})
+    counts = ("positions", "truncated_samples")  # once, below
+    out = {f"{k}_before": v for k, v in before.items() if not k.endswith(counts)}
+    out.update({f"{k}_after": v for k, v in after.items() if not k.endswith(counts)})
     nan = float("nan")
     out.update(slm_loss_first=epoch_stats[0]["slm_loss"] if epoch_stats else nan,
                slm_loss_last=epoch_stats[-1]["slm_loss"] if epoch_stats else nan,
                llm_loss_first=epoch_stats[0]["llm_loss"] if epoch_stats else nan,
                llm_loss_last=epoch_stats[-1]["llm_loss"] if epoch_stats else nan,
                steps=steps, samples=samples, positions=before["positions"], stopped=float(stopped),
-               seconds=time.perf_counter() - t0)
+               truncated_samples=before["truncated_samples"])  # its time is the task's profile, not a metric
     return out
 
 
 def co_distill(f_trainer: Trainer, g_trainer: Trainer, pairs, *, lam: float, epochs: int, batch_size: int, seed: int = 0,
-               progress: Callable[[int, int], None] | None = None, should_stop: Callable[[], bool] | None = None) -> dict:
-    """Run the alternating mutual distillation over `pairs` (EncodedPairs of the shared tokenizer) for `epochs`.
+               direction: str = "forward", progress: Callable[[int, int], None] | None = None,
+               should_stop: Callable[[], bool] | None = None) -> dict:
+    """Run the alternating mutual distillation over `pairs` (EncodedPairs of the shared tokenizer) for `epochs`, the
+    KD terms in `direction` (KL_DIRECTIONS).
 
-    Returns the losses before and after (measured without grad in eval mode) and the mean training losses of the
-    first and last epoch for both sides."""
+    Returns the losses before and after (measured without grad in eval mode: llm_kl / slm_kl are the LLM's / the
+    SLM's KD terms) and the mean training losses of the first and last epoch for both sides."""
     f, g = f_trainer.model, g_trainer.model
+    check_direction(direction)
     device = same_device(f_trainer, g_trainer)
     vocab = _common_vocab(f_trainer, g_trainer)
-    t0 = time.perf_counter()
-    before = measure(f_trainer, g_trainer, pairs, batch_size)
+    before = measure(f_trainer, g_trainer, pairs, batch_size, direction)
 
     def batch_fn(idx):
         bp = [pairs[i] for i in idx]
@@ -177,19 +202,19 @@ def co_distill(f_trainer: Trainer, g_trainer: Trainer, pairs, *, lam: float, epo
         labels = batch["input_ids"][rows, cols + 1]
         lf = _logits_at(f, batch, rows, cols, vocab)            # with grad: reused for ω's step
         lg = _logits_at(g, batch, rows, cols, vocab)
-        loss_g, _, _ = mutual_loss(lg, lf, labels, lam)          # θ step: f detached
+        loss_g, _, _ = mutual_loss(lg, lf, labels, lam, direction)  # θ step: f detached
         stats = {"slm_loss": float(loss_g.detach())} if g_trainer.step(loss_g) else {}
         with torch.no_grad():
             lg_new = _logits_at(g, batch, rows, cols, vocab)
-        loss_f, _, _ = mutual_loss(lf, lg_new, labels, lam)     # ω step (by fit): against the updated g
+        loss_f, _, _ = mutual_loss(lf, lg_new, labels, lam, direction)  # ω step (by fit): against the updated g
         stats["llm_loss"] = float(loss_f.detach())
         return loss_f, stats
 
     epoch_stats, steps, stopped = alternate(f_trainer, g_trainer, [len(p.ids) for p in pairs], batch_fn,
                                             epochs=epochs, batch_size=batch_size, seed=seed, progress=progress,
                                             should_stop=should_stop)
-    after = measure(f_trainer, g_trainer, pairs, batch_size)
-    return summarize(before, after, epoch_stats, steps=steps, samples=len(pairs), stopped=stopped, t0=t0)
+    after = measure(f_trainer, g_trainer, pairs, batch_size, direction)
+    return summarize(before, after, epoch_stats, steps=steps, samples=len(pairs), stopped=stopped)
 
 
 def encode_public(trainer: Trainer, examples: Sequence, max_length: int):

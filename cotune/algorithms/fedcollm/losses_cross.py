@@ -9,28 +9,28 @@ keeps its top-k, goes through the MinED vocabulary map into the student's vocabu
 id are merged, out-of-range ids dropped, the row renormalized: `cotune.align.projection.project_topk` semantics, here in
 torch on the device), and the student is trained towards it. Per batch, as in `co_distill`:
 
-    θ ← step(L_g),  L_g = CE_g + λ·KL(f̃ ‖ g)      f̃  = f's top-k mapped through f2g, f detached
-    ω ← step(L_f),  L_f = CE_f + λ·KL(g̃' ‖ f)     g̃' = the UPDATED g's top-k mapped through g2f, detached
+    θ ← step(L_g),  L_g = CE_g + λ·D(g; f̃)      f̃  = f's top-k mapped through f2g, f detached
+    ω ← step(L_f),  L_f = CE_f + λ·D(f; g̃')     g̃' = the UPDATED g's top-k mapped through g2f, detached
 
-CE_x is each model's own CE over all of its own response tokens (its own tokenization). The KD term is the forward
-KL of the projected teacher t (support S = the mapped top-k ids) to the student's full softmax q:
+CE_x is each model's own CE over all of its own response tokens (its own tokenization). D is the KD term in the run's
+`kl_direction`, the same choice as `co_distill`'s (`projected_kl`). For the projected teacher t (support S = the
+mapped top-k ids) and the student's full softmax q:
 
-    KL(t ‖ q) = Σ_{j∈S} t_j·(log t_j − log q_j)  =  sparse soft-target CE  −  H(t)
+    forward (default):  KL(t ‖ q) = Σ_{j∈S} t_j·(log t_j − log q_j)  =  sparse soft-target CE  −  H(t)
+    reverse:            KL(q̂ ‖ t) = Σ_{j∈S} q̂_j·(log q̂_j − log t_j),  q̂ = q restricted to S, renormalized
 
-Its gradient is the sparse soft CE's (`sparse_kd_loss`); subtracting the constant H(t) makes the value a true KL
-(≥ 0, 0 iff q = t) whose size does not move with the teacher's entropy, so numbers compare across rounds. The
-forward direction is forced by the sparse target (the reverse KL(q ‖ t) is infinite wherever q puts mass outside S).
-`co_distill` trains the reverse direction KL(own ‖ other) on the full vocabulary; the two coincide only in the limit.
+The forward gradient is the sparse soft CE's (`sparse_kd_loss`); subtracting the constant H(t) makes the value a true
+KL (≥ 0, 0 iff q = t) whose size does not move with the teacher's entropy, so numbers compare across rounds. KL(q ‖ t)
+itself is infinite wherever q puts mass outside S, hence q̂ for the reverse direction; with S = the whole vocabulary
+both are co_distill's full-vocabulary terms.
 
-Metric names are `co_distill`'s and name the KL's DIRECTION as in `codistill.measure`:
-    llm_kl = KL(f̃ ‖ g)   (the KD term of g's loss),   slm_kl = KL(g̃ ‖ f)   (the KD term of f's loss),
-averaged over aligned positions; llm_ce / slm_ce are each model's CE over its own response tokens. With one
-tokenizer, identity maps and top_k = vocabulary, f̃ = f and g̃ = g, so these equal co_distill's numbers exactly.
+Metric names are `co_distill`'s: llm_kl = the LLM f's KD term D(f; g̃), slm_kl = the SLM g's D(g; f̃), averaged over
+aligned positions; llm_ce / slm_ce are each model's CE over its own response tokens. With one tokenizer, identity
+maps and top_k = vocabulary, f̃ = f and g̃ = g, so these equal co_distill's numbers.
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -42,9 +42,11 @@ from cotune.algorithms.fedcollm.losses import (
     _logits_at,
     _positions,
     alternate,
+    check_direction,
     same_device,
     summarize,
 )
+from cotune.align.tokenizers import truncated_samples
 from cotune.lm.train import Trainer
 
 _SENTINEL = torch.iinfo(torch.long).max
@@ -112,6 +114,27 @@ def sparse_kl(student_logits: torch.Tensor, target_ids: torch.Tensor, target_pro
     return (t * (log_t - log_q)).sum(-1)
 
 
+def reverse_sparse_kl(student_logits: torch.Tensor, target_ids: torch.Tensor,
+                      target_probs: torch.Tensor) -> torch.Tensor:
+    """Per-position KL(q̂ ‖ t) [M]: q̂ = the student's softmax restricted to the sparse target's support (padding:
+    id < 0 or probability 0) and renormalized there. 0 for a row with no support."""
+    logits = student_logits.float()
+    valid = (target_ids >= 0) & (target_probs > 0)
+    picked = torch.gather(logits, -1, target_ids.clamp(min=0).long()).masked_fill(~valid, -1e30)  # finite: no NaN grads
+    log_q = picked - torch.logsumexp(picked, dim=-1, keepdim=True)
+    log_t = torch.log(torch.where(valid, target_probs.float(), 1.0))
+    return torch.where(valid, log_q.exp() * (log_q - log_t), 0.0).sum(-1)
+
+
+def projected_kl(student_logits: torch.Tensor, target_ids: torch.Tensor, target_probs: torch.Tensor,
+                 direction: str = "forward") -> torch.Tensor:
+    """The student's per-position KD term [M] against a projected sparse target, in `direction` (KL_DIRECTIONS):
+    `sparse_kl` (forward) or `reverse_sparse_kl`."""
+    if check_direction(direction) == "forward":
+        return sparse_kl(student_logits, target_ids, target_probs)
+    return reverse_sparse_kl(student_logits, target_ids, target_probs)
+
+
 def _mean(x: torch.Tensor) -> torch.Tensor:
     return x.mean() if x.numel() else x.new_zeros(())
 
@@ -167,8 +190,11 @@ class _Side:
         return _logits_at(self.trainer.model, self.batch, rows, cols, self.vocab)
 
 
-def _check_inputs(f_trainer, g_trainer, f_pairs, g_pairs, f2g, g2f, top_k, batch_size, lam, method) -> tuple[int, int]:
+def _check_inputs(f_trainer, g_trainer, f_pairs, g_pairs, f2g, g2f, top_k, batch_size, lam, method,
+                  direction) -> tuple[int, int]:
     from cotune.align.seqalign import METHODS
+
+    check_direction(direction)
 
     if len(f_pairs) != len(g_pairs):
         raise ValueError(f"f_pairs has {len(f_pairs)} samples but g_pairs {len(g_pairs)}: they must be the same public "
@@ -207,9 +233,9 @@ def _check_inputs(f_trainer, g_trainer, f_pairs, g_pairs, f2g, g2f, top_k, batch
 
 @torch.no_grad()
 def measure_cross(f_trainer: Trainer, g_trainer: Trainer, f_pairs, g_pairs, aligned: _Aligned, f2g: torch.Tensor,
-                  g2f: torch.Tensor, *, top_k: int, batch_size: int) -> dict:
-    """Each model's mean CE over its own response tokens and both projected top-k KLs over the aligned positions
-    (eval mode, no grad): llm_kl = KL(f̃ ‖ g), slm_kl = KL(g̃ ‖ f)."""
+                  g2f: torch.Tensor, *, top_k: int, batch_size: int, direction: str = "forward") -> dict:
+    """Each model's mean CE over its own response tokens and both KD terms over the aligned positions (eval mode, no
+    grad): llm_kl = D(f; g̃), slm_kl = D(g; f̃) in `direction`."""
     device = f_trainer.device
     vf, vg = f2g.numel(), g2f.numel()
     sums = {"llm_ce": 0.0, "slm_ce": 0.0, "llm_kl": 0.0, "slm_kl": 0.0}
@@ -229,18 +255,19 @@ def measure_cross(f_trainer: Trainer, g_trainer: Trainer, f_pairs, g_pairs, alig
         n_f += len(fs.rows)
         n_g += len(gs.rows)
         if len(af):
-            sums["llm_kl"] += float(sparse_kl(lg[ag], *teacher_target(lf[af], f2g, top_k)).sum())
-            sums["slm_kl"] += float(sparse_kl(lf[af], *teacher_target(lg[ag], g2f, top_k)).sum())
+            sums["llm_kl"] += float(projected_kl(lf[af], *teacher_target(lg[ag], g2f, top_k), direction).sum())
+            sums["slm_kl"] += float(projected_kl(lg[ag], *teacher_target(lf[af], f2g, top_k), direction).sum())
             n_kl += len(af)
     nan = float("nan")
     return {"llm_ce": sums["llm_ce"] / n_f if n_f else nan, "slm_ce": sums["slm_ce"] / n_g if n_g else nan,
             "llm_kl": sums["llm_kl"] / n_kl if n_kl else nan, "slm_kl": sums["slm_kl"] / n_kl if n_kl else nan,
-            "positions": n_kl, "llm_positions": n_f, "slm_positions": n_g}
+            "positions": n_kl, "llm_positions": n_f, "slm_positions": n_g,
+            "truncated_samples": truncated_samples(f_pairs) + truncated_samples(g_pairs)}
 
 
 def co_distill_cross(f_trainer: Trainer, g_trainer: Trainer, f_pairs: Sequence, g_pairs: Sequence, *, f2g, g2f,
                      lam: float, epochs: int, batch_size: int, top_k: int = 32, seed: int = 0, method: str = "offsets",
-                     progress: Callable[[int, int], None] | None = None,
+                     direction: str = "forward", progress: Callable[[int, int], None] | None = None,
                      should_stop: Callable[[], bool] | None = None) -> dict:
     """`co_distill` for an LLM f and an SLM copy g with different tokenizers (see the module docstring).
 
@@ -248,19 +275,19 @@ def co_distill_cross(f_trainer: Trainer, g_trainer: Trainer, f_pairs: Sequence, 
     `codistill.encode_public`). f2g: MinED map f's vocabulary -> g's (a `VocabMap` or an int array, one entry per
     f token id); g2f the reverse. Each model's vocabulary is taken as the length of its outgoing map (logits beyond
     it, a model head's padding, are ignored, as co_distill ignores those beyond the common vocabulary).
-    method: `align_pair`'s alignment ("offsets" or "dtw").
+    method: `align_pair`'s alignment ("offsets" or "dtw"). direction: the KD terms' (KL_DIRECTIONS), as co_distill's.
 
     Returns co_distill's keys (llm/slm ce and kl before/after, llm/slm_loss_first/last, steps, samples, positions
-    = aligned positions, stopped, seconds) plus llm_positions / slm_positions (each side's CE positions) and
-    aligned_fraction (aligned positions / g's response positions).
+    = aligned positions, stopped, truncated_samples (of both encodings)) plus llm_positions /
+    slm_positions (each side's CE positions) and aligned_fraction (aligned positions / g's response positions).
     """
     device = same_device(f_trainer, g_trainer)
-    vf, vg = _check_inputs(f_trainer, g_trainer, f_pairs, g_pairs, f2g, g2f, top_k, batch_size, lam, method)
-    t0 = time.perf_counter()
+    vf, vg = _check_inputs(f_trainer, g_trainer, f_pairs, g_pairs, f2g, g2f, top_k, batch_size, lam, method,
+                           direction)
     f2g_t, g2f_t = lookup_table(f2g, device), lookup_table(g2f, device)
     aligned = _Aligned(f_pairs, g_pairs, method, f_trainer.tokenizer, g_trainer.tokenizer)
     before = measure_cross(f_trainer, g_trainer, f_pairs, g_pairs, aligned, f2g_t, g2f_t, top_k=top_k,
-                           batch_size=batch_size)
+                           batch_size=batch_size, direction=direction)
 
     def batch_fn(idx):
         fs = _Side(f_trainer, [f_pairs[i] for i in idx], vf, device)
@@ -273,7 +300,7 @@ def co_distill_cross(f_trainer: Trainer, g_trainer: Trainer, f_pairs: Sequence, 
         # θ step: g towards f's projected top-k (f detached inside teacher_target)
         loss_g = _ce(lg, gs.labels)
         if len(af):
-            loss_g = loss_g + lam * _mean(sparse_kl(lg[ag], *teacher_target(lf[af], f2g_t, top_k)))
+            loss_g = loss_g + lam * _mean(projected_kl(lg[ag], *teacher_target(lf[af], f2g_t, top_k), direction))
         stats = {}
         if not loss_g.requires_grad or g_trainer.step(loss_g):  # no g position: nothing to learn, value kept
             stats["slm_loss"] = float(loss_g.detach())
@@ -282,7 +309,7 @@ def co_distill_cross(f_trainer: Trainer, g_trainer: Trainer, f_pairs: Sequence, 
         if len(af):
             with torch.no_grad():
                 lg_new = gs.logits(ag)
-            loss_f = loss_f + lam * _mean(sparse_kl(lf[af], *teacher_target(lg_new, g2f_t, top_k)))
+            loss_f = loss_f + lam * _mean(projected_kl(lf[af], *teacher_target(lg_new, g2f_t, top_k), direction))
         stats["llm_loss"] = float(loss_f.detach())
         return (loss_f if loss_f.requires_grad else None), stats
 
@@ -291,8 +318,8 @@ def co_distill_cross(f_trainer: Trainer, g_trainer: Trainer, f_pairs: Sequence, 
                                             batch_size=batch_size, seed=seed, progress=progress,
                                             should_stop=should_stop)
     after = measure_cross(f_trainer, g_trainer, f_pairs, g_pairs, aligned, f2g_t, g2f_t, top_k=top_k,
-                          batch_size=batch_size)
-    out = summarize(before, after, epoch_stats, steps=steps, samples=len(f_pairs), stopped=stopped, t0=t0)
+                          batch_size=batch_size, direction=direction)
+    out = summarize(before, after, epoch_stats, steps=steps, samples=len(f_pairs), stopped=stopped)
     out.update(llm_positions=before["llm_positions"], slm_positions=before["slm_positions"])
     out["aligned_fraction"] = aligned.total / before["slm_positions"] if before["slm_positions"] else float("nan")
     return out

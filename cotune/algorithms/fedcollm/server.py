@@ -14,6 +14,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from cotune.algorithms.fedcollm.config import KL_DIRECTIONS
 from cotune.errors import InvalidInput, Precondition
 from cotune.party.base import Target
 from cotune.rpc.operations import OpResult
@@ -146,6 +147,9 @@ def co_distill(party, task: party_pb2.CoDistillTask, ctx: party_pb2.RunContext):
     except LoraMismatchError as exc:
         raise InvalidInput(f"slm_adapter does not fit the companion SLM: {exc}") from exc
     lam = float(task.kl_weight)
+    direction = task.kl_direction or "forward"
+    if direction not in KL_DIRECTIONS:
+        raise InvalidInput(f"kl_direction must be one of {', '.join(KL_DIRECTIONS)}, got {task.kl_direction!r:.40}")
 
     def work(op):
         from cotune.algorithms.fedcollm.losses import co_distill as run_co_distill
@@ -158,17 +162,15 @@ def co_distill(party, task: party_pb2.CoDistillTask, ctx: party_pb2.RunContext):
         comp.trainer.set_lr(slm_lr)
         pairs = encode_public(party.trainer, examples, max_length)
         common = dict(lam=lam, epochs=epochs, batch_size=batch_size, seed=party.cfg.training.seed,
-                      progress=party.progress(op, "co-distill"), should_stop=op.cancelled)
+                      direction=direction, progress=party.progress(op, "co-distill"), should_stop=op.cancelled)
         if maps is None:
             m = run_co_distill(party.trainer, comp.trainer, pairs, **common)
-            own = "llm"  # KL(f‖g) over the shared vocabulary
         else:
             from cotune.algorithms.fedcollm.losses_cross import co_distill_cross
 
             g_pairs = encode_public(comp.trainer, examples, max_length)
             m = co_distill_cross(party.trainer, comp.trainer, pairs, g_pairs, f2g=maps[0], g2f=maps[1],
                                  top_k=task.top_k, **common)
-            own = "slm"  # the LLM's own term across tokenizers: KL(g̃‖f) (co_distill_cross names KLs by direction)
         # float32 on the wire whatever the server's dtype, so a client's copy hashes like the server's
         out = lora_to_bytes({k: v.float() for k, v in lora_state_dict(comp.model).items()})
         blob = party.store.put_bytes(out, MEDIA_ADAPTER)
@@ -177,7 +179,7 @@ def co_distill(party, task: party_pb2.CoDistillTask, ctx: party_pb2.RunContext):
         return OpResult(metrics=metrics,
                         result=party_pb2.CoDistillResult(
                             slm_adapter=blob.ref(), received_lora_hash=received, llm_lora_hash=llm_hash,
-                            llm_kl_before=m[f"{own}_kl_before"], llm_kl_after=m[f"{own}_kl_after"]))
+                            llm_kl_before=m["llm_kl_before"], llm_kl_after=m["llm_kl_after"]))  # its KD term
     return work
 
 

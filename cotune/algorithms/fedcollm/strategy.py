@@ -5,8 +5,9 @@ all start from one init; everyone is evaluated.
 Round t: clients train θ_k for E epochs on private data (CE) → the coordinator pulls each θ_k (tagged with its
 run/round/step) and FedAvgs them by sample count (A and B separately, or the exact product mean; see
 cotune/algorithms/aggregate.py), rejecting bad uploads → the aggregate goes to the LLM server, which loads it into its
-SLM copy g and co-distils with the LLM f on the public set (θ with CE_g + λ·KL(g‖f), ω with CE_f + λ·KL(f‖g),
-alternating per batch) → the distilled θᵗ is broadcast to every client → everyone is evaluated.
+SLM copy g and co-distils with the LLM f on the public set (θ with CE_g + λ·KL(f‖g), ω with CE_f + λ·KL(g‖f),
+alternating per batch; KL(teacher‖student) is the default `kl_direction`, "reverse" takes KL(student‖teacher) as the
+paper writes it) → the distilled θᵗ is broadcast to every client → everyone is evaluated.
 
 Every client and the LLM server's SLM copy share one tokenizer (adapters are averaged key by key). The LLM may use
 another one when the run spec sets `align_tokenizers` (an extension: no published system does this): the coordinator
@@ -59,7 +60,8 @@ class FedCoLLM(Strategy):
             d.set_step(rnd, "co_distill")
             task = party_pb2.CoDistillTask(slm_adapter=d.ref(aggregate), kl_weight=config.kl_weight,
                                            epochs=config.distill_epochs, max_samples=run.max_public_samples,
-                                           max_length=run.max_length, top_k=config.top_k)
+                                           max_length=run.max_length, top_k=config.top_k,
+                                           kl_direction=config.kl_direction)
             for field, sha in maps.items():
                 getattr(task, field).CopyFrom(d.ref(sha))
             res = d.task(d.llm, rnd, "co_distill", co_distill=task)

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from cotune.algorithms.config import Config, Problems, help_field
 from cotune.align.seqalign import METHODS as ALIGNMENT_METHODS
+from cotune.align.vocabmap import PROJECTIONS
 from cotune.tasks import MAX_EPOCHS, MAX_TOP_K
 
 SETTINGS = ("heterogeneous", "homogeneous", "one_to_one", "llm_to_slm")
@@ -25,6 +26,11 @@ class FedMKTConfig(Config):
                                              "if it beats the receiver) | fate_self (FATE-LLM's self-distillation fallback)")
     logits_bits: int = help_field(0, "0 = lossless logits codec; 2..16 = bits per quantized log-probability")
     alignment_method: str = help_field("offsets", "sequence alignment across tokenizers: offsets | dtw")
+    projection: str = help_field("mined", "across tokenizers, how teacher ids become the receiver's: mined (the "
+                                          "paper's MinED map) | first_token (the first token of the receiver's own "
+                                          "encoding of the teacher token's text: GPT-2 ' lens' -> Llama-2 '▁l')")
+    skip_span_mismatch: bool = help_field(False, "across tokenizers, distil only at positions where the teacher's "
+                                                 "and the student's next tokens cover the same text")
 
     def check(self, p: Problems) -> None:
         p.choice(self.name("setting"), self.setting, SETTINGS)
@@ -35,6 +41,7 @@ class FedMKTConfig(Config):
         if self.logits_bits != 0:
             p.range(self.name("logits_bits"), self.logits_bits, 2, 16)
         p.choice(self.name("alignment_method"), self.alignment_method, ALIGNMENT_METHODS)
+        p.choice(self.name("projection"), self.projection, PROJECTIONS)
 
     @property
     def mutual(self) -> bool:

@@ -78,14 +78,17 @@ def credited_nll(ids: np.ndarray, probs: np.ndarray, missing: np.ndarray, gold: 
 class TeacherView:
     """One sender's shard, ready to be read in the receiver's vocabulary and positions.
 
-    vocab_map: int32 [sender vocab] -> receiver id, or None when both share a tokenizer.
+    vocab_map: int32 [sender vocab] -> receiver id (a VocabMap's table for the run's projection), or None when both
+        share a tokenizer.
     alignment: per sample (sender positions, receiver positions), or None when both share a tokenizer.
+    same_span_only: read only the aligned pairs whose next tokens cover the same text (the skip_span_mismatch option).
     """
 
     sender_id: str
     samples: Sequence[SampleLogits]
     vocab_map: np.ndarray | None = None
     alignment: object | None = None  # cotune.align.seqalign.SequenceAlignment
+    same_span_only: bool = False
 
     def rows(self, i: int, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Sample i's distributions at the receiver's target `positions` (sorted, unique): (index into `positions`
@@ -99,7 +102,8 @@ class TeacherView:
         if self.alignment is None:
             src_rows, dst = np.arange(len(have)), have
         else:
-            src_pos, dst_pos = self.alignment.pairs(i)
+            src_pos, dst_pos = (self.alignment.pairs(i, same_span_only=True) if self.same_span_only
+                                else self.alignment.pairs(i))
             src_pos = np.asarray(src_pos, dtype=np.int64)
             rows = np.clip(np.searchsorted(have, src_pos), 0, max(len(have) - 1, 0))
             hit = have[rows] == src_pos if len(have) else np.zeros(len(src_pos), dtype=bool)

@@ -56,7 +56,8 @@ class FedMKT(Strategy):
         logits = party_pb2.PublicLogitsTask(top_k=config.top_k, max_samples=run.max_public_samples,
                                             bits=config.logits_bits, max_length=run.max_length)
         distill = dict(ce_weight=config.ce_weight, epochs=config.distill_epochs, selection=config.selection,
-                       max_samples=run.max_public_samples, max_length=run.max_length)
+                       max_samples=run.max_public_samples, max_length=run.max_length, projection=config.projection,
+                       skip_span_mismatch=config.skip_span_mismatch)
 
         d.set_step(0, "align")
         links = {c.party_id: self._links(d, c, config, mutual=config.mutual) for c in d.clients

@@ -44,8 +44,11 @@ def public_logits(party, task: party_pb2.PublicLogitsTask, ctx: party_pb2.RunCon
     return work
 
 
-def _teacher(party, t: party_pb2.TeacherShard, index: int, n_examples: int):
-    """One TeacherShard read and checked against this party's public set, tokenizer and vocabulary."""
+def _teacher(party, t: party_pb2.TeacherShard, index: int, n_examples: int, *, projection: str = "mined",
+             skip_span_mismatch: bool = False):
+    """One TeacherShard read and checked against this party's public set, tokenizer and vocabulary; across
+    tokenizers, projected through the vocab map's `projection` table, at every aligned position or (with
+    `skip_span_mismatch`) only where both next tokens cover the same text."""
     from cotune.algorithms.fedmkt.selection import TeacherView
     from cotune.algorithms.fedmkt.shards import check_public_set, read_shard
     from cotune.align.seqalign import SequenceAlignment
@@ -57,7 +60,7 @@ def _teacher(party, t: party_pb2.TeacherShard, index: int, n_examples: int):
     if t.HasField("vocab_map") != t.HasField("sequence_alignment"):
         raise InvalidInput(f"{where}: vocab_map and sequence_alignment come together (both set across tokenizers, "
                            "neither within one)")
-    vm = align = None
+    vm = align = table = None
     if t.HasField("vocab_map"):
         vm = party.parse_blob(t.vocab_map, f"vocab map for {where}", VocabMap.from_bytes)
         if vm.dst_hash != party.tokenizer_hash:
@@ -80,20 +83,33 @@ def _teacher(party, t: party_pb2.TeacherShard, index: int, n_examples: int):
                                f"map {vm.src_hash[:12]}… → {vm.dst_hash[:12]}…")
         if align.num_samples < n_examples:
             raise InvalidInput(f"{what} covers {align.num_samples} samples, fewer than {n_examples}")
+        if align.same_span is None:  # positions from before passage truncation (and the DTW fix): may not match ours
+            raise InvalidInput(f"{what} was built by an older alignment service (it has no same-span flags, and its "
+                               "positions predate the current encode_pair truncation); rebuild it")
+        try:
+            table = vm.table(projection)
+        except ValueError as exc:
+            raise InvalidInput(f"vocab map for {where}: {exc}") from exc
     else:
         for s in samples:
             if s.ids.size and int(s.ids.max()) >= party.vocab_size:
                 raise InvalidInput(f"{where} has token id {int(s.ids.max())} beyond this model's vocabulary "
                                    f"({party.vocab_size})")
-    return TeacherView(t.sender_id or f"teacher{index}", samples, vm.ids if vm else None, align)
+    return TeacherView(t.sender_id or f"teacher{index}", samples, table, align,
+                       same_span_only=skip_span_mismatch)
 
 
 def distill(party, task: party_pb2.DistillTask, ctx: party_pb2.RunContext):
     """λ·CE + (1 − λ)·KD on the public set, KD towards the teacher each sample's selection picks."""
     from cotune.algorithms.fedmkt.selection import SELECTIONS
 
+    from cotune.align.vocabmap import PROJECTIONS
+
     if task.selection not in SELECTIONS:
         raise InvalidInput(f"selection must be one of {', '.join(SELECTIONS)}, got {task.selection!r:.40}")
+    projection = task.projection or "mined"
+    if projection not in PROJECTIONS:
+        raise InvalidInput(f"projection must be one of {', '.join(PROJECTIONS)}, got {task.projection!r:.40}")
     if not task.teachers:
         raise InvalidInput("distill needs at least one teacher shard")
     party.weight(task.ce_weight, "ce_weight (0 = pure KD)", hi=1.0)
@@ -101,7 +117,8 @@ def distill(party, task: party_pb2.DistillTask, ctx: party_pb2.RunContext):
     lr, batch_size = party.lr(task), party.batch_size(task)
     examples = party.samples(party.public, task.max_samples)
     max_length = party.max_length(task)
-    teachers = [_teacher(party, t, i, len(examples)) for i, t in enumerate(task.teachers)]
+    teachers = [_teacher(party, t, i, len(examples), projection=projection, skip_span_mismatch=task.skip_span_mismatch)
+                for i, t in enumerate(task.teachers)]
     selection, ce_weight = task.selection, float(task.ce_weight)
 
     def work(op):

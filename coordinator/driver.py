@@ -25,6 +25,7 @@ stored with it, so a replay drops them again without asking them (or waiting for
 from __future__ import annotations
 
 import base64
+import contextvars
 import logging
 import math
 import threading
@@ -55,6 +56,11 @@ MAX_REISSUES = 10      # re-issues of one step after its service came back, befo
 WAIT_REPORT_S = 30.0   # how often a wait for a service is reported as an event
 # transport failures worth waiting out: the service is down or restarting (UNAVAILABLE), or did not answer in time
 TRANSIENT = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+# The plan's parallelism where a task is issued (RunContext.parallel_tasks): how many step sequences run at once
+# (Driver.concurrently) and how many parties the current step has (Driver.on_parties). From the plan, not from timing,
+# so a task gets the same thread budget in every run of a spec, replays included.
+_LANES: contextvars.ContextVar[int] = contextvars.ContextVar("cotune_driver_lanes", default=1)
+_WIDTH: contextvars.ContextVar[int] = contextvars.ContextVar("cotune_driver_width", default=1)
 POLL_MAX_S = 1.0  # the longest pause between probes of a party that is down: it is used again within a second
 ONCE_KINDS = ("metrics", "warning", "info", "step")  # events a replay would emit again: not when already recorded
 DROPPED = "@dropped"  # step-key suffix under which a step stores the parties it dropped (not a party id: '@')
@@ -297,7 +303,8 @@ class RunDriver:
         def run_task() -> dict:
             # a party that completed steps of this run must continue from its saved state, never start over
             ctx = party_pb2.RunContext(run_id=self.run_id, round=round, task_key=key, public_set_hash=self.public_set_hash,
-                                       resumes=self.store.has_party_steps(self.run_id, party.party_id))
+                                       resumes=self.store.has_party_steps(self.run_id, party.party_id),
+                                       parallel_tasks=self.parallel_tasks())
             request = party_pb2.TaskRequest(ctx=ctx, **{kind: body})
             started = time.perf_counter()
             marks: dict[str, float] = {}
@@ -560,8 +567,9 @@ class RunDriver:
         failed: dict[str, str] = {pid: why for pid, why in settled.items() if pid in {p.party_id for p in parties}}
         todo = [p for p in parties if p.party_id not in failed]
         if todo:
+            one = self._in_context(_WIDTH, len(parties), fn)
             with ThreadPoolExecutor(max_workers=min(len(todo), 16)) as pool:
-                futures = {p.party_id: pool.submit(fn, p) for p in todo}
+                futures = {p.party_id: pool.submit(one, p) for p in todo}
                 for pid, fut in futures.items():
                     try:
                         outcome.ok[pid] = fut.result()
@@ -591,13 +599,31 @@ class RunDriver:
                                     {**(self.store.step_result(self.run_id, dropped_key) or {}), **new})
         return outcome
 
+    def parallel_tasks(self) -> int:
+        """How many tasks the plan has in flight where a task is issued now: the current step's parties times the
+        step sequences running at once, at most every party of the run."""
+        return max(1, min(1 + len(self.clients), _LANES.get() * _WIDTH.get()))
+
+    @staticmethod
+    def _in_context(var: contextvars.ContextVar, value: int, fn: Callable):
+        """`fn` to run on pool threads with `var` set to `value` and the caller's other context variables (pool threads
+        do not inherit them); each call gets its own copy, so calls may run at once."""
+        base = contextvars.copy_context()
+
+        def run(*args):
+            ctx = base.copy()
+            ctx.run(var.set, value)
+            return ctx.run(fn, *args)
+        return run
+
     def concurrently(self, *fns: Callable[[], object]) -> list:
         """Run independent step sequences at once (when the run allows overlap; else one after another, in order);
         returns their results in order, or raises the first failure after all have ended."""
         if not self.run.overlap_steps or len(fns) < 2:
             return [fn() for fn in fns]
+        lanes = _LANES.get() * len(fns)
         with ThreadPoolExecutor(max_workers=len(fns)) as pool:
-            futures = [pool.submit(fn) for fn in fns]
+            futures = [pool.submit(self._in_context(_LANES, lanes, fn)) for fn in fns]
             errors = [f.exception() for f in futures]
         first = next((e for e in errors if e is not None), None)
         if first is not None:

@@ -400,8 +400,10 @@ class LocalCluster:
         # docs/wire.md: transfers ~420 -> ~570 MB/s, receiver RSS bounded)
         env.setdefault("MALLOC_ARENA_MAX", "2")
         if kind in ("llm", "slm") and "COTUNE_TORCH_THREADS" not in os.environ:
-            # model processes share this machine's cores instead of each spinning on all of them
+            # model processes share this machine's cores instead of each spinning on all of them; per task, the
+            # cores the run's plan leaves it (RunContext.parallel_tasks, cotune.lm.device.threads_for_task)
             env["COTUNE_TORCH_THREADS"] = str(max(1, (os.cpu_count() or 1) // self._model_processes()))
+            env.setdefault("COTUNE_HOST_CORES", str(os.cpu_count() or 1))
         args = [sys.executable, "-m", "cotune.cli", "serve", kind]
         for path in config_paths:
             args += ["--config", str(path)]

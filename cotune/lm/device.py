@@ -147,3 +147,27 @@ def configure_threads(n: int | None = None) -> int:
             raise ValueError(f"thread count must be >= 1, got {n}")
         torch.set_num_threads(int(n))
     return torch.get_num_threads()
+
+
+def host_cores() -> int | None:
+    """$COTUNE_HOST_CORES: the cores this process shares with the other model processes of its host (the local
+    cluster sets it), or None when the process has its host to itself (its thread count is left as configured)."""
+    env = os.environ.get("COTUNE_HOST_CORES", "").strip()
+    if not env:
+        return None
+    cores = int(env)
+    if cores < 1:
+        raise ValueError(f"COTUNE_HOST_CORES must be >= 1, got {cores}")
+    return cores
+
+
+def threads_for_task(parallel_tasks: int) -> int:
+    """Set the thread count for a task the run's plan runs beside parallel_tasks - 1 others (RunContext.parallel_tasks)
+    on a shared host: its cores / parallel_tasks, at least 1. A task the plan runs alone (the LLM server distilling
+    while the clients wait) gets every core instead of its process's share. Unchanged when the host is not shared or
+    the count is unknown (0). The count comes from the plan, so a spec's tasks get the same threads in every run.
+    Returns the count in effect."""
+    cores = host_cores()
+    if cores is not None and parallel_tasks > 0:
+        torch.set_num_threads(max(1, cores // parallel_tasks))
+    return torch.get_num_threads()

@@ -344,7 +344,10 @@ class ModelParty:
         trained tokens adds them, and its seconds, to the party's training throughput (cotune.metrics)."""
 
         def run(op_ctx: OperationContext) -> OpResult:
+            from cotune.lm.device import threads_for_task
+
             with self._worker:
+                threads_for_task(ctx.parallel_tasks)  # on a shared host: the cores the plan leaves this task
                 with phase("checkpoint"):
                     self.runs.enter(ctx.run_id, ctx.resumes)
                 try:

@@ -2,9 +2,11 @@
 (Gemma 3 270M LLM, SmolLM2-135M clients, ARC-Easy), run twice in one invocation on fresh clusters:
 
 - off: the reference path: every model in fp32 (`model.dtype: fp32`), multiple-choice items scored one sequence per
-  choice (`evaluation.mc_scoring: per_choice`), one step at a time (`overlap_steps: false`);
+  choice (`evaluation.mc_scoring: per_choice`), one step at a time (`overlap_steps: false`), each process on its
+  fixed share of the cores (`COTUNE_HOST_CORES=0`);
 - on: the defaults: `model.dtype: auto` (bf16 where the CPU/GPU supports it, LoRA and optimizer state in fp32),
-  choices scored against one encoding of the shared prompt, independent steps overlapped.
+  choices scored against one encoding of the shared prompt, independent steps overlapped, each task on the cores
+  its run's plan leaves it (RunContext.parallel_tasks).
 
 It prints JSON and markdown tables: the round's wall time (round 1: from its first step to its last), each step's
 wall time per party with its phases (cotune.profile), training tokens/s per party, peak RSS per process, and every
@@ -20,6 +22,7 @@ import argparse
 import copy
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -35,8 +38,8 @@ from tests.integration.blob_server import proc_status_kib  # noqa: E402
 
 ALGORITHMS = ("fedmkt", "fedcollm", "fedbiot")
 MODES = {
-    "off": {"dtype": "fp32", "mc_scoring": "per_choice", "overlap_steps": False},
-    "on": {"dtype": "auto", "mc_scoring": "shared_prompt", "overlap_steps": True},
+    "off": {"dtype": "fp32", "mc_scoring": "per_choice", "overlap_steps": False, "host_cores": "0"},
+    "on": {"dtype": "auto", "mc_scoring": "shared_prompt", "overlap_steps": True, "host_cores": ""},
 }
 # Agreement of "on" with "off" (bf16 weights change every number a little): losses within 2% relative (or 0.02
 # absolute), accuracies within 0.05 (3 of 60 items). Timings, counts and byte sizes are not compared.
@@ -72,6 +75,9 @@ def run_once(algorithm: str, mode_name: str, root: Path, preset_name: str) -> di
     print(f"[{algorithm}/{mode_name}] starting the cluster (dtype {mode['dtype']}, {mode['mc_scoring']}, "
           f"overlap {mode['overlap_steps']})", file=sys.stderr, flush=True)
     started = time.time()
+    os.environ.pop("COTUNE_HOST_CORES", None)  # the cluster sets it to the machine's cores unless a mode turns it off
+    if mode["host_cores"]:
+        os.environ["COTUNE_HOST_CORES"] = mode["host_cores"]
     with LocalCluster(config, start_timeout_s=900) as cluster:
         client = cluster.coordinator_client()
         try:

@@ -151,14 +151,15 @@ def configure_threads(n: int | None = None) -> int:
 
 def host_cores() -> int | None:
     """$COTUNE_HOST_CORES: the cores this process shares with the other model processes of its host (the local
-    cluster sets it), or None when the process has its host to itself (its thread count is left as configured)."""
+    cluster sets it), or None when the process has its host to itself or it is 0 (no per-task budget: the thread
+    count stays as configured)."""
     env = os.environ.get("COTUNE_HOST_CORES", "").strip()
     if not env:
         return None
     cores = int(env)
-    if cores < 1:
-        raise ValueError(f"COTUNE_HOST_CORES must be >= 1, got {cores}")
-    return cores
+    if cores < 0:
+        raise ValueError(f"COTUNE_HOST_CORES must be >= 0, got {cores}")
+    return cores or None
 
 
 def threads_for_task(parallel_tasks: int) -> int:

@@ -53,6 +53,8 @@ def test_a_shared_host_gives_a_task_its_share_of_the_cores(monkeypatch):
         assert threads_for_task(3) == 1
         assert threads_for_task(2) == 2
         assert threads_for_task(0) == 2  # unknown: left as it is
+        monkeypatch.setenv("COTUNE_HOST_CORES", "0")  # turned off: every task keeps the process's share
+        assert threads_for_task(1) == 2
         monkeypatch.delenv("COTUNE_HOST_CORES")
         torch.set_num_threads(3)
         assert threads_for_task(1) == 3  # a host of its own: the configured count stays

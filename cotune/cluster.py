@@ -206,6 +206,20 @@ def wait_healthy(address: str, *, timeout_s: float, service: str = "", process: 
     raise TimeoutError(f"{service or address} did not become healthy within {timeout_s:.0f}s")
 
 
+def stop_processes(processes, grace_s: float = 10.0) -> None:
+    """SIGTERM every process still running, wait up to `grace_s` for them together, then SIGKILL the rest."""
+    running = [p for p in processes if p.poll() is None]
+    for process in running:
+        process.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    for process in running:
+        try:
+            process.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=10)
+
+
 class LocalCluster:
     def __init__(self, config: ClusterConfig, *, start_timeout_s: float = 900.0, progress: Progress | None = None):
         """Checks the whole config first (every service's settings, model paths, data files: see
@@ -614,17 +628,7 @@ class LocalCluster:
         return out
 
     def down(self, grace_s: float = 10.0) -> None:
-        running = list({id(s.process): s.process for s in self.services.values()
-                        if s.process and s.process.poll() is None}.values())
-        for process in running:
-            process.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + grace_s
-        for process in running:
-            try:
-                process.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=10)
+        stop_processes({id(s.process): s.process for s in self.services.values() if s.process}.values(), grace_s)
         state = self.workdir / STATE_FILE
         state.unlink(missing_ok=True)
 

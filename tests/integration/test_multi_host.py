@@ -38,6 +38,7 @@ import numpy as np
 import pytest
 import yaml
 
+from cotune.cluster import stop_processes
 from cotune.demo import cluster_config, prepare_data, prepare_models
 from tests.integration.cluster_fixtures import TEST_PRESET
 from tests.integration.test_security import GUARD_DENIAL
@@ -313,16 +314,7 @@ class Deployment:
                 waiter.wait()
 
     def stop(self) -> None:
-        running = [s.process for s in self.services.values() if s.process.poll() is None]
-        for p in running:
-            p.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + 15
-        for p in running:
-            try:
-                p.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait(timeout=10)
+        stop_processes([s.process for s in self.services.values()], grace_s=15)
 
 
 def _issue_certificates(dep: Deployment) -> subprocess.CompletedProcess:

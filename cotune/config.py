@@ -49,8 +49,7 @@ def validate_security(cfg, what: str) -> None:
     if not given and not cfg.insecure:
         raise ConfigError(f"{what}: no TLS configured. Set tls.ca, tls.cert and tls.key (`cotune certs` makes them), "
                           "or `insecure: true` for plaintext on a loopback address (development on one machine only)")
-    validate_health_address(cfg, what)
-    validate_metrics_address(cfg, what)
+    validate_side_listeners(cfg, what)
     pairs = [("auth.tokens", token, identity) for token, identity in cfg.auth.tokens.items()]
     pairs += [("auth.peer_tokens", token, identity) for identity, token in cfg.auth.peer_tokens.items()]
     for section, token, identity in pairs:
@@ -74,33 +73,27 @@ def split_host_port(address: str, where: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def validate_health_address(cfg, what: str) -> None:
-    """`health_address`: the optional plaintext listener that serves grpc.health.v1 only (cotune.rpc.server), for probes
-    that cannot present a client certificate (Kubernetes' grpc probes, compose healthchecks). Empty = off."""
-    if not cfg.health_address:
-        return
-    _, port = split_host_port(cfg.health_address, f"{what}: health_address")
-    listen_port = cfg.listen.rpartition(":")[2]
-    if port and str(port) == listen_port:
-        raise ConfigError(f"{what}: health_address {cfg.health_address} uses the port of listen ({cfg.listen}); the "
-                          "health port is a separate plaintext listener and needs a port of its own")
+# the optional plaintext listeners beside a service's main port, each needing a port of its own: `health_address`
+# serves grpc.health.v1 only (cotune.rpc.server), for probes that cannot present a client certificate (Kubernetes'
+# grpc probes, compose healthchecks); `metrics_address` serves Prometheus metrics over HTTP (cotune.metrics).
+# Empty = off; port 0 binds a free port.
+SIDE_LISTENERS = {"health_address": "the health port", "metrics_address": "the metrics endpoint"}
 
 
-def validate_metrics_address(cfg, what: str) -> None:
-    """`metrics_address`: the optional plaintext HTTP listener serving the service's Prometheus metrics (cotune.metrics,
-    started by cotune.rpc.server). Empty = off; port 0 binds a free port. It needs a port of its own: not the main
-    port's, not the health port's."""
-    address = getattr(cfg, "metrics_address", "")
-    if not address:
-        return
-    _, port = split_host_port(address, f"{what}: metrics_address")
-    if not port:
-        return
-    for key in ("listen", "health_address"):
-        other = getattr(cfg, key, "")
-        if other and other.rpartition(":")[2] == str(port):
-            raise ConfigError(f"{what}: metrics_address {address} uses the port of {key} ({other}); the metrics "
-                              "endpoint is a separate HTTP listener and needs a port of its own")
+def validate_side_listeners(cfg, what: str) -> None:
+    """Each side listener that is set is HOST:PORT, on a port that neither the main port (`listen`) nor the side
+    listener before it uses."""
+    taken = {"listen": cfg.listen}
+    for key, purpose in SIDE_LISTENERS.items():
+        address = getattr(cfg, key)
+        if not address:
+            continue
+        _, port = split_host_port(address, f"{what}: {key}")
+        for other_key, other in taken.items():
+            if port and other.rpartition(":")[2] == str(port):
+                raise ConfigError(f"{what}: {key} {address} uses the port of {other_key} ({other}); {purpose} is a "
+                                  "separate plaintext listener and needs a port of its own")
+        taken[key] = address
 
 
 @dataclass

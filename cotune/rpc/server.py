@@ -227,5 +227,5 @@ def service_host(name: str, cfg, role: str) -> ServiceHost:
     add_private_root(cfg.workdir)  # error messages to callers never show paths under it
     return ServiceHost(name, cfg.listen, role=role, tls=tls_files(cfg), tokens=tokens, identity=identity,
                        check=check_message, health_address=cfg.health_address,
-                       metrics_address=getattr(cfg, "metrics_address", ""),
+                       metrics_address=cfg.metrics_address,
                        labels=metrics.service_labels(role, getattr(cfg, "party_id", "")))

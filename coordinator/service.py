@@ -13,7 +13,7 @@ from pathlib import Path
 import grpc
 
 from coordinator.driver import RunCancelled, RunDriver
-from coordinator.store import StateStore
+from coordinator.store import StateStore, run_state_name
 from cotune import metrics
 from cotune.algorithms.aggregate import UploadRejected, parse_adapter, validate_upload
 from cotune.algorithms.base import PartyRef
@@ -479,11 +479,6 @@ class _ExportDriver(RunDriver):
         self._resilient(self._party_peer(party), round, "export",
                         lambda client: client.run_task(request, timeout_s=self.timeout_s,
                                                        should_stop=self._cancel.is_set))
-
-
-def run_state_name(state: int) -> str:
-    """A RunState as a metric label: RUN_SUCCEEDED -> succeeded."""
-    return pb.RunState.Name(state).removeprefix("RUN_").lower()
 
 
 def within_response_budget(items: list, budget: int = RESPONSE_BUDGET_BYTES) -> list:

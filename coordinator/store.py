@@ -33,6 +33,14 @@ CREATE TABLE IF NOT EXISTS events (run_id TEXT NOT NULL, seq INTEGER NOT NULL, e
 FORMAT_VERSION = 2
 
 
+def run_state_name(state: int) -> str:
+    """A RunState as a metric label: RUN_SUCCEEDED -> succeeded ("unknown" for a value this version does not name)."""
+    try:
+        return pb.RunState.Name(state).removeprefix("RUN_").lower()
+    except ValueError:
+        return "unknown"
+
+
 class StateStore:
     def __init__(self, path: str | Path):
         Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -91,8 +99,7 @@ class StateStore:
         """How many runs are in each state, by lower-case state name without the RUN_ prefix (metrics)."""
         with self._lock:
             rows = self._db.execute("SELECT state, count(*) FROM runs GROUP BY state").fetchall()
-        names = {value: name.removeprefix("RUN_").lower() for name, value in pb.RunState.items()}
-        return {names.get(state, "unknown"): n for state, n in rows}
+        return {run_state_name(state): n for state, n in rows}
 
     def runs_in_state(self, *states) -> list[pb.Run]:
         marks = ",".join("?" * len(states))

@@ -195,9 +195,10 @@ class RunDriver:
                     entry.metrics[name] = float(value)
             self.save()
 
-    def note(self, round: int, message: str, *, dropped: str = "", kind: str = "warning") -> None:
+    def note(self, round: int, message: str, *, dropped: str = "", kind: str = "warning", step: str = "") -> None:
         """Keep `message` in the round record and emit it (kind "warning", or "info" for plain facts). A note is kept
-        once per (round, message): the same note from a replayed step is already there."""
+        once per (round, message): the same note from a replayed step is already there. `dropped`: the party the
+        note drops from the round, at `step` (counted in cotune_clients_dropped_total)."""
         with self._lock:
             rec = self._find_round(round)
             if rec is not None and message in rec.notes and (not dropped or dropped in rec.dropped):
@@ -207,8 +208,7 @@ class RunDriver:
                 rec.notes.append(message)
             if dropped and dropped not in rec.dropped:
                 rec.dropped.append(dropped)
-                # drop notes name their step first ("<step>: <party> dropped from round N: ...", _drop_note)
-                cotune_metrics.client_dropped(message.split(": ", 1)[0] if ": " in message else "")
+                cotune_metrics.client_dropped(step)
             self.save()
         self.emit(kind, round=round, party_id=dropped, message=message, once=False)  # new in the record: news
 
@@ -578,7 +578,7 @@ class RunDriver:
                     except (RpcError, grpc.RpcError, OSError) as exc:  # TaskFailed, validation and transport errors
                         message = exc.details() if isinstance(exc, grpc.RpcError) else str(exc)
                         failed[pid] = message
-                        self.note(round, self._drop_note(round, step, pid) + message, dropped=pid)
+                        self.note(round, self._drop_note(round, step, pid) + message, dropped=pid, step=step)
                     else:
                         self._clear_earlier_drop(round, step, pid)
         outcome.failed = {p.party_id: failed[p.party_id] for p in parties if p.party_id in failed}

@@ -134,7 +134,8 @@ def collect_and_aggregate(d: Driver, clients: Sequence[PartyRef], rnd: int, refe
     d.set_step(rnd, "aggregate")
     res = Aggregate(**d.local_step(f"r{rnd}/aggregate", aggregate))  # stored as JSON: a restart replays it
     for pid, reason in res.rejected.items():
-        d.note(rnd, f"aggregate: {pid} dropped from round {rnd}: upload rejected: {reason}", dropped=pid)
+        d.note(rnd, f"aggregate: {pid} dropped from round {rnd}: upload rejected: {reason}", dropped=pid,
+               step="aggregate")
     for pid, weight in res.accepted.items():
         d.record_metrics(rnd, pid, {"fedavg_weight": weight})
     d.record_artifact(rnd, "aggregate", res.sha)

@@ -100,7 +100,7 @@ class FakeDriver:
     def record_artifact(self, round: int, name: str, sha: str) -> None:
         self.artifacts.setdefault(round, {})[name] = sha
 
-    def note(self, round: int, message: str, *, dropped: str = "", kind: str = "warning") -> None:
+    def note(self, round: int, message: str, *, dropped: str = "", kind: str = "warning", step: str = "") -> None:
         self.notes.append((round, message, dropped, kind))
         if dropped and dropped not in self.dropped.setdefault(round, []):
             self.dropped[round].append(dropped)

@@ -266,8 +266,9 @@ class ModelParty:
             eval_set_size=len(self.eval), public_set=self.public_blob.ref(), ready=self._ready.is_set(),
         )
 
-    def live_info(self) -> party_pb2.PartyInfo:
-        """The models this party holds in memory now: name, tokenizer, vocabulary, adapter and its layout."""
+    def live_info(self, lora_hash: str = "") -> party_pb2.PartyInfo:
+        """The models this party holds in memory now: name, tokenizer, vocabulary, adapter and its layout.
+        `lora_hash`: the adapter's hash when the caller has just serialized it (else computed here)."""
         from cotune.lm.layers import num_decoder_layers
 
         info = self._identity_info()
@@ -281,7 +282,7 @@ class ModelParty:
             info.device = self.device
             info.trainable_params = self.trainable_params(self.model)
             info.tokenizer_bundle.CopyFrom(self.tokenizer_blob.ref())
-            info.lora_hash = self.lora_hash()
+            info.lora_hash = lora_hash or self.lora_hash()
             info.lora_layout_hash = self.lora_layout_hash(self.model)
             try:
                 info.num_layers = num_decoder_layers(self.model)

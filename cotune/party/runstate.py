@@ -188,9 +188,11 @@ class RunStates:
         tmp = d / "state.next.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        _write_atomic(tmp / "lora.safetensors", p.lora_bytes())
+        lora = p.lora_bytes()
+        _write_atomic(tmp / "lora.safetensors", lora)
         _write_atomic(tmp / "trainer.safetensors", p.trainer.state_dict_bytes())
-        _write_atomic(tmp / "info.pb", p.live_info().SerializeToString(deterministic=True))  # Describe for this run
+        info = p.live_info(lora_hash=hashlib.sha256(lora).hexdigest())  # Describe for this run
+        _write_atomic(tmp / "info.pb", info.SerializeToString(deterministic=True))
         present = []
         for name, kind in p.durable_states.items():
             value = p.state_for(name)

@@ -373,6 +373,12 @@ def cmd_demo(args) -> int:
                     workdir=args.workdir, setting=args.setting)
 
 
+def cmd_experiment(args) -> int:
+    from cotune.experiment import run_experiment
+
+    return run_experiment(args.config, args.out, only=args.only, report_only=args.report_only)
+
+
 def _add(sub, name: str, helptext: str, **kwargs) -> argparse.ArgumentParser:
     """A subcommand whose --help starts with the same text its parent's list shows."""
     return sub.add_parser(name, help=helptext, description=kwargs.pop("description", helptext), **kwargs)
@@ -506,6 +512,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="also write the per-round results here")
     p.add_argument("--workdir", help="where data, models and cluster state go (default var/demo)")
     p.set_defaults(fn=cmd_demo)
+
+    p = _add(sub, "experiment", "run a grid of algorithms x tasks x seeds on fresh local clusters and write a report "
+                                "(JSON, markdown mean ± s.e., plots); resumes where it stopped")
+    p.add_argument("--config", required=True,
+                   help="an experiment YAML, or a ready config by name: cpu-small, gpu, smoke (cotune/experiment/configs)")
+    p.add_argument("--out", help="the report directory (default var/experiments/<name>); a rerun skips its finished cells")
+    p.add_argument("--only", help="run only the cells of this task or variant (the report covers every cell present)")
+    p.add_argument("--report-only", action="store_true", help="rewrite the report from the cells present; run nothing")
+    p.set_defaults(fn=cmd_experiment)
     certs_cli.add_parser(sub)
     return parser
 

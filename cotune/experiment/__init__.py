@@ -1,0 +1,26 @@
+"""`cotune experiment --config FILE`: does co-tuning help? A grid of variants × tasks × seeds, each cell a run on a
+fresh local cluster, and a report directory (JSON of every metric, markdown mean ± s.e. and paired differences, PNG
+plots). Ready configs live in cotune/experiment/configs/ (cpu-small, gpu, smoke). See docs/quality.md."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+
+def run_experiment(config: str, out: str | None = None, *, only: str | None = None, report_only: bool = False) -> int:
+    from cotune.experiment.config import load_config
+    from cotune.experiment.grid import read_cell, run_grid, write_config
+    from cotune.experiment.report import write_report
+
+    cfg = load_config(config)
+    target = Path(out or Path("var") / "experiments" / cfg.name).resolve()
+    if report_only and not any(read_cell(p) for p in target.glob("cells/*/*/seed*.json")):
+        raise SystemExit(f"{target}: no finished cells of experiment {cfg.name} here; run it without --report-only first")
+    write_config(cfg, target)
+    failed = 0 if report_only else run_grid(cfg, target, only=only)
+    summary = write_report(target)
+    print((target / "summary.md").read_text())
+    print(f"report: {target}/summary.md, summary.json, runs.json, plots/ ({summary['cells_succeeded']} cells "
+          f"succeeded, {len(summary['failed'])} not)", file=sys.stderr)
+    return 1 if failed else 0

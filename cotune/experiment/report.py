@@ -1,0 +1,231 @@
+"""An experiment's report from its cells: JSON of every metric, a markdown summary (mean ± standard error over seeds,
+paired differences against the reference variants) and PNG plots.
+
+What a cell scores (its *final* round, never the best one: choosing a round by its eval score would fit the eval set):
+- `llm`: the LLM server's eval score (FedBiOT: its adapter plugged into the full model);
+- `slm`: the mean of the clients' eval scores (centralized: its one client).
+The eval score is `eval_accuracy` (multiple choice) or the task's generation metric (eval_exact_match, eval_rouge_l).
+`bytes`: everything the coordinator sent and received over the run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from cotune.experiment.grid import read_cell, write_json_atomic
+
+SCORE_METRICS = ("eval_accuracy", "eval_exact_match", "eval_rouge_l")
+SIDES = ("llm", "slm")
+
+
+def _score(metrics: dict) -> float | None:
+    for name in SCORE_METRICS:
+        value = metrics.get(name)
+        if value is not None and math.isfinite(value):
+            return value
+    return None
+
+
+def round_scores(run: dict) -> list[dict]:
+    """Per round: {"round", "llm", "slm", "clients": {id: score}} (None where a side was not evaluated)."""
+    out = []
+    for rec in run["rounds"]:
+        parties = rec["parties"]
+        clients = {pid: _score(m) for pid, m in parties.items() if pid.startswith("client-")}
+        clients = {pid: s for pid, s in clients.items() if s is not None}
+        out.append({"round": rec["round"], "llm": _score(parties.get("llm", {})),
+                    "slm": sum(clients.values()) / len(clients) if clients else None, "clients": clients})
+    return out
+
+
+def cell_scores(record: dict) -> dict:
+    """The final round's llm/slm scores of a succeeded cell, and its bytes moved."""
+    rounds = [r for r in round_scores(record["run"]) if r["llm"] is not None or r["slm"] is not None]
+    final = rounds[-1] if rounds else {"llm": None, "slm": None, "round": None}
+    moved = sum(sum(rec["bytes_sent"].values()) + sum(rec["bytes_received"].values()) for rec in record["run"]["rounds"])
+    return {"llm": final["llm"], "slm": final["slm"], "final_round": final["round"], "bytes": moved}
+
+
+def cell_headline(record: dict) -> str:
+    s = cell_scores(record)
+    fmt = lambda v: "—" if v is None else f"{v:.3f}"  # noqa: E731
+    return f"LLM {fmt(s['llm'])}, SLM {fmt(s['slm'])} (round {s['final_round']}), {s['bytes'] / 2**20:.1f} MiB moved"
+
+
+def mean_se(values: list[float]) -> tuple[float, float, int]:
+    """Mean, standard error of the mean (sample sd / √n; 0 for one value) and n."""
+    n = len(values)
+    if n == 0:
+        return math.nan, math.nan, 0
+    mean = sum(values) / n
+    if n == 1:
+        return mean, 0.0, 1
+    var = sum((v - mean) ** 2 for v in values) / (n - 1)
+    return mean, math.sqrt(var / n), n
+
+
+def load_cells(out: Path) -> list[dict]:
+    return [c for p in sorted((out / "cells").glob("*/*/seed*.json")) if (c := read_cell(p)) is not None]
+
+
+def aggregate(config: dict, cells: list[dict]) -> dict:
+    """summary.json: per task and variant, each side's mean ± s.e. over seeds, the paired differences against the
+    references (same task and seed; a seed-free reference, zero-shot, pairs with every seed), per-round means for the
+    plots, bytes, wall time, and the cells that failed."""
+    ok = [c for c in cells if c.get("state") == "RUN_SUCCEEDED"]
+    scores = {(c["task"], c["variant"], c["seed"]): cell_scores(c) for c in ok}
+    variants = [v["name"] for v in config["variants"]]
+    seed_free = {v["name"] for v in config["variants"] if v["algorithm"] == "zero-shot" and not v.get("spec")}
+    out = {"config": config, "tasks": {}, "failed": [
+        {k: c.get(k) for k in ("task", "variant", "seed", "state", "error")} for c in cells if c not in ok],
+        "cells_succeeded": len(ok), "grid_wall_s": round(sum(c.get("wall_s", 0.0) for c in cells), 1)}
+    for task in config["tasks"]:
+        table = {}
+        for name in variants:
+            mine = {seed: s for (t, v, seed), s in scores.items() if t == task and v == name}
+            entry = {"seeds": sorted(mine), "bytes": mean_se([s["bytes"] for s in mine.values()])[0] if mine else None,
+                     "wall_s": sum(c["wall_s"] for c in ok if c["task"] == task and c["variant"] == name)}
+            for side in SIDES:
+                values = [s[side] for s in mine.values() if s[side] is not None]
+                entry[side] = dict(zip(("mean", "se", "n"), mean_se(values)))
+            entry["per_round"] = _per_round([c for c in ok if c["task"] == task and c["variant"] == name])
+            entry["vs"] = {}
+            for ref in config.get("references", []):
+                if ref == name:
+                    continue
+                entry["vs"][ref] = {}
+                for side in SIDES:
+                    diffs = []
+                    for seed, s in mine.items():
+                        other = scores.get((task, ref, seed)) or (
+                            scores.get((task, ref, config["seeds"][0])) if ref in seed_free else None)
+                        if other and s[side] is not None and other[side] is not None:
+                            diffs.append(s[side] - other[side])
+                    entry["vs"][ref][side] = dict(zip(("mean", "se", "n"), mean_se(diffs)))
+            table[name] = entry
+        out["tasks"][task] = table
+    return out
+
+
+def _per_round(cells: list[dict]) -> dict:
+    """{side: [[round, mean over seeds], ...]} for the plots."""
+    rounds: dict[str, dict[int, list[float]]] = {side: {} for side in SIDES}
+    for c in cells:
+        for r in round_scores(c["run"]):
+            for side in SIDES:
+                if r[side] is not None:
+                    rounds[side].setdefault(r["round"], []).append(r[side])
+    return {side: [[k, sum(v) / len(v)] for k, v in sorted(by.items())] for side, by in rounds.items()}
+
+
+def _cell(stat: dict, signed: bool = False) -> str:
+    if not stat or stat["n"] == 0:
+        return "—"
+    sign = "+" if signed else ""
+    return f"{stat['mean']:{sign}.3f} ± {stat['se']:.3f}" + (f" (n={stat['n']})" if stat["n"] != 3 else "")
+
+
+def markdown(summary: dict) -> str:
+    config = summary["config"]
+    tasks = config["tasks"]
+    variants = [v["name"] for v in config["variants"]]
+    lines = [f"# Experiment {config['name']}", "",
+             f"Models: preset `{config['models']}`; {config['rounds']} round(s); seeds {config['seeds']}; "
+             f"{summary['cells_succeeded']} cells succeeded; grid wall time {summary['grid_wall_s'] / 3600:.2f} h. "
+             "Scores are the final round's, mean ± standard error over seeds (n = 3 unless shown).", ""]
+    for side, title in (("slm", "SLM (mean of the clients)"), ("llm", "LLM (server)")):
+        lines += [f"## {title}: eval score", "", "| variant | " + " | ".join(tasks) + " |",
+                  "|---|" + "---:|" * len(tasks)]
+        for name in variants:
+            lines.append(f"| {name} | " + " | ".join(_cell(summary["tasks"][t][name][side]) for t in tasks) + " |")
+        lines.append("")
+    for ref in config.get("references", []):
+        lines += [f"## Paired difference against {ref} (same task and seed)", "",
+                  "| variant | " + " | ".join(f"{t} SLM | {t} LLM" for t in tasks) + " |",
+                  "|---|" + "---:|---:|" * len(tasks)]
+        for name in variants:
+            if name == ref:
+                continue
+            cells = []
+            for t in tasks:
+                vs = summary["tasks"][t][name]["vs"].get(ref, {})
+                cells += [_cell(vs.get("slm"), True), _cell(vs.get("llm"), True)]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append("")
+    lines += ["## Bytes moved by the coordinator per run (mean over seeds) and wall time of the variant's runs", "",
+              "| variant | " + " | ".join(tasks) + " |", "|---|" + "---:|" * len(tasks)]
+    for name in variants:
+        cells = []
+        for t in tasks:
+            e = summary["tasks"][t][name]
+            cells.append("—" if e["bytes"] is None else f"{e['bytes'] / 2**20:.1f} MiB, {e['wall_s'] / 60:.0f} min")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if summary["failed"]:
+        lines += ["", "## Cells that did not succeed", ""]
+        lines += [f"- {f['task']} · {f['variant']} · seed {f['seed']}: {f['state']}: {f['error']}" for f in summary["failed"]]
+    return "\n".join(lines) + "\n"
+
+
+def draw(summary: dict, out_dir: Path) -> list[Path]:
+    """Per task: accuracy per round (LLM and SLM panels, a line per variant, mean over seeds) and final accuracy
+    against bytes moved (log scale, error bars = s.e.)."""
+    from matplotlib.figure import Figure
+
+    from cotune.plots import DPI, _colors
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    variants = [v["name"] for v in summary["config"]["variants"]]
+    colors = _colors(variants)
+    for task, table in summary["tasks"].items():
+        fig = Figure(figsize=(11, 4.5), layout="constrained")
+        axes = fig.subplots(1, 2, sharey=True)
+        for ax, side in zip(axes, SIDES):
+            for name in variants:
+                points = table[name]["per_round"][side]
+                if points:
+                    ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name, color=colors[name])
+            ax.set_title(f"{side.upper()}")
+            ax.set_xlabel("round (0: before training)")
+            ax.grid(True, alpha=0.3)
+        axes[0].set_ylabel("eval score (mean over seeds)")
+        axes[1].legend(loc="best", fontsize="small")
+        fig.suptitle(f"{task}: eval score per round")
+        path = out_dir / f"{task}-rounds.png"
+        fig.savefig(path, format="png", dpi=DPI)
+        written.append(path)
+
+        fig = Figure(figsize=(11, 4.5), layout="constrained")
+        axes = fig.subplots(1, 2, sharey=True)
+        for ax, side in zip(axes, SIDES):
+            for name in variants:
+                e = table[name]
+                if e["bytes"] and e[side]["n"]:
+                    ax.errorbar([e["bytes"]], [e[side]["mean"]], yerr=[e[side]["se"]], fmt="o", capsize=3,
+                                label=name, color=colors[name])
+            ax.set_xscale("log")
+            ax.set_title(side.upper())
+            ax.set_xlabel("bytes moved by the coordinator per run")
+            ax.grid(True, alpha=0.3)
+        axes[0].set_ylabel("final eval score")
+        axes[1].legend(loc="best", fontsize="small")
+        fig.suptitle(f"{task}: final eval score against communication (runs that move nothing are not shown)")
+        path = out_dir / f"{task}-bytes.png"
+        fig.savefig(path, format="png", dpi=DPI)
+        written.append(path)
+    return written
+
+
+def write_report(out: Path) -> dict:
+    """Read the cells of a report directory and (re)write summary.json, summary.md, runs.json and plots/."""
+    config = json.loads((out / "config.json").read_text())
+    cells = load_cells(out)
+    summary = aggregate(config, cells)
+    write_json_atomic(out / "summary.json", summary)
+    write_json_atomic(out / "runs.json", [{k: c.get(k) for k in ("task", "variant", "seed", "state", "wall_s", "run")}
+                                          for c in cells])
+    (out / "summary.md").write_text(markdown(summary))
+    draw(summary, out / "plots")
+    return summary

@@ -1,0 +1,137 @@
+"""The experiment harness's config checks and report arithmetic (cotune.experiment), on hand-made cell records."""
+
+import json
+import math
+
+import pytest
+
+from cotune.config import ConfigError
+from cotune.experiment.config import load_config
+from cotune.experiment.report import aggregate, cell_scores, markdown, mean_se, write_report
+from cotune.experiment.grid import write_config
+
+
+def _write(tmp_path, text: str):
+    path = tmp_path / "exp.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+BASE = "name: t\nmodels: tiny\ntasks: [arc_easy]\nalgorithms: [zero-shot, standalone, fedmkt]\nseeds: [0, 1, 2]\n"
+
+
+def test_ready_configs_load():
+    for name in ("smoke", "cpu-small", "gpu"):
+        cfg = load_config(name)
+        assert cfg.tasks and cfg.variants and cfg.seeds
+    cpu = load_config("cpu-small")
+    assert cpu.tasks == ("arc_easy", "boolq", "rte", "sciq") and len(cpu.seeds) == 3
+    assert cpu.preset_for("arc_easy").per_part >= 256 and cpu.preset_for("arc_easy").eval_size >= 500
+    assert {v.name for v in cpu.variants} == {"zero-shot", "standalone", "fedmkt", "llm2slm", "fedcollm-cross",
+                                              "fedbiot", "centralized"}
+    # zero-shot is trained by nothing and its eval set is fixed: one cell per task, not one per seed
+    assert len(cpu.cells()) == 4 * (1 + 6 * 3)
+
+
+@pytest.mark.parametrize("extra, message", [
+    ("rounds: 0\n", "rounds must be"),
+    ("preset: {per_part: -1}\n", "out of range"),
+    ("preset: {perpart: 3}\n", "unknown key"),
+    ("variants: {x: {algorithm: fedmkt, spec: {fedmkt: {projektion: first_token}}}}\n", "variants.x.spec"),
+    ("references: [fedavg]\n", "not among the algorithms"),
+    ("task_overrides: {boolq: {eval_size: 3}}\n", "not one of this config's tasks"),
+    ("bogus: 1\n", "unknown key"),
+])
+def test_bad_configs_say_what_is_wrong(tmp_path, extra, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(_write(tmp_path, BASE + extra))
+
+
+def test_unknown_task_and_variant(tmp_path):
+    with pytest.raises(ConfigError, match="unknown task 'arc'"):
+        load_config(_write(tmp_path, BASE.replace("arc_easy", "arc")))
+    with pytest.raises(ConfigError, match="unknown variant 'fedmtk'"):
+        load_config(_write(tmp_path, BASE.replace("fedmkt", "fedmtk")))
+    with pytest.raises(ConfigError, match="no experiment config"):
+        load_config(str(tmp_path / "missing.yaml"))
+
+
+def test_a_config_variant_merges_its_spec(tmp_path):
+    cfg = load_config(_write(tmp_path, BASE.replace("fedmkt]", "fedmkt, mkt-ft]")
+                             + "variants: {mkt-ft: {algorithm: fedmkt, spec: {fedmkt: {projection: first_token}}}}\n"))
+    from cotune.experiment.grid import _spec
+
+    variant = cfg.variants[-1]
+    spec = _spec(cfg, cfg.preset_for("arc_easy"), variant)
+    assert spec.algorithm == "fedmkt" and spec.fedmkt.projection == "first_token"
+    assert spec.fedmkt.top_k == cfg.preset_for("arc_easy").top_k  # the demo's settings stay under the variant's
+
+
+def _cell(variant, seed, llm, clients, moved=1000, rounds=((0, None),)):
+    """A succeeded cell whose final round has these scores (None: the party was not evaluated)."""
+    parties = {}
+    if llm is not None:
+        parties["llm"] = {"eval_accuracy": llm}
+    for i, acc in enumerate(clients, 1):
+        parties[f"client-{i}"] = {"eval_accuracy": acc, "train_loss_last": 1.0}
+    early = [{"round": r, "parties": {"client-1": {"eval_accuracy": a}} if a is not None else {},
+              "bytes_sent": {}, "bytes_received": {}} for r, a in rounds]
+    final = {"round": len(early), "parties": parties, "bytes_sent": {"lora": moved}, "bytes_received": {}}
+    return {"task": "arc_easy", "variant": variant, "seed": seed, "state": "RUN_SUCCEEDED", "wall_s": 10.0,
+            "run": {"rounds": [*early, final]}}
+
+
+def test_scores_are_the_final_round_and_the_clients_mean():
+    cell = _cell("fedmkt", 0, 0.5, [0.2, 0.4], rounds=((0, 0.9),))  # a better early round does not count
+    scores = cell_scores(cell)
+    assert scores["llm"] == 0.5 and scores["slm"] == pytest.approx(0.3) and scores["final_round"] == 1
+    assert scores["bytes"] == 1000
+
+
+def test_mean_se():
+    assert mean_se([1.0]) == (1.0, 0.0, 1)
+    mean, se, n = mean_se([1.0, 2.0, 3.0])
+    assert (mean, n) == (2.0, 3) and se == pytest.approx(1 / math.sqrt(3))
+    assert math.isnan(mean_se([])[0])
+
+
+def test_paired_differences(tmp_path):
+    cfg = load_config(_write(tmp_path, BASE))
+    write_config(cfg, tmp_path / "out")
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    cells = [_cell("zero-shot", 0, 0.40, [0.20, 0.20])]
+    for seed, (std, mkt) in enumerate([(0.30, 0.35), (0.32, 0.33), (0.28, 0.37)]):
+        cells.append(_cell("standalone", seed, None, [std, std]))
+        cells.append(_cell("fedmkt", seed, 0.45, [mkt, mkt]))
+    cells.append({"task": "arc_easy", "variant": "fedmkt", "seed": 3, "state": "ERROR", "error": "boom", "wall_s": 1.0})
+    summary = aggregate(config, cells)
+    mkt = summary["tasks"]["arc_easy"]["fedmkt"]
+    assert mkt["slm"]["mean"] == pytest.approx(0.35) and mkt["slm"]["n"] == 3
+    diff = mkt["vs"]["standalone"]["slm"]
+    assert diff["mean"] == pytest.approx((0.05 + 0.01 + 0.09) / 3) and diff["n"] == 3
+    assert diff["se"] == pytest.approx(mean_se([0.05, 0.01, 0.09])[1])
+    # zero-shot ran once; it pairs with every seed
+    assert mkt["vs"]["zero-shot"]["slm"]["n"] == 3 and mkt["vs"]["zero-shot"]["llm"]["mean"] == pytest.approx(0.05)
+    assert mkt["vs"]["standalone"]["llm"]["n"] == 0  # standalone evaluates no LLM: nothing to pair
+    assert summary["failed"] == [{"task": "arc_easy", "variant": "fedmkt", "seed": 3, "state": "ERROR", "error": "boom"}]
+    text = markdown(summary)
+    assert "| fedmkt | 0.350 ± " in text and "boom" in text and "+0.050 ± " in text
+
+
+def test_write_report_draws_the_plots(tmp_path):
+    cfg = load_config(_write(tmp_path, BASE))
+    out = tmp_path / "out"
+    write_config(cfg, out)
+    for cell in [_cell("zero-shot", 0, 0.4, [0.2]), _cell("fedmkt", 0, 0.5, [0.3], rounds=((0, 0.2),))]:
+        path = out / "cells" / "arc_easy" / cell["variant"] / "seed0.json"
+        path.parent.mkdir(parents=True)
+        path.write_text(json.dumps(cell))
+    summary = write_report(out)
+    assert summary["cells_succeeded"] == 2
+    from PIL import Image
+
+    for name in ("arc_easy-rounds.png", "arc_easy-bytes.png"):
+        with Image.open(out / "plots" / name) as image:
+            assert image.format == "PNG" and image.size[0] > 500
+    assert json.loads((out / "runs.json").read_text())[0]["variant"] in ("fedmkt", "zero-shot")
+    assert "# Experiment t" in (out / "summary.md").read_text()

@@ -133,7 +133,30 @@ class DataConfig:
 
 @dataclass
 class EvaluationConfig:
+    """How a party scores its eval set (cotune.party.tasks.evaluate). metric "" = multiple choice by log-likelihood
+    (the eval set's items carry choices); "exact_match" (GSM8K's final number) or "rouge_l" (ROUGE-L F) = greedy
+    generation of up to max_new_tokens tokens, cut at the first of `stop`, scored against each item's response.
+    cotune.data.tasks.evaluation_config_for_task(task) gives the section that fits a task."""
+
     mc_scoring: str = "shared_prompt"  # multiple choice: shared_prompt (prompt run once per item) | per_choice
+    metric: str = ""             # "" (multiple choice) | exact_match | rouge_l (generate and score)
+    max_new_tokens: int = 256    # generation: tokens generated per item at most
+    stop: list[str] = field(default_factory=list)  # generation: the text is cut at the first of these
+
+    def validate(self) -> None:
+        if self.mc_scoring not in ("shared_prompt", "per_choice"):
+            raise ConfigError(f"evaluation.mc_scoring must be shared_prompt or per_choice, got {self.mc_scoring!r}")
+        if self.metric not in ("", "exact_match", "rouge_l"):
+            raise ConfigError("evaluation.metric must be empty (multiple choice, scored by log-likelihood), "
+                              f"exact_match (GSM8K) or rouge_l (DialogSum), got {self.metric!r}")
+        if not 1 <= self.max_new_tokens <= 4096:
+            raise ConfigError(f"evaluation.max_new_tokens must be in 1..4096, got {self.max_new_tokens}")
+        for i, s in enumerate(self.stop):
+            if not s:
+                raise ConfigError(f"evaluation.stop[{i}] is empty; a stop sequence must have at least one character")
+        if not self.metric and self.stop:
+            raise ConfigError("evaluation.stop is set but evaluation.metric is not: stop sequences end generation, "
+                              "which only a generation metric (exact_match, rouge_l) uses")
 
 
 @dataclass
@@ -164,9 +187,7 @@ class PartyConfig:
                 raise ConfigError(f"party_id of an SLM client must be 1-63 lower-case letters, digits or '-' (it is the "
                                   f"client's identity, client/<party_id>, carried in its certificate), got "
                                   f"{self.party_id!r:.70}")
-        if self.evaluation.mc_scoring not in ("shared_prompt", "per_choice"):
-            raise ConfigError("evaluation.mc_scoring must be shared_prompt or per_choice, "
-                              f"got {self.evaluation.mc_scoring!r}")
+        self.evaluation.validate()
         if not self.workdir:
             raise ConfigError("workdir is required (blob store and caches live there)")
         if not self.model.path:

@@ -7,12 +7,15 @@ from dataclasses import dataclass, field
 # The line that ends a passage in the passage tasks' prompt templates (cotune.data.tasks: BoolQ, SciQ with support,
 # RTE): "{passage}\nQuestion: {question}...\nAnswer:". Encoding cuts an over-long prompt's passage, never this line.
 QUESTION_LINE = "\nQuestion: "
+# DialogSum's template ends its passage (the dialogue) the same way: "Dialogue:\n{dialogue}\nSummary:".
+SUMMARY_LINE = "\nSummary:"
+PASSAGE_END_LINES = (QUESTION_LINE, SUMMARY_LINE)
 
 
 def passage_end(prompt: str) -> int:
-    """Character offset where a prompt's passage ends: the start of its last QUESTION_LINE; 0 when the prompt has
-    no passage (ARC-style prompts are all question)."""
-    return max(prompt.rfind(QUESTION_LINE), 0)
+    """Character offset where a prompt's passage ends: the start of its last passage-ending line (PASSAGE_END_LINES;
+    the latest one wins); 0 when the prompt has no passage (ARC- and GSM8K-style prompts are all question)."""
+    return max(max(prompt.rfind(line) for line in PASSAGE_END_LINES), 0)
 
 
 @dataclass(frozen=True)

@@ -120,20 +120,24 @@ def split_task(
     eval_limit: int | None = None,
     data_dir: Path | str | None = None,
 ) -> FederatedSplit:
-    """:func:`federated_split` of a task: parts from its train split, eval from a held-out split.
+    """:func:`federated_split` of a task: parts from its pool split, eval from its held-out split
+    (:func:`cotune.data.tasks.federated_splits`: ``train`` and ``validation``; GSM8K ``train`` and ``test``;
+    DialogSum, which has no train split here, ``validation`` and ``test``).
 
-    eval_split defaults to ``validation`` when the task has a train split (the papers evaluate on a split the
-    parts never see). A task without a train split (SciQ here) has its parts and eval cut from its one split.
+    eval_split overrides the held-out split (the papers evaluate on a split the parts never see). Where it is the
+    pool itself, or the task has one split only (SciQ), the parts and the eval set are all cut from that split.
     eval_limit keeps the first ``eval_limit`` eval examples (a fast eval for small runs).
     """
-    from .tasks import available_splits, get_task, load_task, resolve_source
+    from .tasks import SPLIT_ALIASES, available_splits, get_task, load_task, pool_and_eval_split, resolve_source
 
     splits = available_splits(name, data_dir)
-    if "train" in splits:
-        pool = load_task(name, "train", data_dir=data_dir)
-        held = load_task(name, eval_split or "validation", data_dir=data_dir, limit=eval_limit)
-        return federated_split(pool, num_clients, seed=seed, per_part=per_part, eval_examples=held)
     if not splits:  # no file for any split: raise the informative FileNotFoundError
         resolve_source(name, next(iter(get_task(name).splits)), data_dir=data_dir)
-    pool = load_task(name, eval_split or splits[0], data_dir=data_dir)
+    pool_split, held_split = pool_and_eval_split(splits)  # among the splits present
+    if eval_split is not None:
+        held_split = SPLIT_ALIASES.get(eval_split, eval_split)
+    pool = load_task(name, pool_split, data_dir=data_dir)
+    if held_split is not None and held_split != pool_split:
+        held = load_task(name, held_split, data_dir=data_dir, limit=eval_limit)
+        return federated_split(pool, num_clients, seed=seed, per_part=per_part, eval_examples=held)
     return federated_split(pool, num_clients, seed=seed, per_part=per_part, eval_size=eval_limit)

@@ -1,9 +1,10 @@
 """Task datasets as :class:`Example` lists, with lm-evaluation-harness style prompt templates.
 
-Every example is a multiple-choice item: ``prompt`` is the context, ``choices`` are every candidate
-continuation (each starting with a space), ``label`` is the gold index and ``response`` is the gold
-continuation (``choices[label]``), so the same list serves for training (prompt -> response) and for
-log-likelihood multiple-choice evaluation.
+A multiple-choice item has ``prompt`` (the context), ``choices`` (every candidate continuation, each starting
+with a space), ``label`` (the gold index) and ``response`` (the gold continuation, ``choices[label]``), so the
+same list serves for training (prompt -> response) and for log-likelihood multiple-choice evaluation. A
+generative task's items are free-form (``choices=()``, ``label=-1``): trained on prompt -> response and evaluated
+by generating and scoring (:class:`GenerationSpec`, :func:`evaluation_config_for_task`).
 
 Templates:
 
@@ -18,10 +19,24 @@ Templates:
 * RTE: ``"{premise}\\nQuestion: {hypothesis} True or False?\\nAnswer:"``, choices ``(" True", " False")``,
   label 0 = entailment. SuperGLUE files use the strings ``entailment``/``not_entailment``, GLUE files 0/1
   (0 = entailment); both are accepted. The SuperGLUE test split is unlabeled and is not loadable.
+* GSM8K (generative): ``"Question: {question}\\nAnswer:"``, response ``" {answer}"``: the reference solution,
+  its chain of thought (single newlines, calculator annotations ``<<48/2=24>>`` kept) then ``"#### {number}"``.
+  Scored by exact match of the final number.
+* DialogSum (generative): ``"Dialogue:\\n{dialogue}\\nSummary:"``, response ``" {summary}"``. The test file has
+  three reference summaries per dialogue; the response (and the ROUGE-L reference) is ``summary1``, the one the
+  Hugging Face copies of DialogSum carry.
 
 The passage tasks (SciQ with support, BoolQ, RTE) put the passage before a ``"\\nQuestion: "`` line
-(:data:`cotune.data.example.QUESTION_LINE`); an over-long sample is truncated there, from the passage's end
-(:func:`cotune.align.tokenizers.encode_pair`), so the question line and the answer survive whenever they fit.
+(:data:`cotune.data.example.QUESTION_LINE`), DialogSum its dialogue before ``"\\nSummary:"``
+(:data:`cotune.data.example.SUMMARY_LINE`); an over-long sample is truncated there, from the passage's end
+(:func:`cotune.align.tokenizers.encode_pair`), so the question (summary) line and the answer survive whenever
+they fit.
+
+Splits: a task's training pool (public set and private shards) and its held-out eval split are given by
+:func:`federated_splits`: ``train`` and ``validation`` (``test`` where there is no validation: GSM8K). DialogSum's
+train split is not in the shared data (its file is over the snapshot limit, see SOURCES.md), so its pool is the
+dev file (``validation``, 500 dialogues) and its eval the ``test`` file (500); SciQ has one split only, both are
+cut from it.
 
 Files are read from ``<shared data>/datasets/`` (see :mod:`cotune.data.paths`). Each record's format is
 detected from its keys, so the HF-style files (``question``/``choices{text,label}``/``answerKey``), the OLMo
@@ -43,15 +58,19 @@ from itertools import islice
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
-from .example import QUESTION_LINE, Example
+from .example import QUESTION_LINE, SUMMARY_LINE, Example
 from .paths import require_shared_data, shared_data_dir
 
 __all__ = [
     "MalformedDataError",
+    "GenerationSpec",
     "TaskSpec",
     "TASKS",
     "SPLIT_ALIASES",
     "get_task",
+    "evaluation_config_for_task",
+    "federated_splits",
+    "pool_and_eval_split",
     "load_task",
     "available_splits",
     "resolve_source",
@@ -249,8 +268,50 @@ def _convert_sciq(rec: Mapping[str, Any]) -> Example:
     return _mc_example(prompt, [raw[i] for i in order], order.index(0))
 
 
+_GSM8K_ANSWER = re.compile(r"\n#### -?[0-9][0-9,]*(?:\.[0-9]+)?$")
+
+
+def _convert_gsm8k(rec: Mapping[str, Any]) -> Example:
+    """GSM8K (openai/grade-school-math jsonl): question, answer = chain of thought + '\\n#### {number}'."""
+    question = _nonempty(_str(rec, "question"), "question")
+    answer = _nonempty(_str(rec, "answer"), "answer")
+    if not _GSM8K_ANSWER.search(answer):
+        raise _RowError(f"answer does not end with a '\\n#### <number>' line: {answer[-60:]!r}")
+    return Example(prompt=_qa_prompt(question), response=" " + answer)
+
+
+def _convert_dialogsum(rec: Mapping[str, Any]) -> Example:
+    """DialogSum (cylnlp/dialogsum jsonl): dialogue + summary (dev), or summary1..3 (test: summary1 is used)."""
+    dialogue = _nonempty(_str(rec, "dialogue"), "dialogue")
+    summary = _nonempty(_str(rec, "summary" if "summary" in rec else "summary1"), "summary")
+    return Example(prompt=f"Dialogue:\n{dialogue}{SUMMARY_LINE}", response=" " + summary)
+
+
 # --------------------------------------------------------------------------------------------------
 # Task registry
+
+
+GENERATION_METRICS = ("exact_match", "rouge_l")
+
+
+@dataclass(frozen=True)
+class GenerationSpec:
+    """How a generative task is evaluated: greedy decoding of up to max_new_tokens tokens, cut at the first stop
+    sequence, scored by metric: "exact_match" (GSM8K: the final number equals the gold one,
+    :func:`cotune.lm.scoring.gsm8k_exact_match`) or "rouge_l" (ROUGE-L F-measure against the response,
+    :func:`cotune.lm.scoring.rouge_l`)."""
+
+    metric: str
+    max_new_tokens: int
+    stop: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if self.metric not in GENERATION_METRICS:
+            raise ValueError(f"metric must be one of {GENERATION_METRICS}, got {self.metric!r}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be positive, got {self.max_new_tokens}")
+        if not all(isinstance(s, str) and s for s in self.stop):
+            raise ValueError(f"stop sequences must be non-empty strings, got {self.stop!r}")
 
 
 @dataclass(frozen=True, eq=False)
@@ -261,6 +322,7 @@ class TaskSpec:
             (the others hold the same rows in another format).
     official_sizes: the official row count of each split (the shared files match them).
     unlabeled: split name -> why it cannot be loaded (files exist but carry no labels).
+    generation: set for generative tasks (free-form examples): how their eval set is scored.
     """
 
     name: str
@@ -270,6 +332,7 @@ class TaskSpec:
     official_sizes: Mapping[str, int]
     unlabeled: Mapping[str, str] = field(default_factory=dict)
     fixed_choices: tuple[str, ...] | None = None
+    generation: GenerationSpec | None = None
 
 
 TASKS: dict[str, TaskSpec] = {
@@ -342,6 +405,28 @@ TASKS: dict[str, TaskSpec] = {
             splits={"validation": ("sciq/validation.jsonl",)},
             official_sizes={"validation": 1000},
         ),
+        TaskSpec(
+            name="gsm8k",
+            description="GSM8K: grade-school math word problems; generate a chain of thought ending '#### <number>' "
+                        "(exact match of the final number)",
+            convert=_convert_gsm8k,
+            splits={"train": ("gsm8k/train.jsonl",), "test": ("gsm8k/test.jsonl",)},
+            official_sizes={"train": 7473, "test": 1319},
+            # the chain of thought is single-newline separated (6 of the 8,792 reference answers hold a blank
+            # line): a blank line or a new question ends the answer
+            generation=GenerationSpec(metric="exact_match", max_new_tokens=256, stop=("\n\n", "\nQuestion:")),
+        ),
+        TaskSpec(
+            name="dialogsum",
+            description="DialogSum: summarise a two-person dialogue (ROUGE-L). Its train split (12,460) is not in the "
+                        "shared data: the federated pool is the dev set (validation), evaluation uses test",
+            convert=_convert_dialogsum,
+            splits={"validation": ("dialogsum/dialogsum.dev.jsonl",), "test": ("dialogsum/dialogsum.test.jsonl",)},
+            official_sizes={"validation": 500, "test": 500},
+            # a summary is one paragraph (1 of the 1,000 references breaks a line, none starts a line with a
+            # speaker tag): a blank line, a new dialogue or a dialogue turn ends it
+            generation=GenerationSpec(metric="rouge_l", max_new_tokens=96, stop=("\n\n", "\nDialogue:", "\n#Person")),
+        ),
     )
 }
 
@@ -353,6 +438,34 @@ def get_task(name: str) -> TaskSpec:
         return TASKS[name]
     except KeyError:
         raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(TASKS)}") from None
+
+
+def evaluation_config_for_task(name: str) -> dict:
+    """The party config's ``evaluation`` section that scores task `name`'s eval set correctly: for a generative
+    task its metric, max_new_tokens and stop sequences; for a multiple-choice task ``{"metric": ""}`` (accuracy by
+    log-likelihood, inferred from the examples' choices)."""
+    gen = get_task(name).generation
+    if gen is None:
+        return {"metric": ""}
+    return {"metric": gen.metric, "max_new_tokens": gen.max_new_tokens, "stop": list(gen.stop)}
+
+
+def federated_splits(name: str) -> tuple[str, str | None]:
+    """(pool split, eval split) of a task: the public set and private shards are cut from the pool, evaluation
+    uses the eval split; eval None = the task has one split only (SciQ), so the eval set is cut from the pool too.
+
+    Pool: ``train``, else the first split (DialogSum: ``validation``). Eval: ``validation``, else ``test``, never
+    the pool."""
+    return pool_and_eval_split(list(get_task(name).splits))
+
+
+def pool_and_eval_split(splits: Sequence[str]) -> tuple[str, str | None]:
+    """:func:`federated_splits` among the given split names (e.g. those whose files are present)."""
+    if not splits:
+        raise ValueError("no splits to choose from")
+    pool = "train" if "train" in splits else splits[0]
+    held = next((s for s in ("validation", "test") if s in splits and s != pool), None)
+    return pool, held
 
 
 def datasets_root(data_dir: Path | str | None = None) -> Path:

@@ -10,12 +10,13 @@ from pathlib import Path
 
 def run_experiment(config: str, out: str | None = None, *, only: str | None = None, report_only: bool = False) -> int:
     from cotune.experiment.config import load_config
-    from cotune.experiment.grid import read_cell, run_grid, write_config
+    from cotune.experiment.grid import run_grid, write_config
+    from cotune.experiment.store import load_cells
     from cotune.experiment.report import write_report
 
     cfg = load_config(config)
     target = Path(out or Path("var") / "experiments" / cfg.name).resolve()
-    if report_only and not any(read_cell(p) for p in target.glob("cells/*/*/seed*.json")):
+    if report_only and not load_cells(target):
         raise SystemExit(f"{target}: no finished cells of experiment {cfg.name} here; run it without --report-only first")
     write_config(cfg, target)
     failed = 0 if report_only else run_grid(cfg, target, only=only)

@@ -9,44 +9,28 @@ and shared by every cell.
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
 import sys
 import time
 from pathlib import Path
 
 from cotune.experiment.config import ExperimentConfig, Variant
+from cotune.experiment.store import cell_path, read_cell, write_json_atomic
 
 NUM_CLIENTS = 2
 EVAL_HOLDOUT_SEED = 0  # tasks without a train split: the eval slice is cut with this seed, the same for every seed
 
 
-def cell_path(out: Path, task: str, variant: Variant, seed: int) -> Path:
-    return out / "cells" / task / variant.name / f"seed{seed}.json"
-
-
-def read_cell(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def write_json_atomic(path: Path, data) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
-    os.replace(tmp, path)
-
-
 def cell_data(out: Path, task: str, preset, seed: int) -> dict[str, Path]:
     """The cell's data files (public, eval, client-1.., union), written once per (task, sizes, seed).
 
-    Private shards and the public set come from the task's train split, cut by `seed`; the eval set is the first
-    `eval_size` items of its validation split, the same for every seed. A task with no train split (SciQ) gives its
-    validation split both: a fixed seeded slice for evaluation, the rest for the split."""
-    from cotune.data import available_splits, federated_split, load_task, require_shared_data, seeded_permutation, write_jsonl
+    The public set and private shards are cut by `seed` from the task's pool split (cotune.data.tasks.
+    federated_splits: train where it has one); the eval set is the first `eval_size` items of its eval split, the same
+    for every seed. A task with one split only (SciQ) gives it both: a fixed seeded slice for evaluation, the rest
+    for the split. (cotune.data.split_task cuts that slice by the run's seed instead; here every seed scores the same
+    items, so zero-shot runs once and the paired differences compare like with like.)"""
+    from cotune.data import federated_split, load_task, require_shared_data, seeded_permutation, write_jsonl
+    from cotune.data.tasks import federated_splits
     from cotune.demo import write_split
 
     out_dir = out / "data" / task / f"seed{seed}-n{preset.per_part}-e{preset.eval_size}"
@@ -55,14 +39,14 @@ def cell_data(out: Path, task: str, preset, seed: int) -> dict[str, Path]:
     if all(p.is_file() for p in paths.values()):
         return paths
     shared = require_shared_data()
-    if "train" in available_splits(task, shared):
-        pool = load_task(task, "train", data_dir=shared)
-        evaluation = load_task(task, "validation", data_dir=shared)[: preset.eval_size]
+    pool_split, eval_split = federated_splits(task)
+    pool = load_task(task, pool_split, data_dir=shared)
+    if eval_split is not None:
+        evaluation = load_task(task, eval_split, data_dir=shared)[: preset.eval_size]
     else:
-        rows = load_task(task, "validation", data_dir=shared)
-        order = seeded_permutation(len(rows), EVAL_HOLDOUT_SEED)
-        evaluation = [rows[i] for i in order[: preset.eval_size]]
-        pool = [rows[i] for i in order[preset.eval_size:]]
+        order = seeded_permutation(len(pool), EVAL_HOLDOUT_SEED)
+        evaluation = [pool[i] for i in order[: preset.eval_size]]
+        pool = [pool[i] for i in order[preset.eval_size:]]
     need = preset.per_part * (NUM_CLIENTS + 1)
     if len(pool) < need:
         raise SystemExit(f"{task}: {len(pool)} examples left for the public set and {NUM_CLIENTS} private shards of "
@@ -74,6 +58,7 @@ def cell_data(out: Path, task: str, preset, seed: int) -> dict[str, Path]:
 
 
 def _cluster_config(cfg: ExperimentConfig, out: Path, task: str, variant: Variant, seed: int, work: Path):
+    from cotune.data.tasks import evaluation_config_for_task
     from cotune.demo import cluster_config, prepare_models
 
     preset = cfg.preset_for(task)
@@ -86,6 +71,7 @@ def _cluster_config(cfg: ExperimentConfig, out: Path, task: str, variant: Varian
     for party in [config.llm, *config.clients]:
         party["lora"] = {**party.get("lora", {}), "seed": seed}        # LoRA initialisation
         party["training"] = {**party.get("training", {}), "seed": seed}  # data order
+        party["evaluation"] = {**party.get("evaluation", {}), **evaluation_config_for_task(task)}  # MC or generation
     return config, preset
 
 
@@ -158,7 +144,7 @@ def run_grid(cfg: ExperimentConfig, out: Path, *, only: str | None = None, strea
 
     write_config(cfg, out)
     cells = [c for c in cfg.cells() if only is None or only in (c[0], c[1].name)]
-    done = [c for c in cells if (read_cell(cell_path(out, *c)) or {}).get("state") == "RUN_SUCCEEDED"]
+    done = [c for c in cells if (read_cell(cell_path(out, c[0], c[1].name, c[2])) or {}).get("state") == "RUN_SUCCEEDED"]
     todo = [c for c in cells if c not in done]
     say(f"experiment {cfg.name}: {len(cells)} cells ({len(done)} done before, {len(todo)} to run); report in {out}")
     failed, spent = 0, []
@@ -166,7 +152,7 @@ def run_grid(cfg: ExperimentConfig, out: Path, *, only: str | None = None, strea
         eta = f"; about {(sum(spent) / len(spent)) * (len(todo) - i + 1) / 60:.0f} min left" if spent else ""
         say(f"[{i}/{len(todo)}] {task} · {variant.name} · seed {seed}{eta}")
         record = run_cell(cfg, out, task, variant, seed, say=say)
-        write_json_atomic(cell_path(out, task, variant, seed), record)
+        write_json_atomic(cell_path(out, task, variant.name, seed), record)
         spent.append(record["wall_s"])
         if record["state"] != "RUN_SUCCEEDED":
             failed += 1

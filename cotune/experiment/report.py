@@ -14,7 +14,7 @@ import json
 import math
 from pathlib import Path
 
-from cotune.experiment.grid import read_cell, write_json_atomic
+from cotune.experiment.store import load_cells, write_json_atomic
 
 SCORE_METRICS = ("eval_accuracy", "eval_exact_match", "eval_rouge_l")
 SIDES = ("llm", "slm")
@@ -64,10 +64,6 @@ def mean_se(values: list[float]) -> tuple[float, float, int]:
         return mean, 0.0, 1
     var = sum((v - mean) ** 2 for v in values) / (n - 1)
     return mean, math.sqrt(var / n), n
-
-
-def load_cells(out: Path) -> list[dict]:
-    return [c for p in sorted((out / "cells").glob("*/*/seed*.json")) if (c := read_cell(p)) is not None]
 
 
 def aggregate(config: dict, cells: list[dict]) -> dict:

@@ -35,11 +35,32 @@ def train_local(party: ModelParty, task: party_pb2.TrainLocalTask, ctx: party_pb
     return work
 
 
+GENERATION_METRIC_KEYS = {"exact_match": "eval_exact_match", "rouge_l": "eval_rouge_l"}
+
+
 def evaluate(party: ModelParty, task: party_pb2.EvaluateTask, ctx: party_pb2.RunContext):
-    """Public-set loss and, where the eval set is multiple choice, accuracy of a target model."""
+    """Public-set loss of a target model, and its score on the eval set.
+
+    Multiple choice (evaluation.metric empty, eval items with choices): eval_accuracy, eval_accuracy_norm, eval_n.
+    Generative (evaluation.metric exact_match | rouge_l): greedy generation (evaluation.max_new_tokens, stop),
+    scored against each item's response: eval_exact_match or eval_rouge_l, eval_n, eval_generated_tokens (total) and
+    eval_stopped (items that ended at a stop sequence or end-of-sequence token). In both cases eval_accuracy (metric
+    and EvaluateResult field) carries the primary score, so reports, plots and exports show it for every task.
+    A free-form eval set (items without choices) with no metric configured is refused (Precondition) rather than
+    left unscored: configure evaluation.metric (cotune.data.tasks.evaluation_config_for_task) or drop data.eval.
+    Without an eval set only the public loss is measured (eval_accuracy NaN).
+    """
     eval_set = party.samples(party.eval, task.max_samples)
     public = party.samples(party.public, task.max_samples)
     party.target(task.target)  # an unknown or absent target is refused now, not when the work runs
+    ecfg = party.cfg.evaluation
+    generative = bool(eval_set) and bool(ecfg.metric)
+    multiple_choice = bool(eval_set) and not generative and bool(eval_set[0].choices)
+    if eval_set and not generative and not multiple_choice:
+        raise Precondition(f"party {party.cfg.party_id}: its eval set is free-form (no choices) and "
+                           "evaluation.metric is not set, so it cannot be scored; set evaluation.metric to exact_match "
+                           "(GSM8K) or rouge_l (DialogSum), with max_new_tokens and stop "
+                           "(cotune.data.tasks.evaluation_config_for_task), or remove data.eval")
 
     def work(op):
         from cotune.lm.evaluate import evaluate_loss, evaluate_mc
@@ -47,9 +68,8 @@ def evaluate(party: ModelParty, task: party_pb2.EvaluateTask, ctx: party_pb2.Run
         target = party.target(task.target)
         bs, ml = party.trainer.config.batch_size, party.cfg.training.max_length
         metrics = {}
-        multiple_choice = bool(eval_set and eval_set[0].choices)
-        # progress in items: the public samples whose loss is measured, then the multiple-choice items scored
-        total = len(public) + (len(eval_set) if multiple_choice else 0)
+        # progress in items: the public samples whose loss is measured, then the eval items scored
+        total = len(public) + (len(eval_set) if generative or multiple_choice else 0)
         report = party.progress(op, "evaluate")
         report(0, total)
         loss = evaluate_loss(target.model, target.tokenizer, public, batch_size=bs, max_length=ml,
@@ -58,11 +78,21 @@ def evaluate(party: ModelParty, task: party_pb2.EvaluateTask, ctx: party_pb2.Run
         accuracy = float("nan")
         if multiple_choice:
             acc = evaluate_mc(target.model, target.tokenizer, eval_set, batch_size=bs, max_length=ml,
-                              mc_scoring=party.cfg.evaluation.mc_scoring,
+                              mc_scoring=ecfg.mc_scoring,
                               progress=lambda done, _n: report(len(public) + done, total))
             accuracy = acc["accuracy"]
             metrics.update({"eval_accuracy": acc["accuracy"], "eval_accuracy_norm": acc["accuracy_norm"],
                             "eval_n": acc["n"]})
+        elif generative:
+            from cotune.lm.generate import evaluate_generation
+
+            gen = evaluate_generation(target.model, target.tokenizer, eval_set, metric=ecfg.metric,
+                                      max_new_tokens=ecfg.max_new_tokens, stop=tuple(ecfg.stop), batch_size=bs,
+                                      max_length=ml, progress=lambda done, _n: report(len(public) + done, total))
+            accuracy = gen["score"]
+            metrics.update({GENERATION_METRIC_KEYS[ecfg.metric]: gen["score"], "eval_accuracy": gen["score"],
+                            "eval_n": gen["n"], "eval_generated_tokens": gen["generated_tokens"],
+                            "eval_stopped": gen["stopped"]})
         report(total, total)
         return OpResult(metrics=metrics,
                         result=party_pb2.EvaluateResult(public_loss=loss["loss"], eval_accuracy=accuracy))

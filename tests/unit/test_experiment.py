@@ -8,7 +8,7 @@ import pytest
 from cotune.config import ConfigError
 from cotune.experiment.config import load_config
 from cotune.experiment.report import aggregate, cell_scores, markdown, mean_se, write_report
-from cotune.experiment.grid import write_config
+from cotune.experiment.grid import _spec, write_config
 
 
 def _write(tmp_path, text: str):
@@ -59,7 +59,6 @@ def test_unknown_task_and_variant(tmp_path):
 def test_a_config_variant_merges_its_spec(tmp_path):
     cfg = load_config(_write(tmp_path, BASE.replace("fedmkt]", "fedmkt, mkt-ft]")
                              + "variants: {mkt-ft: {algorithm: fedmkt, spec: {fedmkt: {projection: first_token}}}}\n"))
-    from cotune.experiment.grid import _spec
 
     variant = cfg.variants[-1]
     spec = _spec(cfg, cfg.preset_for("arc_easy"), variant)

@@ -165,53 +165,61 @@ def markdown(summary: dict) -> str:
 
 
 def draw(summary: dict, out_dir: Path) -> list[Path]:
-    """Per task: accuracy per round (LLM and SLM panels, a line per variant, mean over seeds) and final accuracy
-    against bytes moved (log scale, error bars = s.e.)."""
-    from matplotlib.figure import Figure
-
-    from cotune.plots import DPI, _colors
+    """Per task: score per round (LLM and SLM panels, a line per variant, mean over seeds) and final score against
+    bytes moved (log scale, error bars = s.e.)."""
+    from cotune.plots import _colors, _round_axis
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    written = []
     variants = [v["name"] for v in summary["config"]["variants"]]
     colors = _colors(variants)
-    for task, table in summary["tasks"].items():
-        fig = Figure(figsize=(11, 4.5), layout="constrained")
-        axes = fig.subplots(1, 2, sharey=True)
-        for ax, side in zip(axes, SIDES):
-            for name in variants:
-                points = table[name]["per_round"][side]
-                if points:
-                    ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name, color=colors[name])
-            ax.set_title(f"{side.upper()}")
-            ax.set_xlabel("round (0: before training)")
-            ax.grid(True, alpha=0.3)
-        axes[0].set_ylabel("eval score (mean over seeds)")
-        axes[1].legend(loc="best", fontsize="small")
-        fig.suptitle(f"{task}: eval score per round")
-        path = out_dir / f"{task}-rounds.png"
-        fig.savefig(path, format="png", dpi=DPI)
-        written.append(path)
 
-        fig = Figure(figsize=(11, 4.5), layout="constrained")
-        axes = fig.subplots(1, 2, sharey=True)
-        for ax, side in zip(axes, SIDES):
-            for name in variants:
-                e = table[name]
-                if e["bytes"] and e[side]["n"]:
-                    ax.errorbar([e["bytes"]], [e[side]["mean"]], yerr=[e[side]["se"]], fmt="o", capsize=3,
-                                label=name, color=colors[name])
-            ax.set_xscale("log")
-            ax.set_title(side.upper())
-            ax.set_xlabel("bytes moved by the coordinator per run")
-            ax.grid(True, alpha=0.3)
-        axes[0].set_ylabel("final eval score")
-        axes[1].legend(loc="best", fontsize="small")
-        fig.suptitle(f"{task}: final eval score against communication (runs that move nothing are not shown)")
-        path = out_dir / f"{task}-bytes.png"
-        fig.savefig(path, format="png", dpi=DPI)
-        written.append(path)
+    def per_round(ax, table, side, name):
+        points = table[name]["per_round"][side]
+        if len(points) == 1 and points[0][0] == 0:  # evaluated before training only (zero-shot): a reference line
+            ax.axhline(points[0][1], linestyle="--", label=name, color=colors[name])
+        elif points:
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name, color=colors[name])
+        _round_axis(ax, [p[0] for e in table.values() for p in e["per_round"][side]])
+
+    def against_bytes(ax, table, side, name):
+        e = table[name]
+        if e["bytes"] and e[side]["n"]:
+            ax.errorbar([e["bytes"]], [e[side]["mean"]], yerr=[e[side]["se"]], fmt="o", capsize=3, label=name,
+                        color=colors[name])
+        ax.set_xscale("log")
+
+    written = []
+    for task, table in summary["tasks"].items():
+        for kind, plot, xlabel, ylabel, title in (
+                ("rounds", per_round, "round (0: before training)", "eval score (mean over seeds)",
+                 "eval score per round"),
+                ("bytes", against_bytes, "bytes moved by the coordinator per run", "final eval score",
+                 "final eval score against communication (runs that move nothing are not shown)")):
+            path = out_dir / f"{task}-{kind}.png"
+            _two_panels(path, f"{task}: {title}", xlabel, ylabel,
+                        lambda ax, side: [plot(ax, table, side, name) for name in variants])
+            written.append(path)
     return written
+
+
+def _two_panels(path: Path, title: str, xlabel: str, ylabel: str, fill) -> None:
+    """A PNG with an LLM and an SLM panel side by side (shared y axis); fill(ax, side) draws into each."""
+    from matplotlib.figure import Figure  # Agg, no pyplot state
+
+    from cotune.plots import DPI
+
+    fig = Figure(figsize=(11, 4.5), layout="constrained")
+    axes = fig.subplots(1, 2, sharey=True)
+    for ax, side in zip(axes, SIDES):
+        fill(ax, side)
+        ax.set_title(side.upper())
+        ax.set_xlabel(xlabel)
+        ax.grid(True, alpha=0.3)
+    axes[0].set_ylabel(ylabel)
+    if axes[1].get_legend_handles_labels()[0]:
+        axes[1].legend(loc="best", fontsize="small")
+    fig.suptitle(title)
+    fig.savefig(path, format="png", dpi=DPI)
 
 
 def write_report(out: Path) -> dict:

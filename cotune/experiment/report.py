@@ -120,6 +120,8 @@ def _cell(stat: dict, signed: bool = False) -> str:
     if not stat or stat["n"] == 0:
         return "—"
     sign = "+" if signed else ""
+    if stat["n"] == 1:  # one seed: no standard error to show
+        return f"{stat['mean']:{sign}.3f} (n=1)"
     return f"{stat['mean']:{sign}.3f} ± {stat['se']:.3f}" + (f" (n={stat['n']})" if stat["n"] != 3 else "")
 
 
@@ -130,7 +132,8 @@ def markdown(summary: dict) -> str:
     lines = [f"# Experiment {config['name']}", "",
              f"Models: preset `{config['models']}`; {config['rounds']} round(s); seeds {config['seeds']}; "
              f"{summary['cells_succeeded']} cells succeeded; grid wall time {summary['grid_wall_s'] / 3600:.2f} h. "
-             "Scores are the final round's, mean ± standard error over seeds (n = 3 unless shown).", ""]
+             "Scores are the final round's, mean ± standard error over seeds (n = 3 unless shown; n = 1: one seed, no "
+             "standard error).", ""]
     for side, title in (("slm", "SLM (mean of the clients)"), ("llm", "LLM (server)")):
         lines += [f"## {title}: eval score", "", "| variant | " + " | ".join(tasks) + " |",
                   "|---|" + "---:|" * len(tasks)]
@@ -183,10 +186,17 @@ def draw(summary: dict, out_dir: Path) -> list[Path]:
 
     def against_bytes(ax, table, side, name):
         e = table[name]
-        if e["bytes"] and e[side]["n"]:
+        if not e[side]["n"]:
+            return
+        if e["bytes"]:
             ax.errorbar([e["bytes"]], [e[side]["mean"]], yerr=[e[side]["se"]], fmt="o", capsize=3, label=name,
                         color=colors[name])
-        ax.set_xscale("log")
+        else:  # moves nothing (zero-shot, standalone, centralized): a reference line
+            ax.axhline(e[side]["mean"], linestyle="--", label=f"{name} (no bytes)", color=colors[name])
+        moved = [t["bytes"] for t in table.values() if t["bytes"]]
+        if moved:
+            ax.set_xscale("log")
+            ax.set_xlim(min(moved) / 3, max(moved) * 3)
 
     written = []
     for task, table in summary["tasks"].items():
@@ -194,7 +204,7 @@ def draw(summary: dict, out_dir: Path) -> list[Path]:
                 ("rounds", per_round, "round (0: before training)", "eval score (mean over seeds)",
                  "eval score per round"),
                 ("bytes", against_bytes, "bytes moved by the coordinator per run", "final eval score",
-                 "final eval score against communication (runs that move nothing are not shown)")):
+                 "final eval score against bytes moved (dashed: runs that move nothing)")):
             path = out_dir / f"{task}-{kind}.png"
             _two_panels(path, f"{task}: {title}", xlabel, ylabel,
                         lambda ax, side: [plot(ax, table, side, name) for name in variants])

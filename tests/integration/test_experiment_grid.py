@@ -55,11 +55,11 @@ def test_grid_report_and_resume(tmp_path, shared_data):
     # resume: nothing left to run; then a lost cell is run again, the same as before
     again = _experiment(config, out)
     assert "2 cells (2 done before, 0 to run)" in again.stderr
-    (out / "cells" / "arc_easy" / "standalone" / "seed0.json").unlink()
+    (out / "cells" / "arc_easy" / "zero-shot" / "seed0.json").unlink()
     third = _experiment(config, out)
     assert "2 cells (1 done before, 1 to run)" in third.stderr
-    rerun = json.loads((out / "cells" / "arc_easy" / "standalone" / "seed0.json").read_text())
-    assert _scores(rerun) == _scores(cells["standalone"])
+    rerun = json.loads((out / "cells" / "arc_easy" / "zero-shot" / "seed0.json").read_text())
+    assert _scores(rerun) == _scores(cells["zero-shot"])
 
 
 def _scores(cell: dict) -> list[dict]:

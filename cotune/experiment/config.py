@@ -9,12 +9,15 @@ then per task under `task_overrides:`.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from cotune.config import ConfigError
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")  # experiment and variant names: folders of the report
+RESERVED_SPEC_FIELDS = {"algorithm", "rounds", "name", "clients"}  # set by the experiment, recorded in each cell
 # Preset fields a config may set (globally or per task); the rest of cotune.demo.Preset stays the preset's.
 PRESET_KEYS = ("per_part", "eval_size", "max_length", "batch_size", "lr", "top_k", "lam", "kd_weight", "fedbiot_drop",
                "pre_align_steps", "align_steps", "align_lr")
@@ -119,21 +122,35 @@ def load_config(name_or_path: str) -> ExperimentConfig:
     if models not in PRESETS:
         raise ConfigError(f"{path}: models must be one of {', '.join(PRESETS)}, got {models!r}")
     tasks = data.get("tasks") or []
-    if not isinstance(tasks, list) or not tasks:
-        raise ConfigError(f"{path}: tasks must be a non-empty list of task names")
+    if not isinstance(tasks, list) or not tasks or len(set(map(str, tasks))) != len(tasks):
+        raise ConfigError(f"{path}: tasks must be a non-empty list of distinct task names, got {tasks!r}")
     for task in tasks:
         if task not in TASKS:
             raise ConfigError(f"{path}: unknown task {task!r}; known: {', '.join(TASKS)}")
     defined = dict(BUILTIN_VARIANTS)
-    for vname, spec in (data.get("variants") or {}).items():
+    declared = data.get("variants") or {}
+    if not isinstance(declared, dict):
+        raise ConfigError(f"{path}: variants must map variant names to {{algorithm, cross_tokenizer, spec}}")
+    for vname, spec in declared.items():
+        if not isinstance(vname, str) or not NAME_RE.match(vname):
+            raise ConfigError(f"{path}: variants: {vname!r} is not a usable name (it names a folder of the report): "
+                              "letters, digits, '-', '_' and '.', up to 64")
         if not isinstance(spec, dict) or spec.get("algorithm") not in ALGORITHMS:
             raise ConfigError(f"{path}: variants.{vname}: needs algorithm: one of {', '.join(ALGORITHMS)}")
         _check_keys(f"{path}: variants.{vname}", spec, ("algorithm", "cross_tokenizer", "spec"))
-        _check_spec(path, vname, spec.get("spec") or {})
+        if not isinstance(spec.get("cross_tokenizer", False), bool):
+            raise ConfigError(f"{path}: variants.{vname}.cross_tokenizer must be true or false")
+        if spec.get("cross_tokenizer") and spec["algorithm"] != "fedcollm":
+            raise ConfigError(f"{path}: variants.{vname}: cross_tokenizer is for fedcollm (FedMKT crosses tokenizers "
+                              "by design)")
+        fields = spec.get("spec") or {}
+        if not isinstance(fields, dict) or set(fields) & RESERVED_SPEC_FIELDS:
+            raise ConfigError(f"{path}: variants.{vname}.spec: a mapping of the algorithm's RunSpec settings, without "
+                              f"{', '.join(sorted(RESERVED_SPEC_FIELDS))} (the experiment sets those)")
         defined[vname] = spec
     names = data.get("algorithms") or []
-    if not isinstance(names, list) or not names:
-        raise ConfigError(f"{path}: algorithms must be a non-empty list of variant names")
+    if not isinstance(names, list) or not names or len(set(map(str, names))) != len(names):
+        raise ConfigError(f"{path}: algorithms must be a non-empty list of distinct variant names, got {names!r}")
     variants = []
     for vname in names:
         if vname not in defined:
@@ -154,24 +171,52 @@ def load_config(name_or_path: str) -> ExperimentConfig:
     for task in overrides:
         if task not in tasks:
             raise ConfigError(f"{path}: task_overrides.{task}: not one of this config's tasks")
-    references = tuple(data.get("references", ["standalone", "zero-shot"]))
+    references = data.get("references", [r for r in ("standalone", "zero-shot") if r in names])
+    if not isinstance(references, list):
+        raise ConfigError(f"{path}: references must be a list of variant names, got {references!r}")
+    references = tuple(references)
     for ref in references:
         if ref not in names:
             raise ConfigError(f"{path}: references: {ref!r} is not among the algorithms run")
-    return ExperimentConfig(
-        name=str(data.get("name") or path.stem), models=models, tasks=tuple(tasks), variants=tuple(variants),
+    name = str(data.get("name") or path.stem)
+    if not NAME_RE.match(name):
+        raise ConfigError(f"{path}: name {name!r}: letters, digits, '-', '_' and '.', up to 64 (it names the report folder)")
+    cfg = ExperimentConfig(
+        name=name, models=models, tasks=tuple(tasks), variants=tuple(variants),
         seeds=tuple(seeds), rounds=rounds, preset=_preset_values(f"{path}: preset", data.get("preset") or {}, models),
         task_overrides={t: _preset_values(f"{path}: task_overrides.{t}", v, models) for t, v in overrides.items()},
         references=references, source=str(path))
+    for task in cfg.tasks:
+        for variant in cfg.variants:
+            check_spec(cfg, task, variant, where=str(path))
+    return cfg
 
 
-def _check_spec(path: Path, name: str, fields: dict) -> None:
-    """A variant's RunSpec fields must parse into a RunSpec (names and types), so a typo fails now, not hours in."""
+def run_spec(cfg: ExperimentConfig, task: str, variant: Variant):
+    """The RunSpec of a cell: the demo's settings for the algorithm from the task's preset values, then the variant's
+    fields over them."""
     from google.protobuf import json_format
 
-    from cotune.v1 import coordinator_pb2 as pb
+    from cotune.demo import demo_spec
+
+    preset = cfg.preset_for(task)
+    spec = demo_spec(cfg.models, preset, variant.algorithm, cfg.rounds, cross_tokenizer=variant.cross_tokenizer)
+    spec.name = f"{cfg.name}/{variant.name}"
+    json_format.ParseDict(variant.spec, spec)
+    return spec
+
+
+def check_spec(cfg: ExperimentConfig, task: str, variant: Variant, *, where: str) -> None:
+    """A cell's spec must pass the coordinator's own checks (names, types, ranges, the algorithm's section), so a typo
+    fails when the config loads, not at the start of every cell hours into a grid."""
+    from google.protobuf import json_format
+
+    from cotune.algorithms.config import SpecError, parse_spec
+    from cotune.algorithms.registry import get_strategy
 
     try:
-        json_format.ParseDict(fields, pb.RunSpec())
-    except (json_format.ParseError, AttributeError, TypeError) as exc:
-        raise ConfigError(f"{path}: variants.{name}.spec: {exc}") from None
+        parse_spec(run_spec(cfg, task, variant), get_strategy(variant.algorithm).config_class)
+    except (json_format.ParseError, AttributeError, TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}: variant {variant.name} on {task}: {exc}") from None
+    except SpecError as exc:
+        raise ConfigError(f"{where}: variant {variant.name} on {task}: {'; '.join(exc.problems)}") from None

@@ -10,14 +10,17 @@ and shared by every cell.
 from __future__ import annotations
 
 import shutil
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
-from cotune.experiment.config import ExperimentConfig, Variant
+from cotune.experiment.config import ExperimentConfig, Variant, run_spec
 from cotune.experiment.store import cell_path, read_cell, write_json_atomic
 
 NUM_CLIENTS = 2
+SUCCEEDED = "RUN_SUCCEEDED"  # cotune.v1.RunState's name, as run summaries record it
 EVAL_HOLDOUT_SEED = 0  # tasks without a train split: the eval slice is cut with this seed, the same for every seed
 
 
@@ -75,31 +78,22 @@ def _cluster_config(cfg: ExperimentConfig, out: Path, task: str, variant: Varian
     return config, preset
 
 
-def _spec(cfg: ExperimentConfig, preset, variant: Variant):
-    from google.protobuf import json_format
-
-    from cotune.demo import demo_spec
-
-    spec = demo_spec(cfg.models, preset, variant.algorithm, cfg.rounds, cross_tokenizer=variant.cross_tokenizer)
-    spec.name = f"{cfg.name}/{variant.name}"
-    json_format.ParseDict(variant.spec, spec)  # the variant's fields over the demo's
-    return spec
-
-
 def run_cell(cfg: ExperimentConfig, out: Path, task: str, variant: Variant, seed: int, *, say) -> dict:
     """One cell on a fresh cluster (its own workdir, removed afterwards): the run's summary, or its error."""
     from cotune.cluster import LocalCluster
     from cotune.demo import convert_models, wait_for_clients
     from cotune.report import run_summary
-    from cotune.v1 import coordinator_pb2 as pb
     from cotune.watch import watch_run
 
+    from cotune.cluster import down_detached, running_pids
+
     work = out / "work" / f"{task}-{variant.name}-seed{seed}"
+    if running_pids(work / "cluster"):  # a grid killed hard (SIGKILL) left this cell's services running
+        down_detached(work / "cluster")
     shutil.rmtree(work, ignore_errors=True)
     started = time.monotonic()
-    record = {"task": task, "variant": variant.name, "algorithm": variant.algorithm,
-              "cross_tokenizer": variant.cross_tokenizer, "variant_spec": variant.spec, "seed": seed,
-              "models": cfg.models, "rounds": cfg.rounds}
+    record = {"task": task, "variant": variant.name, "algorithm": variant.algorithm, "seed": seed,
+              "settings": cell_settings(cfg, task, variant)}
     try:
         config, preset = _cluster_config(cfg, out, task, variant, seed, work)
         record["preset"] = {k: getattr(preset, k) for k in preset.__dataclass_fields__}
@@ -108,7 +102,7 @@ def run_cell(cfg: ExperimentConfig, out: Path, task: str, variant: Variant, seed
             client = cluster.coordinator_client()
             try:
                 wait_for_clients(client, len(config.clients), timeout_s=600)
-                run = client.start_run(_spec(cfg, preset, variant))
+                run = client.start_run(run_spec(cfg, task, variant))
                 say(f"    run {run.run_id} started")
                 run = watch_run(client, run.run_id, quiet=True)
             finally:
@@ -118,17 +112,36 @@ def run_cell(cfg: ExperimentConfig, out: Path, task: str, variant: Variant, seed
     except (Exception, SystemExit) as exc:  # one cell's failure is recorded; the grid goes on
         record.update(state="ERROR", error=f"{type(exc).__name__}: {exc}")
     record["wall_s"] = round(time.monotonic() - started, 1)
-    if record["state"] == pb.RunState.Name(pb.RUN_SUCCEEDED):
+    if record["state"] == SUCCEEDED:
         shutil.rmtree(work, ignore_errors=True)  # blob stores and shipped models: gigabytes; the summary is kept
     return record
 
 
+def cell_settings(cfg: ExperimentConfig, task: str, variant: Variant) -> dict:
+    """Everything a cell's result depends on besides its seed: the run spec, the models, the data sizes and the
+    parties' training settings. A cell on disk counts as done only if it was run with these."""
+    from google.protobuf import json_format
+
+    preset = cfg.preset_for(task)
+    spec = json_format.MessageToDict(run_spec(cfg, task, variant), preserving_proto_field_name=True)
+    spec.pop("name", None)
+    return {"models": cfg.models, "cross_tokenizer": variant.cross_tokenizer, "spec": spec,
+            "data": {"per_part": preset.per_part, "eval_size": preset.eval_size},
+            "training": {"lr": preset.lr, "batch_size": preset.batch_size, "max_length": preset.max_length}}
+
+
 def write_config(cfg: ExperimentConfig, out: Path) -> None:
-    """config.json: what the report is about (the report reads it, not the YAML, which may have moved)."""
-    write_json_atomic(out / "config.json", {"source": cfg.source, "name": cfg.name, "models": cfg.models,
-                                            "tasks": cfg.tasks, "seeds": cfg.seeds, "rounds": cfg.rounds,
-                                            "variants": [v.__dict__ for v in cfg.variants], "preset": cfg.preset,
-                                            "task_overrides": cfg.task_overrides, "references": cfg.references})
+    """config.json: what the report is about (the report reads it, not the YAML, which may have moved), with each
+    (task, variant)'s cell settings, so the report leaves out cells run under other settings."""
+    write_json_atomic(out / "config.json", {
+        "source": cfg.source, "name": cfg.name, "models": cfg.models, "tasks": cfg.tasks, "seeds": cfg.seeds,
+        "rounds": cfg.rounds, "variants": [{**v.__dict__, "seed_free": v.seed_free} for v in cfg.variants],
+        "preset": cfg.preset, "task_overrides": cfg.task_overrides, "references": cfg.references,
+        "cell_settings": {f"{t}/{v.name}": cell_settings(cfg, t, v) for t in cfg.tasks for v in cfg.variants}})
+
+
+def is_done(record: dict | None, settings: dict) -> bool:
+    return bool(record) and record.get("state") == SUCCEEDED and record.get("settings") == settings
 
 
 def run_grid(cfg: ExperimentConfig, out: Path, *, only: str | None = None, stream=sys.stderr) -> int:
@@ -141,12 +154,23 @@ def run_grid(cfg: ExperimentConfig, out: Path, *, only: str | None = None, strea
         print(text, file=stream, flush=True)
 
     hf_logging.disable_progress_bar()  # building tiny models and converting GGUFs: bars would clutter the grid's log
+    if threading.current_thread() is threading.main_thread():
+        # SIGTERM stops the grid like Ctrl-C: the running cell's cluster is shut down on the way out (its services
+        # run in sessions of their own and would outlive a plain exit)
+        signal.signal(signal.SIGTERM, _interrupt)
 
     write_config(cfg, out)
     cells = [c for c in cfg.cells() if only is None or only in (c[0], c[1].name)]
-    done = [c for c in cells if (read_cell(cell_path(out, c[0], c[1].name, c[2])) or {}).get("state") == "RUN_SUCCEEDED"]
+    if not cells:
+        raise SystemExit(f"--only {only}: no task or variant of experiment {cfg.name} has that name "
+                         f"(tasks: {', '.join(cfg.tasks)}; variants: {', '.join(v.name for v in cfg.variants)})")
+    records = {c: read_cell(cell_path(out, c[0], c[1].name, c[2])) for c in cells}
+    done = [c for c in cells if is_done(records[c], cell_settings(cfg, c[0], c[1]))]
+    stale = [c for c in cells if c not in done and (records[c] or {}).get("state") == SUCCEEDED]
     todo = [c for c in cells if c not in done]
     say(f"experiment {cfg.name}: {len(cells)} cells ({len(done)} done before, {len(todo)} to run); report in {out}")
+    if stale:
+        say(f"    {len(stale)} of them succeeded before under other settings (spec, models, sizes): run again")
     failed, spent = 0, []
     for i, (task, variant, seed) in enumerate(todo, 1):
         eta = f"; about {(sum(spent) / len(spent)) * (len(todo) - i + 1) / 60:.0f} min left" if spent else ""
@@ -154,9 +178,13 @@ def run_grid(cfg: ExperimentConfig, out: Path, *, only: str | None = None, strea
         record = run_cell(cfg, out, task, variant, seed, say=say)
         write_json_atomic(cell_path(out, task, variant.name, seed), record)
         spent.append(record["wall_s"])
-        if record["state"] != "RUN_SUCCEEDED":
+        if record["state"] != SUCCEEDED:
             failed += 1
             say(f"    FAILED after {record['wall_s']:.0f} s: {record['error']}")
         else:
             say(f"    done in {record['wall_s']:.0f} s: {cell_headline(record)}")
     return failed
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")

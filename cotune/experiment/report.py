@@ -41,11 +41,14 @@ def round_scores(run: dict) -> list[dict]:
 
 
 def cell_scores(record: dict) -> dict:
-    """The final round's llm/slm scores of a succeeded cell, and its bytes moved."""
-    rounds = [r for r in round_scores(record["run"]) if r["llm"] is not None or r["slm"] is not None]
-    final = rounds[-1] if rounds else {"llm": None, "slm": None, "round": None}
+    """The scores of a succeeded cell's final round (its highest: round 0 for zero-shot), and its bytes moved. The SLM
+    score is the mean over the clients scored in that round; `clients_dropped` counts the clients the round dropped
+    (their score is missing from that mean)."""
+    final = max(round_scores(record["run"]), key=lambda r: r["round"], default=None)
+    last = max(record["run"]["rounds"], key=lambda r: r["round"], default={"dropped": []})
     moved = sum(sum(rec["bytes_sent"].values()) + sum(rec["bytes_received"].values()) for rec in record["run"]["rounds"])
-    return {"llm": final["llm"], "slm": final["slm"], "final_round": final["round"], "bytes": moved}
+    return {"llm": final and final["llm"], "slm": final and final["slm"], "final_round": final and final["round"],
+            "clients_dropped": len(last.get("dropped", [])), "bytes": moved}
 
 
 def cell_headline(record: dict) -> str:
@@ -54,52 +57,63 @@ def cell_headline(record: dict) -> str:
     return f"LLM {fmt(s['llm'])}, SLM {fmt(s['slm'])} (round {s['final_round']}), {s['bytes'] / 2**20:.1f} MiB moved"
 
 
-def mean_se(values: list[float]) -> tuple[float, float, int]:
-    """Mean, standard error of the mean (sample sd / √n; 0 for one value) and n."""
+def mean_se(values: list[float]) -> tuple[float | None, float | None, int]:
+    """Mean, standard error of the mean (sample sd / √n) and n; None where there is none (no values; one value has no
+    standard error). None, not NaN: summary.json stays strict JSON."""
     n = len(values)
     if n == 0:
-        return math.nan, math.nan, 0
+        return None, None, 0
     mean = sum(values) / n
     if n == 1:
-        return mean, 0.0, 1
+        return mean, None, 1
     var = sum((v - mean) ** 2 for v in values) / (n - 1)
     return mean, math.sqrt(var / n), n
 
 
 def aggregate(config: dict, cells: list[dict]) -> dict:
     """summary.json: per task and variant, each side's mean ± s.e. over seeds, the paired differences against the
-    references (same task and seed; a seed-free reference, zero-shot, pairs with every seed), per-round means for the
-    plots, bytes, wall time, and the cells that failed."""
-    ok = [c for c in cells if c.get("state") == "RUN_SUCCEEDED"]
+    references (same task and seed; a seed-free variant, zero-shot, pairs with every seed of the other), per-round
+    means for the plots, bytes, wall time, and the cells that failed. Only the cells of this config count: its tasks,
+    variants and seeds, run with its settings (config["cell_settings"]); the others are counted as `left_out`."""
+    settings = config.get("cell_settings", {})
+    ours = [c for c in cells if c.get("seed") in config["seeds"]
+            and c.get("settings") == settings.get(f"{c.get('task')}/{c.get('variant')}", c.get("settings"))
+            and f"{c.get('task')}/{c.get('variant')}" in settings]
+    ok = [c for c in ours if c.get("state") == "RUN_SUCCEEDED"]
     scores = {(c["task"], c["variant"], c["seed"]): cell_scores(c) for c in ok}
     variants = [v["name"] for v in config["variants"]]
-    seed_free = {v["name"] for v in config["variants"] if v["algorithm"] == "zero-shot" and not v.get("spec")}
+    seed_free = {v["name"] for v in config["variants"] if v.get("seed_free")}
     out = {"config": config, "tasks": {}, "failed": [
-        {k: c.get(k) for k in ("task", "variant", "seed", "state", "error")} for c in cells if c not in ok],
-        "cells_succeeded": len(ok), "grid_wall_s": round(sum(c.get("wall_s", 0.0) for c in cells), 1)}
+        {k: c.get(k) for k in ("task", "variant", "seed", "state", "error")} for c in ours if c not in ok],
+        "left_out": len(cells) - len(ours), "cells_succeeded": len(ok),
+        "grid_wall_s": round(sum(c.get("wall_s", 0.0) for c in ours), 1)}
+
+    def paired(task: str, name: str, ref: str, side: str) -> dict:
+        diffs = []
+        for seed in config["seeds"]:
+            mine = scores.get((task, name, config["seeds"][0] if name in seed_free else seed))
+            other = scores.get((task, ref, config["seeds"][0] if ref in seed_free else seed))
+            if mine and other and mine[side] is not None and other[side] is not None:
+                diffs.append(mine[side] - other[side])
+        if name in seed_free and ref in seed_free:
+            diffs = diffs[:1]
+        return dict(zip(("mean", "se", "n"), mean_se(diffs)))
+
     for task in config["tasks"]:
         table = {}
         for name in variants:
             mine = {seed: s for (t, v, seed), s in scores.items() if t == task and v == name}
-            entry = {"seeds": sorted(mine), "bytes": mean_se([s["bytes"] for s in mine.values()])[0] if mine else None,
-                     "wall_s": sum(c["wall_s"] for c in ok if c["task"] == task and c["variant"] == name)}
+            cells_here = [c for c in ok if c["task"] == task and c["variant"] == name]
+            entry = {"seeds": sorted(mine), "bytes": mean_se([s["bytes"] for s in mine.values()])[0],
+                     "wall_s": sum(c["wall_s"] for c in cells_here),
+                     "final_rounds": sorted({s["final_round"] for s in mine.values()}),
+                     "clients_dropped": sum(s["clients_dropped"] for s in mine.values())}
             for side in SIDES:
                 values = [s[side] for s in mine.values() if s[side] is not None]
                 entry[side] = dict(zip(("mean", "se", "n"), mean_se(values)))
-            entry["per_round"] = _per_round([c for c in ok if c["task"] == task and c["variant"] == name])
-            entry["vs"] = {}
-            for ref in config.get("references", []):
-                if ref == name:
-                    continue
-                entry["vs"][ref] = {}
-                for side in SIDES:
-                    diffs = []
-                    for seed, s in mine.items():
-                        other = scores.get((task, ref, seed)) or (
-                            scores.get((task, ref, config["seeds"][0])) if ref in seed_free else None)
-                        if other and s[side] is not None and other[side] is not None:
-                            diffs.append(s[side] - other[side])
-                    entry["vs"][ref][side] = dict(zip(("mean", "se", "n"), mean_se(diffs)))
+            entry["per_round"] = _per_round(cells_here)
+            entry["vs"] = {ref: {side: paired(task, name, ref, side) for side in SIDES}
+                           for ref in config.get("references", []) if ref != name}
             table[name] = entry
         out["tasks"][task] = table
     return out
@@ -134,6 +148,13 @@ def markdown(summary: dict) -> str:
              f"{summary['cells_succeeded']} cells succeeded; grid wall time {summary['grid_wall_s'] / 3600:.2f} h. "
              "Scores are the final round's, mean ± standard error over seeds (n = 3 unless shown; n = 1: one seed, no "
              "standard error).", ""]
+    if summary.get("left_out"):
+        lines += [f"{summary['left_out']} cell file(s) in this directory belong to other settings or seeds and are left "
+                  "out.", ""]
+    dropped = [f"{t} · {v}" for t, table in summary["tasks"].items() for v, e in table.items() if e["clients_dropped"]]
+    if dropped:
+        lines += ["Clients were dropped in the final round of " + ", ".join(dropped) + "; their SLM score is the mean "
+                  "of the clients left.", ""]
     for side, title in (("slm", "SLM (mean of the clients)"), ("llm", "LLM (server)")):
         lines += [f"## {title}: eval score", "", "| variant | " + " | ".join(tasks) + " |",
                   "|---|" + "---:|" * len(tasks)]
@@ -189,7 +210,7 @@ def draw(summary: dict, out_dir: Path) -> list[Path]:
         if not e[side]["n"]:
             return
         if e["bytes"]:
-            ax.errorbar([e["bytes"]], [e[side]["mean"]], yerr=[e[side]["se"]], fmt="o", capsize=3, label=name,
+            ax.errorbar([e["bytes"]], [e[side]["mean"]], yerr=[e[side]["se"] or 0.0], fmt="o", capsize=3, label=name,
                         color=colors[name])
         else:  # moves nothing (zero-shot, standalone, centralized): a reference line
             ax.axhline(e[side]["mean"], linestyle="--", label=f"{name} (no bytes)", color=colors[name])

@@ -24,7 +24,12 @@ def load_cells(out: Path) -> list[dict]:
 
 
 def write_json_atomic(path: Path, data) -> None:
+    """Write JSON so that a reader (or a crash) sees the old file or the new one, never a part: a temporary file in
+    the same folder, flushed to disk, then renamed over the target."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w") as f:
+        f.write(json.dumps(data, indent=1, sort_keys=True))
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)

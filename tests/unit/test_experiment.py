@@ -8,7 +8,8 @@ import pytest
 from cotune.config import ConfigError
 from cotune.experiment.config import load_config
 from cotune.experiment.report import aggregate, cell_scores, markdown, mean_se, write_report
-from cotune.experiment.grid import _spec, write_config
+from cotune.experiment.config import run_spec
+from cotune.experiment.grid import cell_settings, write_config
 
 
 def _write(tmp_path, text: str):
@@ -37,14 +38,29 @@ def test_ready_configs_load():
     ("rounds: 0\n", "rounds must be"),
     ("preset: {per_part: -1}\n", "out of range"),
     ("preset: {perpart: 3}\n", "unknown key"),
-    ("variants: {x: {algorithm: fedmkt, spec: {fedmkt: {projektion: first_token}}}}\n", "variants.x.spec"),
+    ("variants: {x: {algorithm: fedmkt, spec: {fedmkt: {projektion: first_token}}}}\n", "variant x on arc_easy"),
+    ("variants: {x: {algorithm: fedmkt, spec: {fedmkt: {top_k: 0}}}}\n", "variant x on arc_easy: .*top_k"),
+    ("variants: {x: {algorithm: fedmkt, spec: {fedcollm: {top_k: 4}}}}\n", "takes `fedmkt` settings"),
+    ("variants: {x: {algorithm: fedmkt, spec: {rounds: 9}}}\n", "without algorithm, clients, name, rounds"),
+    ("variants: {x: {algorithm: fedmkt, cross_tokenizer: true}}\n", "cross_tokenizer is for fedcollm"),
+    ("variants: {a/b: {algorithm: fedmkt}}\n", "not a usable name"),
     ("references: [fedavg]\n", "not among the algorithms"),
     ("task_overrides: {boolq: {eval_size: 3}}\n", "not one of this config's tasks"),
     ("bogus: 1\n", "unknown key"),
 ])
 def test_bad_configs_say_what_is_wrong(tmp_path, extra, message):
+    text = BASE + extra
+    if extra.startswith("variants: {x:"):
+        text = text.replace("fedmkt]", "fedmkt, x]")
     with pytest.raises(ConfigError, match=message):
-        load_config(_write(tmp_path, BASE + extra))
+        load_config(_write(tmp_path, text))
+
+
+def test_duplicates_are_refused(tmp_path):
+    with pytest.raises(ConfigError, match="distinct variant names"):
+        load_config(_write(tmp_path, BASE.replace("fedmkt]", "fedmkt, fedmkt]")))
+    with pytest.raises(ConfigError, match="distinct task names"):
+        load_config(_write(tmp_path, BASE.replace("[arc_easy]", "[arc_easy, arc_easy]")))
 
 
 def test_unknown_task_and_variant(tmp_path):
@@ -61,12 +77,16 @@ def test_a_config_variant_merges_its_spec(tmp_path):
                              + "variants: {mkt-ft: {algorithm: fedmkt, spec: {fedmkt: {projection: first_token}}}}\n"))
 
     variant = cfg.variants[-1]
-    spec = _spec(cfg, cfg.preset_for("arc_easy"), variant)
+    spec = run_spec(cfg, "arc_easy", variant)
     assert spec.algorithm == "fedmkt" and spec.fedmkt.projection == "first_token"
     assert spec.fedmkt.top_k == cfg.preset_for("arc_easy").top_k  # the demo's settings stay under the variant's
 
 
-def _cell(variant, seed, llm, clients, moved=1000, rounds=((0, None),)):
+def _settings(cfg, variant):
+    return cell_settings(cfg, "arc_easy", next(v for v in cfg.variants if v.name == variant))
+
+
+def _cell(variant, seed, llm, clients, moved=1000, rounds=((0, None),), settings=None):
     """A succeeded cell whose final round has these scores (None: the party was not evaluated)."""
     parties = {}
     if llm is not None:
@@ -77,7 +97,7 @@ def _cell(variant, seed, llm, clients, moved=1000, rounds=((0, None),)):
               "bytes_sent": {}, "bytes_received": {}} for r, a in rounds]
     final = {"round": len(early), "parties": parties, "bytes_sent": {"lora": moved}, "bytes_received": {}}
     return {"task": "arc_easy", "variant": variant, "seed": seed, "state": "RUN_SUCCEEDED", "wall_s": 10.0,
-            "run": {"rounds": [*early, final]}}
+            "settings": settings, "run": {"rounds": [*early, final]}}
 
 
 def test_scores_are_the_final_round_and_the_clients_mean():
@@ -85,25 +105,34 @@ def test_scores_are_the_final_round_and_the_clients_mean():
     scores = cell_scores(cell)
     assert scores["llm"] == 0.5 and scores["slm"] == pytest.approx(0.3) and scores["final_round"] == 1
     assert scores["bytes"] == 1000
+    # the final round is the run's last, even when it evaluated no one (then there is no score, not an earlier one)
+    cell["run"]["rounds"].append({"round": 2, "parties": {}, "bytes_sent": {}, "bytes_received": {}, "dropped": ["client-2"]})
+    scores = cell_scores(cell)
+    assert (scores["llm"], scores["slm"], scores["final_round"], scores["clients_dropped"]) == (None, None, 2, 1)
 
 
 def test_mean_se():
-    assert mean_se([1.0]) == (1.0, 0.0, 1)
+    assert mean_se([1.0]) == (1.0, None, 1)  # one value: no standard error
     mean, se, n = mean_se([1.0, 2.0, 3.0])
     assert (mean, n) == (2.0, 3) and se == pytest.approx(1 / math.sqrt(3))
-    assert math.isnan(mean_se([])[0])
+    assert mean_se([]) == (None, None, 0)
 
 
 def test_paired_differences(tmp_path):
     cfg = load_config(_write(tmp_path, BASE))
     write_config(cfg, tmp_path / "out")
     config = json.loads((tmp_path / "out" / "config.json").read_text())
-    cells = [_cell("zero-shot", 0, 0.40, [0.20, 0.20])]
+    cells = [_cell("zero-shot", 0, 0.40, [0.20, 0.20], settings=_settings(cfg, "zero-shot"))]
     for seed, (std, mkt) in enumerate([(0.30, 0.35), (0.32, 0.33), (0.28, 0.37)]):
-        cells.append(_cell("standalone", seed, None, [std, std]))
-        cells.append(_cell("fedmkt", seed, 0.45, [mkt, mkt]))
-    cells.append({"task": "arc_easy", "variant": "fedmkt", "seed": 3, "state": "ERROR", "error": "boom", "wall_s": 1.0})
-    summary = aggregate(config, cells)
+        cells.append(_cell("standalone", seed, None, [std, std], settings=_settings(cfg, "standalone")))
+        cells.append(_cell("fedmkt", seed, 0.45, [mkt, mkt], settings=_settings(cfg, "fedmkt")))
+    cells.append({"task": "arc_easy", "variant": "fedmkt", "seed": 2, "state": "ERROR", "error": "boom", "wall_s": 1.0,
+                  "settings": _settings(cfg, "fedmkt")})
+    # left out: a seed the config does not run, and a cell run with other settings (another top_k)
+    cells.append(_cell("fedmkt", 7, 0.9, [0.9, 0.9], settings=_settings(cfg, "fedmkt")))
+    other = _settings(cfg, "standalone")
+    cells.append(_cell("standalone", 0, None, [0.9, 0.9], settings={**other, "data": {"per_part": 1, "eval_size": 1}}))
+    summary = aggregate(config, cells[:-1] + [cells[-1]])
     mkt = summary["tasks"]["arc_easy"]["fedmkt"]
     assert mkt["slm"]["mean"] == pytest.approx(0.35) and mkt["slm"]["n"] == 3
     diff = mkt["vs"]["standalone"]["slm"]
@@ -112,7 +141,11 @@ def test_paired_differences(tmp_path):
     # zero-shot ran once; it pairs with every seed
     assert mkt["vs"]["zero-shot"]["slm"]["n"] == 3 and mkt["vs"]["zero-shot"]["llm"]["mean"] == pytest.approx(0.05)
     assert mkt["vs"]["standalone"]["llm"]["n"] == 0  # standalone evaluates no LLM: nothing to pair
-    assert summary["failed"] == [{"task": "arc_easy", "variant": "fedmkt", "seed": 3, "state": "ERROR", "error": "boom"}]
+    assert summary["failed"] == [{"task": "arc_easy", "variant": "fedmkt", "seed": 2, "state": "ERROR", "error": "boom"}]
+    assert summary["left_out"] == 2
+    # the zero-shot row pairs its one run with every seed of the reference
+    zs = summary["tasks"]["arc_easy"]["zero-shot"]["vs"]["standalone"]["slm"]
+    assert zs["n"] == 3 and zs["mean"] == pytest.approx(0.20 - 0.30)
     text = markdown(summary)
     assert "| fedmkt | 0.350 ± " in text and "boom" in text and "+0.050 ± " in text
 
@@ -121,7 +154,8 @@ def test_write_report_draws_the_plots(tmp_path):
     cfg = load_config(_write(tmp_path, BASE))
     out = tmp_path / "out"
     write_config(cfg, out)
-    for cell in [_cell("zero-shot", 0, 0.4, [0.2]), _cell("fedmkt", 0, 0.5, [0.3], rounds=((0, 0.2),))]:
+    for cell in [_cell("zero-shot", 0, 0.4, [0.2], settings=_settings(cfg, "zero-shot")),
+                 _cell("fedmkt", 0, 0.5, [0.3], rounds=((0, 0.2),), settings=_settings(cfg, "fedmkt"))]:
         path = out / "cells" / "arc_easy" / cell["variant"] / "seed0.json"
         path.parent.mkdir(parents=True)
         path.write_text(json.dumps(cell))

@@ -30,7 +30,7 @@ SERVER_OPTIONS = [
     ("grpc.keepalive_time_ms", 60_000),
     ("grpc.keepalive_timeout_ms", 20_000),
     ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.min_recv_ping_interval_without_data_ms", 20_000),
+    ("grpc.http2.min_ping_interval_without_data_ms", 20_000),  # gRPC core's name (an unknown key is ignored)
     ("grpc.http2.max_ping_strikes", 2),
 ]
 DEFAULT_TIMEOUT_S = 30.0

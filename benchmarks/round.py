@@ -30,13 +30,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import grpc  # noqa: E402
+
 from cotune.cluster import LocalCluster  # noqa: E402
 from cotune.demo import PRESETS, cluster_config, demo_spec, prepare_data, prepare_models, wait_for_clients  # noqa: E402
 from cotune.report import step_profiles  # noqa: E402
 from cotune.v1 import coordinator_pb2 as pb  # noqa: E402
+from cotune.watch import STREAM_DEADLINE_S  # noqa: E402
 from tests.integration.blob_server import proc_status_kib  # noqa: E402
 
 ALGORITHMS = ("fedmkt", "fedcollm", "fedbiot")
+ENDED = (pb.RUN_SUCCEEDED, pb.RUN_FAILED, pb.RUN_CANCELLED)
 MODES = {
     "off": {"dtype": "fp32", "mc_scoring": "per_choice", "overlap_steps": False, "host_cores": "0"},
     "on": {"dtype": "auto", "mc_scoring": "shared_prompt", "overlap_steps": True, "host_cores": ""},
@@ -94,12 +98,18 @@ def run_once(algorithm: str, mode_name: str, root: Path, preset_name: str, seed:
             spec.overlap_steps = mode["overlap_steps"]
             run = client.start_run(spec)
             events = []
-            for event in client.watch_run(run.run_id):
-                events.append(event)
-                if event.kind == "step":
-                    print(f"[{algorithm}/{mode_name}] round {event.round} {event.step} "
-                          f"(+{event.time - started:.0f}s)", file=sys.stderr, flush=True)
-            run = client.get_run(run.run_id)
+            while run.state not in ENDED:  # a WatchRun stream ends at its deadline; watch again from the last event
+                try:
+                    for event in client.watch_run(run.run_id, after_seq=events[-1].seq if events else 0,
+                                                  timeout=STREAM_DEADLINE_S):
+                        events.append(event)
+                        if event.kind == "step":
+                            print(f"[{algorithm}/{mode_name}] round {event.round} {event.step} "
+                                  f"(+{event.time - started:.0f}s)", file=sys.stderr, flush=True)
+                except grpc.RpcError as exc:
+                    if exc.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
+                        raise
+                run = client.get_run(run.run_id)
         finally:
             client.close()
         rss = {name: round(_peak_rss_mib(svc.pid), 1) for name, svc in cluster.services.items()}

@@ -164,9 +164,9 @@ def run_grid(cfg: ExperimentConfig, out: Path, *, only: str | None = None, strea
     if not cells:
         raise SystemExit(f"--only {only}: no task or variant of experiment {cfg.name} has that name "
                          f"(tasks: {', '.join(cfg.tasks)}; variants: {', '.join(v.name for v in cfg.variants)})")
-    records = {c: read_cell(cell_path(out, c[0], c[1].name, c[2])) for c in cells}
-    done = [c for c in cells if is_done(records[c], cell_settings(cfg, c[0], c[1]))]
-    stale = [c for c in cells if c not in done and (records[c] or {}).get("state") == SUCCEEDED]
+    records = [read_cell(cell_path(out, task, variant.name, seed)) for task, variant, seed in cells]
+    done = [c for c, rec in zip(cells, records) if is_done(rec, cell_settings(cfg, c[0], c[1]))]
+    stale = [c for c, rec in zip(cells, records) if c not in done and (rec or {}).get("state") == SUCCEEDED]
     todo = [c for c in cells if c not in done]
     say(f"experiment {cfg.name}: {len(cells)} cells ({len(done)} done before, {len(todo)} to run); report in {out}")
     if stale:

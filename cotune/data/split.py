@@ -118,6 +118,7 @@ def split_task(
     per_part: int | None = None,
     eval_split: str | None = None,
     eval_limit: int | None = None,
+    eval_seed: int | None = None,
     data_dir: Path | str | None = None,
 ) -> FederatedSplit:
     """:func:`federated_split` of a task: parts from its pool split, eval from its held-out split
@@ -127,6 +128,8 @@ def split_task(
     eval_split overrides the held-out split (the papers evaluate on a split the parts never see). Where it is the
     pool itself, or the task has one split only (SciQ), the parts and the eval set are all cut from that split.
     eval_limit keeps the first ``eval_limit`` eval examples (a fast eval for small runs).
+    eval_seed: where the eval set is cut from the pool, cut it first by this seed rather than by ``seed``, so that
+    every ``seed`` evaluates on the same items (the experiment harness pairs seeds on them).
     """
     from .tasks import SPLIT_ALIASES, available_splits, get_task, load_task, pool_and_eval_split, resolve_source
 
@@ -140,4 +143,9 @@ def split_task(
     if held_split is not None and held_split != pool_split:
         held = load_task(name, held_split, data_dir=data_dir, limit=eval_limit)
         return federated_split(pool, num_clients, seed=seed, per_part=per_part, eval_examples=held)
+    if eval_seed is not None:
+        order = seeded_permutation(len(pool), eval_seed)
+        held = [pool[i] for i in order[:eval_limit]]
+        return federated_split([pool[i] for i in order[len(held):]], num_clients, seed=seed, per_part=per_part,
+                               eval_examples=held)
     return federated_split(pool, num_clients, seed=seed, per_part=per_part, eval_size=eval_limit)

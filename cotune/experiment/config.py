@@ -28,7 +28,7 @@ BUILTIN_VARIANTS = {
     "fedcollm-cross": {"algorithm": "fedcollm", "cross_tokenizer": True},
 }
 # Variants whose result does not depend on the seed (the eval set is the same for every seed, nothing is trained):
-# run once per task, reported with a standard error of 0.
+# run once per task (so no standard error), and paired with every seed of the others.
 SEED_FREE_ALGORITHMS = ("zero-shot",)
 
 

@@ -17,23 +17,20 @@ import time
 from pathlib import Path
 
 from cotune.experiment.config import ExperimentConfig, Variant, run_spec
-from cotune.experiment.store import cell_path, read_cell, write_json_atomic
+from cotune.experiment.store import SUCCEEDED, cell_path, read_cell, write_json_atomic
 
 NUM_CLIENTS = 2
-SUCCEEDED = "RUN_SUCCEEDED"  # cotune.v1.RunState's name, as run summaries record it
 EVAL_HOLDOUT_SEED = 0  # tasks without a train split: the eval slice is cut with this seed, the same for every seed
 
 
 def cell_data(out: Path, task: str, preset, seed: int) -> dict[str, Path]:
     """The cell's data files (public, eval, client-1.., union), written once per (task, sizes, seed).
 
-    The public set and private shards are cut by `seed` from the task's pool split (cotune.data.tasks.
-    federated_splits: train where it has one); the eval set is the first `eval_size` items of its eval split, the same
-    for every seed. A task with one split only (SciQ) gives it both: a fixed seeded slice for evaluation, the rest
-    for the split. (cotune.data.split_task cuts that slice by the run's seed instead; here every seed scores the same
-    items, so zero-shot runs once and the paired differences compare like with like.)"""
-    from cotune.data import federated_split, load_task, require_shared_data, seeded_permutation, write_jsonl
-    from cotune.data.tasks import federated_splits
+    cotune.data.split_task: the public set and private shards are cut by `seed` from the task's pool split (train
+    where it has one); the eval set is the first `eval_size` items of its held-out split. A task with one split only
+    (SciQ) has its eval slice cut first by EVAL_HOLDOUT_SEED: every seed scores the same items, so zero-shot runs once
+    and the paired differences compare like with like."""
+    from cotune.data import require_shared_data, split_task, write_jsonl
     from cotune.demo import write_split
 
     out_dir = out / "data" / task / f"seed{seed}-n{preset.per_part}-e{preset.eval_size}"
@@ -41,20 +38,11 @@ def cell_data(out: Path, task: str, preset, seed: int) -> dict[str, Path]:
                                                            *(f"client-{i}" for i in range(1, NUM_CLIENTS + 1)))}
     if all(p.is_file() for p in paths.values()):
         return paths
-    shared = require_shared_data()
-    pool_split, eval_split = federated_splits(task)
-    pool = load_task(task, pool_split, data_dir=shared)
-    if eval_split is not None:
-        evaluation = load_task(task, eval_split, data_dir=shared)[: preset.eval_size]
-    else:
-        order = seeded_permutation(len(pool), EVAL_HOLDOUT_SEED)
-        evaluation = [pool[i] for i in order[: preset.eval_size]]
-        pool = [pool[i] for i in order[preset.eval_size:]]
-    need = preset.per_part * (NUM_CLIENTS + 1)
-    if len(pool) < need:
-        raise SystemExit(f"{task}: {len(pool)} examples left for the public set and {NUM_CLIENTS} private shards of "
-                         f"{preset.per_part}, need {need}; lower per_part or eval_size for it under task_overrides")
-    split = federated_split(pool, NUM_CLIENTS, seed=seed, eval_examples=evaluation, per_part=preset.per_part)
+    try:
+        split = split_task(task, NUM_CLIENTS, seed=seed, per_part=preset.per_part, eval_limit=preset.eval_size,
+                           eval_seed=EVAL_HOLDOUT_SEED, data_dir=require_shared_data())
+    except ValueError as exc:
+        raise SystemExit(f"{task}: {exc}; lower per_part or eval_size for it under task_overrides") from None
     written = write_split(split, out_dir)
     write_jsonl(paths["union"], [ex for part in split.clients for ex in part])
     return {**written, "union": paths["union"]}

@@ -14,7 +14,7 @@ import json
 import math
 from pathlib import Path
 
-from cotune.experiment.store import load_cells, write_json_atomic
+from cotune.experiment.store import SUCCEEDED, load_cells, write_json_atomic
 
 SCORE_METRICS = ("eval_accuracy", "eval_exact_match", "eval_rouge_l")
 SIDES = ("llm", "slm")
@@ -77,9 +77,9 @@ def aggregate(config: dict, cells: list[dict]) -> dict:
     variants and seeds, run with its settings (config["cell_settings"]); the others are counted as `left_out`."""
     settings = config.get("cell_settings", {})
     ours = [c for c in cells if c.get("seed") in config["seeds"]
-            and c.get("settings") == settings.get(f"{c.get('task')}/{c.get('variant')}", c.get("settings"))
-            and f"{c.get('task')}/{c.get('variant')}" in settings]
-    ok = [c for c in ours if c.get("state") == "RUN_SUCCEEDED"]
+            and settings.get(f"{c.get('task')}/{c.get('variant')}") is not None
+            and c.get("settings") == settings[f"{c.get('task')}/{c.get('variant')}"]]
+    ok = [c for c in ours if c.get("state") == SUCCEEDED]
     scores = {(c["task"], c["variant"], c["seed"]): cell_scores(c) for c in ok}
     variants = [v["name"] for v in config["variants"]]
     seed_free = {v["name"] for v in config["variants"] if v.get("seed_free")}

@@ -6,6 +6,8 @@ import json
 import os
 from pathlib import Path
 
+SUCCEEDED = "RUN_SUCCEEDED"  # cotune.v1.RunState's name, as run summaries (cotune.report.run_summary) record it
+
 
 def cell_path(out: Path, task: str, variant_name: str, seed: int) -> Path:
     return out / "cells" / task / variant_name / f"seed{seed}.json"

@@ -146,7 +146,9 @@ class EvaluationConfig:
     def validate(self) -> None:
         if self.mc_scoring not in ("shared_prompt", "per_choice"):
             raise ConfigError(f"evaluation.mc_scoring must be shared_prompt or per_choice, got {self.mc_scoring!r}")
-        if self.metric not in ("", "exact_match", "rouge_l"):
+        from cotune.data.tasks import GENERATION_METRICS
+
+        if self.metric and self.metric not in GENERATION_METRICS:
             raise ConfigError("evaluation.metric must be empty (multiple choice, scored by log-likelihood), "
                               f"exact_match (GSM8K) or rouge_l (DialogSum), got {self.metric!r}")
         if not 1 <= self.max_new_tokens <= 4096:

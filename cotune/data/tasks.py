@@ -291,7 +291,8 @@ def _convert_dialogsum(rec: Mapping[str, Any]) -> Example:
 # Task registry
 
 
-GENERATION_METRICS = ("exact_match", "rouge_l")
+# generation metric -> the eval metric a party reports it as (cotune.party.tasks.evaluate; also in eval_accuracy)
+GENERATION_METRICS = {"exact_match": "eval_exact_match", "rouge_l": "eval_rouge_l"}
 
 
 @dataclass(frozen=True)
@@ -307,7 +308,7 @@ class GenerationSpec:
 
     def __post_init__(self):
         if self.metric not in GENERATION_METRICS:
-            raise ValueError(f"metric must be one of {GENERATION_METRICS}, got {self.metric!r}")
+            raise ValueError(f"metric must be one of {tuple(GENERATION_METRICS)}, got {self.metric!r}")
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be positive, got {self.max_new_tokens}")
         if not all(isinstance(s, str) and s for s in self.stop):

@@ -14,9 +14,10 @@ import json
 import math
 from pathlib import Path
 
+from cotune.data.tasks import GENERATION_METRICS
 from cotune.experiment.store import SUCCEEDED, load_cells, write_json_atomic
 
-SCORE_METRICS = ("eval_accuracy", "eval_exact_match", "eval_rouge_l")
+SCORE_METRICS = ("eval_accuracy", *GENERATION_METRICS.values())  # accuracy carries the generation score too
 SIDES = ("llm", "slm")
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 
+from cotune.data.tasks import GENERATION_METRICS
 from cotune.errors import InvalidInput, Precondition
 from cotune.party.base import ModelParty
 from cotune.rpc.operations import OpResult
@@ -33,9 +34,6 @@ def train_local(party: ModelParty, task: party_pb2.TrainLocalTask, ctx: party_pb
                         result=party_pb2.TrainLocalResult(samples=int(m["samples"]), loss_first=m["loss_first"],
                                                           loss_last=m["loss_last"]))
     return work
-
-
-GENERATION_METRIC_KEYS = {"exact_match": "eval_exact_match", "rouge_l": "eval_rouge_l"}
 
 
 def evaluate(party: ModelParty, task: party_pb2.EvaluateTask, ctx: party_pb2.RunContext):
@@ -90,7 +88,7 @@ def evaluate(party: ModelParty, task: party_pb2.EvaluateTask, ctx: party_pb2.Run
                                       max_new_tokens=ecfg.max_new_tokens, stop=tuple(ecfg.stop), batch_size=bs,
                                       max_length=ml, progress=lambda done, _n: report(len(public) + done, total))
             accuracy = gen["score"]
-            metrics.update({GENERATION_METRIC_KEYS[ecfg.metric]: gen["score"], "eval_accuracy": gen["score"],
+            metrics.update({GENERATION_METRICS[ecfg.metric]: gen["score"], "eval_accuracy": gen["score"],
                             "eval_n": gen["n"], "eval_generated_tokens": gen["generated_tokens"],
                             "eval_stopped": gen["stopped"]})
         report(total, total)

@@ -29,9 +29,13 @@ def test_ready_configs_load():
     assert cpu.tasks == ("arc_easy", "boolq", "rte", "sciq") and len(cpu.seeds) == 3
     assert cpu.preset_for("arc_easy").per_part >= 256 and cpu.preset_for("arc_easy").eval_size >= 500
     assert {v.name for v in cpu.variants} == {"zero-shot", "standalone", "fedmkt", "llm2slm", "fedcollm-cross",
-                                              "fedbiot", "centralized"}
+                                              "fedbiot", "centralized", "fedmkt-first-token", "fedmkt-same-span"}
+    # the projection alternatives differ from the paper's FedMKT in exactly the one setting they measure
+    by_name = {v.name: v for v in cpu.variants}
+    assert by_name["fedmkt-first-token"].spec == {"fedmkt": {"projection": "first_token"}}
+    assert by_name["fedmkt-same-span"].spec == {"fedmkt": {"skip_span_mismatch": True}}
     # zero-shot is trained by nothing and its eval set is fixed: one cell per task, not one per seed
-    assert len(cpu.cells()) == 4 * (1 + 6 * 3)
+    assert len(cpu.cells()) == 4 * (1 + 8 * 3)
 
 
 @pytest.mark.parametrize("extra, message", [

@@ -518,7 +518,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True,
                    help="an experiment YAML, or a ready config by name: cpu-small, gpu, smoke (cotune/experiment/configs)")
     p.add_argument("--out", help="the report directory (default var/experiments/<name>); a rerun skips its finished cells")
-    p.add_argument("--only", help="run only the cells of this task or variant (the report covers every cell present)")
+    p.add_argument("--only", action="append", metavar="TASK_OR_VARIANT",
+                   help="run only the cells of this task or variant; repeat it to name several (cells of any named "
+                        "task and any named variant; the report covers every cell present)")
     p.add_argument("--report-only", action="store_true", help="rewrite the report from the cells present; run nothing")
     p.set_defaults(fn=cmd_experiment)
     certs_cli.add_parser(sub)

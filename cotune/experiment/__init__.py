@@ -5,10 +5,12 @@ plots). Ready configs live in cotune/experiment/configs/ (cpu-small, gpu, smoke)
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 
-def run_experiment(config: str, out: str | None = None, *, only: str | None = None, report_only: bool = False) -> int:
+def run_experiment(config: str, out: str | None = None, *, only: Sequence[str] | None = None,
+                   report_only: bool = False) -> int:
     from cotune.experiment.config import load_config
     from cotune.experiment.grid import run_grid, write_config
     from cotune.experiment.store import load_cells

@@ -135,6 +135,8 @@ def load_config(name_or_path: str) -> ExperimentConfig:
         if not isinstance(vname, str) or not NAME_RE.match(vname):
             raise ConfigError(f"{path}: variants: {vname!r} is not a usable name (it names a folder of the report): "
                               "letters, digits, '-', '_' and '.', up to 64")
+        if vname in TASKS:
+            raise ConfigError(f"{path}: variants: {vname!r} is a task's name; `--only` could not tell them apart")
         if not isinstance(spec, dict) or spec.get("algorithm") not in ALGORITHMS:
             raise ConfigError(f"{path}: variants.{vname}: needs algorithm: one of {', '.join(ALGORITHMS)}")
         _check_keys(f"{path}: variants.{vname}", spec, ("algorithm", "cross_tokenizer", "spec"))

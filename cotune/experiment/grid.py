@@ -14,6 +14,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from cotune.experiment.config import ExperimentConfig, Variant, run_spec
@@ -132,7 +133,22 @@ def is_done(record: dict | None, settings: dict) -> bool:
     return bool(record) and record.get("state") == SUCCEEDED and record.get("settings") == settings
 
 
-def run_grid(cfg: ExperimentConfig, out: Path, *, only: str | None = None, stream=sys.stderr) -> int:
+def select_cells(cfg: ExperimentConfig, only: Sequence[str] | None = None) -> list[tuple[str, Variant, int]]:
+    """The cells `--only` names, in run order. Each name is a task or a variant of the config: the cells kept are
+    those whose task is among the tasks named (any task if none is) and whose variant is among the variants named
+    (any if none is), so `--only arc_easy --only fedbiot` is ARC-Easy's FedBiOT cells. An unknown name is refused."""
+    only = list(only or [])
+    tasks, variants = set(cfg.tasks), {v.name for v in cfg.variants}
+    unknown = [name for name in only if name not in tasks | variants]
+    if unknown:
+        raise SystemExit(f"--only {', '.join(unknown)}: not a task or variant of experiment {cfg.name} "
+                         f"(tasks: {', '.join(cfg.tasks)}; variants: {', '.join(v.name for v in cfg.variants)})")
+    want_tasks = {n for n in only if n in tasks} or tasks
+    want_variants = {n for n in only if n in variants} or variants
+    return [c for c in cfg.cells() if c[0] in want_tasks and c[1].name in want_variants]
+
+
+def run_grid(cfg: ExperimentConfig, out: Path, *, only: Sequence[str] | None = None, stream=sys.stderr) -> int:
     """Run every cell not yet done (in cfg.cells() order); returns the number of cells that did not succeed."""
     from transformers.utils import logging as hf_logging
 
@@ -148,10 +164,7 @@ def run_grid(cfg: ExperimentConfig, out: Path, *, only: str | None = None, strea
         signal.signal(signal.SIGTERM, _interrupt)
 
     write_config(cfg, out)
-    cells = [c for c in cfg.cells() if only is None or only in (c[0], c[1].name)]
-    if not cells:
-        raise SystemExit(f"--only {only}: no task or variant of experiment {cfg.name} has that name "
-                         f"(tasks: {', '.join(cfg.tasks)}; variants: {', '.join(v.name for v in cfg.variants)})")
+    cells = select_cells(cfg, only)
     records = [read_cell(cell_path(out, task, variant.name, seed)) for task, variant, seed in cells]
     done = [c for c, rec in zip(cells, records) if is_done(rec, cell_settings(cfg, c[0], c[1]))]
     stale = [c for c, rec in zip(cells, records) if c not in done and (rec or {}).get("state") == SUCCEEDED]

@@ -48,6 +48,7 @@ def test_ready_configs_load():
     ("variants: {x: {algorithm: fedmkt, spec: {rounds: 9}}}\n", "without algorithm, clients, name, rounds"),
     ("variants: {x: {algorithm: fedmkt, cross_tokenizer: true}}\n", "cross_tokenizer is for fedcollm"),
     ("variants: {a/b: {algorithm: fedmkt}}\n", "not a usable name"),
+    ("variants: {boolq: {algorithm: fedmkt}}\n", "is a task's name"),
     ("references: [fedavg]\n", "not among the algorithms"),
     ("task_overrides: {boolq: {eval_size: 3}}\n", "not one of this config's tasks"),
     ("bogus: 1\n", "unknown key"),
@@ -74,6 +75,21 @@ def test_unknown_task_and_variant(tmp_path):
         load_config(_write(tmp_path, BASE.replace("fedmkt", "fedmtk")))
     with pytest.raises(ConfigError, match="no experiment config"):
         load_config(str(tmp_path / "missing.yaml"))
+
+
+def test_only_selects_cells_by_task_and_variant(tmp_path):
+    from cotune.experiment.grid import select_cells
+
+    cfg = load_config(_write(tmp_path, BASE.replace("[arc_easy]", "[arc_easy, boolq]")))
+    assert len(select_cells(cfg)) == len(cfg.cells()) == 2 * (1 + 2 * 3)
+    picked = select_cells(cfg, ["arc_easy", "fedmkt"])
+    assert [(t, v.name, s) for t, v, s in picked] == [("arc_easy", "fedmkt", s) for s in (0, 1, 2)]
+    # several variants: any of them, in run order (seed by seed)
+    picked = select_cells(cfg, ["boolq", "fedmkt", "standalone"])
+    assert [(v.name, s) for _, v, s in picked] == [(v, s) for s in (0, 1, 2) for v in ("standalone", "fedmkt")]
+    assert {t for t, _, _ in select_cells(cfg, ["zero-shot"])} == {"arc_easy", "boolq"}
+    with pytest.raises(SystemExit, match="fedmtk: not a task or variant"):
+        select_cells(cfg, ["arc_easy", "fedmtk"])
 
 
 def test_a_config_variant_merges_its_spec(tmp_path):

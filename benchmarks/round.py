@@ -125,7 +125,8 @@ def run_once(algorithm: str, mode_name: str, root: Path, preset_name: str, seed:
     for rec in run.rounds:
         for party in rec.parties:
             m = party.metrics
-            for step, key in (("train_local", "train_tokens"), ("distill", "distill_tokens")):
+            for step, key in (("train_local", "train_tokens"), ("distill", "distill_tokens"),
+                              ("align_emulator", "align_tokens")):
                 busy = sum(m.get(f"time/{step}/{p}", 0.0) for p in ("forward", "backward", "optimizer"))
                 if key in m and busy > 0:
                     tokens_per_s[f"r{rec.round}/{party.party_id}/{step}"] = round(m[key] / busy, 1)
@@ -189,7 +190,7 @@ def markdown(result: dict) -> str:
         cell = lambda k: f"{s.get(k, 0):.1f} / {t.get(k, 0):.1f}"  # noqa: E731
         out.append(f"| {s['step']} | {s['party']} | {s.get('wall', 0):.1f} | {t.get('wall', 0):.1f} | {cell('forward')} "
                    f"| {cell('backward')} | {cell('data')} | {cell('other')} |")
-    out += ["", "| tokens/s (training, distillation) | off | on |", "|---|---:|---:|"]
+    out += ["", "| tokens/s (training, distillation, emulator alignment) | off | on |", "|---|---:|---:|"]
     for key in sorted(off["tokens_per_s"]):
         out.append(f"| {key} | {off['tokens_per_s'][key]} | {on['tokens_per_s'].get(key, '')} |")
     out += ["", "| process | peak RSS off (MiB) | on |", "|---|---:|---:|"]

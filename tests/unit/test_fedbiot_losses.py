@@ -7,6 +7,7 @@ import torch
 
 from cotune.algorithms.fedbiot.compress import compress, plug_adapter_into_full
 from cotune.algorithms.fedbiot.losses import (
+    _encode,
     client_loss,
     emulator_alignment_loss,
     lora_part_state,
@@ -196,6 +197,9 @@ def test_train_adapter_keeps_its_optimizer_across_rounds(tiny_dirs, tok):
         m = train_adapter(trainer, _examples(), layer_map, anchor, eps=0.1, epochs=1, lr=5e-3, batch_size=4,
                           max_length=32, adapter_layers=2)
         assert m["steps"] == 2
+        # tokens: the response tokens CE was taken over (the benchmark's tokens/s)
+        pairs = _encode(tok, _examples(), 32)
+        assert m["tokens"] == sum(len(p.ids) - max(p.response_start, 1) for p in pairs) > 0
         group = trainer.group("adapter")
         assert group.steps == 2 * rnd
         assert {int(s["step"]) for s in group.optimizer.state.values()} == {2 * rnd}  # AdamW state persisted
@@ -218,6 +222,8 @@ def test_align_emulator_lowers_the_alignment_loss(tiny_dirs, tok):
     m = align_emulator(trainer, full, _examples(), layer_map, steps=10, beta=0.5, lr=1e-2, batch_size=4,
                        max_length=32, adapter_layers=2)
     assert m["align_steps"] == 10 and not m["stopped"] and m["skipped_steps"] == 0
+    # 10 batches of 4 from 8 examples: every example's every position is aligned 5 times
+    assert m["align_tokens"] == 5 * sum(len(p.ids) for p in _encode(tok, _examples(), 32))
     assert m["align_loss_last"] < m["align_loss_first"]
     for k, v in lora_part_state(small, layer_map, "adapter", adapter_layers=2).items():
         torch.testing.assert_close(v, adapter_before[k])

@@ -145,7 +145,8 @@ def train_adapter(party, task: party_pb2.TrainAdapterTask, ctx: party_pb2.RunCon
                       epochs=epochs, lr=lr, batch_size=batch_size, max_length=party.cfg.training.max_length,
                       seed=seed, should_stop=op.cancelled, progress=party.progress(op, "train"))
         metrics = {"train_loss_first": m["ce_first"], "train_loss_last": m["ce_last"],
-                   "train_prox_last": m["prox_last"], "train_steps": m["steps"], "train_samples": m["samples"]}
+                   "train_prox_last": m["prox_last"], "train_steps": m["steps"], "train_samples": m["samples"],
+                   "train_tokens": m["tokens"]}
         if "skipped_steps" in m:
             metrics["train_skipped_steps"] = m["skipped_steps"]
         return OpResult(metrics=metrics,

@@ -25,7 +25,7 @@ import torch
 from cotune.algorithms.fedbiot.compress import adapter_indices
 from cotune.lm.layers import decoder_layers_prefix, layer_of
 from cotune.lm.lora import LoraMismatchError, _lora_params
-from cotune.lm.losses import ce_loss, kl_full
+from cotune.lm.losses import IGNORE_INDEX, ce_loss, kl_full
 
 
 def proximal_term(model, anchor_state: dict[str, torch.Tensor], eps: float) -> torch.Tensor:
@@ -213,10 +213,11 @@ def train_adapter(
         def loss_fn(idx):
             b = to_device(collate([pairs[i] for i in idx], trainer.pad_id), dev)
             loss, ce, prox = client_loss(model, b["input_ids"], b["attention_mask"], b["labels"], anchor_state, eps)
-            return loss, {"ce": float(ce), "prox": float(prox)}
+            tokens = int((b["labels"][..., 1:] != IGNORE_INDEX).sum())  # the response tokens CE is taken over
+            return loss, {"ce": float(ce), "prox": float(prox), "tokens": tokens}
 
         epoch_ce, epoch_prox = [], []
-        steps = skipped = 0
+        steps = skipped = tokens = 0
         total = max(int(epochs), 0) * ((len(pairs) + batch_size - 1) // batch_size)
         with trainer.seeded(seed * 1_000_003 + trainer.group("adapter").steps):
             for epoch in range(max(int(epochs), 0)):
@@ -226,6 +227,7 @@ def train_adapter(
                                   total=total)
                 steps += res.steps
                 skipped += res.skipped_steps
+                tokens += int(res.sum("tokens"))
                 if res.values("ce"):
                     epoch_ce.append(res.mean("ce"))
                     epoch_prox.append(res.mean("prox"))
@@ -241,6 +243,7 @@ def train_adapter(
         "steps": steps,
         "samples": len(pairs),
         "skipped_steps": skipped,
+        "tokens": tokens,
     }
 
 
@@ -279,8 +282,9 @@ def align_emulator(
 
     def loss_on(idx):
         b = to_device(collate([pairs[i] for i in idx], pad), dev)
-        return emulator_alignment_loss(compressed_model, full_model, b["input_ids"], b["attention_mask"], layer_map,
-                                       adapter_layers=adapter_layers, beta=beta)
+        loss, parts = emulator_alignment_loss(compressed_model, full_model, b["input_ids"], b["attention_mask"],
+                                              layer_map, adapter_layers=adapter_layers, beta=beta)
+        return loss, {**parts, "tokens": int(b["attention_mask"].sum())}  # every position is aligned
 
     @torch.no_grad()
     def measure() -> dict:
@@ -289,7 +293,7 @@ def align_emulator(
         total = {"loss": 0.0, "l2": 0.0, "kl": 0.0}
         for idx in sorted_batches([len(p.ids) for p in pairs], batch_size):
             loss, parts = loss_on(idx)
-            for key, value in (("loss", float(loss)), *parts.items()):
+            for key, value in (("loss", float(loss)), ("l2", parts["l2"]), ("kl", parts["kl"])):
                 total[key] += value * len(idx) / len(pairs)
         return total
 
@@ -320,6 +324,7 @@ def align_emulator(
         **{f"align_{k}_before": v for k, v in (before or nan).items()},
         **{f"align_{k}_after": v for k, v in (after or nan).items()},
         "align_steps": res.optimizer_steps,
+        "align_tokens": int(res.sum("tokens")),
         "stopped": res.stopped,
         "skipped_steps": res.skipped_steps,
     }

@@ -190,7 +190,7 @@ def markdown(summary: dict) -> str:
 
 
 def draw(summary: dict, out_dir: Path) -> list[Path]:
-    """Per task: score per round (LLM and SLM panels, a line per variant, mean over seeds) and final score against
+    """Per task with a finished cell: score per round (LLM and SLM panels, a line per variant, mean over seeds) and final score against
     bytes moved (log scale, error bars = s.e.)."""
     from cotune.plots import _colors, _round_axis
 
@@ -222,6 +222,8 @@ def draw(summary: dict, out_dir: Path) -> list[Path]:
 
     written = []
     for task, table in summary["tasks"].items():
+        if not any(e[side]["n"] for e in table.values() for side in SIDES):
+            continue  # no cell of this task has finished: no empty plots
         for kind, plot, xlabel, ylabel, title in (
                 ("rounds", per_round, "round (0: before training)", "eval score (mean over seeds)",
                  "eval score per round"),

@@ -171,7 +171,7 @@ def test_paired_differences(tmp_path):
 
 
 def test_write_report_draws_the_plots(tmp_path):
-    cfg = load_config(_write(tmp_path, BASE))
+    cfg = load_config(_write(tmp_path, BASE.replace("[arc_easy]", "[arc_easy, rte]")))
     out = tmp_path / "out"
     write_config(cfg, out)
     for cell in [_cell("zero-shot", 0, 0.4, [0.2], settings=_settings(cfg, "zero-shot")),
@@ -186,5 +186,8 @@ def test_write_report_draws_the_plots(tmp_path):
     for name in ("arc_easy-rounds.png", "arc_easy-bytes.png"):
         with Image.open(out / "plots" / name) as image:
             assert image.format == "PNG" and image.size[0] > 500
+    assert not list((out / "plots").glob("rte-*"))  # no cell of RTE has run: no empty plots
+    # the directory can be committed as it is: what the grid rebuilds is ignored, the cells are not
+    assert (out / ".gitignore").read_text().split() == ["/data/", "/models/", "/model-cache/", "/work/"]
     assert json.loads((out / "runs.json").read_text())[0]["variant"] in ("fedmkt", "zero-shot")
     assert "# Experiment t" in (out / "summary.md").read_text()

@@ -9,6 +9,7 @@ and shared by every cell.
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import sys
@@ -165,7 +166,10 @@ def run_grid(cfg: ExperimentConfig, out: Path, *, only: Sequence[str] | None = N
     def say(text: str) -> None:
         print(text, file=stream, flush=True)
 
-    hf_logging.disable_progress_bar()  # building tiny models and converting GGUFs: bars would clutter the grid's log
+    # building tiny models and converting GGUFs: bars would clutter the grid's log (transformers' own bars, and the
+    # GGUF reader's plain tqdm, which only the environment switches off)
+    hf_logging.disable_progress_bar()
+    os.environ.setdefault("TQDM_DISABLE", "1")
     if threading.current_thread() is threading.main_thread():
         # SIGTERM stops the grid like Ctrl-C: the running cell's cluster is shut down on the way out (its services
         # run in sessions of their own and would outlive a plain exit)

@@ -121,7 +121,7 @@ def cell_settings(cfg: ExperimentConfig, task: str, variant: Variant) -> dict:
 
 
 # what a grid writes in its report directory besides the report: rebuilt when missing
-REBUILT_DIRS = ("data", "models", "model-cache", "work")
+REBUILT_DIRS = ("data", "models", "model-cache", "alignment-cache", "work")
 
 
 def write_config(cfg: ExperimentConfig, out: Path) -> None:

@@ -188,6 +188,6 @@ def test_write_report_draws_the_plots(tmp_path):
             assert image.format == "PNG" and image.size[0] > 500
     assert not list((out / "plots").glob("rte-*"))  # no cell of RTE has run: no empty plots
     # the directory can be committed as it is: what the grid rebuilds is ignored, the cells are not
-    assert (out / ".gitignore").read_text().split() == ["/data/", "/models/", "/model-cache/", "/work/"]
+    assert (out / ".gitignore").read_text().split() == ["/data/", "/models/", "/model-cache/", "/alignment-cache/", "/work/"]
     assert json.loads((out / "runs.json").read_text())[0]["variant"] in ("fedmkt", "zero-shot")
     assert "# Experiment t" in (out / "summary.md").read_text()

@@ -107,6 +107,15 @@ def resolve(name_or_path: str) -> Path:
     raise ConfigError(f"no experiment config {name_or_path!r}: not a file, nor a ready config ({names})")
 
 
+def _source_name(path: Path) -> str:
+    """Where a config came from, as a committed report may record it: a ready config by its package-relative path
+    (the same on every machine), any other file by its path."""
+    try:
+        return f"cotune/experiment/configs/{path.resolve().relative_to(CONFIG_DIR)}"
+    except ValueError:
+        return str(path)
+
+
 def load_config(name_or_path: str) -> ExperimentConfig:
     from cotune.config import load_yaml
     from cotune.data.tasks import TASKS
@@ -187,7 +196,7 @@ def load_config(name_or_path: str) -> ExperimentConfig:
         name=name, models=models, tasks=tuple(tasks), variants=tuple(variants),
         seeds=tuple(seeds), rounds=rounds, preset=_preset_values(f"{path}: preset", data.get("preset") or {}, models),
         task_overrides={t: _preset_values(f"{path}: task_overrides.{t}", v, models) for t, v in overrides.items()},
-        references=references, source=str(path))
+        references=references, source=_source_name(path))
     for task in cfg.tasks:
         for variant in cfg.variants:
             check_spec(cfg, task, variant, where=str(path))

@@ -26,6 +26,7 @@ def test_ready_configs_load():
         cfg = load_config(name)
         assert cfg.tasks and cfg.variants and cfg.seeds
     cpu = load_config("cpu-small")
+    assert cpu.source == "cotune/experiment/configs/cpu-small.yaml"  # the same on every machine a report is made on
     assert cpu.tasks == ("arc_easy", "boolq", "rte", "sciq") and len(cpu.seeds) == 3
     assert cpu.preset_for("arc_easy").per_part >= 256 and cpu.preset_for("arc_easy").eval_size >= 500
     assert {v.name for v in cpu.variants} == {"zero-shot", "standalone", "fedmkt", "llm2slm", "fedcollm-cross",

@@ -120,17 +120,18 @@ def cell_settings(cfg: ExperimentConfig, task: str, variant: Variant) -> dict:
             "training": {"lr": preset.lr, "batch_size": preset.batch_size, "max_length": preset.max_length}}
 
 
-# what a grid writes in its report directory besides the report: rebuilt when missing
-REBUILT_DIRS = ("data", "models", "model-cache", "alignment-cache", "work")
+# what a report directory keeps in git: the report and the cells it is made from, all a grid resumed on another
+# machine needs; the rest (data splits, built models, the services' caches, workdirs) is rebuilt when missing
+REPORT_ENTRIES = ("cells/", "config.json", "runs.json", "summary.json", "summary.md", "plots/")
 
 
 def write_config(cfg: ExperimentConfig, out: Path) -> None:
     """config.json: what the report is about (the report reads it, not the YAML, which may have moved), with each
     (task, variant)'s cell settings, so the report leaves out cells run under other settings."""
     out.mkdir(parents=True, exist_ok=True)
-    # the report directory can be committed as it is (its cells are what a grid resumed on another machine needs);
-    # the inputs and workdirs the grid rebuilds are left out of git
-    (out / ".gitignore").write_text("".join(f"/{name}/\n" for name in REBUILT_DIRS))
+    # the report directory can be committed as it is: everything but REPORT_ENTRIES is left out of git, whichever
+    # folders the cells' clusters add
+    (out / ".gitignore").write_text("/*\n!/.gitignore\n" + "".join(f"!/{name}\n" for name in REPORT_ENTRIES))
     write_json_atomic(out / "config.json", {
         "source": cfg.source, "name": cfg.name, "models": cfg.models, "tasks": cfg.tasks, "seeds": cfg.seeds,
         "rounds": cfg.rounds, "variants": [{**v.__dict__, "seed_free": v.seed_free} for v in cfg.variants],

@@ -190,8 +190,8 @@ def markdown(summary: dict) -> str:
 
 
 def draw(summary: dict, out_dir: Path) -> list[Path]:
-    """Per task with a finished cell: score per round (LLM and SLM panels, a line per variant, mean over seeds) and final score against
-    bytes moved (log scale, error bars = s.e.)."""
+    """Per task with a finished cell: score per round (LLM and SLM panels, a line per variant, mean over seeds) and
+    final score against bytes moved (log scale, error bars = s.e.)."""
     from cotune.plots import _colors, _round_axis
 
     out_dir.mkdir(parents=True, exist_ok=True)

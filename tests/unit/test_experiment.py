@@ -2,6 +2,7 @@
 
 import json
 import math
+import subprocess
 
 import pytest
 
@@ -188,7 +189,15 @@ def test_write_report_draws_the_plots(tmp_path):
         with Image.open(out / "plots" / name) as image:
             assert image.format == "PNG" and image.size[0] > 500
     assert not list((out / "plots").glob("rte-*"))  # no cell of RTE has run: no empty plots
-    # the directory can be committed as it is: what the grid rebuilds is ignored, the cells are not
-    assert (out / ".gitignore").read_text().split() == ["/data/", "/models/", "/model-cache/", "/alignment-cache/", "/work/"]
+    # the directory can be committed as it is: the report and its cells go into git, what the grid rebuilds does not
+    for rebuilt in ("data/arc_easy/public.jsonl", "models/m/config.json", "model-cache/x", "alignment-cache/y",
+                    "work/arc_easy-fedmkt-seed0/cluster/log", "a-cache-added-later/z"):
+        (out / rebuilt).parent.mkdir(parents=True, exist_ok=True)
+        (out / rebuilt).write_text("rebuilt")
+    subprocess.run(["git", "init", "-q", str(out)], check=True)
+    subprocess.run(["git", "-C", str(out), "add", "-A"], check=True)
+    tracked = subprocess.run(["git", "-C", str(out), "ls-files"], check=True, capture_output=True, text=True).stdout
+    assert {line.split("/")[0] for line in tracked.split()} == {
+        ".gitignore", "cells", "config.json", "runs.json", "summary.json", "summary.md", "plots"}
     assert json.loads((out / "runs.json").read_text())[0]["variant"] in ("fedmkt", "zero-shot")
     assert "# Experiment t" in (out / "summary.md").read_text()

@@ -345,7 +345,7 @@ class ModelParty:
         trained tokens adds them, and its seconds, to the party's training throughput (cotune.metrics)."""
 
         def run(op_ctx: OperationContext) -> OpResult:
-            from cotune.lm.device import threads_for_task
+            from cotune.lm.device import release_freed_memory, threads_for_task
 
             with self._worker:
                 threads_for_task(ctx.parallel_tasks)  # on a shared host: the cores the plan leaves this task
@@ -360,6 +360,8 @@ class ModelParty:
                 except BaseException:
                     self.runs.forget_current()
                     raise
+                finally:  # an idle party must not hold its task's peak (the host's other parties need it)
+                    release_freed_memory()
                 if not key:
                     self.runs.promote(ctx.run_id)
                 return result

@@ -214,3 +214,25 @@ def test_generic_tasks_return_typed_results_and_validate_first(parties):
     logits = _done(slm, slm.start_task(_request("public_logits", top_k=4, max_length=32)))
     assert _result(logits).shard == logits.blobs["shard"]
     assert _result(logits).public_loss_bpb == logits.metrics["public_loss_bpb"]
+
+
+@needs_tokenizer
+def test_a_party_releases_memory_after_every_task_failed_or_not(parties, monkeypatch):
+    import cotune.lm.device as device
+    from cotune.lm.train import Trainer
+    from cotune.v1 import operations_pb2
+
+    calls = []
+    monkeypatch.setattr(device, "release_freed_memory", lambda: calls.append(1) or True)
+    llm, slm = parties
+    _done(slm, slm.start_task(_request("train_local", epochs=1)))
+    _done(llm, llm.start_task(_request("evaluate")))
+    assert len(calls) == 2
+
+    def fail(*_a, **_k):
+        raise RuntimeError("the task's work failed")
+
+    monkeypatch.setattr(Trainer, "train_ce", fail)
+    op = slm.start_task(_request("train_local", epochs=1))
+    assert slm.ops.wait(op.id, 120).state == operations_pb2.OPERATION_FAILED
+    assert len(calls) == 3

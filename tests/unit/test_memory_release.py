@@ -14,7 +14,7 @@ import pytest
 # a training-shaped workload (batches of varying length through an MLP stack, forward and backward) in a fresh
 # process, so the resident sizes are this workload's and nothing else's
 _PROBE = r"""
-import gc, os, sys, torch
+import gc, os, torch
 from cotune.lm.device import release_freed_memory
 torch.set_num_threads(1)
 def rss_mib():

@@ -30,6 +30,7 @@ BUILTIN_VARIANTS = {
 # Variants whose result does not depend on the seed (the eval set is the same for every seed, nothing is trained):
 # run once per task (so no standard error), and paired with every seed of the others.
 SEED_FREE_ALGORITHMS = ("zero-shot",)
+DTYPES = ("auto", "fp32", "bf16", "fp16")  # the parties' model.dtype (cotune.config.ModelConfig)
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,10 @@ class ExperimentConfig:
     task_overrides: dict             # task -> PRESET_KEYS overrides
     references: tuple[str, ...] = ("standalone", "zero-shot")  # paired differences against these variants
     source: str = ""
+    # the parties' model dtype (auto | fp32 | bf16 | fp16). Part of every cell's settings: scores move with the dtype
+    # (docs/quality.md), so a grid that is resumed elsewhere must not mix cells of two. 'auto' lets each host pick
+    # (cotune.lm.device.pick_dtype) and the report then shows which dtypes its cells ran in.
+    dtype: str = "auto"
 
     def preset_for(self, task: str):
         """The cotune.demo.Preset of one task: the model preset's values, the config's, then the task's."""
@@ -126,7 +131,7 @@ def load_config(name_or_path: str) -> ExperimentConfig:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping, got {type(data).__name__}")
     _check_keys(str(path), data, ("name", "models", "tasks", "variants", "algorithms", "seeds", "rounds", "preset",
-                                  "task_overrides", "references"))
+                                  "task_overrides", "references", "dtype"))
     models = data.get("models", "small")
     if models not in PRESETS:
         raise ConfigError(f"{path}: models must be one of {', '.join(PRESETS)}, got {models!r}")
@@ -189,6 +194,9 @@ def load_config(name_or_path: str) -> ExperimentConfig:
     for ref in references:
         if ref not in names:
             raise ConfigError(f"{path}: references: {ref!r} is not among the algorithms run")
+    dtype = data.get("dtype", "auto")
+    if dtype not in DTYPES:
+        raise ConfigError(f"{path}: dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     name = str(data.get("name") or path.stem)
     if not NAME_RE.match(name):
         raise ConfigError(f"{path}: name {name!r}: letters, digits, '-', '_' and '.', up to 64 (it names the report folder)")
@@ -196,7 +204,7 @@ def load_config(name_or_path: str) -> ExperimentConfig:
         name=name, models=models, tasks=tuple(tasks), variants=tuple(variants),
         seeds=tuple(seeds), rounds=rounds, preset=_preset_values(f"{path}: preset", data.get("preset") or {}, models),
         task_overrides={t: _preset_values(f"{path}: task_overrides.{t}", v, models) for t, v in overrides.items()},
-        references=references, source=_source_name(path))
+        references=references, source=_source_name(path), dtype=dtype)
     for task in cfg.tasks:
         for variant in cfg.variants:
             check_spec(cfg, task, variant, where=str(path))

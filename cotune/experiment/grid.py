@@ -51,7 +51,6 @@ def cell_data(out: Path, task: str, preset, seed: int) -> dict[str, Path]:
 
 
 def _cluster_config(cfg: ExperimentConfig, out: Path, task: str, variant: Variant, seed: int, work: Path):
-    from cotune.data.tasks import evaluation_config_for_task
     from cotune.demo import cluster_config, prepare_models
 
     preset = cfg.preset_for(task)
@@ -62,10 +61,19 @@ def _cluster_config(cfg: ExperimentConfig, out: Path, task: str, variant: Varian
                             cross_tokenizer=variant.cross_tokenizer)
     config.workdir = str(work / "cluster")
     for party in [config.llm, *config.clients]:
-        party["lora"] = {**party.get("lora", {}), "seed": seed}        # LoRA initialisation
-        party["training"] = {**party.get("training", {}), "seed": seed}  # data order
-        party["evaluation"] = {**party.get("evaluation", {}), **evaluation_config_for_task(task)}  # MC or generation
+        set_cell_party(party, cfg, task, seed)
     return config, preset
+
+
+def set_cell_party(party: dict, cfg: ExperimentConfig, task: str, seed: int) -> None:
+    """What a cell sets in each party's config over the demo's: the seed, the task's evaluation, the dtype."""
+    from cotune.data.tasks import evaluation_config_for_task
+
+    party["lora"] = {**party.get("lora", {}), "seed": seed}        # LoRA initialisation
+    party["training"] = {**party.get("training", {}), "seed": seed}  # data order
+    party["evaluation"] = {**party.get("evaluation", {}), **evaluation_config_for_task(task)}  # MC or generation
+    if cfg.dtype != "auto":
+        party["model"] = {**party["model"], "dtype": cfg.dtype}
 
 
 def run_cell(cfg: ExperimentConfig, out: Path, task: str, variant: Variant, seed: int, *, say) -> dict:
@@ -83,7 +91,7 @@ def run_cell(cfg: ExperimentConfig, out: Path, task: str, variant: Variant, seed
     shutil.rmtree(work, ignore_errors=True)
     started = time.monotonic()
     record = {"task": task, "variant": variant.name, "algorithm": variant.algorithm, "seed": seed,
-              "settings": cell_settings(cfg, task, variant)}
+              "settings": cell_settings(cfg, task, variant), "compute": host_compute(cfg.dtype)}
     try:
         config, preset = _cluster_config(cfg, out, task, variant, seed, work)
         record["preset"] = {k: getattr(preset, k) for k in preset.__dataclass_fields__}
@@ -117,7 +125,47 @@ def cell_settings(cfg: ExperimentConfig, task: str, variant: Variant) -> dict:
     spec.pop("name", None)
     return {"models": cfg.models, "cross_tokenizer": variant.cross_tokenizer, "spec": spec,
             "data": {"per_part": preset.per_part, "eval_size": preset.eval_size},
-            "training": {"lr": preset.lr, "batch_size": preset.batch_size, "max_length": preset.max_length}}
+            "training": {"lr": preset.lr, "batch_size": preset.batch_size, "max_length": preset.max_length},
+            "dtype": cfg.dtype}
+
+
+def host_compute(dtype: str) -> dict:
+    """What this host runs a cell's models on, recorded in the cell: the device and dtype its parties resolve (they
+    run here, and resolve 'auto' the same way), the processor, and torch's version."""
+    import platform
+
+    import torch
+
+    from cotune.lm.device import cpu_has_native_bf16, dtype_name, pick_device, pick_dtype
+
+    device = pick_device("auto")
+    processor = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name() or platform.processor()
+    return {"device": device.type, "dtype": dtype_name(pick_dtype(dtype, device)), "processor": processor,
+            "native_bf16": torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_has_native_bf16(),
+            "torch": torch.__version__}
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        return ""
+
+
+def check_dtype_usable(cfg: ExperimentConfig) -> None:
+    """Refuse a grid whose pinned bf16 this host would only emulate: on a CPU without AMX or AVX512-BF16 torch runs
+    bf16 10-30 times slower than fp32 (measured: docs/quality.md), so the grid would take days, not hours."""
+    if cfg.dtype != "bf16":
+        return
+    compute = host_compute(cfg.dtype)
+    if not compute["native_bf16"]:
+        raise SystemExit(
+            f"experiment {cfg.name} runs its models in bf16 (dtype: bf16, so that its cells stay comparable wherever "
+            f"the grid is resumed), and this host's {compute['device']} ({compute['processor']}) has no native bf16: "
+            "torch would emulate it, 10-30 times slower than fp32. Run it on a CPU with AMX or AVX512-BF16 (Intel "
+            "Sapphire Rapids, AMD Zen 4 and later) or on a GPU; or copy the config with dtype: fp32 and give it a "
+            "report directory of its own (its cells are another grid: scores move with the dtype).")
 
 
 # what a report directory keeps in git: the report and the cells it is made from, all a grid resumed on another
@@ -134,7 +182,7 @@ def write_config(cfg: ExperimentConfig, out: Path) -> None:
     (out / ".gitignore").write_text("/*\n!/.gitignore\n" + "".join(f"!/{name}\n" for name in REPORT_ENTRIES))
     write_json_atomic(out / "config.json", {
         "source": cfg.source, "name": cfg.name, "models": cfg.models, "tasks": cfg.tasks, "seeds": cfg.seeds,
-        "rounds": cfg.rounds, "variants": [{**v.__dict__, "seed_free": v.seed_free} for v in cfg.variants],
+        "rounds": cfg.rounds, "dtype": cfg.dtype, "variants": [{**v.__dict__, "seed_free": v.seed_free} for v in cfg.variants],
         "preset": cfg.preset, "task_overrides": cfg.task_overrides, "references": cfg.references,
         "cell_settings": {f"{t}/{v.name}": cell_settings(cfg, t, v) for t in cfg.tasks for v in cfg.variants}})
 
@@ -184,7 +232,9 @@ def run_grid(cfg: ExperimentConfig, out: Path, *, only: Sequence[str] | None = N
     todo = [c for c in cells if c not in done]
     say(f"experiment {cfg.name}: {len(cells)} cells ({len(done)} done before, {len(todo)} to run); report in {out}")
     if stale:
-        say(f"    {len(stale)} of them succeeded before under other settings (spec, models, sizes): run again")
+        say(f"    {len(stale)} of them succeeded before under other settings (spec, models, sizes, dtype): run again")
+    if todo:
+        check_dtype_usable(cfg)
     failed, spent = 0, []
     for i, (task, variant, seed) in enumerate(todo, 1):
         eta = f"; about {(sum(spent) / len(spent)) * (len(todo) - i + 1) / 60:.0f} min left" if spent else ""

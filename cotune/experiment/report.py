@@ -86,7 +86,7 @@ def aggregate(config: dict, cells: list[dict]) -> dict:
     seed_free = {v["name"] for v in config["variants"] if v.get("seed_free")}
     out = {"config": config, "tasks": {}, "failed": [
         {k: c.get(k) for k in ("task", "variant", "seed", "state", "error")} for c in ours if c not in ok],
-        "left_out": len(cells) - len(ours), "cells_succeeded": len(ok),
+        "left_out": len(cells) - len(ours), "cells_succeeded": len(ok), "compute": compute_counts(ok),
         "grid_wall_s": round(sum(c.get("wall_s", 0.0) for c in ours), 1)}
 
     def paired(task: str, name: str, ref: str, side: str) -> dict:
@@ -140,6 +140,17 @@ def _cell(stat: dict, signed: bool = False) -> str:
     return f"{stat['mean']:{sign}.3f} ± {stat['se']:.3f}" + (f" (n={stat['n']})" if stat["n"] != 3 else "")
 
 
+def compute_counts(cells: list[dict]) -> dict[str, int]:
+    """How many cells ran on each (dtype, device) and processor, e.g. {"bf16 on cpu (Intel Xeon ...)": 32}."""
+    counts: dict[str, int] = {}
+    for c in cells:
+        compute = c.get("compute") or {}
+        key = (f"{compute.get('dtype', '?')} on {compute.get('device', '?')}"
+               + (f" ({compute['processor']})" if compute.get("processor") else "")) if compute else "not recorded"
+        counts[key] = counts.get(key, 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
 def markdown(summary: dict) -> str:
     config = summary["config"]
     tasks = config["tasks"]
@@ -149,6 +160,12 @@ def markdown(summary: dict) -> str:
              f"{summary['cells_succeeded']} cells succeeded; grid wall time {summary['grid_wall_s'] / 3600:.2f} h. "
              "Scores are the final round's, mean ± standard error over seeds (n = 3 unless shown; n = 1: one seed, no "
              "standard error).", ""]
+    compute = summary.get("compute") or {}
+    if compute:
+        dtypes = {key.split(" ", 1)[0] for key in compute if key != "not recorded"}
+        lines += ["Ran in " + "; ".join(f"{key}: {n} cell(s)" for key, n in compute.items()) + "."
+                  + (" These cells ran in different dtypes, so their scores are not strictly comparable (a dtype moves "
+                     "near-tie choices); pin `dtype` in the config." if len(dtypes) > 1 else ""), ""]
     if summary.get("left_out"):
         lines += [f"{summary['left_out']} cell file(s) in this directory belong to other settings or seeds and are left "
                   "out.", ""]

@@ -20,6 +20,7 @@ algorithms: [zero-shot, standalone]
 seeds: [0]
 rounds: 1
 preset: {per_part: 4, eval_size: 4, max_length: 48, batch_size: 4}
+dtype: fp32
 """
 
 
@@ -38,6 +39,9 @@ def test_grid_report_and_resume(tmp_path, shared_data):
     cells = {v: json.loads((out / "cells" / "arc_easy" / v / "seed0.json").read_text()) for v in ("zero-shot", "standalone")}
     for variant, cell in cells.items():
         assert cell["state"] == "RUN_SUCCEEDED", cell.get("error")
+        # the dtype is part of the cell's settings, and the cell records what it ran on
+        assert cell["settings"]["dtype"] == "fp32" and cell["compute"]["dtype"] == "fp32"
+        assert cell["compute"]["device"] == "cpu" and cell["compute"]["torch"]
         final = cell["run"]["rounds"][-1]["parties"]
         assert set(final) >= {"client-1", "client-2"}
         for metrics in final.values():
@@ -48,6 +52,7 @@ def test_grid_report_and_resume(tmp_path, shared_data):
     std = summary["tasks"]["arc_easy"]["standalone"]
     finals = [cells["standalone"]["run"]["rounds"][-1]["parties"][c]["eval_accuracy"] for c in ("client-1", "client-2")]
     assert std["slm"]["mean"] == pytest.approx(sum(finals) / 2) and std["slm"]["n"] == 1
+    assert "Ran in fp32 on cpu" in first.stdout
     assert "## Paired difference against zero-shot" in first.stdout and "| standalone |" in first.stdout
     for name in ("arc_easy-rounds.png", "arc_easy-bytes.png"):
         assert (out / "plots" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -10,7 +10,7 @@ from cotune.config import ConfigError
 from cotune.experiment.config import load_config
 from cotune.experiment.report import aggregate, cell_scores, markdown, mean_se, write_report
 from cotune.experiment.config import run_spec
-from cotune.experiment.grid import cell_settings, write_config
+from cotune.experiment.grid import cell_settings, check_dtype_usable, set_cell_party, write_config
 
 
 def _write(tmp_path, text: str):
@@ -38,6 +38,8 @@ def test_ready_configs_load():
     assert by_name["fedmkt-same-span"].spec == {"fedmkt": {"skip_span_mismatch": True}}
     # zero-shot is trained by nothing and its eval set is fixed: one cell per task, not one per seed
     assert len(cpu.cells()) == 4 * (1 + 8 * 3)
+    # its cells ran in bf16: pinned, so a grid resumed on a host that would pick fp32 does not mix the two
+    assert cpu.dtype == "bf16" and load_config("gpu").dtype == "bf16"
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -54,6 +56,7 @@ def test_ready_configs_load():
     ("references: [fedavg]\n", "not among the algorithms"),
     ("task_overrides: {boolq: {eval_size: 3}}\n", "not one of this config's tasks"),
     ("bogus: 1\n", "unknown key"),
+    ("dtype: fp64\n", "dtype must be one of auto, fp32, bf16, fp16"),
 ])
 def test_bad_configs_say_what_is_wrong(tmp_path, extra, message):
     text = BASE + extra
@@ -201,3 +204,47 @@ def test_write_report_draws_the_plots(tmp_path):
         ".gitignore", "cells", "config.json", "runs.json", "summary.json", "summary.md", "plots"}
     assert json.loads((out / "runs.json").read_text())[0]["variant"] in ("fedmkt", "zero-shot")
     assert "# Experiment t" in (out / "summary.md").read_text()
+
+
+def test_the_dtype_is_part_of_a_cells_settings_and_reaches_every_party(tmp_path):
+    auto = load_config(_write(tmp_path, BASE))
+    pinned = load_config(_write(tmp_path, BASE + "dtype: fp32\n"))
+    variant = pinned.variants[2]
+    assert cell_settings(pinned, "arc_easy", variant)["dtype"] == "fp32"
+    # a cell run in another dtype is not done for this config: scores move with the dtype
+    assert cell_settings(auto, "arc_easy", variant) != cell_settings(pinned, "arc_easy", variant)
+    party = {"model": {"path": "m", "dtype": "auto"}, "training": {"lr": 0.1}}
+    set_cell_party(party, pinned, "arc_easy", 2)
+    assert party["model"] == {"path": "m", "dtype": "fp32"} and party["training"] == {"lr": 0.1, "seed": 2}
+    unpinned = {"model": {"path": "m"}}
+    set_cell_party(unpinned, auto, "arc_easy", 0)
+    assert "dtype" not in unpinned["model"]  # auto: each party picks, and the cell records what this host picked
+
+
+def test_a_pinned_bf16_grid_is_refused_where_bf16_would_be_emulated(tmp_path, monkeypatch):
+    import cotune.lm.device as device
+
+    bf16 = load_config(_write(tmp_path, BASE + "dtype: bf16\n"))
+    monkeypatch.setattr(device, "pick_device", lambda pref="auto": __import__("torch").device("cpu"))
+    monkeypatch.setattr(device, "cpu_has_native_bf16", lambda: False)
+    with pytest.raises(SystemExit, match="no native bf16.*dtype: fp32"):
+        check_dtype_usable(bf16)
+    check_dtype_usable(load_config(_write(tmp_path, BASE + "dtype: fp32\n")))  # fp32 runs anywhere
+    monkeypatch.setattr(device, "cpu_has_native_bf16", lambda: True)
+    check_dtype_usable(bf16)
+
+
+def test_the_report_says_which_dtypes_its_cells_ran_in(tmp_path):
+    cfg = load_config(_write(tmp_path, BASE))
+    write_config(cfg, tmp_path / "out")
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    cpu = {"device": "cpu", "dtype": "bf16", "processor": "Xeon"}
+    cells = [{**_cell("zero-shot", 0, 0.4, [0.2], settings=_settings(cfg, "zero-shot")), "compute": cpu},
+             {**_cell("standalone", 0, None, [0.3], settings=_settings(cfg, "standalone")), "compute": cpu}]
+    text = markdown(aggregate(config, cells))
+    assert "Ran in bf16 on cpu (Xeon): 2 cell(s)." in text and "not strictly comparable" not in text
+    cells.append({**_cell("fedmkt", 0, 0.5, [0.3], settings=_settings(cfg, "fedmkt")),
+                  "compute": {**cpu, "dtype": "fp32", "processor": "EPYC"}})
+    summary = aggregate(config, cells)
+    assert summary["compute"] == {"bf16 on cpu (Xeon)": 2, "fp32 on cpu (EPYC)": 1}
+    assert "different dtypes, so their scores are not strictly comparable" in markdown(summary)

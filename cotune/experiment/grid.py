@@ -155,7 +155,7 @@ def _cpu_name() -> str:
 
 def check_dtype_usable(cfg: ExperimentConfig) -> None:
     """Refuse a grid whose pinned bf16 this host would only emulate: on a CPU without AMX or AVX512-BF16 torch runs
-    bf16 10-30 times slower than fp32 (measured: docs/quality.md), so the grid would take days, not hours."""
+    bf16 9-30 times slower than fp32 (measured: docs/quality.md), so the grid would take days, not hours."""
     if cfg.dtype != "bf16":
         return
     compute = host_compute(cfg.dtype)
@@ -163,7 +163,7 @@ def check_dtype_usable(cfg: ExperimentConfig) -> None:
         raise SystemExit(
             f"experiment {cfg.name} runs its models in bf16 (dtype: bf16, so that its cells stay comparable wherever "
             f"the grid is resumed), and this host's {compute['device']} ({compute['processor']}) has no native bf16: "
-            "torch would emulate it, 10-30 times slower than fp32. Run it on a CPU with AMX or AVX512-BF16 (Intel "
+            "torch would emulate it, 9-30 times slower than fp32. Run it on a CPU with AMX or AVX512-BF16 (Intel "
             "Sapphire Rapids, AMD Zen 4 and later) or on a GPU; or copy the config with dtype: fp32 and give it a "
             "report directory of its own (its cells are another grid: scores move with the dtype).")
 

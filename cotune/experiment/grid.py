@@ -182,7 +182,8 @@ def write_config(cfg: ExperimentConfig, out: Path) -> None:
     (out / ".gitignore").write_text("/*\n!/.gitignore\n" + "".join(f"!/{name}\n" for name in REPORT_ENTRIES))
     write_json_atomic(out / "config.json", {
         "source": cfg.source, "name": cfg.name, "models": cfg.models, "tasks": cfg.tasks, "seeds": cfg.seeds,
-        "rounds": cfg.rounds, "dtype": cfg.dtype, "variants": [{**v.__dict__, "seed_free": v.seed_free} for v in cfg.variants],
+        "rounds": cfg.rounds, "dtype": cfg.dtype,
+        "variants": [{**v.__dict__, "seed_free": v.seed_free} for v in cfg.variants],
         "preset": cfg.preset, "task_overrides": cfg.task_overrides, "references": cfg.references,
         "cell_settings": {f"{t}/{v.name}": cell_settings(cfg, t, v) for t in cfg.tasks for v in cfg.variants}})
 

@@ -30,7 +30,9 @@ BUILTIN_VARIANTS = {
 # Variants whose result does not depend on the seed (the eval set is the same for every seed, nothing is trained):
 # run once per task (so no standard error), and paired with every seed of the others.
 SEED_FREE_ALGORITHMS = ("zero-shot",)
-DTYPES = ("auto", "fp32", "bf16", "fp16")  # the parties' model.dtype (cotune.config.ModelConfig)
+# the parties' model.dtype (cotune.config.ModelConfig), by its canonical names only (cotune.lm.device also takes
+# 'float32' and friends): cells compare settings as written, so one dtype must have one spelling
+DTYPES = ("auto", "fp32", "bf16", "fp16")
 
 
 @dataclass(frozen=True)

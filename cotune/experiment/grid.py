@@ -80,6 +80,7 @@ def run_cell(cfg: ExperimentConfig, out: Path, task: str, variant: Variant, seed
     """One cell on a fresh cluster (its own workdir, removed afterwards): the run's summary, or its error."""
     from cotune.cluster import LocalCluster
     from cotune.demo import convert_models, wait_for_clients
+    from cotune.lm.device import describe_compute
     from cotune.report import run_summary
     from cotune.watch import watch_run
 
@@ -91,7 +92,7 @@ def run_cell(cfg: ExperimentConfig, out: Path, task: str, variant: Variant, seed
     shutil.rmtree(work, ignore_errors=True)
     started = time.monotonic()
     record = {"task": task, "variant": variant.name, "algorithm": variant.algorithm, "seed": seed,
-              "settings": cell_settings(cfg, task, variant), "compute": host_compute(cfg.dtype)}
+              "settings": cell_settings(cfg, task, variant), "compute": describe_compute(cfg.dtype)}
     try:
         config, preset = _cluster_config(cfg, out, task, variant, seed, work)
         record["preset"] = {k: getattr(preset, k) for k in preset.__dataclass_fields__}
@@ -129,36 +130,14 @@ def cell_settings(cfg: ExperimentConfig, task: str, variant: Variant) -> dict:
             "dtype": cfg.dtype}
 
 
-def host_compute(dtype: str) -> dict:
-    """What this host runs a cell's models on, recorded in the cell: the device and dtype its parties resolve (they
-    run here, and resolve 'auto' the same way), the processor, and torch's version."""
-    import platform
-
-    import torch
-
-    from cotune.lm.device import cpu_has_native_bf16, dtype_name, pick_device, pick_dtype
-
-    device = pick_device("auto")
-    processor = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name() or platform.processor()
-    return {"device": device.type, "dtype": dtype_name(pick_dtype(dtype, device)), "processor": processor,
-            "native_bf16": torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_has_native_bf16(),
-            "torch": torch.__version__}
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
-    except OSError:
-        return ""
-
-
 def check_dtype_usable(cfg: ExperimentConfig) -> None:
     """Refuse a grid whose pinned bf16 this host would only emulate: on a CPU without AMX or AVX512-BF16 torch runs
     bf16 9-30 times slower than fp32 (measured: docs/quality.md), so the grid would take days, not hours."""
+    from cotune.lm.device import describe_compute
+
     if cfg.dtype != "bf16":
         return
-    compute = host_compute(cfg.dtype)
+    compute = describe_compute(cfg.dtype)
     if not compute["native_bf16"]:
         raise SystemExit(
             f"experiment {cfg.name} runs its models in bf16 (dtype: bf16, so that its cells stay comparable wherever "

@@ -87,6 +87,7 @@ def aggregate(config: dict, cells: list[dict]) -> dict:
     out = {"config": config, "tasks": {}, "failed": [
         {k: c.get(k) for k in ("task", "variant", "seed", "state", "error")} for c in ours if c not in ok],
         "left_out": len(cells) - len(ours), "cells_succeeded": len(ok), "compute": compute_counts(ok),
+        "dtypes": sorted({c["compute"]["dtype"] for c in ok if (c.get("compute") or {}).get("dtype")}),
         "grid_wall_s": round(sum(c.get("wall_s", 0.0) for c in ours), 1)}
 
     def paired(task: str, name: str, ref: str, side: str) -> dict:
@@ -162,10 +163,10 @@ def markdown(summary: dict) -> str:
              "standard error).", ""]
     compute = summary.get("compute") or {}
     if compute:
-        dtypes = {key.split(" ", 1)[0] for key in compute if key != "not recorded"}
         lines += ["Ran in " + "; ".join(f"{key}: {n} cell(s)" for key, n in compute.items()) + "."
                   + (" These cells ran in different dtypes, so their scores are not strictly comparable (a dtype moves "
-                     "near-tie choices); pin `dtype` in the config." if len(dtypes) > 1 else ""), ""]
+                     "near-tie choices); pin `dtype` in the config." if len(summary.get("dtypes", [])) > 1 else ""),
+                  ""]
     if summary.get("left_out"):
         lines += [f"{summary['left_out']} cell file(s) in this directory belong to other settings or seeds and are left "
                   "out.", ""]

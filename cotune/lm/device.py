@@ -135,6 +135,30 @@ def dtype_name(dtype: torch.dtype) -> str:
     return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype))
 
 
+def describe_compute(dtype: str = "auto") -> dict:
+    """What a model with `model.device: auto` and this dtype runs on here: the device type, the dtype it resolves
+    to, the processor's name, whether it multiplies bf16 natively, and torch's version (experiment cells record it)."""
+    device = pick_device("auto")
+    if device.type == "cuda":
+        processor, native_bf16 = torch.cuda.get_device_name(device), torch.cuda.is_bf16_supported()
+    else:
+        processor, native_bf16 = _cpu_name(), cpu_has_native_bf16()
+    return {"device": device.type, "dtype": dtype_name(pick_dtype(dtype, device)), "processor": processor,
+            "native_bf16": native_bf16, "torch": torch.__version__}
+
+
+def _cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo on Linux, else what the platform module says; may be empty)."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        name = ""
+    return name or platform.processor()
+
+
 def configure_threads(n: int | None = None) -> int:
     """Set torch's intra-op thread count to n, else to $COTUNE_TORCH_THREADS when set; returns the count in effect.
 

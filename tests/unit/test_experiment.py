@@ -247,4 +247,5 @@ def test_the_report_says_which_dtypes_its_cells_ran_in(tmp_path):
                   "compute": {**cpu, "dtype": "fp32", "processor": "EPYC"}})
     summary = aggregate(config, cells)
     assert summary["compute"] == {"bf16 on cpu (Xeon)": 2, "fp32 on cpu (EPYC)": 1}
+    assert summary["dtypes"] == ["bf16", "fp32"]
     assert "different dtypes, so their scores are not strictly comparable" in markdown(summary)

@@ -130,23 +130,6 @@ def cell_settings(cfg: ExperimentConfig, task: str, variant: Variant) -> dict:
             "dtype": cfg.dtype}
 
 
-def check_dtype_usable(cfg: ExperimentConfig) -> None:
-    """Refuse a grid whose pinned bf16 this host would only emulate: on a CPU without AMX or AVX512-BF16 torch runs
-    bf16 9-30 times slower than fp32 (measured: docs/quality.md), so the grid would take days, not hours."""
-    from cotune.lm.device import describe_compute
-
-    if cfg.dtype != "bf16":
-        return
-    compute = describe_compute(cfg.dtype)
-    if not compute["native_bf16"]:
-        raise SystemExit(
-            f"experiment {cfg.name} runs its models in bf16 (dtype: bf16, so that its cells stay comparable wherever "
-            f"the grid is resumed), and this host's {compute['device']} ({compute['processor']}) has no native bf16: "
-            "torch would emulate it, 9-30 times slower than fp32. Run it on a CPU with AMX or AVX512-BF16 (Intel "
-            "Sapphire Rapids, AMD Zen 4 and later) or on a GPU; or copy the config with dtype: fp32 and give it a "
-            "report directory of its own (its cells are another grid: scores move with the dtype).")
-
-
 # what a report directory keeps in git: the report and the cells it is made from, all a grid resumed on another
 # machine needs; the rest (data splits, built models, the services' caches, workdirs) is rebuilt when missing
 REPORT_ENTRIES = ("cells/", "config.json", "runs.json", "summary.json", "summary.md", "plots/")
@@ -213,8 +196,6 @@ def run_grid(cfg: ExperimentConfig, out: Path, *, only: Sequence[str] | None = N
     say(f"experiment {cfg.name}: {len(cells)} cells ({len(done)} done before, {len(todo)} to run); report in {out}")
     if stale:
         say(f"    {len(stale)} of them succeeded before under other settings (spec, models, sizes, dtype): run again")
-    if todo:
-        check_dtype_usable(cfg)
     failed, spent = 0, []
     for i, (task, variant, seed) in enumerate(todo, 1):
         eta = f"; about {(sum(spent) / len(spent)) * (len(todo) - i + 1) / 60:.0f} min left" if spent else ""

@@ -142,12 +142,15 @@ def _cell(stat: dict, signed: bool = False) -> str:
 
 
 def compute_counts(cells: list[dict]) -> dict[str, int]:
-    """How many cells ran on each (dtype, device) and processor, e.g. {"bf16 on cpu (Intel Xeon ...)": 32}."""
+    """How many cells ran on each (dtype, device) and processor, e.g. {"bf16 on cpu (Intel Xeon ...)": 32}; bf16
+    whose matrix products ran in fp32 on a CPU without native bf16 (cotune.lm.device.Bf16MatmulInFp32) says so."""
     counts: dict[str, int] = {}
     for c in cells:
         compute = c.get("compute") or {}
         key = (f"{compute.get('dtype', '?')} on {compute.get('device', '?')}"
-               + (f" ({compute['processor']})" if compute.get("processor") else "")) if compute else "not recorded"
+               + (f" ({compute['processor']})" if compute.get("processor") else "")
+               + (", matrix products accumulated in fp32" if compute.get("bf16_matmul") == "fp32-accumulate" else "")
+               ) if compute else "not recorded"
         counts[key] = counts.get(key, 0) + 1
     return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
 

@@ -345,9 +345,11 @@ class ModelParty:
         trained tokens adds them, and its seconds, to the party's training throughput (cotune.metrics)."""
 
         def run(op_ctx: OperationContext) -> OpResult:
-            from cotune.lm.device import release_freed_memory, threads_for_task
+            from cotune.lm.device import bf16_matmul_mode, pick_dtype, release_freed_memory, threads_for_task
 
-            with self._worker:
+            device = self.device or "cpu"
+            # bf16 on a CPU without native bf16: matrix products in fp32 instead of torch's slow emulation
+            with self._worker, bf16_matmul_mode(pick_dtype(self.cfg.model.dtype, device), device):
                 threads_for_task(ctx.parallel_tasks)  # on a shared host: the cores the plan leaves this task
                 with phase("checkpoint"):
                     self.runs.enter(ctx.run_id, ctx.resumes)

@@ -10,7 +10,7 @@ from cotune.config import ConfigError
 from cotune.experiment.config import load_config
 from cotune.experiment.report import aggregate, cell_scores, markdown, mean_se, write_report
 from cotune.experiment.config import run_spec
-from cotune.experiment.grid import cell_settings, check_dtype_usable, set_cell_party, write_config
+from cotune.experiment.grid import cell_settings, set_cell_party, write_config
 
 
 def _write(tmp_path, text: str):
@@ -221,19 +221,6 @@ def test_the_dtype_is_part_of_a_cells_settings_and_reaches_every_party(tmp_path)
     assert "dtype" not in unpinned["model"]  # auto: each party picks, and the cell records what this host picked
 
 
-def test_a_pinned_bf16_grid_is_refused_where_bf16_would_be_emulated(tmp_path, monkeypatch):
-    import cotune.lm.device as device
-
-    bf16 = load_config(_write(tmp_path, BASE + "dtype: bf16\n"))
-    monkeypatch.setattr(device, "pick_device", lambda pref="auto": __import__("torch").device("cpu"))
-    monkeypatch.setattr(device, "cpu_has_native_bf16", lambda: False)
-    with pytest.raises(SystemExit, match="no native bf16.*dtype: fp32"):
-        check_dtype_usable(bf16)
-    check_dtype_usable(load_config(_write(tmp_path, BASE + "dtype: fp32\n")))  # fp32 runs anywhere
-    monkeypatch.setattr(device, "cpu_has_native_bf16", lambda: True)
-    check_dtype_usable(bf16)
-
-
 def test_the_report_says_which_dtypes_its_cells_ran_in(tmp_path):
     cfg = load_config(_write(tmp_path, BASE))
     write_config(cfg, tmp_path / "out")
@@ -249,3 +236,9 @@ def test_the_report_says_which_dtypes_its_cells_ran_in(tmp_path):
     assert summary["compute"] == {"bf16 on cpu (Xeon)": 2, "fp32 on cpu (EPYC)": 1}
     assert summary["dtypes"] == ["bf16", "fp32"]
     assert "different dtypes, so their scores are not strictly comparable" in markdown(summary)
+    # bf16 run through fp32 products on a CPU without native bf16 is the same dtype, labelled as such
+    cells[2]["compute"] = {**cpu, "processor": "EPYC", "bf16_matmul": "fp32-accumulate"}
+    summary = aggregate(config, cells)
+    assert summary["compute"] == {"bf16 on cpu (Xeon)": 2,
+                                  "bf16 on cpu (EPYC), matrix products accumulated in fp32": 1}
+    assert summary["dtypes"] == ["bf16"] and "not strictly comparable" not in markdown(summary)

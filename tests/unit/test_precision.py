@@ -192,6 +192,107 @@ def test_bf16_evaluation_matches_fp32(tiny_dir):
     assert trained["bf16"] == pytest.approx(trained["fp32"], rel=1e-3)
 
 
+# ---------------------------------------------------------------------------------------------- bf16 without native bf16
+def _bf16(*shape, seed):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).bfloat16()
+
+
+@pytest.mark.parametrize("inference", [False, True])
+@pytest.mark.parametrize("op", ["mm", "addmm", "bmm", "baddbmm", "mv", "linear", "matmul"])
+def test_bf16_products_run_in_fp32_and_round_once(op, inference):
+    """Under the mode a bf16 product is the fp32 product of the bf16 operands, rounded to bf16 once (what native bf16
+    units compute); the result stays bf16 and matches torch's own bf16 kernel to one bf16 rounding step. Under
+    torch.inference_mode (how cotune evaluates) linear and matmul reach the mode whole: they are covered too."""
+    from cotune.lm.device import Bf16MatmulInFp32
+
+    a, b, bias = _bf16(3, 5, 67, seed=1), _bf16(3, 67, 11, seed=2), _bf16(11, seed=3)
+    calls = {"mm": lambda x, y, c: torch.mm(x[0], y[0]),
+             "addmm": lambda x, y, c: torch.addmm(c, x[0], y[0]),
+             "bmm": lambda x, y, c: torch.bmm(x, y),
+             "baddbmm": lambda x, y, c: torch.baddbmm(c, x, y, alpha=0.5),
+             "mv": lambda x, y, c: torch.mv(x[0], y[0][:, 0]),
+             "linear": lambda x, y, c: torch.nn.functional.linear(x, y[0].T, c),
+             "matmul": lambda x, y, c: torch.matmul(x, y)}
+    call = calls[op]
+    mode = Bf16MatmulInFp32()
+    with torch.inference_mode(inference), mode:
+        got = call(a, b, bias)
+    assert mode.widened == 1
+    wide = call(a.float(), b.float(), bias.float()).bfloat16()
+    assert got.dtype == torch.bfloat16 and torch.equal(got, wide)
+    native = call(a, b, bias)
+    assert torch.allclose(got.float(), native.float(), rtol=2 ** -7, atol=1e-2)
+
+
+def test_the_mode_leaves_fp32_and_mixed_products_alone():
+    from cotune.lm.device import Bf16MatmulInFp32
+
+    a, b = torch.randn(4, 8), torch.randn(8, 3)
+    mode = Bf16MatmulInFp32()
+    with mode:
+        assert torch.equal(a @ b, torch.mm(a, b)) and (a @ b).dtype == torch.float32
+        with pytest.raises(RuntimeError):  # as without the mode: a bf16 x fp32 product is an error, not a silent cast
+            torch.mm(a.bfloat16(), b)
+    assert mode.widened == 0
+
+
+def test_the_mode_covers_backward():
+    """Gradients through a bf16 product come out of the same fp32-accumulated products (autograd inherits the mode)."""
+    from cotune.lm.device import Bf16MatmulInFp32
+
+    w = _bf16(16, 32, seed=4)
+    x = _bf16(6, 32, seed=5).requires_grad_()
+    mode = Bf16MatmulInFp32()
+    with mode:
+        (x @ w.T).float().square().sum().backward()
+    assert mode.widened == 2  # the forward product and the input's gradient
+    y = x.detach().float()
+    expected = (2 * (y @ w.float().T).bfloat16().float()).bfloat16().float() @ w.float()
+    assert x.grad.dtype == torch.bfloat16
+    assert torch.allclose(x.grad.float(), expected, rtol=2 ** -7, atol=1e-2)
+
+
+@pytest.mark.parametrize("native, dtype, device, expected", [
+    (False, torch.bfloat16, "cpu", True), (True, torch.bfloat16, "cpu", False),
+    (False, torch.float32, "cpu", False), (False, torch.float16, "cpu", False),
+    (False, torch.bfloat16, "cuda", False)])
+def test_which_models_run_under_the_mode(monkeypatch, native, dtype, device, expected):
+    from cotune.lm.device import Bf16MatmulInFp32, bf16_matmul_mode, emulates_bf16
+
+    monkeypatch.setattr(device_mod, "cpu_has_native_bf16", lambda: native)
+    assert emulates_bf16(dtype, device) is expected
+    assert isinstance(bf16_matmul_mode(dtype, device), Bf16MatmulInFp32) is expected
+    monkeypatch.setattr(device_mod, "pick_device", lambda pref="auto": torch.device("cpu"))
+    compute = device_mod.describe_compute("bf16")
+    assert compute["dtype"] == "bf16" and compute["bf16_matmul"] == ("native" if native else "fp32-accumulate")
+    assert device_mod.describe_compute("fp32")["bf16_matmul"] == ""
+
+
+@needs_tokenizer
+def test_a_bf16_model_under_the_mode_trains_and_scores_like_native_bf16(tiny_dir):
+    """The same tiny bf16 model and LoRA, trained and evaluated with torch's bf16 kernels and under the mode: the
+    losses agree to bf16 rounding (both accumulate in fp32; only the order differs) and the mode's run is
+    deterministic."""
+    from cotune.lm.device import Bf16MatmulInFp32
+    from cotune.lm.evaluate import evaluate_loss
+    from cotune.lm.train import Trainer, TrainConfig
+
+    examples = toy_examples(16)
+    out = {}
+    for name in ("native", "mode", "mode again"):
+        model, tok = _load(tiny_dir, "bf16", seed=1)
+        mode = Bf16MatmulInFp32() if name != "native" else None
+        with mode or torch.autograd.set_grad_enabled(True):
+            before = evaluate_loss(model, tok, examples)["loss"]
+            res = Trainer(model, tok, TrainConfig(lr=1e-2, batch_size=4, epochs=2, seed=0)).train_ce(examples)
+            out[name] = (before, res["loss_last"], evaluate_loss(model, tok, examples)["loss"])
+        assert mode is None or mode.widened > 0
+    assert out["mode"] == out["mode again"]
+    assert out["mode"][2] < out["mode"][0] - 0.05  # it trains
+    for got, ref in zip(out["mode"], out["native"]):
+        assert got == pytest.approx(ref, rel=2e-3)
+
+
 # ---------------------------------------------------------------------------------------------- fp16 loss scale
 @needs_tokenizer
 def test_fp16_training_uses_a_grad_scaler(tiny_dir):

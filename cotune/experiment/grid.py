@@ -130,6 +130,31 @@ def cell_settings(cfg: ExperimentConfig, task: str, variant: Variant) -> dict:
             "dtype": cfg.dtype}
 
 
+def check_same_numerics(cfg: ExperimentConfig, out: Path) -> None:
+    """Refuse to add cells to a report whose done cells ran with other numerics than this host gives: another dtype
+    or device, or bf16 through fp32-accumulated products (cotune.lm.device.Bf16MatmulInFp32) where they used native
+    bf16, or the other way round. bf16 is not reproducible across these: the RTE zero-shot cell rerun that way on an
+    AVX2 CPU moved the public loss by 0.1% and flipped 5 of 277 SmolLM2 answers against the AMX cell, about what a
+    change of dtype does (docs/quality.md, "Dtype"), so one table would mix two realisations of the same runs."""
+    from cotune.experiment.report import compute_label
+    from cotune.lm.device import describe_compute
+
+    here = compute_label(describe_compute(cfg.dtype), processor=False)
+    kinds: dict[str, int] = {}
+    for task, variant, seed in select_cells(cfg, ()):
+        record = read_cell(cell_path(out, task, variant.name, seed))
+        if is_done(record, cell_settings(cfg, task, variant)):
+            kind = compute_label(record.get("compute") or {}, processor=False)
+            kinds[kind] = kinds.get(kind, 0) + 1
+    others = {k: n for k, n in kinds.items() if k != here}
+    if others:
+        raise SystemExit(
+            f"{out} holds {', '.join(f'{n} cell(s) run in {k}' for k, n in others.items())}; this host would run "
+            f"{here}. Scores of the same run move between these (answers near a tie flip), so the report would mix "
+            "two realisations of its grid. Resume it on a host like the one its cells ran on (their `compute` says "
+            "which), or give this host's cells a report directory of their own (--out).")
+
+
 # what a report directory keeps in git: the report and the cells it is made from, all a grid resumed on another
 # machine needs; the rest (data splits, built models, the services' caches, workdirs) is rebuilt when missing
 REPORT_ENTRIES = ("cells/", "config.json", "runs.json", "summary.json", "summary.md", "plots/")
@@ -196,6 +221,8 @@ def run_grid(cfg: ExperimentConfig, out: Path, *, only: Sequence[str] | None = N
     say(f"experiment {cfg.name}: {len(cells)} cells ({len(done)} done before, {len(todo)} to run); report in {out}")
     if stale:
         say(f"    {len(stale)} of them succeeded before under other settings (spec, models, sizes, dtype): run again")
+    if todo:
+        check_same_numerics(cfg, out)
     failed, spent = 0, []
     for i, (task, variant, seed) in enumerate(todo, 1):
         eta = f"; about {(sum(spent) / len(spent)) * (len(todo) - i + 1) / 60:.0f} min left" if spent else ""

@@ -146,13 +146,19 @@ def compute_counts(cells: list[dict]) -> dict[str, int]:
     whose matrix products ran in fp32 on a CPU without native bf16 (cotune.lm.device.Bf16MatmulInFp32) says so."""
     counts: dict[str, int] = {}
     for c in cells:
-        compute = c.get("compute") or {}
-        key = (f"{compute.get('dtype', '?')} on {compute.get('device', '?')}"
-               + (f" ({compute['processor']})" if compute.get("processor") else "")
-               + (", matrix products accumulated in fp32" if compute.get("bf16_matmul") == "fp32-accumulate" else "")
-               ) if compute else "not recorded"
+        key = compute_label(c.get("compute") or {})
         counts[key] = counts.get(key, 0) + 1
     return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
+def compute_label(compute: dict, processor: bool = True) -> str:
+    """A cell's `compute` in words: "bf16 on cpu (AMD EPYC), matrix products accumulated in fp32"; without the
+    processor's name it names the kind of numerics a cell ran with (the grid does not mix kinds in one report)."""
+    if not compute:
+        return "not recorded"
+    return (f"{compute.get('dtype', '?')} on {compute.get('device', '?')}"
+            + (f" ({compute['processor']})" if processor and compute.get("processor") else "")
+            + (", matrix products accumulated in fp32" if compute.get("bf16_matmul") == "fp32-accumulate" else ""))
 
 
 def markdown(summary: dict) -> str:

@@ -242,3 +242,30 @@ def test_the_report_says_which_dtypes_its_cells_ran_in(tmp_path):
     assert summary["compute"] == {"bf16 on cpu (Xeon)": 2,
                                   "bf16 on cpu (EPYC), matrix products accumulated in fp32": 1}
     assert summary["dtypes"] == ["bf16"] and "not strictly comparable" not in markdown(summary)
+
+
+def test_a_report_takes_no_cells_run_with_other_numerics(tmp_path, monkeypatch):
+    """bf16 through fp32-accumulated products (a CPU without native bf16) and native bf16 give the same run other
+    scores: a report directory holding cells of one kind refuses to add cells of the other; a fresh one takes them."""
+    import cotune.lm.device as device
+    from cotune.experiment.grid import check_same_numerics
+    from cotune.experiment.store import cell_path, write_json_atomic
+
+    cfg = load_config(_write(tmp_path, BASE + "dtype: bf16\n"))
+    out = tmp_path / "out"
+    monkeypatch.setattr(device, "pick_device", lambda pref="auto": __import__("torch").device("cpu"))
+    monkeypatch.setattr(device, "cpu_has_native_bf16", lambda: False)
+    check_same_numerics(cfg, out)  # no cells yet: any host
+    cell = {**_cell("standalone", 0, None, [0.3], settings=_settings(cfg, "standalone")),
+            "compute": {"device": "cpu", "dtype": "bf16", "processor": "Xeon", "bf16_matmul": "native"}}
+    write_json_atomic(cell_path(out, "arc_easy", "standalone", 0), cell)
+    with pytest.raises(SystemExit, match=r"1 cell\(s\) run in bf16 on cpu; this host would run bf16 on cpu, matrix "
+                                         r"products accumulated in fp32.*--out"):
+        check_same_numerics(cfg, out)
+    monkeypatch.setattr(device, "cpu_has_native_bf16", lambda: True)
+    check_same_numerics(cfg, out)  # a host like the one the cell ran on
+    # a cell of other settings (here: another dtype) is not done, so it does not count
+    stale = {**cell, "settings": {**cell["settings"], "dtype": "fp32"}}
+    write_json_atomic(cell_path(out, "arc_easy", "standalone", 0), stale)
+    monkeypatch.setattr(device, "cpu_has_native_bf16", lambda: False)
+    check_same_numerics(cfg, out)

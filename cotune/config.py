@@ -142,6 +142,9 @@ class EvaluationConfig:
     metric: str = ""             # "" (multiple choice) | exact_match | rouge_l (generate and score)
     max_new_tokens: int = 256    # generation: tokens generated per item at most
     stop: list[str] = field(default_factory=list)  # generation: the text is cut at the first of these
+    # keep evaluations here by the content of the evaluated model, items and settings, and answer a repeat from it
+    # (cotune.lm.eval_cache); "" = off. The experiment harness sets it: every cell's round 0 evaluates the same models
+    cache_dir: str = ""
 
     def validate(self) -> None:
         if self.mc_scoring not in ("shared_prompt", "per_choice"):

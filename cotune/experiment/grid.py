@@ -61,17 +61,25 @@ def _cluster_config(cfg: ExperimentConfig, out: Path, task: str, variant: Varian
                             cross_tokenizer=variant.cross_tokenizer)
     config.workdir = str(work / "cluster")
     for party in [config.llm, *config.clients]:
-        set_cell_party(party, cfg, task, seed)
+        set_cell_party(party, cfg, task, seed, eval_cache=out / EVAL_CACHE)
     return config, preset
 
 
-def set_cell_party(party: dict, cfg: ExperimentConfig, task: str, seed: int) -> None:
-    """What a cell sets in each party's config over the demo's: the seed, the task's evaluation, the dtype."""
+# where the cells' parties keep their evaluations (cotune.lm.eval_cache): the variants of a (task, seed) all evaluate
+# the same untrained models before round 1, so only the first cell of a (task, seed) run on this machine does
+EVAL_CACHE = "eval-cache"
+
+
+def set_cell_party(party: dict, cfg: ExperimentConfig, task: str, seed: int, *, eval_cache: Path | None = None) -> None:
+    """What a cell sets in each party's config over the demo's: the seed, the task's evaluation, the dtype, and
+    where evaluations are kept (`eval_cache`; None: not kept)."""
     from cotune.data.tasks import evaluation_config_for_task
 
     party["lora"] = {**party.get("lora", {}), "seed": seed}        # LoRA initialisation
     party["training"] = {**party.get("training", {}), "seed": seed}  # data order
     party["evaluation"] = {**party.get("evaluation", {}), **evaluation_config_for_task(task)}  # MC or generation
+    if eval_cache is not None:
+        party["evaluation"]["cache_dir"] = str(eval_cache)
     if cfg.dtype != "auto":
         party["model"] = {**party["model"], "dtype": cfg.dtype}
 

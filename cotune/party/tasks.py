@@ -70,6 +70,12 @@ def evaluate(party: ModelParty, task: party_pb2.EvaluateTask, ctx: party_pb2.Run
         total = len(public) + (len(eval_set) if generative or multiple_choice else 0)
         report = party.progress(op, "evaluate")
         report(0, total)
+        cache, key = _eval_cache_key(party, task.target, target.model, public, eval_set, bs, ml)
+        if cache is not None and (hit := cache.get(key)) is not None:
+            report(total, total)
+            return OpResult(metrics={**hit["metrics"], "eval_cached": 1.0},
+                            result=party_pb2.EvaluateResult(public_loss=hit["public_loss"],
+                                                            eval_accuracy=hit["eval_accuracy"]))
         loss = evaluate_loss(target.model, target.tokenizer, public, batch_size=bs, max_length=ml,
                              progress=lambda done, _n: report(done, total))
         metrics.update({"public_loss": loss["loss"], "public_ppl": loss["perplexity"], "public_bpb": loss["bpb"]})
@@ -92,9 +98,36 @@ def evaluate(party: ModelParty, task: party_pb2.EvaluateTask, ctx: party_pb2.Run
                             "eval_n": gen["n"], "eval_generated_tokens": gen["generated_tokens"],
                             "eval_stopped": gen["stopped"]})
         report(total, total)
+        if cache is not None:
+            cache.put(key, metrics, public_loss=loss["loss"], eval_accuracy=accuracy)
         return OpResult(metrics=metrics,
                         result=party_pb2.EvaluateResult(public_loss=loss["loss"], eval_accuracy=accuracy))
     return work
+
+
+def _eval_cache_key(party: ModelParty, target_name: str, model, public, eval_set, batch_size: int, max_length: int):
+    """(cache, key) for an evaluation of `model` when the party keeps evaluations (evaluation.cache_dir), else
+    (None, ""): the key covers all the result depends on (cotune.lm.eval_cache)."""
+    from dataclasses import asdict
+
+    from cotune.data.tasks import dataset_hash
+    from cotune.lm.device import emulates_bf16
+    from cotune.lm.eval_cache import EvalCache, model_fingerprint
+
+    directory = party.cfg.evaluation.cache_dir
+    if not directory:
+        return None, ""
+    import torch
+
+    dtype = next(model.parameters()).dtype
+    key = EvalCache.key(
+        target=target_name, model=model_fingerprint(model),
+        lora=[asdict(party.cfg.lora), asdict(party.cfg.companion_lora)],
+        public=dataset_hash(public), eval=dataset_hash(eval_set), batch_size=batch_size, max_length=max_length,
+        evaluation={k: v for k, v in asdict(party.cfg.evaluation).items() if k != "cache_dir"},
+        numerics=[party.device, str(dtype), emulates_bf16(dtype, party.device or "cpu"), torch.__version__,
+                  torch.get_num_threads()])
+    return EvalCache(directory), key
 
 
 def set_lora(party: ModelParty, task: party_pb2.SetLoraTask, ctx: party_pb2.RunContext):

@@ -5,6 +5,7 @@ the same result (every run starts from fresh party state, and tiny runs on CPU a
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -47,6 +48,13 @@ def test_grid_report_and_resume(tmp_path, shared_data):
         for metrics in final.values():
             assert 0.0 <= metrics["eval_accuracy"] <= 1.0
     assert len(cells["standalone"]["run"]["rounds"]) == 2 and len(cells["zero-shot"]["run"]["rounds"]) == 1
+    # standalone's parties before round 1 are zero-shot's (same seed, models and items): their evaluations come from
+    # the cache zero-shot's parties filled, with zero-shot's scores; the trained round is evaluated afresh
+    before = cells["standalone"]["run"]["rounds"][0]["parties"]
+    assert before and all(m.get("eval_cached") == 1.0 for m in before.values())
+    assert _scores(cells["standalone"])[0] == _scores(cells["zero-shot"])[0]
+    assert not any("eval_cached" in m for m in cells["standalone"]["run"]["rounds"][1]["parties"].values())
+    assert not any("eval_cached" in m for m in cells["zero-shot"]["run"]["rounds"][0]["parties"].values())
     assert not (out / "work").exists() or not any((out / "work").iterdir())  # succeeded cells leave no cluster state
     summary = json.loads((out / "summary.json").read_text())
     std = summary["tasks"]["arc_easy"]["standalone"]
@@ -61,6 +69,7 @@ def test_grid_report_and_resume(tmp_path, shared_data):
     again = _experiment(config, out)
     assert "2 cells (2 done before, 0 to run)" in again.stderr
     (out / "cells" / "arc_easy" / "zero-shot" / "seed0.json").unlink()
+    shutil.rmtree(out / "eval-cache")  # evaluated again, not read back: the rerun shows the run is deterministic
     third = _experiment(config, out)
     assert "2 cells (1 done before, 1 to run)" in third.stderr
     rerun = json.loads((out / "cells" / "arc_easy" / "zero-shot" / "seed0.json").read_text())
@@ -68,6 +77,6 @@ def test_grid_report_and_resume(tmp_path, shared_data):
 
 
 def _scores(cell: dict) -> list[dict]:
-    """Every metric of every party per round but the timings (which differ from run to run)."""
-    return [{p: {k: v for k, v in m.items() if not k.startswith("time/")} for p, m in r["parties"].items()}
-            for r in cell["run"]["rounds"]]
+    """Every metric of every party per round but the timings (which differ from run to run) and the cache's mark."""
+    return [{p: {k: v for k, v in m.items() if not k.startswith("time/") and k != "eval_cached"}
+             for p, m in r["parties"].items()} for r in cell["run"]["rounds"]]

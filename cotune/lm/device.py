@@ -15,7 +15,6 @@ layers with accelerate's device map. Where fewer than two GPUs are visible, `aut
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import ctypes.util
 import functools
@@ -169,14 +168,9 @@ class Bf16MatmulInFp32(TorchDispatchMode):
 
 def emulates_bf16(dtype: torch.dtype, device: torch.device | str) -> bool:
     """Whether a model of this dtype on this device would run bf16 matrix products without native support (a CPU
-    without AMX or AVX512-BF16): then its tasks run under :func:`bf16_matmul_mode`."""
+    without AMX or AVX512-BF16): then a party runs its tasks under :class:`Bf16MatmulInFp32` (dispatch modes are
+    per thread: entered in the thread that runs the task; autograd's backward inherits it)."""
     return dtype == torch.bfloat16 and torch.device(device).type == "cpu" and not cpu_has_native_bf16()
-
-
-def bf16_matmul_mode(dtype: torch.dtype, device: torch.device | str):
-    """The context a model's compute runs in: :class:`Bf16MatmulInFp32` where :func:`emulates_bf16`, else nothing.
-    Dispatch modes are per thread: enter it in the thread that runs the task (autograd's backward inherits it)."""
-    return Bf16MatmulInFp32() if emulates_bf16(dtype, device) else contextlib.nullcontext()
 
 
 def dtype_name(dtype: torch.dtype) -> str:

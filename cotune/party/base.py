@@ -15,6 +15,7 @@ with `set_state`/`state_for`; the models a task can address by name are the `tar
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -93,6 +94,8 @@ class ModelParty:
 
     role: ClassVar[str] = ""       # "llm" | "slm" (PartyInfo.role, PartyConfig.validate)
     role_name: ClassVar[str] = ""  # "the LLM server" | "an SLM client", in messages
+    # set when a model loads: bf16 on a CPU without native bf16, so tasks run under cotune.lm.device.Bf16MatmulInFp32
+    bf16_in_fp32: bool = False
 
     def __init__(self, cfg: PartyConfig):
         cfg.validate(self.role)
@@ -169,6 +172,7 @@ class ModelParty:
         model, replacing the previous one only once the new one has loaded. `archive`: the sha256 of the shipped model
         archive it came from, empty for the configured model."""
         from cotune.align.tokenizers import tokenizer_bundle_bytes
+        from cotune.lm.device import emulates_bf16
         from cotune.lm.lora import attach_lora, lora_state_dict
         from cotune.lm.model import load_causal_lm
 
@@ -186,6 +190,7 @@ class ModelParty:
             self.tokenizer_blob, self.tokenizer_hash = tokenizer_blob, tokenizer_blob.sha256
             self.vocab_size = int(head.weight.shape[0]) if head is not None else len(tokenizer)
             self.device = str(next(model.parameters()).device)
+            self.bf16_in_fp32 = emulates_bf16(model.get_input_embeddings().weight.dtype, self.device)
             self.model_path, self.loaded_model = str(path), archive
         metrics.set_model_bytes(self.cfg.party_id, "model", model)  # cotune_party_model_bytes
 
@@ -345,11 +350,10 @@ class ModelParty:
         trained tokens adds them, and its seconds, to the party's training throughput (cotune.metrics)."""
 
         def run(op_ctx: OperationContext) -> OpResult:
-            from cotune.lm.device import bf16_matmul_mode, pick_dtype, release_freed_memory, threads_for_task
+            from cotune.lm.device import Bf16MatmulInFp32, release_freed_memory, threads_for_task
 
-            device = self.device or "cpu"
             # bf16 on a CPU without native bf16: matrix products in fp32 instead of torch's slow emulation
-            with self._worker, bf16_matmul_mode(pick_dtype(self.cfg.model.dtype, device), device):
+            with self._worker, Bf16MatmulInFp32() if self.bf16_in_fp32 else contextlib.nullcontext():
                 threads_for_task(ctx.parallel_tasks)  # on a shared host: the cores the plan leaves this task
                 with phase("checkpoint"):
                     self.runs.enter(ctx.run_id, ctx.resumes)

@@ -236,3 +236,36 @@ def test_a_party_releases_memory_after_every_task_failed_or_not(parties, monkeyp
     op = slm.start_task(_request("train_local", epochs=1))
     assert slm.ops.wait(op.id, 120).state == operations_pb2.OPERATION_FAILED
     assert len(calls) == 3
+
+
+@needs_tokenizer
+def test_a_bf16_party_without_native_bf16_runs_its_tasks_with_fp32_products(data, parties, monkeypatch):
+    """bf16 on a CPU without AMX or AVX512-BF16: the party's tasks run under Bf16MatmulInFp32 (its products widened);
+    an fp32 party's do not."""
+    import cotune.lm.device as device
+    from cotune.config import ModelConfig
+    from slm_client.client import SLMClient
+
+    modes = []
+
+    class Spy(device.Bf16MatmulInFp32):
+        def __init__(self):
+            super().__init__()
+            modes.append(self)
+
+    monkeypatch.setattr(device, "Bf16MatmulInFp32", Spy)
+    monkeypatch.setattr(device, "cpu_has_native_bf16", lambda: False)
+    root, model_dir = data
+    cfg = _cfg(root, model_dir, "slm-bf16", private=True)
+    cfg.model = ModelConfig(path=str(model_dir), device="cpu", dtype="bf16")
+    slm = _loaded(SLMClient(cfg))
+    try:
+        assert slm.bf16_in_fp32
+        _done(slm, slm.start_task(_request("train_local", epochs=1)))
+        assert len(modes) == 1 and modes[0].widened > 0
+    finally:
+        slm.ops.shutdown()
+    fp32 = parties[1]
+    assert not fp32.bf16_in_fp32
+    _done(fp32, fp32.start_task(_request("evaluate")))
+    assert len(modes) == 1

@@ -148,8 +148,9 @@ class Bf16MatmulInFp32(TorchDispatchMode):
     On a CPU without native bf16, torch's own bf16 kernels emulate it element by element. SmolLM2-135M with a LoRA
     adapter, eager attention, 4 x 128 tokens, 2 threads on a 2-core AMD EPYC (AVX2 only): forward 15.7 s and forward
     plus backward 161.7 s with torch's bf16; 3.0 s and 6.7 s under this mode; fp32 2.6 s and 5.7 s. So a bf16 model
-    runs there at about fp32's speed, with bf16's numerics (docs/quality.md, "Dtype"). Other ops (norms, softmax, elementwise) keep torch's bf16 kernels, vectorised on such
-    CPUs. A product whose operands are not all bf16 (the fp32 LoRA path) is left as it is."""
+    runs there at about fp32's speed, with bf16's numerics (docs/quality.md, "Dtype"). Other ops (norms, softmax,
+    elementwise) keep torch's bf16 kernels, vectorised on such CPUs. A product whose operands are not all bf16 (the
+    fp32 LoRA path) is left as it is."""
 
     def __init__(self):
         super().__init__()

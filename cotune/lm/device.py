@@ -187,9 +187,9 @@ def describe_compute(dtype: str = "auto") -> dict:
     else:
         processor, native_bf16 = _cpu_name(), cpu_has_native_bf16()
     dt = pick_dtype(dtype, device)
+    bf16_matmul = ("fp32-accumulate" if emulates_bf16(dt, device) else "native") if dt == torch.bfloat16 else ""
     return {"device": device.type, "dtype": dtype_name(dt), "processor": processor, "native_bf16": native_bf16,
-            "bf16_matmul": ("fp32-accumulate" if emulates_bf16(dt, device) else "native") if dt == torch.bfloat16 else "",
-            "torch": torch.__version__}
+            "bf16_matmul": bf16_matmul, "torch": torch.__version__}
 
 
 def _cpu_name() -> str:

@@ -111,7 +111,6 @@ def _eval_cache_key(party: ModelParty, target_name: str, model, public, eval_set
     from dataclasses import asdict
 
     from cotune.data.tasks import dataset_hash
-    from cotune.lm.device import emulates_bf16
     from cotune.lm.eval_cache import EvalCache, model_fingerprint
 
     directory = party.cfg.evaluation.cache_dir
@@ -119,14 +118,13 @@ def _eval_cache_key(party: ModelParty, target_name: str, model, public, eval_set
         return None, ""
     import torch
 
-    dtype = next(model.parameters()).dtype
+    # the weights' dtypes are in the model's fingerprint; the rest of the numerics is the party's
     key = EvalCache.key(
         target=target_name, model=model_fingerprint(model),
         lora=[asdict(party.cfg.lora), asdict(party.cfg.companion_lora)],
         public=dataset_hash(public), eval=dataset_hash(eval_set), batch_size=batch_size, max_length=max_length,
         evaluation={k: v for k, v in asdict(party.cfg.evaluation).items() if k != "cache_dir"},
-        numerics=[party.device, str(dtype), emulates_bf16(dtype, party.device or "cpu"), torch.__version__,
-                  torch.get_num_threads()])
+        numerics=[party.device, party.bf16_in_fp32, torch.__version__, torch.get_num_threads()])
     return EvalCache(directory), key
 
 

@@ -7,9 +7,9 @@ LLM in `llm2slm`) is evaluated again unchanged. Each such evaluation took 1-3 mi
 The key is everything the result depends on: a digest of every parameter and buffer of the evaluated model (base
 weights, adapters, the emulator's layers: bytes, dtypes, shapes, names), the LoRA settings (the scaling is not in
 the weights), the public samples and eval items (their content hashes), the scoring settings, the numerics (device,
-dtype, whether bf16 products run natively, thread count, torch's version) and the source of the scoring code. CPU inference is
-deterministic for a fixed model, input and thread count (the grid's round-0 scores were bit-identical in every cell
-of a task), so a hit returns what the evaluation would compute. Entries are small JSON files written atomically; an
+whether bf16 products run natively, thread count, torch's version) and the source of the scoring code. CPU
+inference is deterministic for a fixed model, input and thread count (the grid's round-0 scores were bit-identical
+in every cell of a task), so a hit returns what the evaluation would compute. Entries are small JSON files written atomically; an
 unreadable one is recomputed and replaced. Off unless `evaluation.cache_dir` is set (the experiment harness sets it).
 """
 

@@ -376,7 +376,8 @@ def cmd_demo(args) -> int:
 def cmd_experiment(args) -> int:
     from cotune.experiment import run_experiment
 
-    return run_experiment(args.config, args.out, only=args.only, report_only=args.report_only)
+    return run_experiment(args.config, args.out, only=args.only, seeds=args.seed, report_only=args.report_only,
+                          plan=args.plan, budget_hours=args.budget)
 
 
 def _add(sub, name: str, helptext: str, **kwargs) -> argparse.ArgumentParser:
@@ -521,7 +522,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--only", action="append", metavar="TASK_OR_VARIANT",
                    help="run only the cells of this task or variant; repeat it to name several (cells of any named "
                         "task and any named variant; the report covers every cell present)")
+    p.add_argument("--seed", action="append", type=int, metavar="N",
+                   help="run only the cells of this seed; repeat it to name several (a seed-free variant such as "
+                        "zero-shot runs with the config's first seed)")
     p.add_argument("--report-only", action="store_true", help="rewrite the report from the cells present; run nothing")
+    p.add_argument("--plan", action="store_true",
+                   help="list the cells left with their time estimated from the finished ones, and whether this "
+                        "host may run them; run and write nothing")
+    p.add_argument("--budget", type=float, metavar="HOURS",
+                   help="start a cell only if its estimated time fits in what is left of HOURS (cells without an "
+                        "estimate are not started); the rest wait for the next run")
     p.set_defaults(fn=cmd_experiment)
     certs_cli.add_parser(sub)
     return parser

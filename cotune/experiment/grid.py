@@ -138,29 +138,53 @@ def cell_settings(cfg: ExperimentConfig, task: str, variant: Variant) -> dict:
             "dtype": cfg.dtype}
 
 
-def check_same_numerics(cfg: ExperimentConfig, out: Path) -> None:
-    """Refuse to add cells to a report whose done cells ran with other numerics than this host gives: another dtype
-    or device, or bf16 through fp32-accumulated products (cotune.lm.device.Bf16MatmulInFp32) where they used native
-    bf16, or the other way round. bf16 is not reproducible across these: the RTE zero-shot cell rerun that way on an
-    AVX2 CPU moved the public loss by 0.1% and flipped 5 of 277 SmolLM2 answers against the AMX cell, about what a
-    change of dtype does (docs/quality.md, "Dtype"), so one table would mix two realisations of the same runs."""
+def done_cells(cfg: ExperimentConfig, out: Path) -> list[tuple[str, Variant, int, dict]]:
+    """The cells of the grid that `out` holds finished under the config's current settings, with their records."""
+    found = []
+    for task, variant, seed in select_cells(cfg, ()):
+        record = read_cell(cell_path(out, task, variant.name, seed))
+        if is_done(record, cell_settings(cfg, task, variant)):
+            found.append((task, variant, seed, record))
+    return found
+
+
+def numerics_conflict(cfg: ExperimentConfig, out: Path) -> str | None:
+    """Why this host may not add cells to the report in `out`, or None when it may: its done cells ran with other
+    numerics than this host gives: another dtype or device, or bf16 through fp32-accumulated products
+    (cotune.lm.device.Bf16MatmulInFp32) where they used native bf16, or the other way round. bf16 is not reproducible
+    across these: the RTE zero-shot cell rerun that way on an AVX2 CPU moved the public loss by 0.1% and flipped 5 of
+    277 SmolLM2 answers against the AMX cell, about what a change of dtype does (docs/quality.md, "Dtype"), so one
+    table would mix two realisations of the same runs."""
     from cotune.experiment.report import compute_label
     from cotune.lm.device import describe_compute
 
     here = compute_label(describe_compute(cfg.dtype), processor=False)
     kinds: dict[str, int] = {}
-    for task, variant, seed in select_cells(cfg, ()):
-        record = read_cell(cell_path(out, task, variant.name, seed))
-        if is_done(record, cell_settings(cfg, task, variant)):
-            kind = compute_label(record.get("compute") or {}, processor=False)
-            kinds[kind] = kinds.get(kind, 0) + 1
+    for _, _, _, record in done_cells(cfg, out):
+        kind = compute_label(record.get("compute") or {}, processor=False)
+        kinds[kind] = kinds.get(kind, 0) + 1
     others = {k: n for k, n in kinds.items() if k != here}
-    if others:
-        raise SystemExit(
-            f"{out} holds {', '.join(f'{n} cell(s) run in {k}' for k, n in others.items())}; this host would run "
+    if not others:
+        return None
+    return (f"{out} holds {', '.join(f'{n} cell(s) run in {k}' for k, n in others.items())}; this host would run "
             f"{here}. Scores of the same run move between these (answers near a tie flip), so the report would mix "
             "two realisations of its grid. Resume it on a host like the one its cells ran on (their `compute` says "
             "which), or give this host's cells a report directory of their own (--out).")
+
+
+def check_same_numerics(cfg: ExperimentConfig, out: Path) -> None:
+    """Refuse (SystemExit) to add cells to a report whose done cells ran with other numerics (numerics_conflict)."""
+    conflict = numerics_conflict(cfg, out)
+    if conflict:
+        raise SystemExit(conflict)
+
+
+def wall_estimate(cfg: ExperimentConfig, out: Path):
+    """cotune.experiment.plan.WallEstimate from the wall times of the done cells in `out`."""
+    from cotune.experiment.plan import WallEstimate
+
+    return WallEstimate((task, variant.name, record.get("wall_s") or 0.0)
+                        for task, variant, _, record in done_cells(cfg, out))
 
 
 # what a report directory keeps in git: the report and the cells it is made from, all a grid resumed on another
@@ -187,25 +211,71 @@ def is_done(record: dict | None, settings: dict) -> bool:
     return bool(record) and record.get("state") == SUCCEEDED and record.get("settings") == settings
 
 
-def select_cells(cfg: ExperimentConfig, only: Sequence[str] | None = None) -> list[tuple[str, Variant, int]]:
-    """The cells `--only` names, in run order. Each name is a task or a variant of the config: the cells kept are
-    those whose task is among the tasks named (any task if none is) and whose variant is among the variants named
-    (any if none is), so `--only arc_easy --only fedbiot` is ARC-Easy's FedBiOT cells. An unknown name is refused."""
+def select_cells(cfg: ExperimentConfig, only: Sequence[str] | None = None,
+                 seeds: Sequence[int] | None = None) -> list[tuple[str, Variant, int]]:
+    """The cells `--only` and `--seed` name, in run order. Each `only` name is a task or a variant of the config: the
+    cells kept are those whose task is among the tasks named (any task if none is) and whose variant is among the
+    variants named (any if none is), so `--only arc_easy --only fedbiot` is ARC-Easy's FedBiOT cells; `seeds` keeps
+    the cells of those seeds (a seed-free variant runs with the config's first seed only). An unknown name or seed
+    is refused."""
     only = list(only or [])
     tasks, variants = set(cfg.tasks), {v.name for v in cfg.variants}
     unknown = [name for name in only if name not in tasks | variants]
     if unknown:
         raise SystemExit(f"--only {', '.join(unknown)}: not a task or variant of experiment {cfg.name} "
                          f"(tasks: {', '.join(cfg.tasks)}; variants: {', '.join(v.name for v in cfg.variants)})")
+    bad_seeds = [s for s in seeds or () if s not in cfg.seeds]
+    if bad_seeds:
+        raise SystemExit(f"--seed {', '.join(map(str, bad_seeds))}: not a seed of experiment {cfg.name} "
+                         f"(seeds: {', '.join(map(str, cfg.seeds))})")
     want_tasks = {n for n in only if n in tasks} or tasks
     want_variants = {n for n in only if n in variants} or variants
-    return [c for c in cfg.cells() if c[0] in want_tasks and c[1].name in want_variants]
+    want_seeds = set(seeds or ()) or set(cfg.seeds)
+    return [c for c in cfg.cells() if c[0] in want_tasks and c[1].name in want_variants and c[2] in want_seeds]
 
 
-def run_grid(cfg: ExperimentConfig, out: Path, *, only: Sequence[str] | None = None, stream=sys.stderr) -> int:
-    """Run every cell not yet done (in cfg.cells() order); returns the number of cells that did not succeed."""
+def _todo(cfg: ExperimentConfig, out: Path, only, seeds, say) -> list[tuple[str, Variant, int]]:
+    """The selected cells not done yet; says how many there are, and which succeeded under other settings."""
+    cells = select_cells(cfg, only, seeds)
+    records = [read_cell(cell_path(out, task, variant.name, seed)) for task, variant, seed in cells]
+    done = [c for c, rec in zip(cells, records) if is_done(rec, cell_settings(cfg, c[0], c[1]))]
+    stale = [c for c, rec in zip(cells, records) if c not in done and (rec or {}).get("state") == SUCCEEDED]
+    say(f"experiment {cfg.name}: {len(cells)} cells ({len(done)} done before, {len(cells) - len(done)} to run); "
+        f"report in {out}")
+    if stale:
+        say(f"    {len(stale)} of them succeeded before under other settings (spec, models, sizes, dtype): run again")
+    return [c for c in cells if c not in done]
+
+
+def plan_grid(cfg: ExperimentConfig, out: Path, *, only: Sequence[str] | None = None,
+              seeds: Sequence[int] | None = None, stream=None) -> None:
+    """`--plan`: the cells left and how long they will take (cotune.experiment.plan), and whether this host may run
+    them; runs and writes nothing."""
+    from cotune.experiment.plan import plan_table
+
+    def say(text: str) -> None:
+        print(text, file=stream or sys.stdout, flush=True)
+
+    todo = _todo(cfg, out, only, seeds, say)
+    if not todo:
+        return
+    done = done_cells(cfg, out)
+    say(f"estimated from the wall times of the {len(done)} finished cell(s) here, at the pace of the hosts they ran "
+        "on:\n")
+    for line in plan_table([(t, v.name, s) for t, v, s in todo], wall_estimate(cfg, out)):
+        say(line)
+    conflict = numerics_conflict(cfg, out)
+    say("\nthis host: " + (f"refused. {conflict}" if conflict else "may run them (its numerics match the cells')"))
+
+
+def run_grid(cfg: ExperimentConfig, out: Path, *, only: Sequence[str] | None = None,
+             seeds: Sequence[int] | None = None, budget_s: float | None = None, stream=sys.stderr) -> int:
+    """Run every selected cell not yet done (in cfg.cells() order); returns the number of cells that did not
+    succeed. With budget_s, a cell starts only if its estimated time (cotune.experiment.plan, rescaled by this
+    host's pace so far) fits in what is left of the budget; the others are left for a later run."""
     from transformers.utils import logging as hf_logging
 
+    from cotune.experiment.plan import Pace, hours
     from cotune.experiment.report import cell_headline
 
     def say(text: str) -> None:
@@ -221,28 +291,37 @@ def run_grid(cfg: ExperimentConfig, out: Path, *, only: Sequence[str] | None = N
         signal.signal(signal.SIGTERM, _interrupt)
 
     write_config(cfg, out)
-    cells = select_cells(cfg, only)
-    records = [read_cell(cell_path(out, task, variant.name, seed)) for task, variant, seed in cells]
-    done = [c for c, rec in zip(cells, records) if is_done(rec, cell_settings(cfg, c[0], c[1]))]
-    stale = [c for c, rec in zip(cells, records) if c not in done and (rec or {}).get("state") == SUCCEEDED]
-    todo = [c for c in cells if c not in done]
-    say(f"experiment {cfg.name}: {len(cells)} cells ({len(done)} done before, {len(todo)} to run); report in {out}")
-    if stale:
-        say(f"    {len(stale)} of them succeeded before under other settings (spec, models, sizes, dtype): run again")
+    todo = _todo(cfg, out, only, seeds, say)
     if todo:
         check_same_numerics(cfg, out)
-    failed, spent = 0, []
+    estimate, pace = wall_estimate(cfg, out), Pace()
+    started = time.monotonic()
+    failed, left = 0, []
     for i, (task, variant, seed) in enumerate(todo, 1):
-        eta = f"; about {(sum(spent) / len(spent)) * (len(todo) - i + 1) / 60:.0f} min left" if spent else ""
+        est = estimate(task, variant.name)
+        if budget_s is not None:
+            remaining = budget_s - (time.monotonic() - started)
+            scaled = pace.scale(est)
+            if scaled is None or scaled > remaining:
+                left.append((task, variant, seed, scaled))
+                continue
+        ahead = [pace.scale(estimate(t, v.name)) for t, v, _ in todo[i - 1:]]
+        eta = f"; about {hours(sum(a for a in ahead if a))} of cells left" if any(ahead) else ""
         say(f"[{i}/{len(todo)}] {task} · {variant.name} · seed {seed}{eta}")
         record = run_cell(cfg, out, task, variant, seed, say=say)
         write_json_atomic(cell_path(out, task, variant.name, seed), record)
-        spent.append(record["wall_s"])
         if record["state"] != SUCCEEDED:
             failed += 1
             say(f"    FAILED after {record['wall_s']:.0f} s: {record['error']}")
         else:
+            pace.record(est, record["wall_s"])
             say(f"    done in {record['wall_s']:.0f} s: {cell_headline(record)}")
+    if left:
+        unknown = sum(1 for *_, s in left if s is None)
+        say(f"--budget: {len(left)} cell(s) not started, the next run takes them up"
+            + (f" ({unknown} without an estimate: their task or variant has no finished cell here)" if unknown else "")
+            + ": " + ", ".join(f"{t} · {v.name} · seed {s}" + (f" (~{hours(e)})" if e else "")
+                                for t, v, s, e in left))
     return failed
 
 

@@ -70,7 +70,11 @@ def test_grid_report_and_resume(tmp_path, shared_data):
     assert "2 cells (2 done before, 0 to run)" in again.stderr
     (out / "cells" / "arc_easy" / "zero-shot" / "seed0.json").unlink()
     shutil.rmtree(out / "eval-cache")  # evaluated again, not read back: the rerun shows the run is deterministic
-    third = _experiment(config, out)
+    plan = _experiment(config, out, "--plan", "--seed", "0")  # lists what is left and runs nothing
+    assert "2 cells (1 done before, 1 to run)" in plan.stdout and "| arc_easy | zero-shot | 0 | ? | ? |" in plan.stdout
+    assert "this host: may run them" in plan.stdout
+    assert not (out / "cells" / "arc_easy" / "zero-shot" / "seed0.json").exists()
+    third = _experiment(config, out, "--seed", "0")
     assert "2 cells (1 done before, 1 to run)" in third.stderr
     rerun = json.loads((out / "cells" / "arc_easy" / "zero-shot" / "seed0.json").read_text())
     assert _scores(rerun) == _scores(cells["zero-shot"])

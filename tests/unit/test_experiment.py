@@ -269,3 +269,94 @@ def test_a_report_takes_no_cells_run_with_other_numerics(tmp_path, monkeypatch):
     write_json_atomic(cell_path(out, "arc_easy", "standalone", 0), stale)
     monkeypatch.setattr(device, "cpu_has_native_bf16", lambda: False)
     check_same_numerics(cfg, out)
+
+
+def test_cell_times_are_estimated_from_the_finished_cells():
+    """wall ≈ task factor × variant factor: a (task, variant) not run yet is estimated from the same variant on other
+    tasks and other variants on its task; one that has run, by its own mean; nothing connects a lone pair."""
+    from cotune.experiment.plan import WallEstimate
+
+    est = WallEstimate([("arc", "standalone", 10.0), ("arc", "fedmkt", 20.0), ("arc", "fedmkt", 40.0),
+                        ("boolq", "standalone", 25.0), ("sciq", "fedbiot", 7.0), ("rte", "standalone", 0.0)])
+    assert est("arc", "fedmkt") == pytest.approx(30.0)  # its own cells' mean
+    assert est("boolq", "fedmkt") == pytest.approx(75.0)  # fedmkt takes 3× standalone on arc; boolq's standalone 25
+    assert est("sciq", "fedbiot") == pytest.approx(7.0)
+    assert est("sciq", "fedmkt") is None  # sciq·fedbiot shares no task or variant with the rest
+    assert est("rte", "standalone") is None  # a cell without a wall time counts for nothing
+    assert est("gsm8k", "standalone") is None and est("arc", "centralized") is None
+
+
+def test_seed_selects_cells_and_an_unknown_seed_is_refused(tmp_path):
+    from cotune.experiment.grid import select_cells
+
+    cfg = load_config(_write(tmp_path, BASE))
+    picked = select_cells(cfg, ["fedmkt"], [2, 1])
+    assert [(v.name, s) for _, v, s in picked] == [("fedmkt", 1), ("fedmkt", 2)]
+    assert [v.name for _, v, _ in select_cells(cfg, (), [1])] == ["standalone", "fedmkt"]  # zero-shot: seed 0 only
+    with pytest.raises(SystemExit, match=r"--seed 7: not a seed of experiment t \(seeds: 0, 1, 2\)"):
+        select_cells(cfg, (), [0, 7])
+
+
+def _done_cell(cfg, variant, seed, wall_s):
+    from cotune.lm.device import describe_compute
+
+    cell = _cell(variant, seed, None, [0.3], settings=_settings(cfg, variant))
+    return {**cell, "wall_s": wall_s, "compute": describe_compute(cfg.dtype)}
+
+
+def test_plan_lists_the_cells_left_with_their_estimates_and_writes_nothing(tmp_path, capsys):
+    from cotune.experiment import run_experiment
+    from cotune.experiment.store import cell_path, write_json_atomic
+
+    config = _write(tmp_path, BASE)
+    cfg = load_config(config)
+    out = tmp_path / "out"
+    write_json_atomic(cell_path(out, "arc_easy", "standalone", 0), _done_cell(cfg, "standalone", 0, 600.0))
+    write_json_atomic(cell_path(out, "arc_easy", "fedmkt", 0), _done_cell(cfg, "fedmkt", 0, 1800.0))
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    assert run_experiment(config, str(out), plan=True) == 0
+    text = capsys.readouterr().out
+    assert "7 cells (2 done before, 5 to run)" in text
+    assert "| arc_easy | standalone | 1, 2 | 10 min | 20 min |" in text
+    assert "| arc_easy | fedmkt | 1, 2 | 30 min | 60 min |" in text
+    assert "| arc_easy | zero-shot | 0 | ? | ? |" in text
+    assert "4 cell(s) estimated at 80 min; 1 without an estimate" in text
+    assert "this host: may run them" in text
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before  # no config.json, no .gitignore, no cell
+    with pytest.raises(SystemExit, match="pick one"):
+        run_experiment(config, str(out), plan=True, report_only=True)
+    with pytest.raises(SystemExit, match="--budget must be a positive number of hours"):
+        run_experiment(config, str(out), budget_hours=0.0)
+
+
+def test_a_budget_starts_only_the_cells_whose_estimate_fits(tmp_path, monkeypatch):
+    """The cell runner is replaced by one that returns a record at once: this checks which cells the grid starts."""
+    import io
+
+    import cotune.experiment.grid as grid
+    from cotune.experiment.store import cell_path, write_json_atomic
+
+    cfg = load_config(_write(tmp_path, BASE))
+    out = tmp_path / "out"
+    write_json_atomic(cell_path(out, "arc_easy", "standalone", 0), _done_cell(cfg, "standalone", 0, 100.0))
+    write_json_atomic(cell_path(out, "arc_easy", "fedmkt", 0), _done_cell(cfg, "fedmkt", 0, 1000.0))
+    started = []
+
+    def run_cell(cfg_, out_, task, variant, seed, *, say):
+        started.append((variant.name, seed))
+        return _done_cell(cfg_, variant.name, seed, 200.0)  # this host: twice the estimated pace
+
+    monkeypatch.setattr(grid, "run_cell", run_cell)
+    monkeypatch.setattr(grid.signal, "signal", lambda *a: None)
+    log = io.StringIO()
+    assert grid.run_grid(cfg, out, budget_s=450.0, stream=log) == 0
+    # standalone seed 1 (est. 100 s) runs and takes 200 s; seed 2 is then estimated at 200 s and still fits in 250 s;
+    # fedmkt (est. 1000 s, then 2000 s at this pace) and zero-shot (no estimate) never do
+    assert started == [("standalone", 1), ("standalone", 2)]
+    text = log.getvalue()
+    assert "--budget: 3 cell(s) not started" in text and "1 without an estimate" in text
+    assert "arc_easy · fedmkt · seed 1 (~33 min)" in text
+    assert grid.read_cell(cell_path(out, "arc_easy", "fedmkt", 1)) is None
+    started.clear()
+    assert grid.run_grid(cfg, out, stream=io.StringIO()) == 0  # no budget: the rest run, unestimated ones too
+    assert started == [("zero-shot", 0), ("fedmkt", 1), ("fedmkt", 2)]

@@ -1,0 +1,120 @@
+"""How long the cells a grid has left will take, estimated from the wall times of the cells it has finished.
+
+A cell's time is modelled as a task factor times a variant factor (wall ≈ T[task] · V[variant], fitted in log space
+over the finished cells), so a (task, variant) that has not run yet is estimated from the same variant on the other
+tasks and the other variants on its task. A (task, variant) with finished cells of its own is estimated by their
+mean. A cell whose task or variant has no finished cell at all (or which the finished cells do not connect to the
+rest) has no estimate. The figures are the pace of the hosts the finished cells ran on; a grid run rescales them by
+the pace it measures on its own host (`Pace`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+
+_FIT_ITERATIONS = 200
+
+
+class WallEstimate:
+    """wall_s(task, variant) from finished cells: (task, variant name, wall seconds) triples."""
+
+    def __init__(self, finished: Iterable[tuple[str, str, float]]):
+        walls: dict[tuple[str, str], list[float]] = defaultdict(list)
+        for task, variant, wall in finished:
+            if wall and wall > 0:
+                walls[(task, variant)].append(float(wall))
+        self.own = {key: sum(v) / len(v) for key, v in walls.items()}
+        self._task_log, self._variant_log = _fit_log_additive({k: math.log(v) for k, v in self.own.items()})
+        self._component = _components(self.own)
+
+    def __call__(self, task: str, variant: str) -> float | None:
+        if (task, variant) in self.own:
+            return self.own[(task, variant)]
+        t, v = self._component.get(("task", task)), self._component.get(("variant", variant))
+        if t is None or t != v:
+            return None
+        return math.exp(self._task_log[task] + self._variant_log[variant])
+
+
+def _fit_log_additive(logs: dict[tuple[str, str], float]) -> tuple[dict[str, float], dict[str, float]]:
+    """Least squares of log wall = a[task] + b[variant] by alternating means (each pass solves one side exactly)."""
+    a = {t: 0.0 for t, _ in logs}
+    b = {v: 0.0 for _, v in logs}
+    by_task: dict[str, list[tuple[str, float]]] = defaultdict(list)
+    by_variant: dict[str, list[tuple[str, float]]] = defaultdict(list)
+    for (t, v), y in logs.items():
+        by_task[t].append((v, y))
+        by_variant[v].append((t, y))
+    for _ in range(_FIT_ITERATIONS):
+        for t, rows in by_task.items():
+            a[t] = sum(y - b[v] for v, y in rows) / len(rows)
+        for v, rows in by_variant.items():
+            b[v] = sum(y - a[t] for t, y in rows) / len(rows)
+    return a, b
+
+
+def _components(pairs: Iterable[tuple[str, str]]) -> dict[tuple[str, str], int]:
+    """Connected components of the task–variant graph whose edges are the finished (task, variant) pairs: only
+    inside one does the fit relate a task's factor to a variant's."""
+    parent: dict[tuple[str, str], tuple[str, str]] = {}
+
+    def root(x):
+        while parent.setdefault(x, x) != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for task, variant in pairs:
+        parent[root(("task", task))] = root(("variant", variant))
+    roots: dict[tuple[str, str], int] = {}
+    return {node: roots.setdefault(root(node), len(roots)) for node in list(parent)}
+
+
+class Pace:
+    """This host's pace against the estimates: actual / estimated wall time over the cells run so far (1 before
+    any), so a slower or faster host's remaining time and budget decisions follow what it measured."""
+
+    def __init__(self):
+        self.actual = self.estimated = 0.0
+
+    def record(self, estimate: float | None, wall_s: float) -> None:
+        if estimate:
+            self.actual += wall_s
+            self.estimated += estimate
+
+    def scale(self, estimate: float | None) -> float | None:
+        if estimate is None or not self.estimated:
+            return estimate
+        return estimate * self.actual / self.estimated
+
+
+def hours(seconds: float) -> str:
+    return f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
+
+
+def plan_table(todo: Sequence[tuple[str, str, int]], estimate: WallEstimate) -> list[str]:
+    """The cells left, one line per (task, variant) in run order: its seeds, the time of one cell and of all of
+    them; then the total, and what has no estimate."""
+    groups: dict[tuple[str, str], list[int]] = {}
+    for task, variant, seed in todo:
+        groups.setdefault((task, variant), []).append(seed)
+    lines = ["| task | variant | seeds | one cell | all |", "|---|---|---|---:|---:|"]
+    known_s = 0.0
+    unknown: dict[str, int] = {}
+    for (task, variant), seeds in groups.items():
+        est = estimate(task, variant)
+        if est is None:
+            unknown[task] = unknown.get(task, 0) + len(seeds)
+            lines.append(f"| {task} | {variant} | {', '.join(map(str, seeds))} | ? | ? |")
+            continue
+        known_s += est * len(seeds)
+        lines.append(f"| {task} | {variant} | {', '.join(map(str, seeds))} | {hours(est)} | "
+                     f"{hours(est * len(seeds))} |")
+    n_known = len(todo) - sum(unknown.values())
+    total = f"{n_known} cell(s) estimated at {hours(known_s)}"
+    if unknown:
+        total += (f"; {sum(unknown.values())} without an estimate (their task or variant has no finished cell here: "
+                  f"{', '.join(f'{t} {n}' for t, n in unknown.items())})")
+    return [*lines, "", total]

@@ -172,19 +172,16 @@ def numerics_conflict(cfg: ExperimentConfig, out: Path) -> str | None:
             "which), or give this host's cells a report directory of their own (--out).")
 
 
+def _walls(done: list[tuple[str, Variant, int, dict]]) -> list[tuple[str, str, float]]:
+    """(task, variant name, wall seconds) of done cells: what cotune.experiment.plan estimates from."""
+    return [(task, variant.name, record.get("wall_s") or 0.0) for task, variant, _, record in done]
+
+
 def check_same_numerics(cfg: ExperimentConfig, out: Path) -> None:
     """Refuse (SystemExit) to add cells to a report whose done cells ran with other numerics (numerics_conflict)."""
     conflict = numerics_conflict(cfg, out)
     if conflict:
         raise SystemExit(conflict)
-
-
-def wall_estimate(cfg: ExperimentConfig, out: Path):
-    """cotune.experiment.plan.WallEstimate from the wall times of the done cells in `out`."""
-    from cotune.experiment.plan import WallEstimate
-
-    return WallEstimate((task, variant.name, record.get("wall_s") or 0.0)
-                        for task, variant, _, record in done_cells(cfg, out))
 
 
 # what a report directory keeps in git: the report and the cells it is made from, all a grid resumed on another
@@ -251,7 +248,7 @@ def plan_grid(cfg: ExperimentConfig, out: Path, *, only: Sequence[str] | None = 
               seeds: Sequence[int] | None = None, stream=None) -> None:
     """`--plan`: the cells left and how long they will take (cotune.experiment.plan), and whether this host may run
     them; runs and writes nothing."""
-    from cotune.experiment.plan import plan_table
+    from cotune.experiment.plan import WallEstimate, plan_table
 
     def say(text: str) -> None:
         print(text, file=stream or sys.stdout, flush=True)
@@ -262,7 +259,7 @@ def plan_grid(cfg: ExperimentConfig, out: Path, *, only: Sequence[str] | None = 
     done = done_cells(cfg, out)
     say(f"estimated from the wall times of the {len(done)} finished cell(s) here, at the pace of the hosts they ran "
         "on:\n")
-    for line in plan_table([(t, v.name, s) for t, v, s in todo], wall_estimate(cfg, out)):
+    for line in plan_table([(t, v.name, s) for t, v, s in todo], WallEstimate(_walls(done))):
         say(line)
     conflict = numerics_conflict(cfg, out)
     say("\nthis host: " + (f"refused. {conflict}" if conflict else "may run them (its numerics match the cells')"))
@@ -271,11 +268,11 @@ def plan_grid(cfg: ExperimentConfig, out: Path, *, only: Sequence[str] | None = 
 def run_grid(cfg: ExperimentConfig, out: Path, *, only: Sequence[str] | None = None,
              seeds: Sequence[int] | None = None, budget_s: float | None = None, stream=sys.stderr) -> int:
     """Run every selected cell not yet done (in cfg.cells() order); returns the number of cells that did not
-    succeed. With budget_s, a cell starts only if its estimated time (cotune.experiment.plan, rescaled by this
-    host's pace so far) fits in what is left of the budget; the others are left for a later run."""
+    succeed. With budget_s, a cell starts only if its expected time (cotune.experiment.plan.Forecast) fits in what
+    is left of the budget; the others are left for a later run."""
     from transformers.utils import logging as hf_logging
 
-    from cotune.experiment.plan import Pace, hours
+    from cotune.experiment.plan import Forecast, hours
     from cotune.experiment.report import cell_headline
 
     def say(text: str) -> None:
@@ -294,19 +291,16 @@ def run_grid(cfg: ExperimentConfig, out: Path, *, only: Sequence[str] | None = N
     todo = _todo(cfg, out, only, seeds, say)
     if todo:
         check_same_numerics(cfg, out)
-    estimate, pace = wall_estimate(cfg, out), Pace()
+    forecast = Forecast(_walls(done_cells(cfg, out)))
     started = time.monotonic()
     failed, left = 0, []
     for i, (task, variant, seed) in enumerate(todo, 1):
-        est = estimate(task, variant.name)
-        if budget_s is not None:
-            remaining = budget_s - (time.monotonic() - started)
-            scaled = pace.scale(est)
-            if scaled is None or scaled > remaining:
-                left.append((task, variant, seed, scaled))
-                continue
-        ahead = [pace.scale(estimate(t, v.name)) for t, v, _ in todo[i - 1:]]
-        eta = f"; about {hours(sum(a for a in ahead if a))} of cells left" if any(ahead) else ""
+        expected = forecast(task, variant.name)
+        if budget_s is not None and (expected is None or expected > budget_s - (time.monotonic() - started)):
+            left.append((task, variant, seed, expected))
+            continue
+        ahead = forecast.total((t, v.name) for t, v, _ in todo[i - 1:])
+        eta = f"; about {hours(ahead)} of cells left" if ahead else ""
         say(f"[{i}/{len(todo)}] {task} · {variant.name} · seed {seed}{eta}")
         record = run_cell(cfg, out, task, variant, seed, say=say)
         write_json_atomic(cell_path(out, task, variant.name, seed), record)
@@ -314,7 +308,7 @@ def run_grid(cfg: ExperimentConfig, out: Path, *, only: Sequence[str] | None = N
             failed += 1
             say(f"    FAILED after {record['wall_s']:.0f} s: {record['error']}")
         else:
-            pace.record(est, record["wall_s"])
+            forecast.record(task, variant.name, record["wall_s"])
             say(f"    done in {record['wall_s']:.0f} s: {cell_headline(record)}")
     if left:
         unknown = sum(1 for *_, s in left if s is None)

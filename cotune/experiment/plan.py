@@ -5,7 +5,7 @@ over the finished cells), so a (task, variant) that has not run yet is estimated
 tasks and the other variants on its task. A (task, variant) with finished cells of its own is estimated by their
 mean. A cell whose task or variant has no finished cell at all (or which the finished cells do not connect to the
 rest) has no estimate. The figures are the pace of the hosts the finished cells ran on; a grid run rescales them by
-the pace it measures on its own host (`Pace`).
+the pace it measures on its own host (`Forecast`).
 """
 
 from __future__ import annotations
@@ -72,22 +72,41 @@ def _components(pairs: Iterable[tuple[str, str]]) -> dict[tuple[str, str], int]:
     return {node: roots.setdefault(root(node), len(roots)) for node in list(parent)}
 
 
-class Pace:
-    """This host's pace against the estimates: actual / estimated wall time over the cells run so far (1 before
-    any), so a slower or faster host's remaining time and budget decisions follow what it measured."""
+class Forecast:
+    """What a grid run expects its cells to take: the estimate from the cells finished before it, rescaled by the
+    pace this host has shown against that estimate (its actual over the estimated time of the cells it ran; 1 before
+    any), so a slower or faster host's budget and remaining time follow what it measured. A cell that estimate does
+    not cover is estimated from this run's own finished cells alone."""
 
-    def __init__(self):
+    def __init__(self, finished_before: Iterable[tuple[str, str, float]]):
+        self.before = WallEstimate(finished_before)
+        self.ran: list[tuple[str, str, float]] = []
+        self.here = WallEstimate(())
         self.actual = self.estimated = 0.0
 
-    def record(self, estimate: float | None, wall_s: float) -> None:
-        if estimate:
-            self.actual += wall_s
-            self.estimated += estimate
+    def __call__(self, task: str, variant: str) -> float | None:
+        est = self.before(task, variant)
+        if est is None:
+            return self.here(task, variant)
+        return est * self.actual / self.estimated if self.estimated else est
 
-    def scale(self, estimate: float | None) -> float | None:
-        if estimate is None or not self.estimated:
-            return estimate
-        return estimate * self.actual / self.estimated
+    def record(self, task: str, variant: str, wall_s: float) -> None:
+        """A cell this run finished, in wall_s seconds."""
+        est = self.before(task, variant)
+        if est is not None:
+            self.actual += wall_s
+            self.estimated += est
+        self.ran.append((task, variant, wall_s))
+        self.here = WallEstimate(self.ran)
+
+    def total(self, cells: Iterable[tuple[str, str]]) -> float | None:
+        """The expected time of these (task, variant) cells, those without an expectation counted at this run's
+        mean cell time; None when nothing is known."""
+        expected = [self(task, variant) for task, variant in cells]
+        known = [e for e in expected if e is not None]
+        if len(known) < len(expected) and self.ran:
+            return sum(known) + (len(expected) - len(known)) * sum(w for *_, w in self.ran) / len(self.ran)
+        return sum(known) if known else None
 
 
 def hours(seconds: float) -> str:

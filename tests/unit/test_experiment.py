@@ -330,8 +330,10 @@ def test_plan_lists_the_cells_left_with_their_estimates_and_writes_nothing(tmp_p
 
 
 def test_a_budget_starts_only_the_cells_whose_estimate_fits(tmp_path, monkeypatch):
-    """The cell runner is replaced by one that returns a record at once: this checks which cells the grid starts."""
+    """The cell runner is replaced by one that returns a record at once and moves a fake clock on by the cell's wall
+    time: this checks which cells the grid starts, not what a cell does."""
     import io
+    import types
 
     import cotune.experiment.grid as grid
     from cotune.experiment.store import cell_path, write_json_atomic
@@ -340,23 +342,43 @@ def test_a_budget_starts_only_the_cells_whose_estimate_fits(tmp_path, monkeypatc
     out = tmp_path / "out"
     write_json_atomic(cell_path(out, "arc_easy", "standalone", 0), _done_cell(cfg, "standalone", 0, 100.0))
     write_json_atomic(cell_path(out, "arc_easy", "fedmkt", 0), _done_cell(cfg, "fedmkt", 0, 1000.0))
-    started = []
+    clock, started = [0.0], []
 
     def run_cell(cfg_, out_, task, variant, seed, *, say):
         started.append((variant.name, seed))
-        return _done_cell(cfg_, variant.name, seed, 200.0)  # this host: twice the estimated pace
+        clock[0] += 200.0
+        return _done_cell(cfg_, variant.name, seed, 200.0)  # this host: half the pace of the cells before
 
     monkeypatch.setattr(grid, "run_cell", run_cell)
+    monkeypatch.setattr(grid, "time", types.SimpleNamespace(monotonic=lambda: clock[0]))
     monkeypatch.setattr(grid.signal, "signal", lambda *a: None)
     log = io.StringIO()
-    assert grid.run_grid(cfg, out, budget_s=450.0, stream=log) == 0
-    # standalone seed 1 (est. 100 s) runs and takes 200 s; seed 2 is then estimated at 200 s and still fits in 250 s;
-    # fedmkt (est. 1000 s, then 2000 s at this pace) and zero-shot (no estimate) never do
-    assert started == [("standalone", 1), ("standalone", 2)]
+    assert grid.run_grid(cfg, out, budget_s=350.0, stream=log) == 0
+    # standalone seed 1 is estimated at 100 s and takes 200: seed 2, at this host's pace 200 s, no longer fits in the
+    # 150 s left; fedmkt (1000 s, then 2000 s) never does, zero-shot (no finished cell) is not started
+    assert started == [("standalone", 1)]
     text = log.getvalue()
-    assert "--budget: 3 cell(s) not started" in text and "1 without an estimate" in text
-    assert "arc_easy · fedmkt · seed 1 (~33 min)" in text
-    assert grid.read_cell(cell_path(out, "arc_easy", "fedmkt", 1)) is None
+    assert "--budget: 4 cell(s) not started" in text and "1 without an estimate" in text
+    assert "arc_easy · standalone · seed 2 (~3 min)" in text and "arc_easy · fedmkt · seed 1 (~33 min)" in text
+    assert grid.read_cell(cell_path(out, "arc_easy", "standalone", 2)) is None
     started.clear()
-    assert grid.run_grid(cfg, out, stream=io.StringIO()) == 0  # no budget: the rest run, unestimated ones too
-    assert started == [("zero-shot", 0), ("fedmkt", 1), ("fedmkt", 2)]
+    log = io.StringIO()
+    assert grid.run_grid(cfg, out, stream=log) == 0  # no budget: the rest run, unestimated ones too
+    assert started == [("zero-shot", 0), ("fedmkt", 1), ("standalone", 2), ("fedmkt", 2)]
+    # the progress line's time ahead: fedmkt 2 × 1000 s + standalone 150 s (its two finished cells' mean), at the
+    # cells' pace (this run has measured none yet); zero-shot has no estimate
+    assert "[1/4] arc_easy · zero-shot · seed 0; about 36 min of cells left" in log.getvalue()
+
+
+def test_a_forecast_follows_this_hosts_pace_and_its_own_cells():
+    from cotune.experiment.plan import Forecast
+
+    forecast = Forecast([("arc", "standalone", 100.0), ("arc", "fedmkt", 300.0)])
+    assert forecast("arc", "fedmkt") == pytest.approx(300.0) and forecast("boolq", "standalone") is None
+    assert forecast.total([("arc", "fedmkt"), ("boolq", "standalone")]) == pytest.approx(300.0)
+    forecast.record("arc", "standalone", 700.0)  # this host runs 7 times slower
+    assert forecast("arc", "fedmkt") == pytest.approx(2100.0)
+    forecast.record("boolq", "standalone", 50.0)  # not in the estimate: does not move the pace; estimates itself
+    assert forecast("arc", "fedmkt") == pytest.approx(2100.0) and forecast("boolq", "standalone") == pytest.approx(50.0)
+    # a cell nothing estimates counts at this run's mean cell time
+    assert forecast.total([("rte", "fedbiot")]) == pytest.approx(375.0)

@@ -14,7 +14,7 @@ def run_experiment(config: str, out: str | None = None, *, only: Sequence[str] |
                    seeds: Sequence[int] | None = None, report_only: bool = False, plan: bool = False,
                    budget_hours: float | None = None) -> int:
     from cotune.experiment.config import load_config
-    from cotune.experiment.grid import plan_grid, run_grid, write_config
+    from cotune.experiment.grid import plan_grid, run_grid, select_cells, write_config
     from cotune.experiment.store import load_cells
     from cotune.experiment.report import write_report
 
@@ -23,7 +23,10 @@ def run_experiment(config: str, out: str | None = None, *, only: Sequence[str] |
                          "the report)")
     if budget_hours is not None and not (budget_hours > 0 and math.isfinite(budget_hours)):
         raise SystemExit(f"--budget must be a positive number of hours, got {budget_hours}")
+    if budget_hours is not None and (plan or report_only):
+        raise SystemExit("--budget sizes a run of cells; --plan and --report-only run none")
     cfg = load_config(config)
+    select_cells(cfg, only, seeds)  # an unknown --only or --seed is refused before anything is written
     target = Path(out or Path("var") / "experiments" / cfg.name).resolve()
     if plan:
         plan_grid(cfg, target, only=only, seeds=seeds)

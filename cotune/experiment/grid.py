@@ -148,19 +148,20 @@ def done_cells(cfg: ExperimentConfig, out: Path) -> list[tuple[str, Variant, int
     return found
 
 
-def numerics_conflict(cfg: ExperimentConfig, out: Path) -> str | None:
+def numerics_conflict(cfg: ExperimentConfig, out: Path,
+                      done: list[tuple[str, Variant, int, dict]] | None = None) -> str | None:
     """Why this host may not add cells to the report in `out`, or None when it may: its done cells ran with other
     numerics than this host gives: another dtype or device, or bf16 through fp32-accumulated products
     (cotune.lm.device.Bf16MatmulInFp32) where they used native bf16, or the other way round. bf16 is not reproducible
     across these: the RTE zero-shot cell rerun that way on an AVX2 CPU moved the public loss by 0.1% and flipped 5 of
     277 SmolLM2 answers against the AMX cell, about what a change of dtype does (docs/quality.md, "Dtype"), so one
-    table would mix two realisations of the same runs."""
+    table would mix two realisations of the same runs. `done`: done_cells(cfg, out) when the caller has read them."""
     from cotune.experiment.report import compute_label
     from cotune.lm.device import describe_compute
 
     here = compute_label(describe_compute(cfg.dtype), processor=False)
     kinds: dict[str, int] = {}
-    for _, _, _, record in done_cells(cfg, out):
+    for _, _, _, record in done_cells(cfg, out) if done is None else done:
         kind = compute_label(record.get("compute") or {}, processor=False)
         kinds[kind] = kinds.get(kind, 0) + 1
     others = {k: n for k, n in kinds.items() if k != here}
@@ -177,9 +178,10 @@ def _walls(done: list[tuple[str, Variant, int, dict]]) -> list[tuple[str, str, f
     return [(task, variant.name, record.get("wall_s") or 0.0) for task, variant, _, record in done]
 
 
-def check_same_numerics(cfg: ExperimentConfig, out: Path) -> None:
+def check_same_numerics(cfg: ExperimentConfig, out: Path,
+                        done: list[tuple[str, Variant, int, dict]] | None = None) -> None:
     """Refuse (SystemExit) to add cells to a report whose done cells ran with other numerics (numerics_conflict)."""
-    conflict = numerics_conflict(cfg, out)
+    conflict = numerics_conflict(cfg, out, done)
     if conflict:
         raise SystemExit(conflict)
 
@@ -231,8 +233,8 @@ def select_cells(cfg: ExperimentConfig, only: Sequence[str] | None = None,
     return [c for c in cfg.cells() if c[0] in want_tasks and c[1].name in want_variants and c[2] in want_seeds]
 
 
-def _todo(cfg: ExperimentConfig, out: Path, only, seeds, say) -> list[tuple[str, Variant, int]]:
-    """The selected cells not done yet; says how many there are, and which succeeded under other settings."""
+def _cells_to_run(cfg: ExperimentConfig, out: Path, only, seeds, say) -> list[tuple[str, Variant, int]]:
+    """The selected cells not done yet; says how many there are, and how many succeeded under other settings."""
     cells = select_cells(cfg, only, seeds)
     records = [read_cell(cell_path(out, task, variant.name, seed)) for task, variant, seed in cells]
     done = [c for c, rec in zip(cells, records) if is_done(rec, cell_settings(cfg, c[0], c[1]))]
@@ -253,7 +255,7 @@ def plan_grid(cfg: ExperimentConfig, out: Path, *, only: Sequence[str] | None = 
     def say(text: str) -> None:
         print(text, file=stream or sys.stdout, flush=True)
 
-    todo = _todo(cfg, out, only, seeds, say)
+    todo = _cells_to_run(cfg, out, only, seeds, say)
     if not todo:
         return
     done = done_cells(cfg, out)
@@ -261,7 +263,7 @@ def plan_grid(cfg: ExperimentConfig, out: Path, *, only: Sequence[str] | None = 
         "on:\n")
     for line in plan_table([(t, v.name, s) for t, v, s in todo], WallEstimate(_walls(done))):
         say(line)
-    conflict = numerics_conflict(cfg, out)
+    conflict = numerics_conflict(cfg, out, done)
     say("\nthis host: " + (f"refused. {conflict}" if conflict else "may run them (its numerics match the cells')"))
 
 
@@ -269,10 +271,11 @@ def run_grid(cfg: ExperimentConfig, out: Path, *, only: Sequence[str] | None = N
              seeds: Sequence[int] | None = None, budget_s: float | None = None, stream=sys.stderr) -> int:
     """Run every selected cell not yet done (in cfg.cells() order); returns the number of cells that did not
     succeed. With budget_s, a cell starts only if its expected time (cotune.experiment.plan.Forecast) fits in what
-    is left of the budget; the others are left for a later run."""
+    is left of the budget; a cell without one, only if the longest cell time known does (and, when no cell has
+    finished anywhere, as a probe). The cells that do not fit are left for a later run."""
     from transformers.utils import logging as hf_logging
 
-    from cotune.experiment.plan import Forecast, hours
+    from cotune.experiment.plan import Forecast, duration
     from cotune.experiment.report import cell_headline
 
     def say(text: str) -> None:
@@ -288,20 +291,26 @@ def run_grid(cfg: ExperimentConfig, out: Path, *, only: Sequence[str] | None = N
         signal.signal(signal.SIGTERM, _interrupt)
 
     write_config(cfg, out)
-    todo = _todo(cfg, out, only, seeds, say)
+    todo = _cells_to_run(cfg, out, only, seeds, say)
+    done = done_cells(cfg, out)
     if todo:
-        check_same_numerics(cfg, out)
-    forecast = Forecast(_walls(done_cells(cfg, out)))
+        check_same_numerics(cfg, out, done)
+    forecast = Forecast(_walls(done))
     started = time.monotonic()
     failed, left = 0, []
     for i, (task, variant, seed) in enumerate(todo, 1):
         expected = forecast(task, variant.name)
-        if budget_s is not None and (expected is None or expected > budget_s - (time.monotonic() - started)):
-            left.append((task, variant, seed, expected))
-            continue
-        ahead = forecast.total((t, v.name) for t, v, _ in todo[i - 1:])
-        eta = f"; about {hours(ahead)} of cells left" if ahead else ""
-        say(f"[{i}/{len(todo)}] {task} · {variant.name} · seed {seed}{eta}")
+        if budget_s is not None:
+            budget_left = budget_s - (time.monotonic() - started)
+            need = expected if expected is not None else forecast.longest()
+            if need is not None and need > budget_left:
+                left.append((task, variant, seed, expected))
+                continue
+            progress = f"; {duration(budget_left)} of the budget left"
+        else:
+            ahead = forecast.total((t, v.name) for t, v, _ in todo[i - 1:])
+            progress = f"; about {duration(ahead)} of cells left" if ahead else ""
+        say(f"[{i}/{len(todo)}] {task} · {variant.name} · seed {seed}{progress}")
         record = run_cell(cfg, out, task, variant, seed, say=say)
         write_json_atomic(cell_path(out, task, variant.name, seed), record)
         if record["state"] != SUCCEEDED:
@@ -311,11 +320,9 @@ def run_grid(cfg: ExperimentConfig, out: Path, *, only: Sequence[str] | None = N
             forecast.record(task, variant.name, record["wall_s"])
             say(f"    done in {record['wall_s']:.0f} s: {cell_headline(record)}")
     if left:
-        unknown = sum(1 for *_, s in left if s is None)
-        say(f"--budget: {len(left)} cell(s) not started, the next run takes them up"
-            + (f" ({unknown} without an estimate: their task or variant has no finished cell here)" if unknown else "")
-            + ": " + ", ".join(f"{t} · {v.name} · seed {s}" + (f" (~{hours(e)})" if e else "")
-                                for t, v, s, e in left))
+        say(f"--budget: {len(left)} cell(s) did not fit in what was left of it; a later run takes them up: "
+            + ", ".join(f"{t} · {v.name} · seed {seed} ({f'~{duration(e)}' if e else 'no estimate'})"
+                        for t, v, seed, e in left))
     return failed
 
 

@@ -1,11 +1,11 @@
 """How long the cells a grid has left will take, estimated from the wall times of the cells it has finished.
 
-A cell's time is modelled as a task factor times a variant factor (wall ≈ T[task] · V[variant], fitted in log space
-over the finished cells), so a (task, variant) that has not run yet is estimated from the same variant on the other
-tasks and the other variants on its task. A (task, variant) with finished cells of its own is estimated by their
-mean. A cell whose task or variant has no finished cell at all (or which the finished cells do not connect to the
-rest) has no estimate. The figures are the pace of the hosts the finished cells ran on; a grid run rescales them by
-the pace it measures on its own host (`Forecast`).
+A cell's time is modelled as a task factor times a variant factor (wall ≈ T[task] · V[variant], fitted by least
+squares in log space over the finished cells), so a (task, variant) that has not run yet is estimated from the same
+variant on the other tasks and the other variants on its task. A (task, variant) with finished cells of its own is
+estimated by their mean. A cell has no estimate when its task or its variant has no finished cell, or when no chain
+of finished cells links its task to its variant. The figures are the pace of the hosts the finished cells ran on; a
+grid run rescales them by the pace it measures on its own host (`Forecast`).
 """
 
 from __future__ import annotations
@@ -14,19 +14,20 @@ import math
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 
-_FIT_ITERATIONS = 200
+import numpy as np
 
 
 class WallEstimate:
-    """wall_s(task, variant) from finished cells: (task, variant name, wall seconds) triples."""
+    """wall_s(task, variant) from finished cells: (task, variant name, wall seconds) triples (a wall time that is
+    missing, zero or not finite counts for nothing)."""
 
     def __init__(self, finished: Iterable[tuple[str, str, float]]):
         walls: dict[tuple[str, str], list[float]] = defaultdict(list)
         for task, variant, wall in finished:
-            if wall and wall > 0:
+            if wall and math.isfinite(wall) and wall > 0:
                 walls[(task, variant)].append(float(wall))
         self.own = {key: sum(v) / len(v) for key, v in walls.items()}
-        self._task_log, self._variant_log = _fit_log_additive({k: math.log(v) for k, v in self.own.items()})
+        self._log_factor = _fit_log_additive({k: math.log(v) for k, v in self.own.items()})
         self._component = _components(self.own)
 
     def __call__(self, task: str, variant: str) -> float | None:
@@ -35,24 +36,26 @@ class WallEstimate:
         t, v = self._component.get(("task", task)), self._component.get(("variant", variant))
         if t is None or t != v:
             return None
-        return math.exp(self._task_log[task] + self._variant_log[variant])
+        return math.exp(self._log_factor[("task", task)] + self._log_factor[("variant", variant)])
+
+    def longest(self) -> float | None:
+        """The longest finished (task, variant)'s mean time; None when nothing has finished."""
+        return max(self.own.values(), default=None)
 
 
-def _fit_log_additive(logs: dict[tuple[str, str], float]) -> tuple[dict[str, float], dict[str, float]]:
-    """Least squares of log wall = a[task] + b[variant] by alternating means (each pass solves one side exactly)."""
-    a = {t: 0.0 for t, _ in logs}
-    b = {v: 0.0 for _, v in logs}
-    by_task: dict[str, list[tuple[str, float]]] = defaultdict(list)
-    by_variant: dict[str, list[tuple[str, float]]] = defaultdict(list)
-    for (t, v), y in logs.items():
-        by_task[t].append((v, y))
-        by_variant[v].append((t, y))
-    for _ in range(_FIT_ITERATIONS):
-        for t, rows in by_task.items():
-            a[t] = sum(y - b[v] for v, y in rows) / len(rows)
-        for v, rows in by_variant.items():
-            b[v] = sum(y - a[t] for t, y in rows) / len(rows)
-    return a, b
+def _fit_log_additive(logs: dict[tuple[str, str], float]) -> dict[tuple[str, str], float]:
+    """Least squares of log wall = a[task] + b[variant], one equation per finished (task, variant). The system is
+    short of full rank (a constant can move from every task to every variant of a component); lstsq's minimum-norm
+    solution is one of them, and a[task] + b[variant] is the same in all where the two are connected."""
+    if not logs:
+        return {}
+    nodes = sorted({("task", t) for t, _ in logs} | {("variant", v) for _, v in logs})
+    column = {node: i for i, node in enumerate(nodes)}
+    design = np.zeros((len(logs), len(nodes)))
+    for row, (t, v) in enumerate(logs):
+        design[row, column[("task", t)]] = design[row, column[("variant", v)]] = 1.0
+    solution = np.linalg.lstsq(design, np.array(list(logs.values())), rcond=None)[0]
+    return {node: float(solution[column[node]]) for node in nodes}
 
 
 def _components(pairs: Iterable[tuple[str, str]]) -> dict[tuple[str, str], int]:
@@ -84,14 +87,26 @@ class Forecast:
         self.here = WallEstimate(())
         self.actual = self.estimated = 0.0
 
+    def _pace(self) -> float:
+        return self.actual / self.estimated if self.estimated else 1.0
+
     def __call__(self, task: str, variant: str) -> float | None:
         est = self.before(task, variant)
-        if est is None:
-            return self.here(task, variant)
-        return est * self.actual / self.estimated if self.estimated else est
+        return self.here(task, variant) if est is None else est * self._pace()
+
+    def longest(self) -> float | None:
+        """The longest (task, variant) time known, at this host's pace; None when no cell has finished anywhere."""
+        known = []
+        if self.before.own:
+            known.append(self.before.longest() * self._pace())
+        if self.here.own:
+            known.append(self.here.longest())
+        return max(known, default=None)
 
     def record(self, task: str, variant: str, wall_s: float) -> None:
         """A cell this run finished, in wall_s seconds."""
+        if not (math.isfinite(wall_s) and wall_s > 0):
+            return
         est = self.before(task, variant)
         if est is not None:
             self.actual += wall_s
@@ -109,7 +124,8 @@ class Forecast:
         return sum(known) if known else None
 
 
-def hours(seconds: float) -> str:
+def duration(seconds: float) -> str:
+    """'12 min' below an hour and a half, else '2.4 h'."""
     return f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
 
 
@@ -129,11 +145,11 @@ def plan_table(todo: Sequence[tuple[str, str, int]], estimate: WallEstimate) -> 
             lines.append(f"| {task} | {variant} | {', '.join(map(str, seeds))} | ? | ? |")
             continue
         known_s += est * len(seeds)
-        lines.append(f"| {task} | {variant} | {', '.join(map(str, seeds))} | {hours(est)} | "
-                     f"{hours(est * len(seeds))} |")
+        lines.append(f"| {task} | {variant} | {', '.join(map(str, seeds))} | {duration(est)} | "
+                     f"{duration(est * len(seeds))} |")
     n_known = len(todo) - sum(unknown.values())
-    total = f"{n_known} cell(s) estimated at {hours(known_s)}"
+    total = f"{n_known} cell(s) estimated at {duration(known_s)}"
     if unknown:
-        total += (f"; {sum(unknown.values())} without an estimate (their task or variant has no finished cell here: "
-                  f"{', '.join(f'{t} {n}' for t, n in unknown.items())})")
+        total += (f"; {sum(unknown.values())} without an estimate (no finished cell links their task to their "
+                  f"variant: {', '.join(f'{t} {n}' for t, n in unknown.items())})")
     return [*lines, "", total]

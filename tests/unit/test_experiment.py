@@ -273,38 +273,51 @@ def test_a_report_takes_no_cells_run_with_other_numerics(tmp_path, monkeypatch):
 
 def test_cell_times_are_estimated_from_the_finished_cells():
     """wall ≈ task factor × variant factor: a (task, variant) not run yet is estimated from the same variant on other
-    tasks and other variants on its task; one that has run, by its own mean; nothing connects a lone pair."""
+    tasks and other variants on its task; one that has run, by its own mean; nothing links a lone pair."""
     from cotune.experiment.plan import WallEstimate
 
     est = WallEstimate([("arc", "standalone", 10.0), ("arc", "fedmkt", 20.0), ("arc", "fedmkt", 40.0),
-                        ("boolq", "standalone", 25.0), ("sciq", "fedbiot", 7.0), ("rte", "standalone", 0.0)])
+                        ("boolq", "standalone", 25.0), ("sciq", "fedbiot", 7.0), ("rte", "standalone", 0.0),
+                        ("rte", "fedmkt", float("nan"))])
     assert est("arc", "fedmkt") == pytest.approx(30.0)  # its own cells' mean
     assert est("boolq", "fedmkt") == pytest.approx(75.0)  # fedmkt takes 3× standalone on arc; boolq's standalone 25
-    assert est("sciq", "fedbiot") == pytest.approx(7.0)
+    assert est("sciq", "fedbiot") == pytest.approx(7.0) and est.longest() == pytest.approx(30.0)
     assert est("sciq", "fedmkt") is None  # sciq·fedbiot shares no task or variant with the rest
-    assert est("rte", "standalone") is None  # a cell without a wall time counts for nothing
+    assert est("rte", "standalone") is None  # cells without a usable wall time count for nothing
     assert est("gsm8k", "standalone") is None and est("arc", "centralized") is None
+    # timings that no product fits (fedmkt takes 2× standalone on arc, 3× on boolq): least squares in log space takes
+    # the geometric mean of the two ratios for sciq, which only standalone links to the rest
+    est = WallEstimate([("arc", "standalone", 10.0), ("arc", "fedmkt", 20.0), ("boolq", "standalone", 30.0),
+                        ("boolq", "fedmkt", 90.0), ("sciq", "standalone", 50.0)])
+    assert est("sciq", "fedmkt") == pytest.approx(50.0 * math.sqrt(6.0))
+    assert WallEstimate(()).longest() is None and WallEstimate(())("arc", "fedmkt") is None
 
 
 def test_seed_selects_cells_and_an_unknown_seed_is_refused(tmp_path):
+    from cotune.experiment import run_experiment
     from cotune.experiment.grid import select_cells
 
-    cfg = load_config(_write(tmp_path, BASE))
+    config = _write(tmp_path, BASE)
+    cfg = load_config(config)
     picked = select_cells(cfg, ["fedmkt"], [2, 1])
     assert [(v.name, s) for _, v, s in picked] == [("fedmkt", 1), ("fedmkt", 2)]
     assert [v.name for _, v, _ in select_cells(cfg, (), [1])] == ["standalone", "fedmkt"]  # zero-shot: seed 0 only
     with pytest.raises(SystemExit, match=r"--seed 7: not a seed of experiment t \(seeds: 0, 1, 2\)"):
         select_cells(cfg, (), [0, 7])
+    with pytest.raises(SystemExit, match="--seed 7"):
+        run_experiment(config, str(tmp_path / "fresh"), seeds=[7])
+    assert not (tmp_path / "fresh").exists()  # refused before anything is written
 
 
-def _done_cell(cfg, variant, seed, wall_s):
+def _done_cell(cfg, variant, seed, wall_s, compute=None):
     from cotune.lm.device import describe_compute
 
     cell = _cell(variant, seed, None, [0.3], settings=_settings(cfg, variant))
-    return {**cell, "wall_s": wall_s, "compute": describe_compute(cfg.dtype)}
+    return {**cell, "wall_s": wall_s, "compute": compute or describe_compute(cfg.dtype)}
 
 
-def test_plan_lists_the_cells_left_with_their_estimates_and_writes_nothing(tmp_path, capsys):
+def test_plan_lists_the_cells_left_with_their_estimates_and_writes_nothing(tmp_path, capsys, monkeypatch):
+    import cotune.lm.device as device
     from cotune.experiment import run_experiment
     from cotune.experiment.store import cell_path, write_json_atomic
 
@@ -320,18 +333,29 @@ def test_plan_lists_the_cells_left_with_their_estimates_and_writes_nothing(tmp_p
     assert "| arc_easy | standalone | 1, 2 | 10 min | 20 min |" in text
     assert "| arc_easy | fedmkt | 1, 2 | 30 min | 60 min |" in text
     assert "| arc_easy | zero-shot | 0 | ? | ? |" in text
-    assert "4 cell(s) estimated at 80 min; 1 without an estimate" in text
+    assert "4 cell(s) estimated at 80 min; 1 without an estimate (no finished cell links" in text
     assert "this host: may run them" in text
     assert sorted(p.relative_to(out) for p in out.rglob("*")) == before  # no config.json, no .gitignore, no cell
-    with pytest.raises(SystemExit, match="pick one"):
-        run_experiment(config, str(out), plan=True, report_only=True)
-    with pytest.raises(SystemExit, match="--budget must be a positive number of hours"):
-        run_experiment(config, str(out), budget_hours=0.0)
+    for bad in ({"plan": True, "report_only": True}, {"plan": True, "budget_hours": 1.0}):
+        with pytest.raises(SystemExit, match="pick one|run none"):
+            run_experiment(config, str(out), **bad)
+    for hours in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(SystemExit, match="--budget must be a positive number of hours"):
+            run_experiment(config, str(out), budget_hours=hours)
+    # cells run with native bf16, a host that would accumulate bf16 products in fp32: the plan says it is refused
+    cfg16 = load_config(_write(tmp_path, BASE + "dtype: bf16\n"))
+    out16 = tmp_path / "out16"
+    native = {"device": "cpu", "dtype": "bf16", "processor": "Xeon", "bf16_matmul": "native"}
+    write_json_atomic(cell_path(out16, "arc_easy", "standalone", 0), _done_cell(cfg16, "standalone", 0, 60.0, native))
+    monkeypatch.setattr(device, "pick_device", lambda pref="auto": __import__("torch").device("cpu"))
+    monkeypatch.setattr(device, "cpu_has_native_bf16", lambda: False)
+    assert run_experiment(str(tmp_path / "exp.yaml"), str(out16), plan=True) == 0
+    assert "this host: refused. " in capsys.readouterr().out and not (out16 / "config.json").exists()
 
 
-def test_a_budget_starts_only_the_cells_whose_estimate_fits(tmp_path, monkeypatch):
-    """The cell runner is replaced by one that returns a record at once and moves a fake clock on by the cell's wall
-    time: this checks which cells the grid starts, not what a cell does."""
+def _budget_run(tmp_path, monkeypatch, name, budget_s, done=((("standalone", 0), 100.0), (("fedmkt", 0), 1000.0))):
+    """run_grid with its cell runner replaced by one that returns a record at once and moves a fake clock on by 200 s
+    (the cell's wall time): which cells the grid starts, not what a cell does. Returns (started, log)."""
     import io
     import types
 
@@ -339,35 +363,53 @@ def test_a_budget_starts_only_the_cells_whose_estimate_fits(tmp_path, monkeypatc
     from cotune.experiment.store import cell_path, write_json_atomic
 
     cfg = load_config(_write(tmp_path, BASE))
-    out = tmp_path / "out"
-    write_json_atomic(cell_path(out, "arc_easy", "standalone", 0), _done_cell(cfg, "standalone", 0, 100.0))
-    write_json_atomic(cell_path(out, "arc_easy", "fedmkt", 0), _done_cell(cfg, "fedmkt", 0, 1000.0))
+    out = tmp_path / name
+    for (variant, seed), wall in done:
+        write_json_atomic(cell_path(out, "arc_easy", variant, seed), _done_cell(cfg, variant, seed, wall))
     clock, started = [0.0], []
 
     def run_cell(cfg_, out_, task, variant, seed, *, say):
         started.append((variant.name, seed))
         clock[0] += 200.0
-        return _done_cell(cfg_, variant.name, seed, 200.0)  # this host: half the pace of the cells before
+        return _done_cell(cfg_, variant.name, seed, 200.0)
 
     monkeypatch.setattr(grid, "run_cell", run_cell)
     monkeypatch.setattr(grid, "time", types.SimpleNamespace(monotonic=lambda: clock[0]))
     monkeypatch.setattr(grid.signal, "signal", lambda *a: None)
     log = io.StringIO()
-    assert grid.run_grid(cfg, out, budget_s=350.0, stream=log) == 0
-    # standalone seed 1 is estimated at 100 s and takes 200: seed 2, at this host's pace 200 s, no longer fits in the
-    # 150 s left; fedmkt (1000 s, then 2000 s) never does, zero-shot (no finished cell) is not started
-    assert started == [("standalone", 1)]
-    text = log.getvalue()
-    assert "--budget: 4 cell(s) not started" in text and "1 without an estimate" in text
-    assert "arc_easy · standalone · seed 2 (~3 min)" in text and "arc_easy · fedmkt · seed 1 (~33 min)" in text
-    assert grid.read_cell(cell_path(out, "arc_easy", "standalone", 2)) is None
-    started.clear()
-    log = io.StringIO()
-    assert grid.run_grid(cfg, out, stream=log) == 0  # no budget: the rest run, unestimated ones too
-    assert started == [("zero-shot", 0), ("fedmkt", 1), ("standalone", 2), ("fedmkt", 2)]
-    # the progress line's time ahead: fedmkt 2 × 1000 s + standalone 150 s (its two finished cells' mean), at the
-    # cells' pace (this run has measured none yet); zero-shot has no estimate
-    assert "[1/4] arc_easy · zero-shot · seed 0; about 36 min of cells left" in log.getvalue()
+    assert grid.run_grid(cfg, out, budget_s=budget_s, stream=log) == 0
+    return started, log.getvalue()
+
+
+def test_a_budget_starts_only_the_cells_whose_estimate_fits(tmp_path, monkeypatch):
+    # the cells left: zero-shot 0 (no estimate; the longest known cell is fedmkt's 1000 s), standalone 1 (est. 100 s),
+    # fedmkt 1 (1000 s), standalone 2, fedmkt 2. Each takes 200 s here: this host runs at half the estimated pace.
+    started, log = _budget_run(tmp_path, monkeypatch, "a", 450.0)
+    # standalone 1 runs; fedmkt 1 (2000 s at this pace) does not fit, standalone 2 (200 s) after it still does
+    assert started == [("standalone", 1), ("standalone", 2)]
+    assert "[2/5] arc_easy · standalone · seed 1; 8 min of the budget left" in log
+    assert ("--budget: 3 cell(s) did not fit in what was left of it; a later run takes them up: arc_easy · zero-shot "
+            "· seed 0 (no estimate), arc_easy · fedmkt · seed 1 (~33 min), arc_easy · fedmkt · seed 2 (~33 min)") in log
+    # with 350 s, standalone 2 (at this host's pace 200 s) no longer fits in the 150 s left
+    started, log = _budget_run(tmp_path, monkeypatch, "b", 350.0)
+    assert started == [("standalone", 1)] and "standalone · seed 2 (~3 min)" in log
+
+
+def test_a_budget_on_a_fresh_grid_probes_with_its_first_cell(tmp_path, monkeypatch):
+    """Nothing has finished anywhere: the first cell starts to measure the pace; then cells without an estimate start
+    while the longest cell this run has seen still fits."""
+    started, log = _budget_run(tmp_path, monkeypatch, "fresh", 700.0, done=())
+    assert started == [("zero-shot", 0), ("standalone", 0), ("fedmkt", 0)]  # 600 s spent; 100 s left < 200 s
+    assert "4 cell(s) did not fit" in log and "standalone · seed 1 (~3 min)" in log
+
+
+def test_without_a_budget_every_cell_runs_and_the_progress_line_says_the_time_ahead(tmp_path, monkeypatch):
+    started, log = _budget_run(tmp_path, monkeypatch, "all", None)
+    assert started == [("zero-shot", 0), ("standalone", 1), ("fedmkt", 1), ("standalone", 2), ("fedmkt", 2)]
+    # fedmkt 2 × 1000 s + standalone 2 × 100 s at the finished cells' pace; zero-shot has no estimate yet
+    assert "[1/5] arc_easy · zero-shot · seed 0; about 37 min of cells left" in log
+    # after zero-shot (200 s, outside the estimate: the pace stays 1): the same cells, and zero-shot is done
+    assert "[2/5] arc_easy · standalone · seed 1; about 37 min of cells left" in log
 
 
 def test_a_forecast_follows_this_hosts_pace_and_its_own_cells():
@@ -377,8 +419,10 @@ def test_a_forecast_follows_this_hosts_pace_and_its_own_cells():
     assert forecast("arc", "fedmkt") == pytest.approx(300.0) and forecast("boolq", "standalone") is None
     assert forecast.total([("arc", "fedmkt"), ("boolq", "standalone")]) == pytest.approx(300.0)
     forecast.record("arc", "standalone", 700.0)  # this host runs 7 times slower
-    assert forecast("arc", "fedmkt") == pytest.approx(2100.0)
+    assert forecast("arc", "fedmkt") == pytest.approx(2100.0) and forecast.longest() == pytest.approx(2100.0)
     forecast.record("boolq", "standalone", 50.0)  # not in the estimate: does not move the pace; estimates itself
     assert forecast("arc", "fedmkt") == pytest.approx(2100.0) and forecast("boolq", "standalone") == pytest.approx(50.0)
+    forecast.record("rte", "standalone", 0.0)  # a cell without a usable wall time is not recorded
     # a cell nothing estimates counts at this run's mean cell time
     assert forecast.total([("rte", "fedbiot")]) == pytest.approx(375.0)
+    assert Forecast(()).longest() is None and Forecast(()).total([("arc", "fedmkt")]) is None

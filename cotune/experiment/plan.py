@@ -125,7 +125,9 @@ class Forecast:
 
 
 def duration(seconds: float) -> str:
-    """'12 min' below an hour and a half, else '2.4 h'."""
+    """'45 s' below two minutes, '12 min' below an hour and a half, else '2.4 h'."""
+    if seconds < 120:
+        return f"{max(seconds, 0):.0f} s"
     return f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
 
 

@@ -426,3 +426,9 @@ def test_a_forecast_follows_this_hosts_pace_and_its_own_cells():
     # a cell nothing estimates counts at this run's mean cell time
     assert forecast.total([("rte", "fedbiot")]) == pytest.approx(375.0)
     assert Forecast(()).longest() is None and Forecast(()).total([("arc", "fedmkt")]) is None
+
+
+def test_durations_read_in_the_unit_that_fits():
+    from cotune.experiment.plan import duration
+
+    assert [duration(x) for x in (-3.0, 45.4, 200.0, 5399.0, 9000.0)] == ["0 s", "45 s", "3 min", "90 min", "2.5 h"]

@@ -530,8 +530,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="list the cells left with their time estimated from the finished ones, and whether this "
                         "host may run them; run and write nothing")
     p.add_argument("--budget", type=float, metavar="HOURS",
-                   help="start a cell only if its estimated time fits in what is left of HOURS (cells without an "
-                        "estimate are not started); the rest wait for the next run")
+                   help="start a cell only if its expected time (estimated from the finished cells, at this "
+                        "host's pace so far) fits in what is left of HOURS; one without an estimate, only if the "
+                        "longest cell known fits (the first cell of a fresh grid starts to measure); the rest wait "
+                        "for the next run")
     p.set_defaults(fn=cmd_experiment)
     certs_cli.add_parser(sub)
     return parser

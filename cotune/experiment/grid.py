@@ -233,17 +233,19 @@ def select_cells(cfg: ExperimentConfig, only: Sequence[str] | None = None,
     return [c for c in cfg.cells() if c[0] in want_tasks and c[1].name in want_variants and c[2] in want_seeds]
 
 
-def _cells_to_run(cfg: ExperimentConfig, out: Path, only, seeds, say) -> list[tuple[str, Variant, int]]:
-    """The selected cells not done yet; says how many there are, and how many succeeded under other settings."""
+def _cells_to_run(cfg: ExperimentConfig, out: Path, only, seeds, done: list[tuple[str, Variant, int, dict]],
+                  say) -> list[tuple[str, Variant, int]]:
+    """The selected cells not among `done` (done_cells); says how many there are, and how many succeeded under
+    other settings."""
     cells = select_cells(cfg, only, seeds)
-    records = [read_cell(cell_path(out, task, variant.name, seed)) for task, variant, seed in cells]
-    done = [c for c, rec in zip(cells, records) if is_done(rec, cell_settings(cfg, c[0], c[1]))]
-    stale = [c for c, rec in zip(cells, records) if c not in done and (rec or {}).get("state") == SUCCEEDED]
-    say(f"experiment {cfg.name}: {len(cells)} cells ({len(done)} done before, {len(cells) - len(done)} to run); "
+    finished = {(task, variant.name, seed) for task, variant, seed, _ in done}
+    todo = [c for c in cells if (c[0], c[1].name, c[2]) not in finished]
+    stale = [c for c in todo if (read_cell(cell_path(out, c[0], c[1].name, c[2])) or {}).get("state") == SUCCEEDED]
+    say(f"experiment {cfg.name}: {len(cells)} cells ({len(cells) - len(todo)} done before, {len(todo)} to run); "
         f"report in {out}")
     if stale:
         say(f"    {len(stale)} of them succeeded before under other settings (spec, models, sizes, dtype): run again")
-    return [c for c in cells if c not in done]
+    return todo
 
 
 def plan_grid(cfg: ExperimentConfig, out: Path, *, only: Sequence[str] | None = None,
@@ -255,10 +257,10 @@ def plan_grid(cfg: ExperimentConfig, out: Path, *, only: Sequence[str] | None = 
     def say(text: str) -> None:
         print(text, file=stream or sys.stdout, flush=True)
 
-    todo = _cells_to_run(cfg, out, only, seeds, say)
+    done = done_cells(cfg, out)
+    todo = _cells_to_run(cfg, out, only, seeds, done, say)
     if not todo:
         return
-    done = done_cells(cfg, out)
     say(f"estimated from the wall times of the {len(done)} finished cell(s) here, at the pace of the hosts they ran "
         "on:\n")
     for line in plan_table([(t, v.name, s) for t, v, s in todo], WallEstimate(_walls(done))):
@@ -291,8 +293,8 @@ def run_grid(cfg: ExperimentConfig, out: Path, *, only: Sequence[str] | None = N
         signal.signal(signal.SIGTERM, _interrupt)
 
     write_config(cfg, out)
-    todo = _cells_to_run(cfg, out, only, seeds, say)
     done = done_cells(cfg, out)
+    todo = _cells_to_run(cfg, out, only, seeds, done, say)
     if todo:
         check_same_numerics(cfg, out, done)
     forecast = Forecast(_walls(done))
